@@ -1,0 +1,32 @@
+"""Test-wide setup: 8 simulated CPU devices and hardware-dependent skips."""
+import os
+
+# Must happen before jax initialises its backends: multi-device code is tested
+# on CPU over 8 host devices.
+if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             " --xla_force_host_platform_device_count=8").strip()
+
+import importlib.util
+
+import jax
+import pytest
+
+
+def _has_gpu() -> bool:
+  try:
+    return bool(jax.devices("gpu"))
+  except RuntimeError:
+    return False
+
+
+def pytest_collection_modifyitems(config, items):
+  has_gpu = _has_gpu()
+  has_libtpu = importlib.util.find_spec("libtpu") is not None
+  no_gpu = pytest.mark.skip(reason="no GPU present (run on the device)")
+  no_libtpu = pytest.mark.skip(reason="libtpu not installed (pip install -e .[tpu])")
+  for item in items:
+    if "gpu" in item.keywords and not has_gpu:
+      item.add_marker(no_gpu)
+    if "tpu_aot" in item.keywords and not has_libtpu:
+      item.add_marker(no_libtpu)
