@@ -1,0 +1,70 @@
+"""Timing and hardware ceilings shared by every benchmark.
+
+Times are medians over repeated runs after warm-up, synchronised with
+`block_until_ready`. Ceilings (matmul TFLOP/s, copy GB/s) are measured in the
+same process so ratios compare like with like.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def time_fn(fn: Callable, *args, warmup: int = 3, iters: int = 20) -> float:
+  """Median wall time of `fn(*args)` in milliseconds (device-synchronised)."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times) * 1e3)
+
+
+def matmul_peak_tflops(n: int = 8192, dtype=jnp.bfloat16, iters: int = 20) -> float:
+  """Achieved dense matmul rate (TFLOP/s) of an n×n×n product: the compute ceiling."""
+  k1, k2 = jax.random.split(jax.random.key(0))
+  a = jax.random.normal(k1, (n, n), dtype)
+  b = jax.random.normal(k2, (n, n), dtype)
+  ms = time_fn(jax.jit(lambda x, y: x @ y), a, b, iters=iters)
+  return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def copy_bandwidth_gbs(n_bytes: int = 2 << 30, iters: int = 20) -> float:
+  """Achieved HBM bandwidth (GB/s) of a large device copy, bytes read + written."""
+  x = jax.random.normal(jax.random.key(1), (n_bytes // 4,), jnp.float32)
+  ms = time_fn(jax.jit(lambda v: v * 1.0000001), x, iters=iters)
+  return 2 * n_bytes / (ms * 1e-3) / 1e9
+
+
+@dataclasses.dataclass
+class Row:
+  """One line of a benchmark table."""
+  op: str
+  shape: str
+  impl: str
+  ms: float
+  tflops: float | None = None
+  gbs: float | None = None
+  ratios: dict[str, float] = dataclasses.field(default_factory=dict)
+  note: str = ""
+
+
+def format_table(rows: list[Row], title: str = "") -> str:
+  ratio_keys = sorted({k for r in rows for k in r.ratios})
+  head = ["op", "shape", "impl", "ms", "TFLOP/s", "GB/s"] + [f"x vs {k}" for k in ratio_keys] + ["note"]
+  lines = [f"### {title}"] if title else []
+  lines.append("| " + " | ".join(head) + " |")
+  lines.append("|" + "---|" * len(head))
+  fmt = lambda v, p: "" if v is None else f"{v:.{p}f}"
+  for r in rows:
+    cells = [r.op, r.shape, r.impl, fmt(r.ms, 3), fmt(r.tflops, 1), fmt(r.gbs, 0)]
+    cells += [fmt(r.ratios.get(k), 2) for k in ratio_keys] + [r.note]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
