@@ -1,0 +1,7 @@
+"""Grouped (ragged) matmul for dropless MoE: `gmm`, `tgmm` and the routing helpers."""
+from ops.gmm.api import gmm, tgmm, implementations
+from ops.gmm.config import GmmBlockConfig
+from ops.gmm.routing import sort_by_group, permute, unpermute, inverse_permutation
+
+__all__ = ["gmm", "tgmm", "implementations", "GmmBlockConfig", "sort_by_group", "permute",
+           "unpermute", "inverse_permutation"]

@@ -1,0 +1,58 @@
+"""Block sizes of the gmm / tgmm kernels, with per-device-kind heuristics."""
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class GmmBlockConfig:
+  """Tiles and launch parameters.
+
+  gmm (also the d lhs product, with the roles of k and n swapped):
+    block_m rows of lhs per tile, block_n output columns, block_k contraction chunk.
+  tgmm (d rhs): one program per (group, k tile, n tile) output block of
+    tgmm_block_k x tgmm_block_n, looping over that group's rows tgmm_block_m at a time.
+  num_warps / num_stages are Triton launch parameters (ignored by the TPU kernel).
+  """
+  block_m: int = 128
+  block_n: int = 128
+  block_k: int = 64
+  num_warps: int = 8
+  num_stages: int = 3
+  tgmm_block_m: int = 64
+  tgmm_block_k: int = 128
+  tgmm_block_n: int = 128
+  tgmm_num_warps: int = 8
+  tgmm_num_stages: int = 3
+
+  def __post_init__(self):
+    for f in dataclasses.fields(self):
+      v = getattr(self, f.name)
+      if not isinstance(v, int) or v < 1:
+        raise ValueError(f"GmmBlockConfig.{f.name} must be a positive int, got {v!r}")
+
+  def replace(self, **kw) -> "GmmBlockConfig":
+    return dataclasses.replace(self, **kw)
+
+  @classmethod
+  def for_device(cls, device_kind: str = "", platform: str = "gpu") -> "GmmBlockConfig":
+    """Heuristic defaults per device kind (e.g. 'NVIDIA H100 80GB HBM3', 'TPU v5 lite')."""
+    kind = device_kind.lower()
+    if platform == "tpu" or "tpu" in kind:
+      # Mosaic: last two block dims multiples of (8, 128); MXU-sized tiles.
+      return cls(block_m=512, block_n=512, block_k=512, tgmm_block_m=512,
+                 tgmm_block_k=512, tgmm_block_n=512)
+    if "h100" in kind or "h200" in kind or "h800" in kind or "gh200" in kind:
+      return cls(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=4,
+                 tgmm_block_m=64, tgmm_block_k=128, tgmm_block_n=128, tgmm_num_warps=8,
+                 tgmm_num_stages=4)
+    if "a100" in kind or "a10" in kind or "l4" in kind:
+      return cls(block_m=128, block_n=128, block_k=32, num_warps=4, num_stages=3,
+                 tgmm_block_m=32, tgmm_block_k=128, tgmm_block_n=128, tgmm_num_warps=4,
+                 tgmm_num_stages=3)
+    return cls()
+
+
+# Measured winners may be added here keyed by (device kind substring, m, k, n, groups)
+# by an autotuner; `for_device` is the fallback when no entry matches.
+TUNED: dict[tuple, GmmBlockConfig] = {}

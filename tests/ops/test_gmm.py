@@ -1,0 +1,243 @@
+"""Tests of ops.gmm: every implementation against the f32 HIGHEST reference, plus routing."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ops import gmm as gmm_op
+from ops.gmm import reference, routing, shapes
+from ops.gmm.config import GmmBlockConfig
+from tests.ops import op_testing
+
+HIGHEST = jax.lax.Precision.HIGHEST
+
+# (m, k, n, group_sizes): an empty group, a group of size 1, sum < m, all rows in one
+# group, m / k / n not multiples of any tile, groups straddling tile boundaries.
+CASES = {
+    "odd_empty_one_partial": (37, 40, 24, (0, 10, 1, 20, 3)),
+    "one_group": (64, 32, 48, (0, 64, 0)),
+    "straddle_full": (48, 136, 40, (5, 17, 0, 26)),
+    "nothing_routed": (24, 16, 16, (0, 0)),
+}
+DTYPES = (jnp.float32, jnp.bfloat16)
+
+
+def _inputs(case, dtype, seed=0):
+  m, k, n, sizes = CASES[case]
+  g = len(sizes)
+  k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+  lhs = op_testing.normal(k1, (m, k), dtype)
+  rhs = op_testing.normal(k2, (g, k, n), dtype, scale=k ** -0.5)
+  dout = op_testing.normal(k3, (m, n), dtype)
+  return lhs, rhs, dout, jnp.asarray(sizes, jnp.int32)
+
+
+def _f32(*xs):
+  return [x.astype(jnp.float32) for x in xs]
+
+
+class GmmTestBase:
+  IMPLEMENTATION = "xla"
+  INTERPRET = None
+  CONFIG = None  # GmmBlockConfig or None (device default)
+  F32_TOL = None  # None: op_testing.TOL
+
+  def _tol(self, dtype, grad=False):
+    if dtype == jnp.float32 and self.F32_TOL is not None:
+      return self.F32_TOL * (op_testing.GRAD_FACTOR if grad else 1.0)
+    return None
+
+  def _kw(self):
+    return dict(implementation=self.IMPLEMENTATION, interpret=self.INTERPRET, config=self.CONFIG)
+
+  @pytest.mark.parametrize("dtype", DTYPES)
+  @pytest.mark.parametrize("case", sorted(CASES))
+  def test_gmm_forward(self, case, dtype):
+    lhs, rhs, _, gs = _inputs(case, dtype)
+    out = jax.jit(lambda a, b, c: gmm_op.gmm(a, b, c, **self._kw()))(lhs, rhs, gs)
+    assert out.dtype == dtype and out.shape == (lhs.shape[0], rhs.shape[2])
+    ref = reference.gmm(*_f32(lhs, rhs), gs, precision=HIGHEST)
+    op_testing.assert_close(out, ref, dtype, tol=self._tol(dtype))
+    tail = int(np.sum(np.asarray(gs)))
+    np.testing.assert_array_equal(np.asarray(out[tail:], np.float32), 0.0)
+
+  @pytest.mark.parametrize("dtype", DTYPES)
+  @pytest.mark.parametrize("case", sorted(CASES))
+  def test_gmm_grads(self, case, dtype):
+    lhs, rhs, dout, gs = _inputs(case, dtype)
+    loss = lambda a, b: jnp.sum(gmm_op.gmm(a, b, gs, preferred_element_type=jnp.float32,
+                                           **self._kw()) * dout.astype(jnp.float32))
+    ref_loss = lambda a, b: jnp.sum(reference.gmm(a, b, gs, precision=HIGHEST) *
+                                    dout.astype(jnp.float32))
+    dl, dr = jax.jit(jax.grad(loss, (0, 1)))(lhs, rhs)
+    rl, rr = jax.grad(ref_loss, (0, 1))(*_f32(lhs, rhs))
+    assert dl.dtype == dtype and dr.dtype == dtype
+    op_testing.assert_close(dl, rl, dtype, grad=True, tol=self._tol(dtype, True), name="d lhs")
+    if float(jnp.linalg.norm(rr)) > 0:
+      op_testing.assert_close(dr, rr, dtype, grad=True, tol=self._tol(dtype, True), name="d rhs")
+    else:
+      np.testing.assert_array_equal(np.asarray(dr, np.float32), 0.0)
+
+  @pytest.mark.parametrize("dtype", DTYPES)
+  @pytest.mark.parametrize("case", sorted(CASES))
+  def test_tgmm(self, case, dtype):
+    lhs, _, dout, gs = _inputs(case, dtype)
+    out = jax.jit(lambda a, b, c: gmm_op.tgmm(a, b, c, **self._kw()))(lhs, dout, gs)
+    assert out.shape == (len(gs), lhs.shape[1], dout.shape[1]) and out.dtype == dtype
+    ref = reference.tgmm(*_f32(lhs, dout), gs, precision=HIGHEST)
+    empty = np.asarray(gs) == 0
+    np.testing.assert_array_equal(np.asarray(out, np.float32)[empty], 0.0)
+    if (~empty).any():
+      op_testing.assert_close(out, ref, dtype, tol=self._tol(dtype))
+
+  @pytest.mark.parametrize("dtype", DTYPES)
+  def test_tgmm_grads(self, dtype):
+    lhs, rhs, dout, gs = _inputs("odd_empty_one_partial", dtype)
+    loss = lambda a, b: jnp.sum(gmm_op.tgmm(a, b, gs, preferred_element_type=jnp.float32,
+                                            **self._kw()) * rhs.astype(jnp.float32))
+    ref_loss = lambda a, b: jnp.sum(reference.tgmm(a, b, gs, precision=HIGHEST) *
+                                    rhs.astype(jnp.float32))
+    got = jax.jit(jax.grad(loss, (0, 1)))(lhs, dout)
+    want = jax.grad(ref_loss, (0, 1))(*_f32(lhs, dout))
+    for g, w, name in zip(got, want, ("d lhs", "d rhs")):
+      op_testing.assert_close(g, w, dtype, grad=True, tol=self._tol(dtype, True), name=name)
+
+
+class TestGmmXla(GmmTestBase):
+  IMPLEMENTATION = "xla"
+
+
+class TestGmmRaggedDot(GmmTestBase):
+  IMPLEMENTATION = "ragged_dot"
+
+
+# Small tiles so the tiny test shapes span several tiles, straddle group boundaries and
+# leave partial tiles in m, k and n.
+_SMALL = GmmBlockConfig(block_m=16, block_n=16, block_k=16, num_warps=4, num_stages=1,
+                        tgmm_block_m=16, tgmm_block_k=16, tgmm_block_n=16, tgmm_num_warps=4,
+                        tgmm_num_stages=1)
+# TPU-legal tiles: the row tile must be a multiple of 8 and the lane tiles of 128.
+_SMALL_TPU = GmmBlockConfig(block_m=16, block_n=128, block_k=128, tgmm_block_m=16,
+                            tgmm_block_k=128, tgmm_block_n=128)
+
+
+@pytest.mark.skipif("pallas_triton" not in gmm_op.implementations(),
+                    reason="pallas_triton not registered")
+class TestGmmPallasTritonInterpret(GmmTestBase):
+  IMPLEMENTATION = "pallas_triton"
+  INTERPRET = True
+  CONFIG = _SMALL
+
+
+@pytest.mark.skipif("pallas_tpu" not in gmm_op.implementations(),
+                    reason="pallas_tpu not registered")
+class TestGmmPallasTpuInterpret(GmmTestBase):
+  IMPLEMENTATION = "pallas_tpu"
+  INTERPRET = True
+  CONFIG = _SMALL_TPU
+
+
+@pytest.mark.gpu
+class TestGmmPallasTritonGpu(GmmTestBase):
+  IMPLEMENTATION = "pallas_triton"
+  INTERPRET = False
+  F32_TOL = op_testing.GPU_F32
+
+
+@pytest.mark.gpu
+class TestGmmPallasTritonSmallTilesGpu(GmmTestBase):
+  IMPLEMENTATION = "pallas_triton"
+  INTERPRET = False
+  CONFIG = _SMALL
+  F32_TOL = op_testing.GPU_F32
+
+
+@pytest.mark.gpu
+class TestGmmRaggedDotGpu(GmmTestBase):
+  IMPLEMENTATION = "ragged_dot"
+  F32_TOL = op_testing.GPU_F32
+
+
+# ---------------------------------------------------------------- dispatch
+def test_default_dispatch_and_unknown_name():
+  lhs, rhs, _, gs = _inputs("odd_empty_one_partial", jnp.float32)
+  out = gmm_op.gmm(lhs, rhs, gs)
+  op_testing.assert_close(out, reference.gmm(lhs, rhs, gs, precision=HIGHEST), jnp.float32,
+                          tol=op_testing.GPU_F32)
+  with pytest.raises(ValueError, match="bogus"):
+    gmm_op.gmm(lhs, rhs, gs, implementation="bogus")
+  with pytest.raises(ValueError):
+    gmm_op.gmm(lhs, rhs[:, :3], gs)
+
+
+def test_sequence_falls_through_unsupported():
+  lhs, rhs, _, gs = _inputs("odd_empty_one_partial", jnp.float32)
+  # pallas_triton cannot compile on CPU with interpret=False: dispatch moves to "xla".
+  if "pallas_triton" in gmm_op.implementations() and jax.default_backend() == "cpu":
+    out = gmm_op.gmm(lhs, rhs, gs, implementation=("pallas_triton", "xla"), interpret=False)
+    op_testing.assert_close(out, reference.gmm(lhs, rhs, gs, precision=HIGHEST), jnp.float32)
+
+
+def test_ci_shapes_routing_sizes_sum():
+  for name, m, k, n, e, routing_kind in shapes.CI + shapes.BENCH:
+    sizes = shapes.group_sizes_for(m, e, routing_kind)
+    assert sizes.shape == (e,) and sizes.sum() == m and (sizes >= 0).all(), name
+
+
+# ---------------------------------------------------------------- routing helpers
+def _routing_inputs(tokens=11, top_k=2, e=5, d=6, seed=0):
+  k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+  ids = jax.random.randint(k1, (tokens, top_k), 0, e)
+  x = jax.random.normal(k2, (tokens, d))
+  w = jax.nn.softmax(jax.random.normal(k3, (tokens, top_k)), -1)
+  return ids, x, w
+
+
+def test_sort_by_group_stable_and_sizes():
+  ids = jnp.array([[2, 0], [0, 2], [1, 0], [2, 1]])
+  sort_idx, gs = jax.jit(routing.sort_by_group, static_argnums=1)(ids, 3)
+  np.testing.assert_array_equal(gs, [3, 2, 3])
+  # groups in order, ties by slot (= token * top_k + j) order
+  np.testing.assert_array_equal(sort_idx, [1, 2, 5, 4, 7, 0, 3, 6])
+
+
+def test_sort_by_group_drops_out_of_range():
+  ids = jnp.array([[1, 3], [-1, 0]])
+  sort_idx, gs = routing.sort_by_group(ids, 2)
+  np.testing.assert_array_equal(gs, [1, 1])
+  np.testing.assert_array_equal(sort_idx[:2], [3, 0])
+
+
+def test_permute_unpermute_round_trip_is_weighted_sum():
+  ids, x, w = _routing_inputs()
+  sort_idx, _ = routing.sort_by_group(ids, 5)
+  y = routing.permute(x, sort_idx, 2)
+  out = routing.unpermute(y, sort_idx, w)
+  np.testing.assert_allclose(out, x * jnp.sum(w, -1, keepdims=True), rtol=1e-6, atol=1e-6)
+
+
+def _moe_dense(x, ids, w, experts):
+  per = jnp.einsum("td,edf->tef", x, experts, precision=HIGHEST)
+  sel = jnp.take_along_axis(per, ids[..., None], axis=1)  # [t, k, f]
+  return jnp.einsum("tkf,tk->tf", sel, w, precision=HIGHEST)
+
+
+@pytest.mark.parametrize("impl", ["xla", "ragged_dot"])
+def test_moe_pipeline_matches_dense_with_grads(impl):
+  e, d, f = 5, 6, 7
+  ids, x, w = _routing_inputs(e=e, d=d)
+  experts = jax.random.normal(jax.random.key(3), (e, d, f))
+
+  def moe(x, w, experts):
+    sort_idx, gs = routing.sort_by_group(ids, e)
+    y = gmm_op.gmm(routing.permute(x, sort_idx, 2), experts, gs, implementation=impl)
+    return routing.unpermute(y, sort_idx, w)
+
+  out = jax.jit(moe)(x, w, experts)
+  np.testing.assert_allclose(out, _moe_dense(x, ids, w, experts), rtol=1e-5, atol=1e-5)
+  ct = jax.random.normal(jax.random.key(4), out.shape)
+  got = jax.grad(lambda *a: jnp.sum(moe(*a) * ct), (0, 1, 2))(x, w, experts)
+  want = jax.grad(lambda *a: jnp.sum(_moe_dense(a[0], ids, a[1], a[2]) * ct), (0, 1, 2))(
+      x, w, experts)
+  for g, r in zip(got, want):
+    op_testing.assert_close(g, r, jnp.float32, grad=True)
