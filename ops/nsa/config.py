@@ -1,0 +1,97 @@
+"""NSA hyper-parameters (`NSAConfig`) and kernel tiling (`NSABlockConfig`, per device kind)."""
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class NSAConfig:
+  """Structure of Native Sparse Attention (Yuan et al., 2025).
+
+  block_len l: tokens per compression block; stride d: distance between compression blocks
+  (block j covers tokens [j*d, j*d + l)); select_len l': tokens per selection block (block s
+  covers [s*l', (s+1)*l')); n_select n: selected blocks per query and GQA group (forced ones
+  included); window w: sliding-window length (keys pos-w < j <= pos); n_always_first: leading
+  selection blocks always selected (of the query's segment); n_local: trailing blocks always
+  selected (the block holding the query and the n_local-1 before it); scale: softmax scale of
+  every branch (None = 1/sqrt(head_dim)).
+  """
+  block_len: int = 32
+  stride: int = 16
+  select_len: int = 64
+  n_select: int = 16
+  window: int = 512
+  n_always_first: int = 1
+  n_local: int = 2
+  scale: float | None = None
+
+  def __post_init__(self):
+    l, d, ls = self.block_len, self.stride, self.select_len
+    if min(l, d, ls, self.n_select, self.window) < 1:
+      raise ValueError(f"NSAConfig sizes must be >= 1: {self}")
+    if l % d or ls % d:
+      raise ValueError(f"block_len ({l}) and select_len ({ls}) must be multiples of stride ({d})")
+    if self.n_always_first < 0 or self.n_local < 0:
+      raise ValueError(f"n_always_first / n_local must be >= 0: {self}")
+
+  def replace(self, **kw) -> "NSAConfig":
+    return dataclasses.replace(self, **kw)
+
+  def n_cmp(self, seq_len: int) -> int:
+    """Number of FULL compression blocks of a sequence of seq_len tokens."""
+    return max(0, (seq_len - self.block_len) // self.stride + 1)
+
+  def n_slc(self, seq_len: int) -> int:
+    """Number of selection blocks (the last may be partial)."""
+    return -(-seq_len // self.select_len)
+
+  @classmethod
+  def small(cls) -> "NSAConfig":
+    """Tiny structure for CPU / interpret tests (several blocks at lengths ~100)."""
+    return cls(block_len=8, stride=4, select_len=16, n_select=4, window=16)
+
+
+@dataclasses.dataclass(frozen=True)
+class NSABlockConfig:
+  """Tiling of the Pallas NSA kernels.
+
+  sel_block_k: keys per inner step of the selected-block kernels (divides select_len; the whole
+  block by default). score_block_q: query positions per program of the selection-score kernel;
+  score_block_k: compressed keys per inner step (a multiple of 16*select_len/stride so each step
+  covers whole selection blocks). bwd_chunk: queries per work item of the dk/dv kernel (a block
+  selected by more queries is split over several items, partial sums reduced afterwards).
+  *_warps / *_stages: Triton launch parameters.
+  """
+  sel_block_k: int | None = None
+  sel_num_warps: int = 4
+  sel_num_stages: int = 2
+  score_block_q: int = 16
+  score_block_k: int | None = None
+  score_num_warps: int = 4
+  score_num_stages: int = 2
+  bwd_chunk: int = 64
+  bwd_num_warps: int = 4
+  bwd_num_stages: int = 2
+
+  def replace(self, **kw) -> "NSABlockConfig":
+    return dataclasses.replace(self, **kw)
+
+  @classmethod
+  def for_device(cls, device_kind: str) -> "NSABlockConfig":
+    kind = device_kind.lower()
+    if "tpu" in kind:
+      return cls(score_block_q=8, bwd_chunk=128)
+    if any(s in kind for s in ("h100", "h200", "h800", "gh200")):
+      return cls(sel_num_warps=4, sel_num_stages=2, score_block_q=16, score_num_warps=4,
+                 bwd_chunk=64, bwd_num_warps=4)
+    return cls()
+
+  @classmethod
+  def small(cls) -> "NSABlockConfig":
+    """Small items so interpret tests split blocks over several bwd work items."""
+    return cls(score_block_q=4, bwd_chunk=8)
+
+
+def default_block_config() -> NSABlockConfig:
+  from ops._backend import device_kind
+  return NSABlockConfig.for_device(device_kind())

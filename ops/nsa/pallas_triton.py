@@ -1,0 +1,499 @@
+"""NSA kernels in Pallas (Triton lowering, GPU): selected-block attention fwd + bwd and the
+selection-score kernel. The compressed branch and the window branch run on ops.attention.
+
+Selected attention is group-centric: a forward / dq program owns one query position and ALL
+query heads of one GQA group (padded to >= 16 rows for the tensor cores) and loops over the
+group's selected blocks of select_len keys. dk / dv avoid both a dense T x T tensor and atomics:
+the (block, query) pairs of block_idx are sorted by block (stable, so deterministic), cut into
+work items of at most `bwd_chunk` queries of one block, and each item program loads its K/V
+block once and scans its queries (gathered by index inside the kernel), writing a partial
+dK / dV tile; a sorted segment-sum adds the partials of the items of a block. Splitting keeps
+blocks chosen by every query (the first and local ones) from serialising on one program.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from ops._backend import GPU, UnsupportedError, resolve_interpret
+from ops.nsa import compress
+from ops.nsa.config import NSABlockConfig, NSAConfig, default_block_config
+from ops.nsa.select import select_from_scores
+
+_F32 = jnp.float32
+
+
+def _pow2(x: int, lo: int = 16) -> int:
+  return max(lo, 1 << max(0, int(x) - 1).bit_length())
+
+
+def _prec(dtype):
+  return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else lax.Precision.DEFAULT
+
+
+def _dot(a, b, prec, ta=False, tb=False):
+  """a @ b with optional transposes, f32 accumulation."""
+  dims = (((0 if ta else 1,), (1 if tb else 0,)), ((), ()))
+  return lax.dot_general(a, b, dims, precision=prec, preferred_element_type=_F32)
+
+
+def _iota(n):
+  return lax.broadcasted_iota(jnp.int32, (n,), 0)
+
+
+def _compiler(interpret, warps, stages):
+  if interpret:
+    return {}
+  return dict(compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=stages))
+
+
+def _pad_axis(x, axis, size, value=0):
+  if x.shape[axis] == size:
+    return x
+  pad = [(0, 0)] * x.ndim
+  pad[axis] = (0, size - x.shape[axis])
+  return jnp.pad(x, pad, constant_values=value)
+
+
+# --------------------------------------------------------------------------- selected attention
+def _sel_fwd_kernel(idx_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref, *,
+                    scale, ls, bk, n, has_seg, prec):
+  t = pl.program_id(0)
+  q = q_ref[...]
+  gp = q.shape[0]
+  dv = v_ref.shape[-1]
+  qs = qseg_ref[t] if has_seg else None
+
+  def body(i, carry):
+    m, l, acc = carry
+    blk = idx_ref[i]
+    start = jnp.maximum(blk, 0) * ls
+    for c in range(ls // bk):
+      off = start + c * bk
+      k = k_ref[pl.ds(off, bk), :]
+      v = v_ref[pl.ds(off, bk), :]
+      s = _dot(q, k, prec, tb=True) * scale
+      ok = ((off + _iota(bk)) <= t) & (blk >= 0)
+      if has_seg:
+        ok = ok & (kseg_ref[pl.ds(off, bk)] == qs)
+      s = jnp.where(ok[None, :], s, -jnp.inf)
+      m_new = jnp.maximum(m, jnp.max(s, axis=1))
+      m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+      alpha = jnp.exp(m - m_safe)
+      p = jnp.exp(s - m_safe[:, None])
+      l = l * alpha + jnp.sum(p, axis=1)
+      acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, prec)
+      m = m_new
+    return m, l, acc
+
+  init = (jnp.full((gp,), -jnp.inf, _F32), jnp.zeros((gp,), _F32), jnp.zeros((gp, dv), _F32))
+  m, l, acc = lax.fori_loop(0, n, body, init)
+  has = l > 0
+  l_safe = jnp.where(has, l, 1.0)
+  o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
+  lse_ref[...] = jnp.where(has, m + jnp.log(l_safe), -jnp.inf)
+
+
+def _sel_dq_kernel(idx_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_ref,
+                   delta_ref, dq_ref, *, scale, ls, bk, n, has_seg, prec):
+  t = pl.program_id(0)
+  q = q_ref[...]
+  do = do_ref[...]
+  lse = lse_ref[...]
+  lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
+  delta = delta_ref[...]
+  qs = qseg_ref[t] if has_seg else None
+
+  def body(i, dq):
+    blk = idx_ref[i]
+    start = jnp.maximum(blk, 0) * ls
+    for c in range(ls // bk):
+      off = start + c * bk
+      k = k_ref[pl.ds(off, bk), :]
+      v = v_ref[pl.ds(off, bk), :]
+      s = _dot(q, k, prec, tb=True) * scale
+      ok = ((off + _iota(bk)) <= t) & (blk >= 0)
+      if has_seg:
+        ok = ok & (kseg_ref[pl.ds(off, bk)] == qs)
+      p = jnp.where(ok[None, :], jnp.exp(s - lse[:, None]), 0.0)
+      dp = _dot(do, v, prec, tb=True)
+      ds = p * (dp - delta[:, None])
+      dq = dq + _dot(ds.astype(k.dtype), k, prec)
+    return dq
+
+  dq = lax.fori_loop(0, n, body, jnp.zeros(q.shape, _F32))
+  dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+
+
+def _sel_dkv_kernel(item_ref, st_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_ref,
+                    delta_ref, dk_ref, dv_ref, *, scale, ls, has_seg, prec):
+  blk = item_ref[0]
+  lo = item_ref[1]
+  hi = item_ref[2]
+  start = jnp.maximum(blk, 0) * ls
+  k = k_ref[pl.ds(start, ls), :]
+  v = v_ref[pl.ds(start, ls), :]
+  kpos = start + _iota(ls)
+  kseg = kseg_ref[pl.ds(start, ls)] if has_seg else None
+
+  def body(j, carry):
+    dk, dv = carry
+    t = st_ref[j]
+    q = q_ref[t]
+    do = do_ref[t]
+    lse = lse_ref[t]
+    lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
+    delta = delta_ref[t]
+    s = _dot(q, k, prec, tb=True) * scale
+    ok = kpos <= t
+    if has_seg:
+      ok = ok & (kseg == qseg_ref[t])
+    p = jnp.where(ok[None, :], jnp.exp(s - lse[:, None]), 0.0)
+    dv = dv + _dot(p.astype(do.dtype), do, prec, ta=True)
+    dp = _dot(do, v, prec, tb=True)
+    ds = p * (dp - delta[:, None])
+    dk = dk + _dot(ds.astype(q.dtype), q, prec, ta=True)
+    return dk, dv
+
+  dk, dv = lax.fori_loop(lo, hi, body, (jnp.zeros(dk_ref.shape, _F32),
+                                        jnp.zeros(dv_ref.shape, _F32)))
+  dk_ref[...] = dk * scale
+  dv_ref[...] = dv
+
+
+def _layout(q, k, v, block_idx, q_segment_ids, ls):
+  """Pads to kernel-legal shapes: q -> [b,t,kvh,gp,dp], k/v -> [b,tp,kvh,*], idx -> [...,np]."""
+  b, t, h, d = q.shape
+  hk, dv = k.shape[2], v.shape[-1]
+  g = h // hk
+  gp, dp, dvp = _pow2(g), _pow2(d), _pow2(dv)
+  tp = -(-t // ls) * ls
+  q5 = _pad_axis(_pad_axis(q.reshape(b, t, hk, g, d), 3, gp), 4, dp)
+  kp = _pad_axis(_pad_axis(k, 1, tp), 3, dp)
+  vp = _pad_axis(_pad_axis(v, 1, tp), 3, dvp)
+  n = block_idx.shape[-1]
+  idx = _pad_axis(block_idx.astype(jnp.int32), 3, _pow2(n, 1), -1)
+  if q_segment_ids is None:
+    qseg = jnp.zeros((b, t), jnp.int32)
+    kseg = jnp.zeros((b, tp), jnp.int32)
+  else:
+    qseg = q_segment_ids.astype(jnp.int32)
+    kseg = _pad_axis(qseg, 1, tp, -1)
+  return q5, kp, vp, idx, qseg, kseg, (b, t, h, d, hk, dv, g, gp, dp, dvp, tp)
+
+
+def _sel_forward(q, k, v, block_idx, q_segment_ids, *, ls, scale, cfg, interpret):
+  q5, kp, vp, idx, qseg, kseg, dims = _layout(q, k, v, block_idx, q_segment_ids, ls)
+  b, t, h, d, hk, dv, g, gp, dp, dvp, tp = dims
+  bk = cfg.sel_block_k or ls
+  npad = idx.shape[-1]
+  kern = functools.partial(_sel_fwd_kernel, scale=scale, ls=ls, bk=bk, n=block_idx.shape[-1],
+                           has_seg=q_segment_ids is not None, prec=_prec(q.dtype))
+  o5, lse4 = pl.pallas_call(
+      kern, grid=(t, hk, b),
+      in_specs=[
+          pl.BlockSpec((None, None, None, npad), lambda i, j, z: (z, i, j, 0)),
+          pl.BlockSpec((None, None, None, gp, dp), lambda i, j, z: (z, i, j, 0, 0)),
+          pl.BlockSpec((None, tp, None, dp), lambda i, j, z: (z, 0, j, 0)),
+          pl.BlockSpec((None, tp, None, dvp), lambda i, j, z: (z, 0, j, 0)),
+          pl.BlockSpec((None, t), lambda i, j, z: (z, 0)),
+          pl.BlockSpec((None, tp), lambda i, j, z: (z, 0)),
+      ],
+      out_specs=[
+          pl.BlockSpec((None, None, None, gp, dvp), lambda i, j, z: (z, i, j, 0, 0)),
+          pl.BlockSpec((None, None, None, gp), lambda i, j, z: (z, i, j, 0)),
+      ],
+      out_shape=[jax.ShapeDtypeStruct((b, t, hk, gp, dvp), q.dtype),
+                 jax.ShapeDtypeStruct((b, t, hk, gp), _F32)],
+      interpret=interpret, name="nsa_selected_fwd",
+      **_compiler(interpret, cfg.sel_num_warps, cfg.sel_num_stages),
+  )(idx, q5, kp, vp, qseg, kseg)
+  return o5, lse4
+
+
+def _work_items(block_idx, n_blocks, chunk):
+  """Sorted (block, query) pairs and work items. block_idx [b,t,kvh,n] ->
+  sorted queries [b,kvh,P] int32 and items [b,kvh,NC,4] = (block or -1, lo, hi, 0)."""
+  b, t, hk, n = block_idx.shape
+  p = t * n
+  nc = -(-p // chunk) + n_blocks
+  key = jnp.where(block_idx >= 0, block_idx, n_blocks).transpose(0, 2, 1, 3).reshape(b, hk, p)
+  tq = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[:, None], (t, n)).reshape(p)
+  tq = jnp.broadcast_to(tq, (b, hk, p))
+  skey, st = lax.sort((key, tq), dimension=2, is_stable=True, num_keys=1)
+
+  def items(sk):
+    blocks = jnp.arange(n_blocks, dtype=jnp.int32)
+    lo = jnp.searchsorted(sk, blocks, side="left").astype(jnp.int32)
+    hi = jnp.searchsorted(sk, blocks, side="right").astype(jnp.int32)
+    nch = (hi - lo + chunk - 1) // chunk
+    cum = jnp.cumsum(nch)
+    w = jnp.arange(nc, dtype=jnp.int32)
+    s = jnp.searchsorted(cum, w, side="right").astype(jnp.int32)
+    real = s < n_blocks
+    sc = jnp.minimum(s, n_blocks - 1)
+    local = w - (cum[sc] - nch[sc])
+    ilo = lo[sc] + local * chunk
+    ihi = jnp.minimum(ilo + chunk, hi[sc])
+    return jnp.stack([jnp.where(real, s, -1), jnp.where(real, ilo, 0),
+                      jnp.where(real, ihi, 0), jnp.zeros_like(s)], -1)
+
+  it = jax.vmap(jax.vmap(items))(skey)
+  return st, it, nc
+
+
+def _sel_backward(q, k, v, block_idx, q_segment_ids, o5, lse4, do, dlse, *, ls, scale, cfg,
+                  interpret):
+  q5, kp, vp, idx, qseg, kseg, dims = _layout(q, k, v, block_idx, q_segment_ids, ls)
+  b, t, h, d, hk, dv, g, gp, dp, dvp, tp = dims
+  bk = cfg.sel_block_k or ls
+  npad = idx.shape[-1]
+  has_seg = q_segment_ids is not None
+  prec = _prec(q.dtype)
+  do5 = _pad_axis(_pad_axis(do.reshape(b, t, hk, g, dv), 3, gp), 4, dvp)
+  delta = jnp.sum(o5.astype(_F32) * do5.astype(_F32), -1)
+  if dlse is not None:
+    dl = _pad_axis(dlse.astype(_F32).reshape(b, hk, g, t).transpose(0, 3, 1, 2), 3, gp)
+    delta = delta - jnp.where(jnp.isfinite(lse4), dl, 0.0)
+  kern = functools.partial(_sel_dq_kernel, scale=scale, ls=ls, bk=bk, n=block_idx.shape[-1],
+                           has_seg=has_seg, prec=prec)
+  row = lambda last: pl.BlockSpec((None, None, None, gp) + last,
+                                  lambda i, j, z: (z, i, j, 0) + (0,) * len(last))
+  dq5 = pl.pallas_call(
+      kern, grid=(t, hk, b),
+      in_specs=[
+          pl.BlockSpec((None, None, None, npad), lambda i, j, z: (z, i, j, 0)),
+          row((dp,)),
+          pl.BlockSpec((None, tp, None, dp), lambda i, j, z: (z, 0, j, 0)),
+          pl.BlockSpec((None, tp, None, dvp), lambda i, j, z: (z, 0, j, 0)),
+          pl.BlockSpec((None, t), lambda i, j, z: (z, 0)),
+          pl.BlockSpec((None, tp), lambda i, j, z: (z, 0)),
+          row((dvp,)), row(()), row(()),
+      ],
+      out_specs=row((dp,)),
+      out_shape=jax.ShapeDtypeStruct(q5.shape, q.dtype),
+      interpret=interpret, name="nsa_selected_dq",
+      **_compiler(interpret, cfg.sel_num_warps, cfg.sel_num_stages),
+  )(idx, q5, kp, vp, qseg, kseg, do5, lse4, delta)
+  dq = dq5[:, :, :, :g, :d].reshape(b, t, h, d)
+
+  n_blocks = tp // ls
+  st, items, nc = _work_items(block_idx, n_blocks, cfg.bwd_chunk)
+  p = st.shape[-1]
+  kern = functools.partial(_sel_dkv_kernel, scale=scale, ls=ls, has_seg=has_seg, prec=prec)
+  full = lambda shape: pl.BlockSpec((None,) + shape, lambda i, j, z: (z,) + (0,) * len(shape))
+  seq = lambda last: pl.BlockSpec((None, t, None, gp) + last,
+                                  lambda i, j, z: (z, 0, j, 0) + (0,) * len(last))
+  dk_part, dv_part = pl.pallas_call(
+      kern, grid=(nc, hk, b),
+      in_specs=[
+          pl.BlockSpec((None, None, None, 4), lambda i, j, z: (z, j, i, 0)),
+          pl.BlockSpec((None, None, p), lambda i, j, z: (z, j, 0)),
+          seq((dp,)),
+          pl.BlockSpec((None, tp, None, dp), lambda i, j, z: (z, 0, j, 0)),
+          pl.BlockSpec((None, tp, None, dvp), lambda i, j, z: (z, 0, j, 0)),
+          full((t,)), full((tp,)),
+          seq((dvp,)), seq(()), seq(()),
+      ],
+      out_specs=[
+          pl.BlockSpec((None, None, None, ls, dp), lambda i, j, z: (z, j, i, 0, 0)),
+          pl.BlockSpec((None, None, None, ls, dvp), lambda i, j, z: (z, j, i, 0, 0)),
+      ],
+      out_shape=[jax.ShapeDtypeStruct((b, hk, nc, ls, dp), _F32),
+                 jax.ShapeDtypeStruct((b, hk, nc, ls, dvp), _F32)],
+      interpret=interpret, name="nsa_selected_dkv",
+      **_compiler(interpret, cfg.bwd_num_warps, cfg.bwd_num_stages),
+  )(items, st, q5, kp, vp, qseg, kseg, do5, lse4, delta)
+  seg = jnp.where(items[..., 0] >= 0, items[..., 0], n_blocks)
+
+  def reduce(part, width):
+    red = jax.vmap(jax.vmap(lambda x, s: jax.ops.segment_sum(
+        x, s, num_segments=n_blocks + 1, indices_are_sorted=True)))(part, seg)
+    red = red[:, :, :n_blocks].reshape(b, hk, tp, width).transpose(0, 2, 1, 3)
+    return red[:, :t]
+
+  dk = reduce(dk_part, dp)[..., :d].astype(k.dtype)
+  dvv = reduce(dv_part, dvp)[..., :dv].astype(v.dtype)
+  return dq, dk, dvv
+
+
+def _unlayout(o5, lse4, b, t, h, g, dv):
+  hk = o5.shape[2]
+  o = o5[:, :, :, :g, :dv].reshape(b, t, h, dv)
+  lse = lse4[:, :, :, :g].transpose(0, 2, 3, 1).reshape(b, h, t)
+  return o, lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _selected(q, k, v, block_idx, q_segment_ids, ls, scale, cfg, interpret):
+  o5, lse4 = _sel_forward(q, k, v, block_idx, q_segment_ids, ls=ls, scale=scale, cfg=cfg,
+                          interpret=interpret)
+  b, t, h, _ = q.shape
+  return _unlayout(o5, lse4, b, t, h, h // k.shape[2], v.shape[-1])
+
+
+def _selected_fwd(q, k, v, block_idx, q_segment_ids, ls, scale, cfg, interpret):
+  o5, lse4 = _sel_forward(q, k, v, block_idx, q_segment_ids, ls=ls, scale=scale, cfg=cfg,
+                          interpret=interpret)
+  b, t, h, _ = q.shape
+  out = _unlayout(o5, lse4, b, t, h, h // k.shape[2], v.shape[-1])
+  return out, (q, k, v, block_idx, q_segment_ids, o5, lse4)
+
+
+def _selected_bwd(ls, scale, cfg, interpret, res, cts):
+  q, k, v, block_idx, q_segment_ids, o5, lse4 = res
+  do, dlse = cts
+  dq, dk, dv = _sel_backward(q, k, v, block_idx, q_segment_ids, o5, lse4, do, dlse, ls=ls,
+                             scale=scale, cfg=cfg, interpret=interpret)
+  zero_idx = np.zeros(block_idx.shape, jax.dtypes.float0)
+  zero_seg = None if q_segment_ids is None else np.zeros(q_segment_ids.shape, jax.dtypes.float0)
+  return dq, dk, dv, zero_idx, zero_seg
+
+
+_selected.defvjp(_selected_fwd, _selected_bwd)
+
+
+def _check_select_len(ls, bk):
+  if ls < 16 or ls & (ls - 1):
+    raise UnsupportedError(f"select_len {ls} must be a power of two >= 16 for Triton tiles")
+  if ls % bk or bk < 16 or bk & (bk - 1):
+    raise UnsupportedError(f"sel_block_k {bk} must be a power of two >= 16 dividing {ls}")
+
+
+def selected_attention(q, k_slc, v_slc, block_idx, *, select_len, q_segment_ids=None,
+                       scale=None, interpret=None, config=None):
+  interpret = resolve_interpret(interpret, GPU)
+  cfg = config or (NSABlockConfig() if interpret else default_block_config())
+  _check_select_len(select_len, cfg.sel_block_k or select_len)
+  scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+  return _selected(q, k_slc, v_slc, block_idx.astype(jnp.int32), q_segment_ids, select_len,
+                   scale, cfg, interpret)
+
+
+# ------------------------------------------------------------------------- selection scores
+def _score_kernel(q_ref, lse_ref, k_ref, qseg_ref, cseg_ref, mm_ref, ms_ref, out_ref, *, scale,
+                  bt, gp, bk, bs, l, d, n_cmp, n_tiles_total, has_seg, prec):
+  i0 = pl.program_id(0) * bt
+  q = q_ref[...]
+  r = q.shape[0]
+  lse = lse_ref[...]
+  lse = jnp.where(jnp.isfinite(lse), lse, jnp.inf)     # no visible key -> p = 0
+  rows_t = i0 + _iota(r) // gp
+  grp = (lax.broadcasted_iota(jnp.int32, (bt, r), 1) // gp
+         == lax.broadcasted_iota(jnp.int32, (bt, r), 0)).astype(_F32)
+  mm = mm_ref[...]
+  ms = ms_ref[...]
+  qs = qseg_ref[...] if has_seg else None
+  n_vis = jnp.clip((i0 + bt - 1 - (l - 1)) // d + 1, 0, n_cmp)
+  n_tiles = (n_vis + bk - 1) // bk
+  hp = lax.Precision.HIGHEST
+
+  def body(j, carry):
+    j0 = j * bk
+    k = k_ref[pl.ds(j0, bk), :]
+    s = _dot(q, k, prec, tb=True) * scale
+    jpos = j0 + _iota(bk)
+    vis = ((jpos * d + (l - 1))[None, :] <= rows_t[:, None]) & (jpos < n_cmp)[None, :]
+    if has_seg:
+      vis = vis & (cseg_ref[pl.ds(j0, bk)][None, :] == qs[:, None])
+    p = jnp.where(vis, jnp.exp(s - lse[:, None]), 0.0)
+    pg = _dot(grp, p, hp)
+    out_ref[:, pl.ds(j * bs, bs)] = _dot(pg, mm, hp) + carry
+    return _dot(pg, ms, hp)
+
+  carry = lax.fori_loop(0, n_tiles, body, jnp.zeros((bt, bs), _F32))
+  out_ref[:, pl.ds(n_tiles * bs, bs)] = carry
+
+  def zero(j, c):
+    out_ref[:, pl.ds(j * bs, bs)] = jnp.zeros((bt, bs), _F32)
+    return c
+
+  lax.fori_loop(n_tiles + 1, n_tiles_total + 1, zero, 0)
+
+
+def selection_scores(q, k_cmp, lse_cmp, *, cfg: NSAConfig, q_segment_ids=None, interpret=None,
+                     config=None):
+  """Group-summed selection scores [b, kvh, t, n_slc] f32 (kernel; no [t, n_cmp] tensor)."""
+  interpret = resolve_interpret(interpret, GPU)
+  bcfg = config or (NSABlockConfig() if interpret else default_block_config())
+  q, k_cmp, lse_cmp = lax.stop_gradient((q, k_cmp, lse_cmp))
+  b, t, h, d = q.shape
+  n_cmp, hk = k_cmp.shape[1], k_cmp.shape[2]
+  g = h // hk
+  gp, dp = _pow2(g), _pow2(d)
+  l, st, ls = cfg.block_len, cfg.stride, cfg.select_len
+  per = ls // st
+  bk = max(bcfg.score_block_k or 0, 16 * per)
+  if bk % per:
+    raise UnsupportedError(f"score_block_k {bk} must be a multiple of select_len/stride {per}")
+  bs = bk // per
+  if bs & (bs - 1) or bk & (bk - 1):
+    raise UnsupportedError(f"score tiles ({bk} keys, {bs} blocks) must be powers of two")
+  if l > bs * ls:
+    raise UnsupportedError(f"block_len {l} spills past one score tile")
+  bt = max(16, bcfg.score_block_q)
+  n_slc = cfg.n_slc(t)
+  scale = float(d ** -0.5 if cfg.scale is None else cfg.scale)
+  tq = -(-t // bt) * bt
+  ncp = max(bk, -(-n_cmp // bk) * bk)
+  n_tiles_total = ncp // bk
+  qt = _pad_axis(_pad_axis(_pad_axis(q.reshape(b, t, hk, g, d), 3, gp), 4, dp), 1, tq)
+  qt = qt.transpose(0, 2, 1, 3, 4).reshape(b, hk, tq * gp, dp)
+  lse = lse_cmp.astype(_F32).reshape(b, hk, g, t).transpose(0, 1, 3, 2)
+  lse = _pad_axis(_pad_axis(lse, 3, gp, -jnp.inf), 2, tq, -jnp.inf).reshape(b, hk, tq * gp)
+  kc = _pad_axis(_pad_axis(k_cmp, 1, ncp), 3, dp)
+  has_seg = q_segment_ids is not None
+  if has_seg:
+    qseg = _pad_axis(q_segment_ids.astype(jnp.int32), 1, tq, -1)
+    qseg = jnp.repeat(qseg, gp, axis=1)
+    cseg = _pad_axis(compress.block_segments(q_segment_ids, n_cmp, l, st), 1, ncp, -2)
+  else:
+    qseg = jnp.zeros((b, tq * gp), jnp.int32)
+    cseg = jnp.zeros((b, ncp), jnp.int32)
+  w = compress.overlap_matrix(2 * bk, 2 * bs, l, st, ls)
+  mm, ms = jnp.asarray(w[:bk, :bs]), jnp.asarray(w[:bk, bs:])
+  r = bt * gp
+  nsp = (n_tiles_total + 1) * bs
+  kern = functools.partial(_score_kernel, scale=scale, bt=bt, gp=gp, bk=bk, bs=bs, l=l, d=st,
+                           n_cmp=n_cmp, n_tiles_total=n_tiles_total, has_seg=has_seg,
+                           prec=_prec(q.dtype))
+  out = pl.pallas_call(
+      kern, grid=(tq // bt, hk, b),
+      in_specs=[
+          pl.BlockSpec((None, None, r, dp), lambda i, j, z: (z, j, i, 0)),
+          pl.BlockSpec((None, None, r), lambda i, j, z: (z, j, i)),
+          pl.BlockSpec((None, ncp, None, dp), lambda i, j, z: (z, 0, j, 0)),
+          pl.BlockSpec((None, r), lambda i, j, z: (z, i)),
+          pl.BlockSpec((None, ncp), lambda i, j, z: (z, 0)),
+          pl.BlockSpec((bk, bs), lambda i, j, z: (0, 0)),
+          pl.BlockSpec((bk, bs), lambda i, j, z: (0, 0)),
+      ],
+      out_specs=pl.BlockSpec((None, None, bt, nsp), lambda i, j, z: (z, j, i, 0)),
+      out_shape=jax.ShapeDtypeStruct((b, hk, tq, nsp), _F32),
+      interpret=interpret, name="nsa_selection_scores",
+      **_compiler(interpret, bcfg.score_num_warps, bcfg.score_num_stages),
+  )(qt, lse, kc, qseg, cseg, mm, ms)
+  return out[:, :, :t, :n_slc]
+
+
+def select_blocks(q, k_cmp, lse_cmp, *, cfg: NSAConfig, q_segment_ids=None, interpret=None,
+                  config=None):
+  p = selection_scores(q, k_cmp, lse_cmp, cfg=cfg, q_segment_ids=q_segment_ids,
+                       interpret=interpret, config=config)
+  seg_start = None if q_segment_ids is None else compress.segment_starts(q_segment_ids)
+  return select_from_scores(p, jnp.arange(q.shape[1], dtype=jnp.int32), cfg, seg_start)
+
+
+def compressed_attention(q, k_cmp, v_cmp, *, block_len, stride, q_segment_ids=None, scale=None,
+                         interpret=None, config=None):
+  del config
+  resolve_interpret(interpret, GPU)
+  return compress.compressed_attention_flash(q, k_cmp, v_cmp, block_len=block_len,
+                                             stride=stride, q_segment_ids=q_segment_ids,
+                                             scale=scale, interpret=interpret)
