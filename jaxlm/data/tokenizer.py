@@ -14,6 +14,7 @@ Every tokenizer has ``encode(str) -> list[int]``, ``decode(ids) -> str``, ``voca
 """
 from __future__ import annotations
 
+import abc
 import hashlib
 import os
 from typing import Iterable, Sequence
@@ -29,7 +30,7 @@ class TokenizerError(ValueError):
   pass
 
 
-class Tokenizer:
+class Tokenizer(abc.ABC):
   """Interface shared by the tokenizers below."""
   name: str
   vocab_size: int
@@ -37,14 +38,16 @@ class Tokenizer:
   bos_id: int | None = None
   fingerprint: str
 
+  @abc.abstractmethod
   def encode(self, text: str) -> list[int]:
-    raise TypeError("abstract")
+    """Token ids of `text` (no eos/bos added; special-token strings are encoded as text)."""
 
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
     return [self.encode(t) for t in texts]
 
+  @abc.abstractmethod
   def decode(self, ids: Iterable[int]) -> str:
-    raise TypeError("abstract")
+    """Text of `ids`; eos renders as <|endoftext|>, ids beyond the vocab (model padding) as nothing."""
 
   def __repr__(self):
     return f"{type(self).__name__}(name={self.name!r}, vocab_size={self.vocab_size}, eos_id={self.eos_id})"
