@@ -1,0 +1,59 @@
+"""Block sizes of the attention kernels, with per-device-kind heuristics."""
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionBlockConfig:
+  """Tiling of the Pallas attention kernels.
+
+  block_q / block_kv: forward tile (queries per program, keys per inner step).
+  bwd_block_q / bwd_block_kv: backward tiles (dq kernel iterates kv, dk/dv kernel iterates q).
+  num_warps / num_stages (+ bwd_*): Triton launch parameters.
+  decode_block_kv / decode_splits: flash-decoding tile and number of max_len splits.
+  """
+  block_q: int = 128
+  block_kv: int = 64
+  num_warps: int = 4
+  num_stages: int = 3
+  bwd_block_q: int = 64
+  bwd_block_kv: int = 64
+  bwd_num_warps: int = 4
+  bwd_num_stages: int = 2
+  decode_block_kv: int = 64
+  decode_splits: int = 16
+  decode_num_warps: int = 4
+  decode_num_stages: int = 2
+
+  def replace(self, **kw) -> "AttentionBlockConfig":
+    return dataclasses.replace(self, **kw)
+
+  @classmethod
+  def for_device(cls, device_kind: str, head_dim: int = 128) -> "AttentionBlockConfig":
+    """Defaults for a device kind (e.g. 'NVIDIA H100 80GB HBM3', 'TPU v5p', 'cpu')."""
+    kind = device_kind.lower()
+    if "tpu" in kind:
+      # Mosaic: tiles are multiples of (8, 128); larger tiles amortise per-step overhead.
+      return cls(block_q=128, block_kv=128, bwd_block_q=128, bwd_block_kv=128,
+                 decode_block_kv=128)
+    if "h100" in kind or "h200" in kind or "h800" in kind or "gh200" in kind:
+      if head_dim > 128:
+        return cls(block_q=64, block_kv=64, num_warps=4, num_stages=2, bwd_block_q=32,
+                   bwd_block_kv=64, bwd_num_warps=4, bwd_num_stages=2)
+      return cls(block_q=128, block_kv=64, num_warps=8, num_stages=3, bwd_block_q=64,
+                 bwd_block_kv=64, bwd_num_warps=4, bwd_num_stages=2)
+    if head_dim > 128:
+      return cls(block_q=64, block_kv=32, num_stages=2, bwd_block_q=32, bwd_block_kv=32)
+    return cls()
+
+  @classmethod
+  def small(cls) -> "AttentionBlockConfig":
+    """Tiny tiles used by interpret-mode tests so several blocks and ragged edges occur."""
+    return cls(block_q=16, block_kv=16, bwd_block_q=16, bwd_block_kv=16, decode_block_kv=16,
+               decode_splits=3)
+
+
+def default_config(head_dim: int = 128) -> AttentionBlockConfig:
+  from ops._backend import device_kind
+  return AttentionBlockConfig.for_device(device_kind(), head_dim)
