@@ -1,0 +1,48 @@
+"""Train a model; re-running the same command resumes from the newest checkpoint.
+
+  python experiments/train.py --config=tiny_cpu
+  python experiments/train.py --config=dense_125m --set train.batch_size=32 --set train.output_dir=/tmp/run
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags
+
+from jaxlm import cli
+from jaxlm.config import ConfigError
+
+_SAMPLE = flags.DEFINE_integer("sample_tokens", 120, "tokens of the sample printed at the end (0 = none)")
+_PROMPT = flags.DEFINE_string("prompt", "ROMEO:\n", "prompt of the final sample")
+
+
+def main(argv):
+  del argv
+  try:
+    cfg = cli.config_from_flags()
+  except ConfigError as e:
+    cli.fail(e)
+  import jax
+  from jaxlm.distributed import maybe_initialize
+  maybe_initialize()
+  from jaxlm.generate import Sampling
+  from jaxlm.sample import sample_text
+  from jaxlm.train.loop import Trainer
+  try:
+    trainer = Trainer(cfg)
+  except (ConfigError, FileNotFoundError, ValueError) as e:
+    cli.fail(e)
+  result = trainer.run()
+  trainer.close()
+  if jax.process_index() == 0:
+    print(f"done: step {result.final_step}, val loss {result.val_loss}, train loss "
+          f"{result.train_loss}, {result.seconds:.0f}s, checkpoints in {trainer.ckpt.directory}")
+    if _SAMPLE.value:
+      text = sample_text(trainer.fm, trainer.state.params, trainer.tokenizer, _PROMPT.value,
+                         _SAMPLE.value, Sampling(temperature=0.8, top_k=50), seed=cfg.train.seed)
+      print("sample:\n" + _PROMPT.value + text)
+
+
+if __name__ == "__main__":
+  app.run(main)

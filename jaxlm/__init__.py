@@ -1,0 +1,1 @@
+"""jaxlm: functional Flax NNX language models (dense, MoE/UniPool, NSA, spiking) and their training stack."""

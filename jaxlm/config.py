@@ -1,0 +1,335 @@
+"""Frozen configuration dataclasses, string overrides and validation.
+
+One config path: a named preset (jaxlm/configs) plus `section.field=value`
+overrides (absl `--set`), validated before anything compiles. Every error is a
+ConfigError whose message starts with the dotted name of the offending field.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from typing import Any, Sequence
+
+
+class ConfigError(ValueError):
+  """A configuration value is unknown, of the wrong type, or inconsistent."""
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+REMAT = ("none", "full", "dots", "dots_no_batch")
+ATTENTION_KINDS = ("full", "sliding")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+  kind: str = "full"            # full | sliding
+  window: int = 0               # sliding: keys pos-window < j <= pos
+  soft_cap: float = 0.0         # 0 = off; else logits = c*tanh(logits/c)
+  implementation: str = ""      # "" = ops' per-platform default; else a name or "a,b" sequence
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  kind: str = "transformer"
+  vocab_size: int = 4096
+  d_model: int = 256
+  n_layers: int = 4
+  n_heads: int = 4
+  n_kv_heads: int = 4
+  head_dim: int = 0             # 0 = d_model // n_heads
+  d_ff: int = 1024              # SwiGLU hidden width
+  max_seq_len: int = 2048       # length of the RoPE table
+  rope_base: float = 10000.0
+  norm_eps: float = 1e-6
+  tie_embeddings: bool = False
+  init_std: float = 0.02
+  dtype: str = "bfloat16"       # compute dtype
+  param_dtype: str = "float32"  # master params
+  scan_layers: bool = True
+  remat: str = "none"           # none | full | dots | dots_no_batch
+  attention: AttentionConfig = AttentionConfig()
+
+  @property
+  def resolved_head_dim(self) -> int:
+    return self.head_dim or self.d_model // self.n_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  steps: int = 1000
+  batch_size: int = 32          # global sequences per optimizer step
+  seq_len: int = 256
+  grad_accum: int = 1           # micro-batches per step (batch_size % grad_accum == 0)
+  lr: float = 3e-3
+  min_lr_ratio: float = 0.1     # cosine decays to lr * min_lr_ratio
+  warmup_steps: int = 100
+  weight_decay: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  grad_clip: float = 1.0        # global-norm clip; 0 = off
+  z_loss: float = 0.0           # coefficient of mean(logsumexp(logits)^2)
+  seed: int = 0
+  log_every: int = 10
+  eval_every: int = 200
+  eval_batches: int = 16
+  checkpoint_every: int = 200
+  keep_checkpoints: int = 3
+  async_checkpoint: bool = True
+  output_dir: str = "runs/default"
+  peak_tflops: float = 0.0      # per-device bf16 peak for MFU; 0 = guess from device kind
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  source: str = "shakespeare"   # shakespeare | files
+  paths: tuple[str, ...] = ()   # .txt / .jsonl / .array_record files or globs (source=files)
+  jsonl_field: str = "text"
+  tokenizer: str = "bpe"        # bpe (trained on the corpus, cached) | byte
+  tokenizer_path: str = ""      # an existing `tokenizers` JSON instead of training one
+  val_fraction: float = 0.05    # fraction of documents held out
+  cache_dir: str = ""           # default $JAXLM_CACHE or ~/.cache/jaxlm
+  num_workers: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Sizes of the mesh axes; -1 on one axis means 'all remaining devices'."""
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+  expert: int = 1
+
+  @property
+  def axis_names(self) -> tuple[str, ...]:
+    return ("data", "fsdp", "tensor", "expert")
+
+  def resolve(self, n_devices: int) -> tuple[int, ...]:
+    sizes = [self.data, self.fsdp, self.tensor, self.expert]
+    names = self.axis_names
+    for n, s in zip(names, sizes):
+      if s == 0 or s < -1:
+        raise ConfigError(f"mesh.{n}={s}: must be a positive size or -1")
+    if sizes.count(-1) > 1:
+      raise ConfigError("mesh: at most one axis may be -1 (fill)")
+    fixed = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+      if n_devices % fixed:
+        raise ConfigError(f"mesh: fixed axes product {fixed} does not divide {n_devices} devices")
+      sizes[sizes.index(-1)] = n_devices // fixed
+    if math.prod(sizes) != n_devices:
+      raise ConfigError(
+          f"mesh: {dict(zip(names, sizes))} has {math.prod(sizes)} devices, but {n_devices} are present")
+    return tuple(sizes)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  name: str = "custom"
+  model: ModelConfig = ModelConfig()
+  train: TrainConfig = TrainConfig()
+  data: DataConfig = DataConfig()
+  mesh: MeshConfig = MeshConfig()
+
+
+# --------------------------------------------------------------------------- overrides
+
+def _field_types(cls) -> dict[str, Any]:
+  hints = typing.get_type_hints(cls)
+  return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _parse_value(text: str, tp, key: str):
+  origin = typing.get_origin(tp)
+  if origin in (typing.Union, types.UnionType):
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if text.lower() in ("none", "null") and len(args) < len(typing.get_args(tp)):
+      return None
+    return _parse_value(text, args[0], key)
+  if origin is tuple:
+    (elem,) = {a for a in typing.get_args(tp) if a is not Ellipsis}
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    return tuple(_parse_value(t, elem, key) for t in items)
+  if tp is bool:
+    low = text.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+      return True
+    if low in ("0", "false", "no", "off"):
+      return False
+    raise ConfigError(f"{key}={text!r}: expected a boolean (true/false)")
+  if tp is int:
+    try:
+      return int(text.replace("_", ""), 0)
+    except ValueError:
+      try:  # allow 1e3 style when exact
+        f = float(text)
+      except ValueError:
+        f = math.nan
+      if math.isfinite(f) and f == int(f):
+        return int(f)
+      raise ConfigError(f"{key}={text!r}: expected an integer") from None
+  if tp is float:
+    try:
+      v = float(text)
+    except ValueError:
+      raise ConfigError(f"{key}={text!r}: expected a number") from None
+    if not math.isfinite(v):
+      raise ConfigError(f"{key}={text!r}: must be finite")
+    return v
+  if tp is str:
+    return text
+  raise ConfigError(f"{key}: cannot override fields of type {tp}")
+
+
+def _set_path(obj, path: Sequence[str], text: str, full_key: str):
+  types_ = _field_types(type(obj))
+  name = path[0]
+  if name not in types_:
+    where = full_key.rsplit(".", len(path))[0] if len(path) < full_key.count(".") + 1 else ""
+    prefix = f"{where}." if where else ""
+    raise ConfigError(
+        f"{full_key}: unknown key {prefix}{name}; valid keys: {', '.join(prefix + k for k in types_)}")
+  tp = types_[name]
+  if dataclasses.is_dataclass(tp):
+    if len(path) == 1:
+      raise ConfigError(f"{full_key}: is a section; set one of its fields, e.g. {full_key}.<field>=…")
+    value = _set_path(getattr(obj, name), path[1:], text, full_key)
+  else:
+    if len(path) > 1:
+      raise ConfigError(f"{full_key}: {name} has no sub-fields")
+    value = _parse_value(text, tp, full_key)
+  return dataclasses.replace(obj, **{name: value})
+
+
+def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
+  """Apply `section.field=value` strings in order, then validate."""
+  for item in overrides:
+    if "=" not in item:
+      raise ConfigError(f"override {item!r}: expected the form section.field=value")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part.isidentifier() for part in key.split(".")):
+      raise ConfigError(f"override {item!r}: {key!r} is not a dotted field name")
+    cfg = _set_path(cfg, key.split("."), text.strip(), key)
+  validate(cfg)
+  return cfg
+
+
+def to_dict(cfg) -> dict:
+  return dataclasses.asdict(cfg)
+
+
+def from_dict(d: dict, cls=Config):
+  """Rebuild a config from `to_dict` output (e.g. a checkpoint's stored config)."""
+  kwargs = {}
+  types_ = _field_types(cls)
+  for k, v in d.items():
+    if k not in types_:
+      raise ConfigError(f"{cls.__name__}: unknown key {k!r} in stored config")
+    tp = types_[k]
+    if dataclasses.is_dataclass(tp):
+      kwargs[k] = from_dict(v, tp)
+    elif typing.get_origin(tp) is tuple:
+      kwargs[k] = tuple(v)
+    else:
+      kwargs[k] = v
+  return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------- validation
+
+def _check(cond: bool, key: str, msg: str):
+  if not cond:
+    raise ConfigError(f"{key}: {msg}")
+
+
+def _check_types(obj, prefix: str):
+  for name, tp in _field_types(type(obj)).items():
+    value = getattr(obj, name)
+    key = f"{prefix}{name}"
+    if dataclasses.is_dataclass(tp):
+      _check(isinstance(value, tp), key, f"expected a {tp.__name__} section")
+      _check_types(value, key + ".")
+    elif tp is float:
+      _check(isinstance(value, (int, float)) and not isinstance(value, bool), key,
+             f"expected a number, got {value!r}")
+      _check(math.isfinite(value), key, f"must be finite, got {value!r}")
+    elif tp in (int, bool, str):
+      ok = isinstance(value, tp) and (tp is bool or not isinstance(value, bool))
+      _check(ok, key, f"expected {tp.__name__}, got {value!r}")
+
+
+def validate(cfg: Config) -> Config:
+  """Raise ConfigError naming the first invalid field; return cfg unchanged otherwise."""
+  _check_types(cfg, "")
+  m, t, d = cfg.model, cfg.train, cfg.data
+  _check(m.kind in ("transformer",), "model.kind", f"{m.kind!r} not in ('transformer',)")
+  for k in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
+    _check(getattr(m, k) >= 1, f"model.{k}", f"must be >= 1, got {getattr(m, k)}")
+  _check(m.head_dim >= 0, "model.head_dim", f"must be >= 0 (0 = d_model // n_heads), got {m.head_dim}")
+  if m.head_dim == 0:
+    _check(m.d_model % m.n_heads == 0, "model.n_heads",
+           f"{m.n_heads} heads do not divide model.d_model={m.d_model} (or set model.head_dim)")
+  _check(m.n_heads % m.n_kv_heads == 0, "model.n_kv_heads",
+         f"{m.n_kv_heads} kv heads do not divide model.n_heads={m.n_heads}")
+  _check(m.resolved_head_dim % 2 == 0, "model.head_dim",
+         f"RoPE needs an even head_dim, got {m.resolved_head_dim}")
+  _check(m.rope_base > 1, "model.rope_base", f"must be > 1, got {m.rope_base}")
+  _check(m.norm_eps > 0, "model.norm_eps", f"must be > 0, got {m.norm_eps}")
+  _check(m.init_std > 0, "model.init_std", f"must be > 0, got {m.init_std}")
+  _check(m.dtype in DTYPES, "model.dtype", f"{m.dtype!r} not in {DTYPES}")
+  _check(m.param_dtype in DTYPES, "model.param_dtype", f"{m.param_dtype!r} not in {DTYPES}")
+  _check(m.remat in REMAT, "model.remat", f"{m.remat!r} not in {REMAT}")
+  a = m.attention
+  _check(a.kind in ATTENTION_KINDS, "model.attention.kind", f"{a.kind!r} not in {ATTENTION_KINDS}")
+  _check(a.window >= 0, "model.attention.window", f"must be >= 0, got {a.window}")
+  if a.kind == "sliding":
+    _check(a.window >= 1, "model.attention.window", "sliding attention needs window >= 1")
+  _check(a.soft_cap >= 0, "model.attention.soft_cap", f"must be >= 0, got {a.soft_cap}")
+
+  for k in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_every",
+            "eval_batches", "checkpoint_every", "keep_checkpoints"):
+    _check(getattr(t, k) >= 1, f"train.{k}", f"must be >= 1, got {getattr(t, k)}")
+  _check(t.seq_len <= m.max_seq_len, "train.seq_len",
+         f"{t.seq_len} is longer than the RoPE table model.max_seq_len={m.max_seq_len}")
+  _check(t.batch_size % t.grad_accum == 0, "train.grad_accum",
+         f"{t.grad_accum} does not divide train.batch_size={t.batch_size}")
+  _check(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
+  _check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", f"must be in [0, 1], got {t.min_lr_ratio}")
+  _check(0 <= t.warmup_steps < t.steps, "train.warmup_steps",
+         f"must be in [0, train.steps={t.steps}), got {t.warmup_steps}")
+  _check(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
+  _check(0 <= t.b1 < 1, "train.b1", f"must be in [0, 1), got {t.b1}")
+  _check(0 <= t.b2 < 1, "train.b2", f"must be in [0, 1), got {t.b2}")
+  _check(t.eps > 0, "train.eps", f"must be > 0, got {t.eps}")
+  _check(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0 (0 = off), got {t.grad_clip}")
+  _check(t.z_loss >= 0, "train.z_loss", f"must be >= 0, got {t.z_loss}")
+  _check(t.peak_tflops >= 0, "train.peak_tflops", f"must be >= 0, got {t.peak_tflops}")
+  _check(bool(t.output_dir), "train.output_dir", "must not be empty")
+
+  _check(d.source in ("shakespeare", "files"), "data.source", f"{d.source!r} not in ('shakespeare', 'files')")
+  if d.source == "files":
+    _check(len(d.paths) > 0, "data.paths", "data.source=files needs at least one path or glob")
+  _check(d.tokenizer in ("bpe", "byte"), "data.tokenizer", f"{d.tokenizer!r} not in ('bpe', 'byte')")
+  _check(0 < d.val_fraction < 1, "data.val_fraction", f"must be in (0, 1), got {d.val_fraction}")
+  _check(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
+  if d.tokenizer == "byte":
+    _check(m.vocab_size >= 257, "model.vocab_size", f"byte tokenizer needs >= 257, got {m.vocab_size}")
+
+  for n in cfg.mesh.axis_names:
+    s = getattr(cfg.mesh, n)
+    _check(s == -1 or s >= 1, f"mesh.{n}", f"must be a positive size or -1, got {s}")
+  return cfg
+
+
+def validate_for_devices(cfg: Config, n_devices: int) -> tuple[int, ...]:
+  """Checks that depend on the device count; returns the resolved mesh shape."""
+  shape = cfg.mesh.resolve(n_devices)
+  batch_shards = shape[0] * shape[1]  # batch is split over data and fsdp
+  micro = cfg.train.batch_size // cfg.train.grad_accum
+  _check(micro % batch_shards == 0, "train.batch_size",
+         f"micro-batch {micro} (batch_size {cfg.train.batch_size} / grad_accum {cfg.train.grad_accum}) "
+         f"is not divisible by the data×fsdp axes ({shape[0]}×{shape[1]}={batch_shards})")
+  return shape

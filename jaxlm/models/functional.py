@@ -1,0 +1,65 @@
+"""Functional boundary of NNX models: params are plain nested dicts of arrays.
+
+    fm = build(cfg.model)
+    params = fm.init(jax.random.key(0))         # pure dict pytree
+    logits, _ = fm.apply(params, tokens)        # pure function, jit/grad friendly
+    axes = fm.logical_axes                      # same tree, tuples of logical axis names
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+from flax import nnx
+
+from jaxlm.config import ModelConfig
+
+
+def _is_var(x):
+  return isinstance(x, nnx.Variable)
+
+
+# eq=False: hashed by identity (build() is cached), so it can be a static jit argument.
+@dataclasses.dataclass(frozen=True, eq=False)
+class FunctionalModel:
+  cfg: ModelConfig
+  constructor: Callable[..., nnx.Module]
+  graphdef: Any
+  abstract_state: Any  # nnx.State of ShapeDtypeStruct-valued Params with metadata
+
+  def init(self, key) -> dict:
+    model = self.constructor(self.cfg, rngs=nnx.Rngs(params=key))
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+  @property
+  def param_shapes(self) -> dict:
+    return nnx.to_pure_dict(self.abstract_state)
+
+  @property
+  def logical_axes(self) -> dict:
+    axes = jax.tree.map(lambda v: tuple(v.get_metadata()["logical_axes"]), self.abstract_state,
+                        is_leaf=_is_var)
+    return nnx.to_pure_dict(axes) if not isinstance(axes, dict) else axes
+
+  def module(self, params: dict) -> nnx.Module:
+    state = jax.tree.map(lambda v: v, self.abstract_state, is_leaf=lambda x: False)
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(self.graphdef, state)
+
+  def apply(self, params: dict, tokens, **kwargs):
+    return self.module(params)(tokens, **kwargs)
+
+  def num_params(self) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(self.param_shapes))
+
+
+@functools.lru_cache(maxsize=16)
+def build(cfg: ModelConfig) -> FunctionalModel:
+  from jaxlm.models.transformer import Transformer
+  constructors = {"transformer": Transformer}
+  ctor = constructors[cfg.kind]
+  abstract = nnx.eval_shape(lambda: ctor(cfg, rngs=nnx.Rngs(params=0)))
+  graphdef, state = nnx.split(abstract, nnx.Param)
+  return FunctionalModel(cfg, ctor, graphdef, state)

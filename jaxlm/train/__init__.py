@@ -1,0 +1,1 @@
+"""Training stack: state, optimizer, pure train/eval steps, checkpoints, the loop."""

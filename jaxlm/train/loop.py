@@ -1,0 +1,182 @@
+"""The training loop: data → jitted step → metrics / eval / checkpoints, resumable."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+
+import jax
+import numpy as np
+
+from jaxlm import config as config_lib
+from jaxlm import sharding
+from jaxlm.config import Config
+from jaxlm.data import get_tokenizer, make_train_iterator, make_val_batches
+from jaxlm.models import build
+from jaxlm.train import metrics as metrics_lib
+from jaxlm.train.checkpoint import Checkpointer
+from jaxlm.train.optimizer import make_optimizer
+from jaxlm.train.state import init_state, state_layout
+from jaxlm.train.step import jit_eval_step, jit_train_step
+
+log = logging.getLogger(__name__)
+
+
+def to_global(batch: dict, mesh) -> dict:
+  """Host-local numpy batch → global jax arrays sharded over the batch axes."""
+  sh = sharding.batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sh, np.asarray(v)) for k, v in batch.items()}
+
+
+def check_resume_config(stored: dict, cfg: Config) -> list[str]:
+  """Model fields must match the checkpoint; returns the changed non-model fields to report."""
+  stored_cfg = config_lib.from_dict(stored)
+  if stored_cfg.model != cfg.model:
+    diffs = [f"model.{f.name}: checkpoint {getattr(stored_cfg.model, f.name)!r} != "
+             f"config {getattr(cfg.model, f.name)!r}"
+             for f in dataclasses.fields(cfg.model)
+             if getattr(stored_cfg.model, f.name) != getattr(cfg.model, f.name)]
+    raise config_lib.ConfigError(
+        "cannot resume: the model differs from the checkpoint's:\n  " + "\n  ".join(diffs))
+  changed = []
+  for section in ("train", "data", "mesh"):
+    old, new = getattr(stored_cfg, section), getattr(cfg, section)
+    changed += [f"{section}.{f.name}: {getattr(old, f.name)!r} -> {getattr(new, f.name)!r}"
+                for f in dataclasses.fields(new) if getattr(old, f.name) != getattr(new, f.name)]
+  return changed
+
+
+@dataclasses.dataclass
+class RunResult:
+  final_step: int
+  val_loss: float | None
+  train_loss: float | None
+  tokens_per_s: float | None
+  mfu: float | None
+  seconds: float
+
+
+class Trainer:
+  """Everything one run needs, built once from a validated Config."""
+
+  def __init__(self, cfg: Config, devices=None):
+    config_lib.validate(cfg)
+    self.cfg = cfg
+    self.mesh = sharding.mesh_for(cfg, devices)
+    self.is_main = jax.process_index() == 0
+    self.fm = build(cfg.model)
+    self.tx = make_optimizer(cfg.train)
+    self.tokenizer = get_tokenizer(cfg.data, cfg.model.vocab_size)
+    self.abstract_state, self.state_shardings = state_layout(self.fm, self.tx, self.mesh)
+    self.out_dir = cfg.train.output_dir
+    self.ckpt = Checkpointer(os.path.join(self.out_dir, "checkpoints"),
+                             keep=cfg.train.keep_checkpoints, async_save=cfg.train.async_checkpoint)
+    t = cfg.train
+    self.train_iter = make_train_iterator(
+        cfg.data, tokenizer=self.tokenizer, seq_len=t.seq_len, batch_size=t.batch_size,
+        seed=t.seed, process_index=jax.process_index(), process_count=jax.process_count())
+    self.val_batches = make_val_batches(
+        cfg.data, tokenizer=self.tokenizer, seq_len=t.seq_len, batch_size=t.batch_size,
+        max_batches=t.eval_batches, process_index=jax.process_index(),
+        process_count=jax.process_count())
+    self.step_fn = jit_train_step(self.fm, cfg, self.tx, self.mesh, self.state_shardings)
+    self.eval_fn = jit_eval_step(self.fm, self.mesh, self.state_shardings.params)
+    self.flops_per_token = metrics_lib.train_flops_per_token(cfg.model, t.seq_len)
+    self.peak = metrics_lib.peak_tflops(jax.devices()[0].device_kind, t.peak_tflops)
+
+  # ------------------------------------------------------------------ state
+  def initial_state(self):
+    """Restore the newest checkpoint if there is one, else initialise."""
+    step = self.ckpt.latest_step()
+    if step is None:
+      return init_state(self.fm, self.tx, self.cfg.train.seed, self.mesh)
+    state, data_state, stored = self.ckpt.restore(step, self.abstract_state)
+    for line in check_resume_config(stored, self.cfg):
+      log.warning("resuming with a changed setting: %s", line)
+    self.train_iter.set_state(data_state)
+    if self.is_main:
+      print(f"resumed from {self.ckpt.directory} at step {step}", flush=True)
+    return state
+
+  def save(self, state):
+    step = int(jax.device_get(state.step))
+    self.ckpt.save(step, state, self.train_iter.get_state(), config_lib.to_dict(self.cfg))
+
+  # ------------------------------------------------------------------ eval
+  def evaluate(self, params) -> dict:
+    ce, n = 0.0, 0.0
+    with sharding.use_mesh(self.mesh):
+      for batch in self.val_batches:
+        out = jax.device_get(self.eval_fn(params, to_global(batch, self.mesh)))
+        ce += float(out["ce_sum"])
+        n += float(out["tokens"])
+    loss = ce / max(n, 1.0)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+  # ------------------------------------------------------------------ loop
+  def run(self, stop_after: int | None = None, progress: bool = True) -> RunResult:
+    """Train to train.steps (or stop after `stop_after` steps of this call)."""
+    t = self.cfg.train
+    t_start = time.perf_counter()
+    state = self.initial_state()
+    start = int(jax.device_get(state.step))
+    end = t.steps if stop_after is None else min(t.steps, start + stop_after)
+    writer = metrics_lib.MetricWriter(os.path.join(self.out_dir, "tensorboard"), self.is_main)
+    jsonl = open(os.path.join(self.out_dir, "metrics.jsonl"), "a") if self.is_main else None
+    bar = None
+    if progress and self.is_main:
+      from tqdm import tqdm
+      bar = tqdm(total=t.steps, initial=start, desc=self.cfg.name, dynamic_ncols=True)
+    pending, window_t0, window_tokens = [], time.perf_counter(), 0
+    last_train, last_val, tok_s, mfu = None, None, None, None
+    try:
+      with sharding.use_mesh(self.mesh):
+        for step in range(start, end):
+          batch = to_global(next(self.train_iter), self.mesh)
+          state, m = self.step_fn(state, batch)
+          pending.append(m)
+          done = step + 1
+          if done % t.log_every == 0 or done == end:
+            vals = jax.device_get(pending)
+            elapsed = time.perf_counter() - window_t0
+            tokens = sum(float(v["tokens"]) for v in vals)
+            tok_s = tokens / max(elapsed, 1e-9)
+            mfu = (tok_s * self.flops_per_token / (self.peak * 1e12 * jax.device_count())
+                   if self.peak else None)
+            row = {k: float(np.mean([float(v[k]) for v in vals])) for k in ("loss", "grad_norm", "lr")}
+            row["nonfinite"] = int(sum(int(v["nonfinite"]) for v in vals))
+            row.update(tokens_per_s=tok_s, **({"mfu": mfu} if mfu is not None else {}))
+            last_train = row["loss"]
+            writer.scalars(done, row, "train/")
+            if jsonl:
+              for i, v in enumerate(vals):
+                jsonl.write(json.dumps({"step": done - len(vals) + i + 1, "loss": float(v["loss"])}) + "\n")
+              jsonl.flush()
+            if bar is not None:
+              bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tok_s:,.0f}")
+              bar.update(len(vals))
+            pending, window_t0 = [], time.perf_counter()
+          if done % t.eval_every == 0 or done == t.steps:
+            ev = self.evaluate(state.params)
+            last_val = ev["loss"]
+            writer.scalars(done, ev, "val/")
+            if bar is not None:
+              bar.write(f"step {done}: val loss {ev['loss']:.4f}  ppl {ev['perplexity']:.2f}")
+          if done % t.checkpoint_every == 0 or done == end:
+            self.save(state)
+      self.ckpt.wait()
+    finally:
+      if bar is not None:
+        bar.close()
+      writer.close()
+      if jsonl:
+        jsonl.close()
+    self.state = state
+    return RunResult(int(jax.device_get(state.step)), last_val, last_train, tok_s, mfu,
+                     time.perf_counter() - t_start)
+
+  def close(self):
+    self.ckpt.close()
