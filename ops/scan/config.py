@@ -1,0 +1,50 @@
+"""Block sizes of the linear-scan kernels, with per-device-kind heuristics.
+
+GPU (pallas_triton): one program owns `block_c` channels of one batch row and walks time
+inside the kernel carrying h in registers. The op is memory-bound and has little parallelism
+besides batch*channels, so the kernel keeps `time_chunk` rows of every input in flight
+(a ring of prefetched rows, fully unrolled): bytes in flight ~ inputs * time_chunk * B * C *
+itemsize, which must cover HBM latency * bandwidth (~2 MB on an H100).
+TPU (pallas_tpu): blocks of (tpu_block_t time steps, tpu_block_c channels on lanes).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class ScanConfig:
+  # pallas_triton, forward
+  block_c: int = 64
+  time_chunk: int = 32
+  num_warps: int = 2
+  num_stages: int = 1
+  # pallas_triton, backward (3 inputs in flight instead of 2)
+  bwd_block_c: int = 64
+  bwd_time_chunk: int = 24
+  bwd_num_warps: int = 2
+  # pallas_tpu
+  tpu_block_c: int = 512
+  tpu_block_t: int = 64
+
+  def __post_init__(self):
+    for f in ("block_c", "bwd_block_c"):
+      v = getattr(self, f)
+      if v < 1 or v & (v - 1):
+        raise ValueError(f"ScanConfig.{f} must be a power of 2, got {v}")
+    if self.time_chunk < 1 or self.bwd_time_chunk < 1:
+      raise ValueError("ScanConfig time chunks must be >= 1")
+    if self.tpu_block_c % 128 or self.tpu_block_t % 8:
+      raise ValueError("ScanConfig: tpu_block_c must be a multiple of 128 and tpu_block_t of 8")
+
+  @staticmethod
+  def for_device(device_kind: str | None = None) -> "ScanConfig":
+    kind = (device_kind or "").lower()
+    if "h100" in kind or "h200" in kind or "h800" in kind or "gh200" in kind:
+      return ScanConfig(block_c=64, time_chunk=32, num_warps=2, bwd_block_c=64,
+                        bwd_time_chunk=24, bwd_num_warps=2)
+    if "a100" in kind:
+      return ScanConfig(block_c=64, time_chunk=24, num_warps=2, bwd_time_chunk=16)
+    if "tpu" in kind:
+      return ScanConfig(tpu_block_c=512, tpu_block_t=64)
+    return ScanConfig()

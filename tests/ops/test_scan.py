@@ -1,0 +1,176 @@
+"""ops.scan.linear_scan: every implementation against the sequential lax.scan reference (f32)."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ops.scan import ScanConfig, linear_scan, reference
+from tests.ops import op_testing
+
+# Small blocks so that CPU-interpreted shapes still span several channel blocks and chunks.
+SMALL = ScanConfig(block_c=32, time_chunk=4, num_warps=1, bwd_block_c=32, bwd_time_chunk=3,
+                   bwd_num_warps=1, tpu_block_c=128, tpu_block_t=8)
+
+
+def _inputs(B, T, C, dtype, a_const=False, seed=0):
+  k = jax.random.split(jax.random.key(seed), 5)
+  a_shape = (C,) if a_const else (B, T, C)
+  a = jax.random.uniform(k[0], a_shape, jnp.float32, 0.6, 1.0).astype(dtype)
+  b = op_testing.normal(k[1], (B, T, C), dtype)
+  h0 = op_testing.normal(k[2], (B, C), jnp.float32)
+  g = op_testing.normal(k[3], (B, T, C), dtype)
+  g_last = op_testing.normal(k[4], (B, C), jnp.float32)
+  return a, b, h0, g, g_last
+
+
+def _ref(a, b, h0, reverse):
+  f32 = lambda x: None if x is None else x.astype(jnp.float32)
+  return reference.linear_scan_sequential(f32(a), f32(b), f32(h0), reverse=reverse)
+
+
+def _grads(fn, a, b, h0, g, g_last):
+  def loss(a, b, h0):
+    h, h_last = fn(a, b, h0)
+    return (jnp.sum(h.astype(jnp.float32) * g.astype(jnp.float32)) + jnp.sum(h_last * g_last))
+  return jax.grad(loss, argnums=(0, 1, 2))(a, b, h0)
+
+
+class ScanTestBase:
+  IMPL = "xla"
+  INTERPRET = None
+  CONFIG = None
+  F32_TOL = None  # None: op_testing.TOL
+
+  def scan(self, a, b, h0=None, reverse=False):
+    return linear_scan(a, b, h0, reverse=reverse, implementation=self.IMPL,
+                       interpret=self.INTERPRET, config=self.CONFIG)
+
+  def tol(self, dtype, grad=False):
+    base = op_testing.TOL[jnp.dtype(dtype).type]
+    if dtype == jnp.float32 and self.F32_TOL is not None:
+      base = self.F32_TOL
+    return base * (op_testing.GRAD_FACTOR if grad else 1.0)
+
+  @pytest.mark.parametrize("B,T,C,dtype,reverse", [
+      (1, 1, 40, jnp.float32, False),
+      (2, 7, 130, jnp.float32, True),
+      (2, 100, 72, jnp.float32, False),
+      (1, 100, 130, jnp.bfloat16, True),
+  ])
+  def test_forward(self, B, T, C, dtype, reverse):
+    a, b, h0, _, _ = _inputs(B, T, C, dtype)
+    h, h_last = jax.jit(functools.partial(self.scan, reverse=reverse))(a, b, h0)
+    h_ref, h_last_ref = _ref(a, b, h0, reverse)
+    assert h.dtype == b.dtype and h.shape == b.shape
+    assert h_last.dtype == jnp.float32 and h_last.shape == (B, C)
+    op_testing.assert_close(h, h_ref, dtype, tol=self.tol(dtype), name="h")
+    op_testing.assert_close(h_last, h_last_ref, dtype, tol=self.tol(dtype), name="h_last")
+
+  def test_h0_none_is_zeros(self):
+    a, b, _, _, _ = _inputs(1, 7, 40, jnp.float32)
+    h, h_last = self.scan(a, b)
+    h_ref, h_last_ref = _ref(a, b, jnp.zeros((1, 40)), False)
+    op_testing.assert_close(h, h_ref, jnp.float32, tol=self.tol(jnp.float32))
+    op_testing.assert_close(h_last, h_last_ref, jnp.float32, tol=self.tol(jnp.float32))
+
+  @pytest.mark.parametrize("B,T,C,dtype,reverse,a_const", [
+      (2, 7, 130, jnp.float32, False, False),
+      (1, 9, 40, jnp.float32, True, False),
+      (2, 1, 40, jnp.float32, False, False),
+      (1, 33, 72, jnp.bfloat16, False, False),
+      (2, 10, 40, jnp.float32, False, True),
+      (1, 10, 130, jnp.float32, True, True),
+  ])
+  def test_grads(self, B, T, C, dtype, reverse, a_const):
+    a, b, h0, g, g_last = _inputs(B, T, C, dtype, a_const=a_const)
+    got = jax.jit(lambda *x: _grads(functools.partial(self.scan, reverse=reverse), *x))(
+        a, b, h0, g, g_last)
+    want = _grads(lambda a, b, h0: _ref(a, b, h0, reverse), a, b, h0, g, g_last)
+    for name, x, y, primal in zip(("da", "db", "dh0"), got, want, (a, b, h0)):
+      assert x.dtype == primal.dtype and x.shape == primal.shape, name
+      op_testing.assert_close(x, y, dtype, tol=self.tol(dtype, grad=True), name=name)
+
+  @pytest.mark.parametrize("reverse", [False, True])
+  def test_constant_decay_forward(self, reverse):
+    a, b, h0, _, _ = _inputs(2, 13, 130, jnp.float32, a_const=True)
+    h, h_last = self.scan(a, b, h0, reverse=reverse)
+    h_full, h_last_full = self.scan(jnp.broadcast_to(a, b.shape), b, h0, reverse=reverse)
+    h_ref, _ = _ref(a, b, h0, reverse)
+    op_testing.assert_close(h, h_ref, jnp.float32, tol=self.tol(jnp.float32))
+    np.testing.assert_allclose(h, h_full, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(h_last, h_last_full, rtol=1e-6, atol=1e-6)
+
+  @pytest.mark.parametrize("reverse", [False, True])
+  def test_chunked_equals_unchunked(self, reverse):
+    B, T, C, cut = 2, 23, 40, 9
+    a, b, h0, _, _ = _inputs(B, T, C, jnp.float32)
+    h, h_last = self.scan(a, b, h0, reverse=reverse)
+    # reverse runs from the end: the second call (chained through h_last) covers the front.
+    first, second = (slice(cut, T), slice(0, cut)) if reverse else (slice(0, cut), slice(cut, T))
+    h1, hl1 = self.scan(a[:, first], b[:, first], h0, reverse=reverse)
+    h2, hl2 = self.scan(a[:, second], b[:, second], hl1, reverse=reverse)
+    np.testing.assert_allclose(h[:, first], h1, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(h[:, second], h2, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(h_last, hl2, rtol=1e-6, atol=1e-6)
+
+  def test_vmap(self):
+    a, b, h0, _, _ = _inputs(2, 7, 40, jnp.float32)
+    stack = lambda x: jnp.stack([x, 0.5 * x])
+    h, h_last = jax.vmap(self.scan)(stack(a), stack(b), stack(h0))
+    for i in range(2):
+      h_ref, hl_ref = _ref(stack(a)[i], stack(b)[i], stack(h0)[i], False)
+      op_testing.assert_close(h[i], h_ref, jnp.float32, tol=self.tol(jnp.float32))
+      op_testing.assert_close(h_last[i], hl_ref, jnp.float32, tol=self.tol(jnp.float32))
+
+
+class TestScanXla(ScanTestBase):
+  IMPL = "xla"
+
+
+class TestScanTritonInterpret(ScanTestBase):
+  IMPL = "pallas_triton"
+  INTERPRET = True
+  CONFIG = SMALL
+
+
+@pytest.mark.gpu
+class TestScanTritonGpu(ScanTestBase):
+  IMPL = "pallas_triton"
+  INTERPRET = False
+  CONFIG = None
+
+  @pytest.mark.parametrize("a_const", [False, True])
+  def test_large(self, a_const):
+    a, b, h0, g, g_last = _inputs(2, 1000, 1000, jnp.float32, a_const=a_const)
+    h, h_last = self.scan(a, b, h0)
+    h_ref, hl_ref = _ref(a, b, h0, False)
+    op_testing.assert_close(h, h_ref, jnp.float32, tol=self.tol(jnp.float32))
+    got = jax.jit(lambda *x: _grads(self.scan, *x))(a, b, h0, g, g_last)
+    want = _grads(lambda a, b, h0: _ref(a, b, h0, False), a, b, h0, g, g_last)
+    for x, y in zip(got, want):
+      op_testing.assert_close(x, y, jnp.float32, tol=self.tol(jnp.float32, grad=True))
+
+
+def test_xla_reference_matches_sequential():
+  a, b, h0, _, _ = _inputs(2, 37, 24, jnp.float32)
+  for reverse in (False, True):
+    h, hl = reference.linear_scan(a, b, h0, reverse=reverse)
+    hs, hls = reference.linear_scan_sequential(a, b, h0, reverse=reverse)
+    np.testing.assert_allclose(h, hs, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(hl, hls, rtol=1e-5, atol=1e-5)
+
+
+def test_dispatch_errors():
+  a, b, h0, _, _ = _inputs(1, 3, 8, jnp.float32)
+  with pytest.raises(ValueError, match="unknown implementation"):
+    linear_scan(a, b, implementation="nope")
+  with pytest.raises(ValueError):
+    linear_scan(a[:, :, :4], b)
+  if jax.default_backend() == "cpu":
+    # Compiled Triton cannot run on CPU: reported, and the sequence falls through to xla.
+    with pytest.raises(NotImplementedError, match="pallas_triton"):
+      linear_scan(a, b, implementation="pallas_triton", interpret=False)
+    h, _ = linear_scan(a, b, implementation=("pallas_triton", "xla"), interpret=False)
+    np.testing.assert_allclose(h, _ref(a, b, None, False)[0], rtol=1e-5, atol=1e-6)
