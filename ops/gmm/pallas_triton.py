@@ -50,7 +50,8 @@ def _gmm_kernel(vg_ref, vt_ref, vs_ref, ve_ref, lhs_ref, rhs_ref, out_ref, *, m,
   col_ok = cols < n
   # The pseudo-group (rows past the sum) and unused visits run no k iterations.
   gc = jnp.minimum(g, num_groups - 1)
-  nk = jnp.where((g < num_groups) & (r0 < r1), _cdiv(k, bk), 0)
+  active = ((g < num_groups) & (r0 < r1)).astype(jnp.int32)
+  nk = active * jnp.int32(_cdiv(k, bk))
 
   def body(kk, acc):
     ks = kk * bk + jnp.arange(bk, dtype=jnp.int32)
