@@ -8,7 +8,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from jaxlm import cli
 from jaxlm.config import ConfigError
@@ -19,6 +19,7 @@ _PROMPT = flags.DEFINE_string("prompt", "ROMEO:\n", "prompt of the final sample"
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   try:
     cfg = cli.config_from_flags()
   except ConfigError as e:
