@@ -1,0 +1,50 @@
+"""Block sizes of the LIF kernels, with per-device-kind heuristics.
+
+GPU (pallas_triton): one program owns `block_c` channels of one batch row and walks time in
+registers. Forward keeps `time_chunk` rows of x in flight (prefetch ring, unrolled) and writes
+the membrane state every `ckpt_every` steps (a [batch, ceil(T/ckpt_every), channels] f32
+checkpoint, 1/ckpt_every of the spike traffic). Backward walks chunks of `ckpt_every` steps from
+the last to the first: it recomputes the chunk's pre-clip potentials from the checkpoint and x
+(held in registers), then runs the chunk backwards; x and the spike cotangent of the next chunk
+are prefetched while the current one is processed. `time_chunk` must be a multiple of
+`ckpt_every`.
+TPU (pallas_tpu): blocks of (tpu_block_t time steps, tpu_block_c channels on lanes); the
+checkpoint is taken at every time block.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class LifConfig:
+  block_c: int = 64
+  time_chunk: int = 32
+  num_warps: int = 2
+  num_stages: int = 1
+  ckpt_every: int = 16
+  bwd_block_c: int = 64
+  bwd_num_warps: int = 2
+  tpu_block_c: int = 512
+  tpu_block_t: int = 64
+
+  def __post_init__(self):
+    for f in ("block_c", "bwd_block_c"):
+      v = getattr(self, f)
+      if v < 1 or v & (v - 1):
+        raise ValueError(f"LifConfig.{f} must be a power of 2, got {v}")
+    if self.ckpt_every < 1 or self.time_chunk < 1 or self.time_chunk % self.ckpt_every:
+      raise ValueError(f"LifConfig.time_chunk ({self.time_chunk}) must be a positive multiple "
+                       f"of ckpt_every ({self.ckpt_every})")
+    if self.tpu_block_c % 128 or self.tpu_block_t % 8:
+      raise ValueError("LifConfig: tpu_block_c must be a multiple of 128 and tpu_block_t of 8")
+
+  @staticmethod
+  def for_device(device_kind: str | None = None) -> "LifConfig":
+    kind = (device_kind or "").lower()
+    if "h100" in kind or "h200" in kind or "h800" in kind or "gh200" in kind:
+      return LifConfig(block_c=64, time_chunk=64, num_warps=2, ckpt_every=16, bwd_block_c=64,
+                       bwd_num_warps=2)
+    if "tpu" in kind:
+      return LifConfig(tpu_block_c=512, tpu_block_t=64)
+    return LifConfig()

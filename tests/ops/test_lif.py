@@ -1,0 +1,166 @@
+"""ops.lif.lif: every implementation against the lax.scan + custom_jvp reference (f32)."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ops.lif import LifConfig, lif, reference
+from tests.ops import op_testing
+
+SMALL = LifConfig(block_c=32, time_chunk=4, ckpt_every=2, num_warps=1, bwd_block_c=32,
+                  bwd_num_warps=1, tpu_block_c=128, tpu_block_t=8)
+
+
+def _inputs(B, T, C, dtype, seed=0):
+  k = jax.random.split(jax.random.key(seed), 4)
+  # scale 1.2: plenty of spikes, some clamping at +-3.
+  x = op_testing.normal(k[0], (B, T, C), dtype, scale=1.2)
+  v0 = op_testing.normal(k[1], (B, C), jnp.float32)
+  g = op_testing.normal(k[2], (B, T, C), dtype)
+  gv = op_testing.normal(k[3], (B, C), jnp.float32)
+  return x, v0, g, gv
+
+
+def _ref(x, v0, **kw):
+  return reference.lif(x.astype(jnp.float32), None if v0 is None else v0.astype(jnp.float32),
+                       **kw)
+
+
+def _grads(fn, x, v0, g, gv):
+  def loss(x, v0):
+    s, v_last = fn(x, v0)
+    return jnp.sum(s.astype(jnp.float32) * g.astype(jnp.float32)) + jnp.sum(v_last * gv)
+  return jax.grad(loss, argnums=(0, 1))(x, v0)
+
+
+class LifTestBase:
+  IMPL = "xla"
+  INTERPRET = None
+  CONFIG = None
+
+  def lif(self, x, v0=None, **kw):
+    return lif(x, v0, implementation=self.IMPL, interpret=self.INTERPRET, config=self.CONFIG,
+               **kw)
+
+  @pytest.mark.parametrize("B,T,C,dtype,reset", [
+      (1, 1, 40, jnp.float32, "hard"),
+      (2, 7, 130, jnp.float32, "subtract"),
+      (2, 100, 72, jnp.float32, "hard"),
+      (1, 100, 130, jnp.bfloat16, "hard"),
+  ])
+  def test_forward(self, B, T, C, dtype, reset):
+    x, v0, _, _ = _inputs(B, T, C, dtype)
+    s, v_last = jax.jit(functools.partial(self.lif, reset=reset))(x, v0)
+    s_ref, v_ref = _ref(x, v0, reset=reset)
+    assert s.dtype == x.dtype and s.shape == x.shape
+    assert v_last.dtype == jnp.float32 and v_last.shape == (B, C)
+    s_np = np.asarray(s.astype(jnp.float32))
+    assert set(np.unique(s_np)) <= {0.0, 1.0}
+    assert 0.02 < s_np.mean() < 0.5, "test inputs should spike sometimes"
+    # Inputs are exactly representable in f32 after the bf16 cast, and every implementation
+    # computes in f32 with the same operations: spikes agree exactly.
+    np.testing.assert_array_equal(s_np, np.asarray(s_ref.astype(jnp.float32)))
+    op_testing.assert_close(v_last, v_ref, jnp.float32, name="v_last")
+
+  @pytest.mark.parametrize("surrogate,reset,detach,dtype,T", [
+      ("atan", "hard", True, jnp.float32, 9),
+      ("atan", "hard", False, jnp.float32, 7),
+      ("sigmoid", "subtract", True, jnp.float32, 9),
+      ("sigmoid", "hard", False, jnp.float32, 1),
+      ("triangle", "subtract", False, jnp.float32, 9),
+      ("triangle", "hard", True, jnp.float32, 9),
+      ("atan", "subtract", False, jnp.bfloat16, 33),
+  ])
+  def test_grads(self, surrogate, reset, detach, dtype, T):
+    x, v0, g, gv = _inputs(2, T, 72, dtype, seed=1)
+    kw = dict(surrogate=surrogate, reset=reset, detach_reset=detach, surrogate_alpha=2.0)
+    got = jax.jit(lambda *a: _grads(functools.partial(self.lif, **kw), *a))(x, v0, g, gv)
+    want = _grads(functools.partial(_ref, **kw), x, v0, g, gv)
+    for name, a, b, primal in zip(("dx", "dv0"), got, want, (x, v0)):
+      assert a.dtype == primal.dtype and a.shape == primal.shape, name
+      tol = op_testing.TOL[jnp.dtype(dtype).type] * op_testing.GRAD_FACTOR
+      op_testing.assert_close(a, b, dtype, tol=tol, name=name)
+
+  def test_detach_changes_gradient(self):
+    x, v0, g, gv = _inputs(1, 9, 40, jnp.float32, seed=2)
+    f = lambda d: _grads(functools.partial(self.lif, detach_reset=d), x, v0, g, gv)[0]
+    assert float(jnp.abs(f(True) - f(False)).max()) > 1e-3
+
+  def test_chunked_equals_unchunked(self):
+    x, v0, _, _ = _inputs(2, 23, 40, jnp.float32)
+    s, v_last = self.lif(x, v0, reset="subtract")
+    s1, v1 = self.lif(x[:, :10], v0, reset="subtract")
+    s2, v2 = self.lif(x[:, 10:], v1, reset="subtract")
+    np.testing.assert_array_equal(s, jnp.concatenate([s1, s2], 1))
+    np.testing.assert_allclose(v_last, v2, rtol=1e-6, atol=1e-6)
+
+  def test_v0_none_and_options(self):
+    x, _, _, _ = _inputs(1, 7, 40, jnp.float32)
+    kw = dict(beta=0.8, threshold=0.5, v_min=-1.0, v_max=1.0)
+    s, v = self.lif(x, **kw)
+    s_ref, v_ref = _ref(x, None, **kw)
+    np.testing.assert_array_equal(s, s_ref)
+    op_testing.assert_close(v, v_ref, jnp.float32)
+
+
+class TestLifXla(LifTestBase):
+  IMPL = "xla"
+
+
+class TestLifTritonInterpret(LifTestBase):
+  IMPL = "pallas_triton"
+  INTERPRET = True
+  CONFIG = SMALL
+
+
+@pytest.mark.gpu
+class TestLifTritonGpu(LifTestBase):
+  IMPL = "pallas_triton"
+  INTERPRET = False
+
+  def test_large(self):
+    x, v0, g, gv = _inputs(2, 1000, 1000, jnp.float32)
+    s, v = self.lif(x, v0)
+    s_ref, v_ref = _ref(x, v0)
+    assert float(jnp.mean(s != s_ref)) < 1e-4   # a rare 1-ulp threshold tie may flip one
+    got = jax.jit(lambda *a: _grads(self.lif, *a))(x, v0, g, gv)
+    want = _grads(_ref, x, v0, g, gv)
+    for a, b in zip(got, want):
+      op_testing.assert_close(a, b, jnp.float32, grad=True)
+
+
+def test_reference_surrogates():
+  z = jnp.array([-1.0, -0.25, 0.0, 0.25, 1.0])
+  np.testing.assert_allclose(reference.surrogate_grad(z, "atan", 2.0), 1 / (1 + (2 * z) ** 2))
+  sg = jax.nn.sigmoid(2 * z)
+  np.testing.assert_allclose(reference.surrogate_grad(z, "sigmoid", 2.0), 2 * sg * (1 - sg),
+                             rtol=1e-6)
+  np.testing.assert_allclose(reference.surrogate_grad(z, "triangle", 2.0),
+                             [0.0, 0.5, 1.0, 0.5, 0.0])
+  # custom_jvp Heaviside: value 1[z >= 0], derivative = surrogate.
+  d = jax.vmap(jax.grad(lambda t: reference.spike(t, "atan", 2.0)))(z)
+  np.testing.assert_allclose(d, 1 / (1 + (2 * z) ** 2), rtol=1e-6)
+
+
+def test_reference_matches_loop():
+  x, v0, _, _ = _inputs(1, 12, 5, jnp.float32)
+  s, v = reference.lif(x, v0, reset="hard")
+  xn, vn = np.asarray(x, np.float64), np.asarray(v0, np.float64).copy()
+  for t in range(12):
+    w = np.clip(0.95 * vn + xn[:, t], -3, 3)
+    st = (w >= 1.0).astype(np.float64)
+    np.testing.assert_array_equal(np.asarray(s[:, t]), st)
+    vn = w * (1 - st)
+  np.testing.assert_allclose(v, vn, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_arguments():
+  x = jnp.zeros((1, 3, 4))
+  with pytest.raises(ValueError, match="reset"):
+    lif(x, reset="soft")
+  with pytest.raises(ValueError, match="surrogate"):
+    lif(x, surrogate="relu")
+  with pytest.raises(ValueError, match="unknown implementation"):
+    lif(x, implementation="cuda")
