@@ -26,7 +26,8 @@ def masked_attention(q, k, v, mask, *, scale, precision=HIGHEST):
   qf = q.astype(jnp.float32).reshape(b, lq, hk, g, d)
   s = jnp.einsum("bqhgd,bkhd->bhgqk", qf, k.astype(jnp.float32), precision=precision) * scale
   m4 = mask[:, :, None]
-  m = jax.lax.stop_gradient(jnp.max(jnp.where(m4, s, -jnp.inf), axis=-1, keepdims=True))
+  m = jax.lax.stop_gradient(jnp.max(jnp.where(m4, s, -jnp.inf), axis=-1, keepdims=True,
+                                     initial=-jnp.inf))
   m = jnp.where(jnp.isfinite(m), m, 0.0)
   p = jnp.where(m4, jnp.exp(s - m), 0.0)
   l = jnp.sum(p, axis=-1, keepdims=True)

@@ -1,0 +1,276 @@
+"""ops.nsa: kernels vs the dense reference, causality of every branch, selection, decode."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ops import nsa as nsa_op
+from ops.nsa import compress, reference
+from ops.nsa.config import NSABlockConfig, NSAConfig
+from ops.nsa.decode import nsa_decode
+from tests.ops import op_testing as ot
+
+F32, BF16 = jnp.float32, jnp.bfloat16
+
+
+def make_inputs(key, b, t, h, hk, d, cfg, dtype):
+  """Raw per-token tensors and NSA inputs derived from them (mean-pool as φ), so perturbing
+  token t changes exactly the compressed blocks that contain it."""
+  ks = jax.random.split(key, 8)
+  q = ot.normal(ks[0], (b, t, h, d), dtype)
+  raw = [ot.normal(ks[i], (b, t, hk, d), dtype) for i in range(1, 7)]
+  gates = jax.nn.sigmoid(ot.normal(ks[7], (b, t, h, 3), F32)).astype(dtype)
+  return (q, *raw, gates)
+
+
+def derive(q, kc_raw, vc_raw, ks, vs, kw, vw, gates, cfg):
+  kc = compress.unfold_blocks(kc_raw, cfg.block_len, cfg.stride).mean(2).astype(q.dtype)
+  vc = compress.unfold_blocks(vc_raw, cfg.block_len, cfg.stride).mean(2).astype(q.dtype)
+  return q, kc, vc, ks, vs, kw, vw, gates
+
+
+def perturb_after(x, t0, key):
+  """Replace positions > t0 along axis 1 with fresh noise."""
+  noise = jax.random.normal(key, x.shape, F32).astype(x.dtype)
+  keep = (jnp.arange(x.shape[1]) <= t0).reshape((1, -1) + (1,) * (x.ndim - 2))
+  return jnp.where(keep, x, noise)
+
+
+class NSATestBase:
+  IMPL = "xla"
+  INTERPRET = None
+  CFG = NSAConfig.small()
+  BCFG = NSABlockConfig.small()
+  F32_TOL = None
+
+  def tol(self, dtype):
+    if dtype == F32 and self.F32_TOL is not None:
+      return self.F32_TOL
+    return ot.TOL[jnp.dtype(dtype).type]
+
+  def kw(self):
+    return dict(implementation=self.IMPL, interpret=self.INTERPRET, config=self.BCFG)
+
+  # ---------------------------------------------------------------- selected attention kernel
+  @pytest.mark.parametrize("t,h,hk,dtype", [(1, 2, 2, F32), (33, 4, 2, F32), (100, 4, 1, BF16),
+                                            (130, 16, 1, F32), (15, 2, 1, BF16)])
+  def test_selected_attention_fwd_bwd(self, t, h, hk, dtype):
+    cfg, d = self.CFG, 16
+    q, kc_raw, vc_raw, k, v, _, _, _ = make_inputs(jax.random.key(t), 1, t, h, hk, d, cfg, dtype)
+    kc = compress.unfold_blocks(kc_raw, cfg.block_len, cfg.stride).mean(2)
+    _, lse = reference.compressed_attention(q, kc, kc, block_len=cfg.block_len,
+                                            stride=cfg.stride)
+    idx = reference.select_blocks(q, kc, lse, cfg=cfg)
+    w = ot.normal(jax.random.key(7), (1, t, h, d), F32)
+
+    def loss(fn, q, k, v):
+      o, lse = fn(q, k, v)
+      return jnp.sum(o.astype(F32) * w) + 0.1 * jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0))
+
+    ref = lambda q, k, v: reference.selected_attention(q, k, v, idx, select_len=cfg.select_len)
+    got = lambda q, k, v: nsa_op.selected_attention(q, k, v, idx, select_len=cfg.select_len,
+                                                    **self.kw())
+    o1, l1 = ref(q, k, v)
+    o2, l2 = got(q, k, v)
+    ot.assert_close(o2, o1, dtype, tol=self.tol(dtype))
+    ot.assert_close(l2, l1, dtype, tol=self.tol(dtype), name="lse")
+    g1 = jax.grad(functools.partial(loss, ref), argnums=(0, 1, 2))(q, k, v)
+    g2 = jax.grad(functools.partial(loss, got), argnums=(0, 1, 2))(q, k, v)
+    for a, b_, n in zip(g2, g1, "qkv"):
+      ot.assert_close(a, b_, dtype, tol=2 * self.tol(dtype), name=f"d{n}")
+
+  # ----------------------------------------------------------------------------- full op
+  @pytest.mark.parametrize("t,h,hk,dtype,seg", [(33, 4, 2, F32, False), (100, 8, 2, BF16, False),
+                                                (70, 4, 4, F32, True), (130, 16, 1, BF16, True)])
+  def test_nsa_fwd_bwd_vs_reference(self, t, h, hk, dtype, seg):
+    cfg, b, d = self.CFG, 2, 16
+    args = derive(*make_inputs(jax.random.key(1), b, t, h, hk, d, cfg, dtype), cfg)
+    sid = None
+    if seg:
+      cut = t // 3
+      sid = jnp.stack([jnp.where(jnp.arange(t) < cut, 0, 1), jnp.zeros(t, jnp.int32)]).astype(
+          jnp.int32)
+    _, idx = reference.nsa(*args, cfg=cfg, q_segment_ids=sid)
+    w = ot.normal(jax.random.key(3), (b, t, h, d), F32)
+
+    def loss(fn, *a):
+      return jnp.sum(fn(*a).astype(F32) * w)
+
+    ref = lambda *a: reference.nsa(*a, cfg=cfg, q_segment_ids=sid, block_idx=idx)[0]
+    got = lambda *a: nsa_op.nsa(*a, cfg=cfg, q_segment_ids=sid, block_idx=idx, **self.kw())
+    ot.assert_close(got(*args), ref(*args), dtype, tol=self.tol(dtype))
+    g1 = jax.grad(functools.partial(loss, ref), argnums=tuple(range(8)))(*args)
+    g2 = jax.grad(functools.partial(loss, got), argnums=tuple(range(8)))(*args)
+    names = ["q", "k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win", "gates"]
+    for a, b_, n in zip(g2, g1, names):
+      ot.assert_close(a, b_, dtype, tol=2 * self.tol(dtype), name=f"d{n}")
+
+  @pytest.mark.parametrize("t,seg", [(100, False), (90, True)])
+  def test_selection_matches_reference(self, t, seg):
+    cfg, b, h, hk, d = self.CFG, 2, 8, 2, 16
+    q, kc, *_ = derive(*make_inputs(jax.random.key(5), b, t, h, hk, d, cfg, F32), cfg)
+    sid = (jnp.broadcast_to(jnp.arange(t) >= 37, (b, t)).astype(jnp.int32) if seg else None)
+    _, lse = reference.compressed_attention(q, kc, kc, block_len=cfg.block_len,
+                                            stride=cfg.stride, q_segment_ids=sid)
+    i1 = reference.select_blocks(q, kc, lse, cfg=cfg, q_segment_ids=sid)
+    i2 = nsa_op.select_blocks(q, kc, lse, cfg=cfg, q_segment_ids=sid, **self.kw())
+    # Scores must agree; where a near-tie flips the pick, the chosen sets must score the same.
+    p = reference.selection_scores(q, kc, lse, cfg=cfg, q_segment_ids=sid).transpose(0, 2, 1, 3)
+    total = lambda i: jnp.where(i >= 0, jnp.take_along_axis(p, jnp.maximum(i, 0), -1), 0).sum(-1)
+    same = np.mean(np.asarray(i1 == i2))
+    assert same > 0.97, same
+    np.testing.assert_allclose(total(i2), total(i1), rtol=1e-3, atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(i1) >= 0, np.asarray(i2) >= 0)
+
+  def test_full_pipeline_f32(self):
+    """No precomputed block_idx: kernels select on their own and agree with the reference."""
+    cfg, t = self.CFG, 77
+    args = derive(*make_inputs(jax.random.key(11), 1, t, 4, 2, 16, cfg, F32), cfg)
+    o1, _ = reference.nsa(*args, cfg=cfg)
+    o2 = nsa_op.nsa(*args, cfg=cfg, **self.kw())
+    ot.assert_close(o2, o1, F32, tol=max(self.tol(F32), 1e-4))
+
+  # ---------------------------------------------------------------------------- causality
+  @pytest.mark.parametrize("branch", ["nsa", "cmp", "slc", "win"])
+  def test_causality(self, branch):
+    cfg, t, b, h, hk, d = self.CFG, 61, 1, 4, 2, 16
+    raw = make_inputs(jax.random.key(2), b, t, h, hk, d, cfg, F32)
+    cfg_b = cfg
+    if branch == "cmp":
+      fn = lambda *a: nsa_op.compressed_attention(a[0], a[1], a[2], block_len=cfg.block_len,
+                                                  stride=cfg.stride, **self.kw())[0]
+    elif branch == "slc":
+      def fn(*a):
+        _, lse = nsa_op.compressed_attention(a[0], a[1], a[2], block_len=cfg.block_len,
+                                             stride=cfg.stride, **self.kw())
+        idx = nsa_op.select_blocks(a[0], a[1], lse, cfg=cfg, **self.kw())
+        return nsa_op.selected_attention(a[0], a[3], a[4], idx, select_len=cfg.select_len,
+                                         **self.kw())[0]
+    elif branch == "win":
+      g = jnp.zeros((b, t, h, 3)).at[..., 2].set(1.0)
+      fn = lambda *a: nsa_op.nsa(*a[:7], g, cfg=cfg_b, **self.kw())
+    else:
+      fn = lambda *a: nsa_op.nsa(*a, cfg=cfg, **self.kw())
+    base = fn(*derive(*raw, cfg))
+    for t0 in (0, 6, 7, 20, 47, 59):
+      keys = jax.random.split(jax.random.key(t0), 8)
+      pert = [perturb_after(x, t0, k) for x, k in zip(raw, keys)]
+      out = fn(*derive(*pert, cfg))
+      np.testing.assert_array_equal(np.asarray(out[:, :t0 + 1]), np.asarray(base[:, :t0 + 1]),
+                                    err_msg=f"{branch}: future tokens > {t0} leak")
+      assert not np.allclose(out[:, t0 + 1:], base[:, t0 + 1:])
+
+  def test_segments_do_not_cross(self):
+    cfg, t, b, h, hk, d = self.CFG, 80, 1, 4, 2, 16
+    raw = make_inputs(jax.random.key(4), b, t, h, hk, d, cfg, F32)
+    sid = (jnp.arange(t)[None] >= 29).astype(jnp.int32)
+    fn = lambda *a: nsa_op.nsa(*a, cfg=cfg, q_segment_ids=sid, **self.kw())
+    base = fn(*derive(*raw, cfg))
+    # change segment 0 (tokens < 29) everywhere except q/gates: segment 1 outputs unchanged
+    keys = jax.random.split(jax.random.key(9), 8)
+    pert = [x if i in (0, 7) else jnp.where((jnp.arange(t) < 29).reshape(1, -1, 1, 1),
+                                            jax.random.normal(k, x.shape, x.dtype), x)
+            for i, (x, k) in enumerate(zip(raw, keys))]
+    out = fn(*derive(*pert, cfg))
+    np.testing.assert_allclose(out[:, 29:], base[:, 29:], rtol=1e-6, atol=1e-6)
+    assert not np.allclose(out[:, :29], base[:, :29])
+
+  # ---------------------------------------------------------------------- edge structure
+  @pytest.mark.parametrize("t", [1, 7, 8, 15, 33])
+  def test_queries_before_first_block(self, t):
+    cfg = self.CFG
+    q, kc, vc, *_ = derive(*make_inputs(jax.random.key(t), 1, t, 2, 1, 16, cfg, F32), cfg)
+    assert kc.shape[1] == cfg.n_cmp(t) == max(0, (t - cfg.block_len) // cfg.stride + 1)
+    o, lse = nsa_op.compressed_attention(q, kc, vc, block_len=cfg.block_len, stride=cfg.stride,
+                                         **self.kw())
+    early = min(t, cfg.block_len - 1)
+    assert np.all(np.asarray(o[:, :early]) == 0)
+    assert np.all(np.isneginf(np.asarray(lse[:, :, :early])))
+    if t >= cfg.block_len:
+      assert np.all(np.isfinite(np.asarray(lse[:, :, early:])))
+
+  @pytest.mark.parametrize("t", [1, 16, 40])
+  def test_block_idx_structure(self, t):
+    """n_select larger than the available blocks: -1 padding, never a future block."""
+    cfg = self.CFG.replace(n_select=6)
+    q, kc, *_ = derive(*make_inputs(jax.random.key(t), 1, t, 4, 2, 16, cfg, F32), cfg)
+    _, lse = reference.compressed_attention(q, kc, kc, block_len=cfg.block_len,
+                                            stride=cfg.stride)
+    idx = np.asarray(nsa_op.select_blocks(q, kc, lse, cfg=cfg, **self.kw()))
+    for tt in range(t):
+      avail = tt // cfg.select_len + 1
+      for h in range(2):
+        row = idx[0, tt, h]
+        sel = row[row >= 0]
+        assert len(sel) == min(avail, cfg.n_select), (tt, row)
+        assert np.all(sel <= tt // cfg.select_len) and len(set(sel)) == len(sel)
+        assert 0 in sel and tt // cfg.select_len in sel
+        if tt >= cfg.select_len:
+          assert tt // cfg.select_len - 1 in sel
+        assert np.all(np.diff(sel) > 0) and np.all(row[len(sel):] == -1)
+
+
+class TestNSAReference(NSATestBase):
+  IMPL = "xla"
+
+  def test_unfold_blocks(self):
+    x = jnp.arange(2 * 13 * 1 * 1, dtype=F32).reshape(2, 13, 1, 1)
+    u = compress.unfold_blocks(x, 4, 3)
+    assert u.shape == (2, 4, 4, 1, 1)
+    np.testing.assert_array_equal(u[0, 2, :, 0, 0], [6, 7, 8, 9])
+    assert compress.unfold_blocks(x[:, :3], 4, 3).shape == (2, 0, 4, 1, 1)
+
+  def test_mapping_hand_made(self):
+    """l=32, d=16, l'=64: block j covers [16j, 16j+32); selection block s covers [64s, 64s+64)."""
+    w = compress.overlap_matrix(5, 2, 32, 16, 64)
+    np.testing.assert_array_equal(w, [[1, 0], [1, 0], [1, 0], [.5, .5], [0, 1]])
+    p = jnp.asarray([[0.1, 0.2, 0.3, 0.4, 0.0], [0, 0, 0, 1.0, 0]])
+    np.testing.assert_allclose(compress.slc_from_cmp(p, 32, 16, 64, 2),
+                               [[0.6 + 0.2, 0.2], [0.5, 0.5]], rtol=1e-6)
+    # Index form: p_slc[s] = (d/l) Σ_{m<l'/d} Σ_{n<l/d} p_cmp[(l'/d)s + m − n] (in range).
+    rng = np.random.default_rng(0)
+    for (l, d, ls, nc) in [(32, 16, 64, 11), (8, 4, 16, 20), (16, 4, 8, 9)]:
+      pc = rng.random(nc)
+      ns = -(-((nc - 1) * d + l) // ls)
+      want = np.zeros(ns)
+      for s in range(ns):
+        for m in range(ls // d):
+          for n in range(l // d):
+            i = (ls // d) * s + m - n
+            if 0 <= i < nc:
+              want[s] += pc[i] * d / l
+      np.testing.assert_allclose(compress.slc_from_cmp(jnp.asarray(pc), l, d, ls, ns), want,
+                                 rtol=1e-6)
+      np.testing.assert_allclose(pc @ compress.overlap_matrix(nc, ns, l, d, ls), want, rtol=1e-6)
+
+  @pytest.mark.parametrize("dtype", [F32])
+  def test_decode_matches_training(self, dtype):
+    cfg, b, t, h, hk, d, max_len = self.CFG, 2, 45, 4, 2, 16, 52
+    args = derive(*make_inputs(jax.random.key(8), b, t, h, hk, d, cfg, dtype), cfg)
+    q, kc, vc, ks, vs, kw, vw, gates = args
+    o_train, idx_train = reference.nsa(*args, cfg=cfg)
+    pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0)))
+    caches = [pad(kc, cfg.n_cmp(max_len)), pad(vc, cfg.n_cmp(max_len))] + [
+        pad(x, max_len) for x in (ks, vs, kw, vw)]
+    step = jax.jit(functools.partial(nsa_decode, cfg=cfg, return_block_idx=True))
+    for tt in range(t):
+      lengths = jnp.full((b,), tt + 1, jnp.int32)
+      o, idx = step(q[:, tt], *caches, gates[:, tt], lengths)
+      np.testing.assert_array_equal(idx, idx_train[:, tt])
+      ot.assert_close(o, o_train[:, tt], dtype, name=f"decode t={tt}")
+
+
+class TestNSATritonInterpret(NSATestBase):
+  IMPL = "pallas_triton"
+  INTERPRET = True
+
+
+@pytest.mark.gpu
+class TestNSATritonGPU(NSATestBase):
+  IMPL = "pallas_triton"
+  INTERPRET = False
+  CFG = NSAConfig(n_select=4, window=64)   # paper block sizes, short sequences
+  BCFG = None
+  F32_TOL = ot.GPU_F32
