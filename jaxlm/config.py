@@ -20,6 +20,8 @@ class ConfigError(ValueError):
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_KINDS = ("full", "sliding")
+MOE_KINDS = ("none", "vanilla", "unipool")
+ROUTERS = ("softmax_topk", "norm_router", "relu_rmsnorm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +30,49 @@ class AttentionConfig:
   window: int = 0               # sliding: keys pos-window < j <= pos
   soft_cap: float = 0.0         # 0 = off; else logits = c*tanh(logits/c)
   implementation: str = ""      # "" = ops' per-platform default; else a name or "a,b" sequence
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+  """Mixture-of-experts FFN (jaxlm/layers/moe.py). kind=none keeps the dense SwiGLU.
+
+  vanilla: every layer owns n_experts FFN experts. unipool: the model owns n_groups pools of
+  n_experts experts (consecutive layers share one pool), each layer has its own router.
+  Loss coefficients multiply the values reported as moe/<name> in the train metrics; each
+  layer-level loss is averaged over layers (see jaxlm/layers/moe_losses.py).
+  """
+  kind: str = "none"                 # none | vanilla | unipool
+  n_experts: int = 8                 # FFN experts per layer (vanilla) / per pool (unipool)
+  top_k: int = 1                     # relu_rmsnorm: the most experts a token may use
+  d_expert: int = 0                  # expert SwiGLU width; 0 = model.d_ff
+  n_shared_experts: int = 0          # always-on experts per layer (each d_expert wide)
+  n_groups: int = 1                  # unipool: pools, each shared by n_layers/n_groups layers
+  router: str = "softmax_topk"       # softmax_topk | norm_router | relu_rmsnorm (BlockFFN)
+  renormalize: bool = True           # softmax_topk: renormalise the top-k probabilities
+  norm_router_samples: int = 65536   # Monte-Carlo samples for NormRouter's constant c
+  gating_residual: bool = False      # MoE++: logits_l = W_l x + G_l logits_{l-1}
+  n_zero_experts: int = 0            # MoE++ E(x) = 0
+  n_copy_experts: int = 0            # MoE++ E(x) = x
+  n_constant_experts: int = 0        # MoE++ E(x) = a1 x + a2 v
+  capacity_factor: float = 0.0       # 0 = dropless; else drop past ceil(cf*tokens*k/n_experts)
+  balance_loss: float = 0.0          # Switch per-layer E*sum f_i P_i
+  pool_balance_loss: float = 0.0     # UniPool M*sum fbar_i Pbar_i over the layers of a pool
+  router_z_loss: float = 0.0         # mean logsumexp(router logits)^2
+  l1_loss: float = 0.0               # BlockFFN token sparsity: mean sum_e s_e
+  locality_loss: float = 0.0         # BlockFFN BCE(1[s_{t-1}>0], sigmoid(alpha s_t))
+  locality_alpha: float = 1.0
+  chunk_sparsity_loss: float = 0.0   # BlockFFN 1 - mean_{chunk,e} prod_t (1 - p_{t,e})
+  chunk_size: int = 8
+  implementation: str = ""           # ops.gmm implementation ("" = platform default)
+
+  @property
+  def n_extra_experts(self) -> int:
+    return self.n_zero_experts + self.n_copy_experts + self.n_constant_experts
+
+  @property
+  def n_routed(self) -> int:
+    """Router outputs: FFN experts plus MoE++ zero/copy/constant experts."""
+    return self.n_experts + self.n_extra_experts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +95,16 @@ class ModelConfig:
   scan_layers: bool = True
   remat: str = "none"           # none | full | dots | dots_no_batch
   attention: AttentionConfig = AttentionConfig()
+  moe: MoEConfig = MoEConfig()
+
+  @property
+  def resolved_d_expert(self) -> int:
+    return self.moe.d_expert or self.d_ff
+
+  @property
+  def n_pools(self) -> int:
+    """Expert pools the model owns: one per layer (vanilla) or moe.n_groups (unipool)."""
+    return {"none": 0, "vanilla": self.n_layers, "unipool": self.moe.n_groups}[self.moe.kind]
 
   @property
   def resolved_head_dim(self) -> int:
@@ -80,6 +135,7 @@ class TrainConfig:
   async_checkpoint: bool = True
   output_dir: str = "runs/default"
   peak_tflops: float = 0.0      # per-device bf16 peak for MFU; 0 = guess from device kind
+  max_nonfinite_steps: int = 10 # stop after this many consecutive skipped (NaN/inf) steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,9 +344,10 @@ def validate(cfg: Config) -> Config:
   if a.kind == "sliding":
     _check(a.window >= 1, "model.attention.window", "sliding attention needs window >= 1")
   _check(a.soft_cap >= 0, "model.attention.soft_cap", f"must be >= 0, got {a.soft_cap}")
+  _validate_moe(m)
 
   for k in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_every",
-            "eval_batches", "checkpoint_every", "keep_checkpoints"):
+            "eval_batches", "checkpoint_every", "keep_checkpoints", "max_nonfinite_steps"):
     _check(getattr(t, k) >= 1, f"train.{k}", f"must be >= 1, got {getattr(t, k)}")
   _check(t.seq_len <= m.max_seq_len, "train.seq_len",
          f"{t.seq_len} is longer than the RoPE table model.max_seq_len={m.max_seq_len}")
@@ -324,9 +381,40 @@ def validate(cfg: Config) -> Config:
   return cfg
 
 
+def _validate_moe(m: ModelConfig):
+  e = m.moe
+  _check(e.kind in MOE_KINDS, "model.moe.kind", f"{e.kind!r} not in {MOE_KINDS}")
+  if e.kind == "none":
+    return
+  _check(e.router in ROUTERS, "model.moe.router", f"{e.router!r} not in {ROUTERS}")
+  for k in ("n_experts", "top_k", "n_groups", "norm_router_samples", "chunk_size"):
+    _check(getattr(e, k) >= 1, f"model.moe.{k}", f"must be >= 1, got {getattr(e, k)}")
+  for k in ("d_expert", "n_shared_experts", "n_zero_experts", "n_copy_experts",
+            "n_constant_experts"):
+    _check(getattr(e, k) >= 0, f"model.moe.{k}", f"must be >= 0, got {getattr(e, k)}")
+  for k in ("capacity_factor", "balance_loss", "pool_balance_loss", "router_z_loss", "l1_loss",
+            "locality_loss", "chunk_sparsity_loss"):
+    _check(getattr(e, k) >= 0, f"model.moe.{k}", f"must be >= 0, got {getattr(e, k)}")
+  _check(e.locality_alpha > 0, "model.moe.locality_alpha", f"must be > 0, got {e.locality_alpha}")
+  if e.kind == "unipool":
+    _check(e.n_routed >= e.top_k, "model.moe.n_experts",
+           f"pool size {e.n_experts} (+{e.n_extra_experts} MoE++ experts) is smaller than "
+           f"model.moe.top_k={e.top_k}")
+    _check(m.n_layers % e.n_groups == 0, "model.moe.n_groups",
+           f"{e.n_groups} pool groups do not divide model.n_layers={m.n_layers}")
+  else:
+    _check(e.top_k <= e.n_routed, "model.moe.top_k",
+           f"{e.top_k} > model.moe.n_experts={e.n_experts} (+{e.n_extra_experts} MoE++ experts)")
+    _check(e.n_groups == 1, "model.moe.n_groups",
+           f"pool groups are for moe.kind=unipool (vanilla has one pool per layer), got {e.n_groups}")
+
+
 def validate_for_devices(cfg: Config, n_devices: int) -> tuple[int, ...]:
   """Checks that depend on the device count; returns the resolved mesh shape."""
   shape = cfg.mesh.resolve(n_devices)
+  if cfg.model.moe.kind != "none":
+    _check(cfg.model.moe.n_experts % shape[3] == 0, "model.moe.n_experts",
+           f"{cfg.model.moe.n_experts} experts do not divide over mesh.expert={shape[3]} devices")
   batch_shards = shape[0] * shape[1]  # batch is split over data and fsdp
   micro = cfg.train.batch_size // cfg.train.grad_accum
   _check(micro % batch_shards == 0, "train.batch_size",

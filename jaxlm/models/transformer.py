@@ -1,4 +1,13 @@
-"""Decoder-only transformer (LLaMA-style): pre-norm blocks of GQA attention and SwiGLU."""
+"""Decoder-only transformer (LLaMA-style): pre-norm blocks of GQA attention and SwiGLU,
+or a mixture-of-experts FFN (model.moe.kind = vanilla | unipool).
+
+MoE: the model owns the expert pools (`self.pool`, jaxlm/layers/expert_pool.ExpertPool) outside
+the block stack; each block holds only its router (and shared experts) and gets its pool's
+arrays as an argument, so scanning the blocks never replicates a UniPool per layer.
+`model(tokens, return_aux=True)` returns (logits, cache, aux) with the routing losses and
+statistics of jaxlm/layers/moe_losses.model_aux (an empty dict for a dense model); without
+return_aux the result is (logits, cache) as always.
+"""
 from __future__ import annotations
 
 import jax
@@ -8,7 +17,10 @@ from flax import nnx
 from jaxlm.config import ModelConfig
 from jaxlm.layers.attention import Attention
 from jaxlm.layers.embed import Embed
+from jaxlm.layers.expert_pool import ExpertPool, pool_of_layer
 from jaxlm.layers.mlp import SwiGLU, out_proj_std
+from jaxlm.layers.moe import MoEFFN
+from jaxlm.layers.moe_losses import model_aux
 from jaxlm.layers.norms import RMSNorm
 from jaxlm.layers.params import param
 from jaxlm.models.stacking import maybe_remat, scan_blocks, stack_modules
@@ -23,14 +35,25 @@ class Block(nnx.Module):
     self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs, param_dtype=pd)
     self.attn = Attention(cfg, rngs=rngs)
     self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs, param_dtype=pd)
-    self.mlp = SwiGLU(cfg.d_model, cfg.d_ff, std=cfg.init_std,
-                      out_std=out_proj_std(cfg.init_std, cfg.n_layers), rngs=rngs, param_dtype=pd)
+    if cfg.moe.kind == "none":
+      self.mlp = SwiGLU(cfg.d_model, cfg.d_ff, std=cfg.init_std,
+                        out_std=out_proj_std(cfg.init_std, cfg.n_layers), rngs=rngs,
+                        param_dtype=pd)
+    else:
+      self.moe = MoEFFN(cfg, rngs=rngs)
 
   def __call__(self, x, positions, segment_ids=None, cache=None):
     h, cache = self.attn(self.attn_norm(x), positions, segment_ids, cache)
     x = constrain(x + h, ACT)
     x = constrain(x + self.mlp(self.mlp_norm(x)), ACT)
     return x, cache
+
+  def moe_call(self, x, positions, segment_ids, cache, experts, prev_logits):
+    """MoE block: returns (x, cache, router logits, per-layer routing stats)."""
+    h, cache = self.attn(self.attn_norm(x), positions, segment_ids, cache)
+    x = constrain(x + h, ACT)
+    y, logits, stats = self.moe(self.mlp_norm(x), experts, prev_logits)
+    return constrain(x + y, ACT), cache, logits, stats
 
 
 class Transformer(nnx.Module):
@@ -41,16 +64,27 @@ class Transformer(nnx.Module):
     blocks = [Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)]
     self.blocks = stack_modules(blocks) if cfg.scan_layers else nnx.List(blocks)
     self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs, param_dtype=pd)
+    if cfg.moe.kind != "none":
+      self.pool = ExpertPool(cfg, cfg.n_pools, rngs=rngs)
     if not cfg.tie_embeddings:
       self.head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
                         std=cfg.init_std, dtype=pd)
 
-  def __call__(self, tokens, *, positions=None, segment_ids=None, cache=None):
+  def __call__(self, tokens, *, positions=None, segment_ids=None, cache=None,
+               return_aux: bool = False):
     """tokens: [batch, seq] int32. positions: [batch, seq] (default arange, or cache lengths + arange).
 
     cache: None, or dict(k, v: [layers, batch, max_len, kv_heads, head_dim], lengths: [batch]).
-    Returns logits [batch, seq, vocab] float32 and the updated cache (None without one).
+    Returns logits [batch, seq, vocab] float32 and the updated cache (None without one), plus
+    the MoE aux dict when return_aux (empty for a dense model).
     """
+    if self.cfg.moe.kind != "none":
+      logits, new_cache, aux = self._moe_forward(tokens, positions, segment_ids, cache)
+      return (logits, new_cache, aux) if return_aux else (logits, new_cache)
+    logits, new_cache = self._dense_forward(tokens, positions, segment_ids, cache)
+    return (logits, new_cache, {}) if return_aux else (logits, new_cache)
+
+  def _dense_forward(self, tokens, positions, segment_ids, cache):
     cfg = self.cfg
     b, s = tokens.shape
     if positions is None:
@@ -75,15 +109,67 @@ class Transformer(nnx.Module):
         x, c = run(blk, x, c)
         outs.append(c)
       new_layers = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
+    new_cache = None if cache is None else dict(new_layers, lengths=lengths + s)
+    return self._head(x), new_cache
+
+  def _head(self, x):
     x = self.final_norm(x)
-    if cfg.tie_embeddings:
+    if self.cfg.tie_embeddings:
       logits = self.embed.attend(x)
     else:
       logits = jnp.einsum("bsd,dv->bsv", x, self.head.value.astype(x.dtype),
                           preferred_element_type=jnp.float32)
-    logits = constrain(logits, ("batch", "seq", "vocab"))
+    return constrain(logits, ("batch", "seq", "vocab"))
+
+  def _moe_forward(self, tokens, positions, segment_ids, cache):
+    """Like _dense_forward; blocks get their pool's experts, the carry holds the previous
+    layer's router logits (MoE++ gating residual), per-layer routing stats are stacked."""
+    cfg = self.cfg
+    n_layers, n_pools = cfg.n_layers, cfg.n_pools
+    b, s = tokens.shape
+    if positions is None:
+      start = cache["lengths"][:, None] if cache is not None else 0
+      positions = start + jnp.arange(s, dtype=jnp.int32)[None, :]
+    x = constrain(self.embed(tokens, jnp.dtype(cfg.dtype)), ACT)
+    layer_caches = None if cache is None else {"k": cache["k"], "v": cache["v"]}
+    lengths = None if cache is None else cache["lengths"]
+    pools = self.pool.arrays()                     # {name: [n_pools, ...]}
+    per_layer_pools = n_pools == n_layers          # vanilla: slice pools like layer params
+    residual = cfg.moe.gating_residual
+    prev0 = jnp.zeros((b, s, cfg.moe.n_routed), jnp.float32) if residual else None
+
+    def body(block, carry, layer_in):
+      x, prev = carry
+      layer_cache, layer, experts = layer_in["cache"], layer_in["layer"], layer_in["experts"]
+      if experts is None:  # shared pools: pick this layer's group from the closed-over pools
+        g = layer // (n_layers // n_pools)
+        experts = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, g, 0, keepdims=False),
+                               pools)
+      c = None if layer_cache is None else dict(layer_cache, lengths=lengths)
+      x, c, logits, stats = block.moe_call(x, positions, segment_ids, c, experts, prev)
+      c = None if c is None else {"k": c["k"], "v": c["v"]}
+      return (x, logits if residual else None), (c, stats)
+
+    layer_ids = jnp.arange(n_layers, dtype=jnp.int32)
+    if cfg.scan_layers:
+      xs = {"cache": layer_caches, "layer": layer_ids,
+            "experts": pools if per_layer_pools else None}
+      (x, _), (new_layers, stats) = scan_blocks(self.blocks, (x, prev0), xs, body, cfg.remat)
+    else:
+      outs, all_stats, carry = [], [], (x, prev0)
+      run = maybe_remat(body, cfg.remat) if cache is None else body
+      for i, blk in enumerate(self.blocks):
+        c = None if layer_caches is None else jax.tree.map(lambda a: a[i], layer_caches)
+        g = pool_of_layer(i, n_layers, n_pools)
+        experts = jax.tree.map(lambda a: a[g], pools)
+        carry, (c, st) = run(blk, carry, {"cache": c, "layer": layer_ids[i], "experts": experts})
+        outs.append(c)
+        all_stats.append(st)
+      x = carry[0]
+      stats = jax.tree.map(lambda *a: jnp.stack(a), *all_stats)
+      new_layers = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
     new_cache = None if cache is None else dict(new_layers, lengths=lengths + s)
-    return logits, new_cache
+    return self._head(x), new_cache, model_aux(stats, cfg.moe, n_pools)
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None):

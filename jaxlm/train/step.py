@@ -4,6 +4,12 @@ The loss is a token-weighted mean over the whole global batch, so gradient
 accumulation over micro-batches (lax.scan) gives the same update as one large
 batch. A step whose loss or gradient norm is not finite leaves params and
 optimizer state untouched and is counted in `nonfinite_skips`.
+
+MoE models: the model's aux dict (jaxlm/layers/moe_losses.model_aux) is requested with
+`return_aux=True`; its weighted `aux_loss` is added to the objective (weighted by the
+micro-batch's token count, so accumulation matches one large batch) and every aux value is
+reported as `moe/<name>` in the metrics (token-weighted mean over micro-batches). `loss`
+stays the cross-entropy. Dense models produce exactly the metrics they always did.
 """
 from __future__ import annotations
 
@@ -26,13 +32,21 @@ def token_losses(fm: FunctionalModel, params, batch, z_loss: float):
   batch: inputs/targets [batch, seq] int32, optional segment_ids [batch, seq] and
   loss_mask [batch, seq] (1 = count the token).
   """
-  logits, _ = fm.apply(params, batch["inputs"], segment_ids=batch.get("segment_ids"))
+  is_moe = fm.cfg.moe.kind != "none"
+  out = fm.apply(params, batch["inputs"], segment_ids=batch.get("segment_ids"),
+                 **({"return_aux": True} if is_moe else {}))
+  logits = out[0]
   mask = batch.get("loss_mask")
   mask = jnp.ones(batch["targets"].shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
   lse = jax.nn.logsumexp(logits, axis=-1)
   sums = {"ce": jnp.sum(ce * mask), "z": jnp.sum(jnp.square(lse) * mask)}
   total = sums["ce"] + z_loss * sums["z"] if z_loss else sums["ce"]
+  if is_moe:
+    n = jnp.sum(mask)
+    aux = out[2]
+    total = total + aux["aux_loss"] * n
+    sums.update({f"moe/{k}": v * n for k, v in aux.items()})
   return total, (sums, jnp.sum(mask))
 
 
@@ -45,17 +59,27 @@ def train_step(state: TrainState, batch, *, fm: FunctionalModel, cfg: Config, tx
   grad_fn = jax.value_and_grad(functools.partial(token_losses, fm, z_loss=t.z_loss), has_aux=True)
 
   def micro(carry, mb):
-    grads, ce, z, count = carry
+    grads, sums_acc, count = carry
     (_, (sums, n)), g = grad_fn(state.params, mb)
-    return (jax.tree.map(jnp.add, grads, g), ce + sums["ce"], z + sums["z"], count + n), None
+    return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, sums_acc, sums),
+            count + n), None
 
   zeros = jax.tree.map(jnp.zeros_like, state.params)
-  init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+  scalar = jax.ShapeDtypeStruct((), jnp.float32)
+  sums_shape = {"ce": scalar, "z": scalar}
+  if fm.cfg.moe.kind != "none":  # aux shapes (per-layer loads…) from an abstract forward
+    micro_batch = batch if t.grad_accum == 1 else jax.tree.map(lambda x: x[0], _split_micro(
+        batch, t.grad_accum))
+    sums_shape = jax.eval_shape(lambda p, mb: token_losses(fm, p, mb, t.z_loss)[1][0],
+                                state.params, micro_batch)
+  init = (zeros, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape),
+          jnp.zeros((), jnp.float32))
   if t.grad_accum == 1:
     carry, _ = micro(init, batch)
   else:
     carry, _ = jax.lax.scan(micro, init, _split_micro(batch, t.grad_accum))
-  grads, ce, z, count = carry
+  grads, sums, count = carry
+  ce, z = sums["ce"], sums["z"]
   count = jnp.maximum(count, 1.0)
   grads = jax.tree.map(lambda g: g / count, grads)
   grad_norm = optax.global_norm(grads)
@@ -69,6 +93,7 @@ def train_step(state: TrainState, batch, *, fm: FunctionalModel, cfg: Config, tx
   metrics = {"loss": loss, "z_loss": z / count, "grad_norm": grad_norm,
              "lr": lr_schedule(t)(state.step), "tokens": count,
              "nonfinite": (~ok).astype(jnp.int32)}
+  metrics.update({k: v / count for k, v in sums.items() if k.startswith("moe/")})
   return new_state, metrics
 
 

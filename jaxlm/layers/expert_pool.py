@@ -1,0 +1,188 @@
+"""Expert pools and token dispatch through ops.gmm.
+
+`ExpertPool` holds the FFN experts of every pool the model owns as stacked params
+[n_pools, M, ...] (logical axes "pool", "expert", ...): one pool per layer for a vanilla MoE,
+n_groups pools for UniPool (each shared by n_layers / n_groups consecutive layers). The model
+owns it, outside the (possibly scanned) block stack, and hands each block its pool's arrays,
+so a UniPool of M experts holds exactly M experts' params whatever the depth.
+
+Dispatch (dropless): assignments are sorted by expert (ops.gmm.sort_by_group), the SwiGLU
+experts run as three grouped matmuls, and results are unsorted and combined with the gates
+(ops.gmm.unpermute). Assignments with id -1 (dropped by capacity, BlockFFN's inactive slots,
+MoE++ non-FFN experts) are sorted past the groups and contribute zero.
+
+Expert parallelism: when the ambient mesh has an "expert" axis of size ep > 1, a pool's M
+experts are sharded M/ep per device and `dispatch_expert_parallel` moves token rows to the
+owning device with an all-to-all inside shard_map, runs ops.gmm on the local experts and sends
+the results back. The send buffers are padded to the worst case (every local assignment to one
+device: tokens_local * k rows per destination), which keeps shapes static and the layer exactly
+dropless at the cost of ep x buffer memory.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import ops.gmm
+from jaxlm.config import ModelConfig
+from jaxlm.layers.mlp import out_proj_std
+from jaxlm.layers.params import param
+
+try:
+  _shard_map = jax.shard_map
+  _SHARD_MAP_KW = {"check_vma": False}
+except AttributeError:  # older jax
+  from jax.experimental.shard_map import shard_map as _shard_map
+  _SHARD_MAP_KW = {"check_rep": False}
+
+
+class ExpertPool(nnx.Module):
+  """FFN experts (SwiGLU, width d_expert) of `n_pools` pools, plus MoE++ constant experts."""
+
+  def __init__(self, cfg: ModelConfig, n_pools: int, *, rngs: nnx.Rngs):
+    e = cfg.moe
+    p, m, d, f = n_pools, e.n_experts, cfg.d_model, cfg.resolved_d_expert
+    std, pd = cfg.init_std, cfg.param_dtype
+    self.n_pools = p
+    self.w_gate = param(rngs, (p, m, d, f), ("pool", "expert", "embed", "mlp"), std=std, dtype=pd)
+    self.w_up = param(rngs, (p, m, d, f), ("pool", "expert", "embed", "mlp"), std=std, dtype=pd)
+    self.w_down = param(rngs, (p, m, f, d), ("pool", "expert", "mlp", "embed"),
+                        std=out_proj_std(std, cfg.n_layers), dtype=pd)
+    if e.n_constant_experts:
+      c = e.n_constant_experts
+      self.const_w = param(rngs, (p, c, d, 2), ("pool", None, "embed", None), std=std, dtype=pd)
+      self.const_v = param(rngs, (p, c, d), ("pool", None, "embed"), std=std, dtype=pd)
+
+  def arrays(self) -> dict:
+    """All pools as plain arrays {name: [n_pools, ...]}."""
+    names = ("w_gate", "w_up", "w_down", "const_w", "const_v")
+    return {n: getattr(self, n).value for n in names if hasattr(self, n)}
+
+
+def pool_of_layer(layer: int, n_layers: int, n_pools: int) -> int:
+  """Pool index used by `layer` (consecutive layers share a pool)."""
+  return layer // (n_layers // n_pools)
+
+
+# --------------------------------------------------------------------------- dispatch
+
+def swiglu_grouped(xs, group_sizes, w_gate, w_up, w_down, implementation=None):
+  """Rows xs [m, d] sorted by expert; w_* [E, d, f] / [E, f, d]; -> [m, d] (rows past the
+  groups are zero)."""
+  dt = xs.dtype
+  g = ops.gmm.gmm(xs, w_gate.astype(dt), group_sizes, implementation=implementation)
+  u = ops.gmm.gmm(xs, w_up.astype(dt), group_sizes, implementation=implementation)
+  h = (jax.nn.silu(g.astype(jnp.float32)) * u.astype(jnp.float32)).astype(dt)
+  return ops.gmm.gmm(h, w_down.astype(dt), group_sizes, implementation=implementation)
+
+
+def ffn_ids(ids, n_ffn: int):
+  """Ids of FFN experts, -1 for everything else (dropped, inactive, MoE++ experts)."""
+  return jnp.where((ids >= 0) & (ids < n_ffn), ids, -1)
+
+
+def dispatch(x, ids, gates, experts: dict, n_ffn: int, implementation=None):
+  """Dropless FFN-expert output on one device. x [T, d]; ids/gates [T, k] -> [T, d]."""
+  fid = ffn_ids(ids, n_ffn)
+  k = ids.shape[1]
+  sort_idx, group_sizes = ops.gmm.sort_by_group(fid, n_ffn)
+  xs = ops.gmm.permute(x, sort_idx, k)
+  ys = swiglu_grouped(xs, group_sizes, experts["w_gate"], experts["w_up"], experts["w_down"],
+                      implementation)
+  return ops.gmm.unpermute(ys, sort_idx, jnp.where(fid >= 0, gates, 0.0))
+
+
+def expert_axis_size(mesh) -> int:
+  if mesh is None or "expert" not in mesh.shape:
+    return 1
+  return int(mesh.shape["expert"])
+
+
+def current_mesh():
+  get = getattr(jax.sharding, "get_abstract_mesh", None)
+  mesh = get() if get else None
+  return None if mesh is None or not mesh.shape else mesh
+
+
+def _token_axes(mesh, n_tokens: int):
+  """Mesh axes splitting the token dim inside shard_map: the batch axes and the expert axis
+  when they divide the token count (else fewer; replicated tokens are still correct)."""
+  for cand in (("data", "fsdp", "expert"), ("data", "fsdp"), ("data",), ()):
+    axes = tuple(a for a in cand if mesh.shape.get(a, 1) > 1)
+    size = 1
+    for a in axes:
+      size *= mesh.shape[a]
+    if n_tokens % size == 0:
+      return axes
+  return ()
+
+
+def dispatch_expert_parallel(x, ids, gates, experts: dict, n_ffn: int, mesh,
+                             implementation=None):
+  """Same result as `dispatch`, with the experts sharded over the mesh's "expert" axis."""
+  from jax.sharding import PartitionSpec as P
+  ep = expert_axis_size(mesh)
+  if n_ffn % ep:
+    raise ValueError(f"{n_ffn} experts do not divide over the expert axis of size {ep}")
+  n_local = n_ffn // ep
+  tok = _token_axes(mesh, x.shape[0])
+  tok_spec = P(tok if tok else None)
+  w_spec = P("expert")
+
+  def local(x, ids, gates, w_gate, w_up, w_down):
+    t, k = ids.shape
+    cap = t * k  # worst case rows one device can send to one destination
+    fid = ffn_ids(ids, n_ffn)
+    sort_idx, group_sizes = ops.gmm.sort_by_group(fid, n_ffn)
+    xs = ops.gmm.permute(x, sort_idx, k)                       # [t*k, d], by expert
+    ids_sorted = jnp.take(fid.reshape(-1), sort_idx)
+    counts = group_sizes.reshape(ep, n_local).sum(axis=1)      # rows for each destination
+    starts = jnp.cumsum(counts) - counts
+    r = jnp.arange(cap, dtype=jnp.int32)
+    src = starts[:, None] + r[None, :]                          # [ep, cap] rows of xs
+    valid = r[None, :] < counts[:, None]
+    src_c = jnp.clip(src, 0, cap - 1)
+    send_x = jnp.where(valid[..., None], jnp.take(xs, src_c, axis=0), 0).astype(x.dtype)
+    dest = jnp.arange(ep, dtype=jnp.int32)[:, None]
+    send_id = jnp.where(valid, jnp.take(ids_sorted, src_c) - dest * n_local, -1)
+    recv_x = jax.lax.all_to_all(send_x, "expert", 0, 0)        # [ep, cap, d] from each source
+    recv_id = jax.lax.all_to_all(send_id, "expert", 0, 0)
+    rows = recv_x.reshape(ep * cap, -1)
+    l_idx, l_sizes = ops.gmm.sort_by_group(recv_id.reshape(-1, 1), n_local)
+    h = swiglu_grouped(ops.gmm.permute(rows, l_idx, 1), l_sizes, w_gate, w_up, w_down,
+                       implementation)
+    h = jnp.take(h, ops.gmm.inverse_permutation(l_idx), axis=0)  # back to receive order
+    back = jax.lax.all_to_all(h.reshape(ep, cap, -1), "expert", 0, 0)
+    dst = jnp.where(valid, src, cap).reshape(-1)
+    ys = jnp.zeros((cap, x.shape[1]), back.dtype).at[dst].set(
+        back.reshape(ep * cap, -1), mode="drop")
+    return ops.gmm.unpermute(ys, sort_idx, jnp.where(fid >= 0, gates, 0.0))
+
+  fn = _shard_map(local, mesh=mesh,
+                  in_specs=(tok_spec, tok_spec, tok_spec, w_spec, w_spec, w_spec),
+                  out_specs=tok_spec, **_SHARD_MAP_KW)
+  return fn(x, ids, gates, experts["w_gate"], experts["w_up"], experts["w_down"])
+
+
+def extra_experts(x, ids, gates, experts: dict, n_ffn: int, n_zero: int, n_copy: int,
+                  n_const: int):
+  """MoE++ zero / copy / constant experts' combined output [T, d] (ids after the FFN ones:
+  zero experts, then copy, then constant). zero: E(x)=0; copy: E(x)=x; constant j:
+  E(x) = a1 x + a2 v_j with [a1, a2] = softmax(W_c_j x)."""
+  xf = x.astype(jnp.float32)
+  out = jnp.zeros_like(xf)
+  g = gates.astype(jnp.float32)
+  if n_copy:
+    lo = n_ffn + n_zero
+    w = jnp.sum(jnp.where((ids >= lo) & (ids < lo + n_copy), g, 0.0), axis=-1)
+    out = out + w[:, None] * xf
+  if n_const:
+    lo = n_ffn + n_zero + n_copy
+    onehot = (ids[:, :, None] == lo + jnp.arange(n_const)[None, None, :])
+    w = jnp.sum(jnp.where(onehot, g[:, :, None], 0.0), axis=1)          # [T, C]
+    a = jax.nn.softmax(jnp.einsum("td,cdo->tco", xf, experts["const_w"].astype(jnp.float32)),
+                       axis=-1)                                        # [T, C, 2]
+    out = out + jnp.einsum("tc,td->td", w * a[..., 0], xf)
+    out = out + jnp.einsum("tc,cd->td", w * a[..., 1], experts["const_v"].astype(jnp.float32))
+  return out.astype(x.dtype)
