@@ -29,12 +29,15 @@ def main(argv):
   maybe_initialize()
   from jaxlm.generate import Sampling
   from jaxlm.sample import sample_text
-  from jaxlm.train.loop import Trainer
+  from jaxlm.train.loop import NonFiniteError, Trainer
   try:
     trainer = Trainer(cfg)
   except (ConfigError, FileNotFoundError, ValueError) as e:
     cli.fail(e)
-  result = trainer.run()
+  try:
+    result = trainer.run()
+  except NonFiniteError as e:
+    cli.fail(e)
   trainer.close()
   if jax.process_index() == 0:
     print(f"done: step {result.final_step}, val loss {result.val_loss}, train loss "

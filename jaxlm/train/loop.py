@@ -18,6 +18,7 @@ from jaxlm.data import get_tokenizer, make_train_iterator, make_val_batches
 from jaxlm.models import build
 from jaxlm.train import metrics as metrics_lib
 from jaxlm.train.checkpoint import Checkpointer
+from jaxlm.train.preemption import PreemptionWatcher, Preempted
 from jaxlm.train.optimizer import make_optimizer
 from jaxlm.train.state import init_state, state_layout
 from jaxlm.train.step import jit_eval_step, jit_train_step
@@ -47,6 +48,10 @@ def check_resume_config(stored: dict, cfg: Config) -> list[str]:
     changed += [f"{section}.{f.name}: {getattr(old, f.name)!r} -> {getattr(new, f.name)!r}"
                 for f in dataclasses.fields(new) if getattr(old, f.name) != getattr(new, f.name)]
   return changed
+
+
+class NonFiniteError(RuntimeError):
+  """Too many consecutive steps with a non-finite loss or gradient."""
 
 
 @dataclasses.dataclass
@@ -89,17 +94,38 @@ class Trainer:
 
   # ------------------------------------------------------------------ state
   def initial_state(self):
-    """Restore the newest checkpoint if there is one, else initialise."""
-    step = self.ckpt.latest_step()
-    if step is None:
-      return init_state(self.fm, self.tx, self.cfg.train.seed, self.mesh)
-    state, data_state, stored = self.ckpt.restore(step, self.abstract_state)
-    for line in check_resume_config(stored, self.cfg):
-      log.warning("resuming with a changed setting: %s", line)
-    self.train_iter.set_state(data_state)
+    """Restore the newest readable checkpoint if there is one, else initialise.
+
+    A checkpoint that fails to restore (truncated or corrupted files) is skipped for the
+    next older one, with a warning; one whose model differs from the config stops the run.
+    """
+    steps = self.ckpt.all_steps()
+    for step in reversed(steps):
+      try:
+        stored = self.ckpt.restore_config(step)
+      except Exception as e:  # unreadable metadata: try an older step
+        self._warn(f"checkpoint step {step} is unreadable ({type(e).__name__}: {e}); trying an older one")
+        continue
+      for line in check_resume_config(stored, self.cfg):
+        self._warn(f"resuming with a changed setting: {line}")
+      try:
+        state, data_state, _ = self.ckpt.restore(step, self.abstract_state)
+      except Exception as e:
+        self._warn(f"checkpoint step {step} is broken ({type(e).__name__}: {str(e)[:300]}); "
+                   "trying an older one")
+        continue
+      self.train_iter.set_state(data_state)
+      if self.is_main:
+        print(f"resumed from {self.ckpt.directory} at step {step}", flush=True)
+      return state
+    if steps:
+      self._warn(f"no checkpoint in {self.ckpt.directory} could be restored; starting from scratch")
+    return init_state(self.fm, self.tx, self.cfg.train.seed, self.mesh)
+
+  def _warn(self, msg: str):
+    log.warning(msg)
     if self.is_main:
-      print(f"resumed from {self.ckpt.directory} at step {step}", flush=True)
-    return state
+      print(f"warning: {msg}", flush=True)
 
   def save(self, state):
     step = int(jax.device_get(state.step))
@@ -130,16 +156,19 @@ class Trainer:
     if progress and self.is_main:
       from tqdm import tqdm
       bar = tqdm(total=t.steps, initial=start, desc=self.cfg.name, dynamic_ncols=True)
-    pending, window_t0, window_tokens = [], time.perf_counter(), 0
+    pending, window_t0 = [], time.perf_counter()
     last_train, last_val, tok_s, mfu = None, None, None, None
+    consecutive_bad = 0
+    watcher = PreemptionWatcher()
     try:
-      with sharding.use_mesh(self.mesh):
+      with sharding.use_mesh(self.mesh), watcher.installed():
         for step in range(start, end):
           batch = to_global(next(self.train_iter), self.mesh)
           state, m = self.step_fn(state, batch)
           pending.append(m)
           done = step + 1
-          if done % t.log_every == 0 or done == end:
+          stop = watcher.requested
+          if done % t.log_every == 0 or done == end or stop:
             vals = jax.device_get(pending)
             elapsed = time.perf_counter() - window_t0
             tokens = sum(float(v["tokens"]) for v in vals)
@@ -148,6 +177,14 @@ class Trainer:
                    if self.peak else None)
             row = {k: float(np.mean([float(v[k]) for v in vals])) for k in ("loss", "grad_norm", "lr")}
             row["nonfinite"] = int(sum(int(v["nonfinite"]) for v in vals))
+            for v in vals:
+              consecutive_bad = consecutive_bad + 1 if int(v["nonfinite"]) else 0
+            if consecutive_bad >= t.max_nonfinite_steps:
+              good = self.ckpt.latest_step()
+              raise NonFiniteError(
+                  f"step {done}: {consecutive_bad} consecutive steps had a non-finite loss or "
+                  f"gradient (updates skipped); last good checkpoint: "
+                  f"{'step ' + str(good) if good is not None else 'none'} in {self.ckpt.directory}")
             row.update(tokens_per_s=tok_s, **({"mfu": mfu} if mfu is not None else {}))
             last_train = row["loss"]
             writer.scalars(done, row, "train/")
@@ -165,8 +202,14 @@ class Trainer:
             writer.scalars(done, ev, "val/")
             if bar is not None:
               bar.write(f"step {done}: val loss {ev['loss']:.4f}  ppl {ev['perplexity']:.2f}")
-          if done % t.checkpoint_every == 0 or done == end:
+          if done % t.checkpoint_every == 0 or done == end or stop:
             self.save(state)
+          if stop:
+            self.ckpt.wait()
+            if self.is_main:
+              print(f"{watcher.signal_name}: checkpoint of step {done} committed; exiting with "
+                    f"status {Preempted(done).code}", flush=True)
+            raise Preempted(done)
       self.ckpt.wait()
     finally:
       if bar is not None:
