@@ -93,8 +93,8 @@ def _fwd_kernel(x_ref, v0_ref, s_ref, vlast_ref, *ckpt, T, C, BC, TT, K, p):
         plgpu.store(ckpt_ref.at[jnp.clip(row, 0, ckpt_ref.shape[0] - 1), :], v,
                     mask=cmask & valid)
       _, v_new, spk = step_forward(v, x_i, p)
-      plgpu.store(s_ref.at[jnp.clip(s, 0, T - 1), :], spk.astype(s_ref.dtype),
-                  mask=cmask & valid)
+      spikes = jnp.where(spk, 1.0, 0.0).astype(s_ref.dtype)
+      plgpu.store(s_ref.at[jnp.clip(s, 0, T - 1), :], spikes, mask=cmask & valid)
       v = jnp.where(valid, v_new, v)
     return v, tuple(new_x)
 

@@ -41,8 +41,9 @@ class ScanConfig:
   def for_device(device_kind: str | None = None) -> "ScanConfig":
     kind = (device_kind or "").lower()
     if "h100" in kind or "h200" in kind or "h800" in kind or "gh200" in kind:
-      return ScanConfig(block_c=64, time_chunk=32, num_warps=2, bwd_block_c=64,
-                        bwd_time_chunk=24, bwd_num_warps=2)
+      # Best of a 4-config sweep on an H100 (B1 T8192 C8192 f32): 57% of copy fwd, 68% fwd+bwd.
+      return ScanConfig(block_c=64, time_chunk=48, num_warps=2, bwd_block_c=64,
+                        bwd_time_chunk=32, bwd_num_warps=2)
     if "a100" in kind:
       return ScanConfig(block_c=64, time_chunk=24, num_warps=2, bwd_time_chunk=16)
     if "tpu" in kind:
