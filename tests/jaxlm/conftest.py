@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -21,6 +23,21 @@ def tiny_model(**kw) -> ModelConfig:
   if attention is not None:
     base["attention"] = attention if isinstance(attention, AttentionConfig) else AttentionConfig(**attention)
   return ModelConfig(**base)
+
+
+def random_params(fm, seed: int = 0, std: float = 0.1) -> dict:
+  """Random params in `fm`'s layout, made with numpy: no XLA compile (fm.init compiles one
+  truncated-normal per parameter shape, seconds on a busy CPU). Norm scales are 1 + noise."""
+  rng = np.random.default_rng(seed)
+
+  def one(path, s):
+    name = jax.tree_util.keystr(path)
+    value = rng.normal(0.0, std, s.shape)
+    if name.endswith("['scale']"):
+      value = 1.0 + value
+    return jnp.asarray(value.astype(s.dtype))
+
+  return jax.tree_util.tree_map_with_path(one, fm.param_shapes)
 
 
 def write_text_docs(directory, n_docs: int = 6, n_words: int = 400, seed: int = 0) -> list[str]:
