@@ -71,6 +71,23 @@ CASES = {
 }
 
 
+# (case, dtype) pairs of the default (fast) run; the rest of the matrix is marked slow
+# (interpret mode on 2 CPU cores is the bottleneck). The GPU run (-m gpu) runs everything.
+FAST = {("causal", "f32"), ("gqa4_mqa", "bf16"), ("window_sinks", "f32"), ("segments", "bf16"),
+        ("fully_masked", "f32"), ("d192_dv128", "f32"), ("chunked_prefill", "f32"),
+        ("kv_valid", "f32"), ("soft_cap", "bf16"), ("len100", "bf16")}
+DECODE_FAST = {("plain", "f32"), ("window_sinks_cap", "bf16")}
+
+
+def _params(cases, fast):
+  out = []
+  for c in cases:
+    for name, dt in (("f32", F32), ("bf16", BF16)):
+      marks = () if (c, name) in fast else (pytest.mark.slow,)
+      out.append(pytest.param(c, dt, id=f"{c}-{name}", marks=marks))
+  return out
+
+
 def make_inputs(case, dtype, seed=0):
   b, lq, lk, h, hk, d, dv, opts = CASES[case]
   ks = jax.random.split(jax.random.key(seed), 8)
@@ -120,8 +137,7 @@ class AttentionTestBase:
       base = self.F32_TOL
     return base * (ot.GRAD_FACTOR if grad else 1.0)
 
-  @pytest.mark.parametrize("dtype", [F32, BF16], ids=["f32", "bf16"])
-  @pytest.mark.parametrize("case", list(CASES))
+  @pytest.mark.parametrize("case,dtype", _params(CASES, FAST))
   def test_forward_and_grads(self, case, dtype):
     if case not in self.CASE_NAMES or dtype not in self.DTYPES:
       pytest.skip("case not in this subclass's set")
@@ -158,8 +174,8 @@ class AttentionTestBase:
       "window_sinks_cap": (2, 3, 64, 2, 2, 64, dict(window=20, sinks=2, soft_cap=3.0)),
   }
 
-  @pytest.mark.parametrize("dtype", [F32, BF16], ids=["f32", "bf16"])
-  @pytest.mark.parametrize("case", ["plain", "multi_token", "window_sinks_cap"])
+  @pytest.mark.parametrize("case,dtype",
+                           _params(("plain", "multi_token", "window_sinks_cap"), DECODE_FAST))
   def test_decode(self, case, dtype):
     if dtype not in self.DTYPES:
       pytest.skip("dtype not in this subclass's set")
@@ -191,6 +207,29 @@ class TestXla(AttentionTestBase):
   IMPLEMENTATION = "xla"
   CASE_NAMES = ("causal", "chunked_prefill", "fully_masked")
   DTYPES = (F32,)
+
+
+class TestPallasTritonInterpret(AttentionTestBase):
+  IMPLEMENTATION = "pallas_triton"
+  INTERPRET = True
+  CONFIG = AttentionBlockConfig.small()
+
+
+@pytest.mark.gpu
+class TestPallasTritonGpu(AttentionTestBase):
+  IMPLEMENTATION = "pallas_triton"
+  INTERPRET = False
+  F32_TOL = ot.GPU_F32
+
+
+@pytest.mark.gpu
+class TestPallasTritonGpuSmallBlocks(AttentionTestBase):
+  """Compiled with small tiles so the ragged / multi-block paths run on the GPU too."""
+  IMPLEMENTATION = "pallas_triton"
+  INTERPRET = False
+  CONFIG = AttentionBlockConfig(block_q=32, block_kv=16, bwd_block_q=16, bwd_block_kv=32,
+                                decode_block_kv=16, decode_splits=3)
+  F32_TOL = ot.GPU_F32
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -1,0 +1,417 @@
+"""Flash attention for GPUs in Pallas (Triton lowering): forward, dq and dk/dv kernels.
+
+Layout stays [batch, len, heads, head_dim] (no transposes). GQA: the forward and dq grids run
+over query heads and read kv head h // group; the dk/dv grid runs over kv heads and loops over
+the group's query heads, so repeated k/v are never materialised. Lengths are padded to the
+block size and head dims to a power of two inside the wrapper; padded keys are masked.
+Fully masked kv blocks are skipped (causal / window cost O(T·w)); interior blocks skip the
+positional mask.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+try:
+  from jax.experimental.pallas import triton as plgpu
+  _CompilerParams = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
+except (ImportError, AttributeError):  # very old / new jax without the Triton backend module
+  _CompilerParams = getattr(pl, "TritonCompilerParams", None)
+  if _CompilerParams is None:
+    raise ImportError("Pallas Triton compiler params not available")
+
+from ops._backend import GPU, UnsupportedError, resolve_interpret
+from ops.attention import _blocks
+from ops.attention._blocks import Mask
+from ops.attention.config import AttentionBlockConfig, default_config
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+_SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+def _dot_nt(a, b):
+  """a [m, k] @ b[n, k]^T -> [m, n] f32."""
+  return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _dot_tn(a, b):
+  """a [k, m]^T @ b[k, n] -> [m, n] f32."""
+  return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _dot(a, b):
+  return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _logits(raw, scale, soft_cap):
+  """raw q·k -> (logits in log2 units, tanh value or None)."""
+  if soft_cap is None:
+    return raw * (scale * LOG2E), None
+  t = jnp.tanh(raw * (scale / soft_cap))
+  return t * (soft_cap * LOG2E), t
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def _fwd_kernel(*refs, mask: Mask, scale, soft_cap, block_q, block_kv):
+  it = iter(refs)
+  q_ref, k_ref, v_ref = next(it), next(it), next(it)
+  qseg_ref = kvseg_ref = valid_ref = None
+  if mask.has_segments:
+    qseg_ref, kvseg_ref = next(it), next(it)
+  if mask.has_valid:
+    valid_ref = next(it)
+  o_ref, lse_ref = next(it), next(it)
+
+  q_start = pl.program_id(0) * block_q
+  q = q_ref[...]
+  q_pos = (q_start + mask.q_offset + lax.broadcasted_iota(jnp.int32, (block_q, 1), 0))
+  qseg = qseg_ref[...][:, None] if mask.has_segments else None
+  dv = v_ref.shape[-1]
+
+  def body(positional, j, carry):
+    acc, m, l = carry
+    ks = j * block_kv
+    k = k_ref[pl.ds(ks, block_kv), :]
+    v = v_ref[pl.ds(ks, block_kv), :]
+    s, _ = _logits(_dot_nt(q, k), scale, soft_cap)
+    ok = None
+    if positional:
+      k_pos = ks + lax.broadcasted_iota(jnp.int32, (1, block_kv), 1)
+      ok = _blocks.positional_mask(mask, q_pos, k_pos)
+    if mask.has_segments:
+      seg_ok = qseg == kvseg_ref[pl.ds(ks, block_kv)][None, :]
+      ok = seg_ok if ok is None else ok & seg_ok
+    if mask.has_valid:
+      v_ok = valid_ref[pl.ds(ks, block_kv)][None, :] != 0
+      ok = v_ok if ok is None else ok & v_ok
+    if ok is not None:
+      s = jnp.where(ok, s, -jnp.inf)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    alpha = jnp.exp2(m - m_use)
+    p = jnp.exp2(s - m_use[:, None])
+    l = l * alpha + jnp.sum(p, axis=1)
+    acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
+    return acc, m_new, l
+
+  carry = (jnp.zeros((block_q, dv), jnp.float32), jnp.full((block_q,), -jnp.inf, jnp.float32),
+           jnp.zeros((block_q,), jnp.float32))
+  for lo, hi, positional in _blocks.kv_ranges(mask, q_start, block_q, block_kv):
+    carry = lax.fori_loop(lo, hi, functools.partial(body, positional), carry)
+  acc, m, l = carry
+  empty = l == 0.0
+  l_safe = jnp.where(empty, 1.0, l)
+  o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
+  m_use = jnp.where(m == -jnp.inf, 0.0, m)
+  lse_ref[...] = jnp.where(empty, -jnp.inf, (m_use + jnp.log2(l_safe)) * LN2)
+
+
+def _mask_inputs(mask, qseg, kvseg, valid):
+  args = []
+  if mask.has_segments:
+    args += [qseg, kvseg]
+  if mask.has_valid:
+    args.append(valid)
+  return args
+
+
+def _fwd(q, k, v, qseg, kvseg, valid, *, mask, scale, soft_cap, cfg, interpret):
+  b, lq, h, d = q.shape
+  lk, hk, dv = k.shape[1], k.shape[2], v.shape[3]
+  g = h // hk
+  bq, bk = cfg["block_q"], cfg["block_kv"]
+  nq = lq // bq
+  in_specs = [
+      pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
+      pl.BlockSpec((None, lk, None, d), lambda i, bi, hi: (bi, 0, hi // g, 0)),
+      pl.BlockSpec((None, lk, None, dv), lambda i, bi, hi: (bi, 0, hi // g, 0)),
+  ]
+  if mask.has_segments:
+    in_specs += [pl.BlockSpec((None, bq), lambda i, bi, hi: (bi, i)),
+                 pl.BlockSpec((None, lk), lambda i, bi, hi: (bi, 0))]
+  if mask.has_valid:
+    in_specs.append(pl.BlockSpec((None, lk), lambda i, bi, hi: (bi, 0)))
+  kernel = functools.partial(_fwd_kernel, mask=mask, scale=scale, soft_cap=soft_cap,
+                             block_q=bq, block_kv=bk)
+  return pl.pallas_call(
+      kernel,
+      grid=(nq, b, h),
+      in_specs=in_specs,
+      out_specs=[pl.BlockSpec((None, bq, None, dv), lambda i, bi, hi: (bi, i, hi, 0)),
+                 pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, i))],
+      out_shape=[jax.ShapeDtypeStruct((b, lq, h, dv), q.dtype),
+                 jax.ShapeDtypeStruct((b, h, lq), jnp.float32)],
+      compiler_params=_CompilerParams(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]),
+      interpret=interpret,
+      name="flash_attention_fwd",
+  )(q, k, v, *_mask_inputs(mask, qseg, kvseg, valid))
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+def _dq_kernel(*refs, mask: Mask, scale, soft_cap, block_q, block_kv):
+  it = iter(refs)
+  q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = (next(it) for _ in range(6))
+  qseg_ref = kvseg_ref = valid_ref = None
+  if mask.has_segments:
+    qseg_ref, kvseg_ref = next(it), next(it)
+  if mask.has_valid:
+    valid_ref = next(it)
+  dq_ref = next(it)
+
+  q_start = pl.program_id(0) * block_q
+  q = q_ref[...]
+  do = do_ref[...]
+  lse2 = lse_ref[...][:, None]
+  delta = delta_ref[...][:, None]
+  q_pos = (q_start + mask.q_offset + lax.broadcasted_iota(jnp.int32, (block_q, 1), 0))
+  qseg = qseg_ref[...][:, None] if mask.has_segments else None
+
+  def body(positional, j, dq):
+    ks = j * block_kv
+    k = k_ref[pl.ds(ks, block_kv), :]
+    v = v_ref[pl.ds(ks, block_kv), :]
+    s, t = _logits(_dot_nt(q, k), scale, soft_cap)
+    ok = None
+    if positional:
+      k_pos = ks + lax.broadcasted_iota(jnp.int32, (1, block_kv), 1)
+      ok = _blocks.positional_mask(mask, q_pos, k_pos)
+    if mask.has_segments:
+      seg_ok = qseg == kvseg_ref[pl.ds(ks, block_kv)][None, :]
+      ok = seg_ok if ok is None else ok & seg_ok
+    if mask.has_valid:
+      v_ok = valid_ref[pl.ds(ks, block_kv)][None, :] != 0
+      ok = v_ok if ok is None else ok & v_ok
+    p = jnp.exp2(s - lse2)
+    if ok is not None:
+      p = jnp.where(ok, p, 0.0)
+    dp = _dot_nt(do, v)
+    ds = p * (dp - delta)
+    if t is not None:
+      ds = ds * (1.0 - t * t)
+    return dq + _dot(ds.astype(k.dtype), k)
+
+  dq = jnp.zeros(q.shape, jnp.float32)
+  for lo, hi, positional in _blocks.kv_ranges(mask, q_start, block_q, block_kv):
+    dq = lax.fori_loop(lo, hi, functools.partial(body, positional), dq)
+  dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(*refs, mask: Mask, scale, soft_cap, block_q, block_kv, group):
+  it = iter(refs)
+  q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = (next(it) for _ in range(6))
+  qseg_ref = kvseg_ref = valid_ref = None
+  if mask.has_segments:
+    qseg_ref, kvseg_ref = next(it), next(it)
+  if mask.has_valid:
+    valid_ref = next(it)
+  dk_ref, dv_ref = next(it), next(it)
+
+  kv_start = pl.program_id(0) * block_kv
+  k = k_ref[...]
+  v = v_ref[...]
+  k_pos = kv_start + lax.broadcasted_iota(jnp.int32, (block_kv, 1), 0)
+  kvseg = kvseg_ref[...][:, None] if mask.has_segments else None
+  kv_ok = (valid_ref[...][:, None] != 0) if mask.has_valid else None
+
+  def body(hh, positional, i, carry):
+    dk, dv = carry
+    qs = i * block_q
+    q = q_ref[pl.ds(qs, block_q), hh, :]
+    do = do_ref[pl.ds(qs, block_q), hh, :]
+    lse2 = lse_ref[hh, pl.ds(qs, block_q)][None, :]
+    delta = delta_ref[hh, pl.ds(qs, block_q)][None, :]
+    st, t = _logits(_dot_nt(k, q), scale, soft_cap)  # [bk, bq]
+    ok = kv_ok
+    if positional:
+      q_pos = qs + mask.q_offset + lax.broadcasted_iota(jnp.int32, (1, block_q), 1)
+      pos_ok = _blocks.positional_mask(mask, q_pos, k_pos)
+      ok = pos_ok if ok is None else ok & pos_ok
+    if mask.has_segments:
+      seg_ok = kvseg == qseg_ref[pl.ds(qs, block_q)][None, :]
+      ok = seg_ok if ok is None else ok & seg_ok
+    pt = jnp.exp2(st - lse2)
+    if ok is not None:
+      pt = jnp.where(ok, pt, 0.0)
+    dv = dv + _dot(pt.astype(do.dtype), do)
+    dpt = _dot_nt(v, do)
+    dst = pt * (dpt - delta)
+    if t is not None:
+      dst = dst * (1.0 - t * t)
+    dk = dk + _dot(dst.astype(q.dtype), q)
+    return dk, dv
+
+  carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+  ranges = _blocks.q_ranges(mask, kv_start, block_q, block_kv)
+  for hh in range(group):
+    for lo, hi, positional in ranges:
+      carry = lax.fori_loop(lo, hi, functools.partial(body, hh, positional), carry)
+  dk, dv = carry
+  dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _bwd(q, k, v, qseg, kvseg, valid, o, lse, do, dlse, *, mask, scale, soft_cap, cfg,
+         interpret):
+  b, lq, h, d = q.shape
+  lk, hk, dv = k.shape[1], k.shape[2], v.shape[3]
+  g = h // hk
+  delta = jnp.einsum("bqhd,bqhd->bhq", o.astype(jnp.float32), do.astype(jnp.float32))
+  delta = delta - dlse
+  lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse * LOG2E)
+  extra = _mask_inputs(mask, qseg, kvseg, valid)
+  params = _CompilerParams(num_warps=cfg["bwd_num_warps"], num_stages=cfg["bwd_num_stages"])
+
+  bq, bk = cfg["bwd_block_q"], cfg["bwd_block_kv"]
+  in_specs = [
+      pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
+      pl.BlockSpec((None, lk, None, d), lambda i, bi, hi: (bi, 0, hi // g, 0)),
+      pl.BlockSpec((None, lk, None, dv), lambda i, bi, hi: (bi, 0, hi // g, 0)),
+      pl.BlockSpec((None, bq, None, dv), lambda i, bi, hi: (bi, i, hi, 0)),
+      pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, i)),
+      pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, i)),
+  ]
+  if mask.has_segments:
+    in_specs += [pl.BlockSpec((None, bq), lambda i, bi, hi: (bi, i)),
+                 pl.BlockSpec((None, lk), lambda i, bi, hi: (bi, 0))]
+  if mask.has_valid:
+    in_specs.append(pl.BlockSpec((None, lk), lambda i, bi, hi: (bi, 0)))
+  dq = pl.pallas_call(
+      functools.partial(_dq_kernel, mask=mask, scale=scale, soft_cap=soft_cap, block_q=bq,
+                        block_kv=bk),
+      grid=(lq // bq, b, h),
+      in_specs=in_specs,
+      out_specs=pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      compiler_params=params,
+      interpret=interpret,
+      name="flash_attention_dq",
+  )(q, k, v, do, lse2, delta, *extra)
+
+  q5 = q.reshape(b, lq, hk, g, d)
+  do5 = do.reshape(b, lq, hk, g, dv)
+  lse4 = lse2.reshape(b, hk, g, lq)
+  delta4 = delta.reshape(b, hk, g, lq)
+  in_specs = [
+      pl.BlockSpec((None, lq, None, g, d), lambda j, bi, hi: (bi, 0, hi, 0, 0)),
+      pl.BlockSpec((None, bk, None, d), lambda j, bi, hi: (bi, j, hi, 0)),
+      pl.BlockSpec((None, bk, None, dv), lambda j, bi, hi: (bi, j, hi, 0)),
+      pl.BlockSpec((None, lq, None, g, dv), lambda j, bi, hi: (bi, 0, hi, 0, 0)),
+      pl.BlockSpec((None, None, g, lq), lambda j, bi, hi: (bi, hi, 0, 0)),
+      pl.BlockSpec((None, None, g, lq), lambda j, bi, hi: (bi, hi, 0, 0)),
+  ]
+  if mask.has_segments:
+    in_specs += [pl.BlockSpec((None, lq), lambda j, bi, hi: (bi, 0)),
+                 pl.BlockSpec((None, bk), lambda j, bi, hi: (bi, j))]
+  if mask.has_valid:
+    in_specs.append(pl.BlockSpec((None, bk), lambda j, bi, hi: (bi, j)))
+  dk, dv_ = pl.pallas_call(
+      functools.partial(_dkv_kernel, mask=mask, scale=scale, soft_cap=soft_cap, block_q=bq,
+                        block_kv=bk, group=g),
+      grid=(lk // bk, b, hk),
+      in_specs=in_specs,
+      out_specs=[pl.BlockSpec((None, bk, None, d), lambda j, bi, hi: (bi, j, hi, 0)),
+                 pl.BlockSpec((None, bk, None, dv), lambda j, bi, hi: (bi, j, hi, 0))],
+      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
+                 jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      compiler_params=params,
+      interpret=interpret,
+      name="flash_attention_dkv",
+  )(q5, k, v, do5, lse4, delta4, *extra)
+  return dq, dk, dv_
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _flash(q, k, v, qseg, kvseg, valid, static):
+  return _fwd(q, k, v, qseg, kvseg, valid, **static._asdict())
+
+
+def _flash_fwd(q, k, v, qseg, kvseg, valid, static):
+  o, lse = _fwd(q, k, v, qseg, kvseg, valid, **static._asdict())
+  return (o, lse), (q, k, v, qseg, kvseg, valid, o, lse)
+
+
+def _flash_bwd(static, res, cts):
+  q, k, v, qseg, kvseg, valid, o, lse = res
+  do, dlse = cts
+  dq, dk, dv = _bwd(q, k, v, qseg, kvseg, valid, o, lse, do.astype(o.dtype),
+                    dlse.astype(jnp.float32), **static._asdict())
+  return dq, dk, dv, None, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+class _Static(tuple):
+  """Hashable static arguments of the custom_vjp."""
+  _fields = ("mask", "scale", "soft_cap", "cfg", "interpret")
+
+  def __new__(cls, **kw):
+    return super().__new__(cls, tuple(kw[f] for f in cls._fields))
+
+  def _asdict(self):
+    return dict(zip(self._fields, self))
+
+
+class _FrozenDict(dict):
+  def __hash__(self):
+    return hash(tuple(sorted(self.items())))
+
+
+def attention(q, k, v, *, causal, window, sinks, q_segment_ids, kv_segment_ids, kv_valid, scale,
+              soft_cap, q_offset, return_lse, interpret, config):
+  """The "pallas_triton" implementation of ops.attention.attention; returns (o, lse)."""
+  del return_lse
+  interpret = resolve_interpret(interpret, GPU)
+  if q.dtype != k.dtype or q.dtype != v.dtype:
+    raise UnsupportedError(f"mixed dtypes {q.dtype}/{k.dtype}/{v.dtype}")
+  if not any(q.dtype == t for t in _SUPPORTED_DTYPES):
+    raise UnsupportedError(f"dtype {q.dtype}")
+  b, lq, h, d = q.shape
+  lk, dv = k.shape[1], v.shape[3]
+  if max(d, dv) > 256:
+    raise UnsupportedError(f"head_dim {max(d, dv)} > 256")
+  cfg = config or default_config(d)
+  if not isinstance(cfg, AttentionBlockConfig):
+    raise UnsupportedError(f"config {type(cfg).__name__} is not an AttentionBlockConfig")
+  if lq == 0 or lk == 0:
+    raise UnsupportedError("empty sequence")
+  dp, dvp = _blocks.pow2_at_least(d), _blocks.pow2_at_least(dv)
+
+  def fit(block, n):
+    return max(16, min(block, _blocks.pow2_at_least(n)))
+
+  bq, bk = fit(cfg.block_q, lq), fit(cfg.block_kv, lk)
+  bbq, bbk = fit(cfg.bwd_block_q, lq), fit(cfg.bwd_block_kv, lk)
+  # One padded length serves forward and backward tiles.
+  lq_p = _blocks.pad_len(lq, max(bq, bbq))
+  lk_p = _blocks.pad_len(lk, max(bk, bbk))
+  mask = Mask(causal=causal, window=window, sinks=sinks if window is not None else 0,
+              q_offset=q_offset, q_len=lq, kv_len=lk,
+              has_segments=q_segment_ids is not None, has_valid=kv_valid is not None)
+
+  def pad(x, length, width):
+    return jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, width - x.shape[3])))
+
+  qp, kp, vp = pad(q, lq_p, dp), pad(k, lk_p, dp), pad(v, lk_p, dvp)
+  qseg = kvseg = valid = None
+  if mask.has_segments:
+    qseg = jnp.pad(q_segment_ids, ((0, 0), (0, lq_p - lq)))
+    kvseg = jnp.pad(kv_segment_ids, ((0, 0), (0, lk_p - lk)))
+  if mask.has_valid:
+    valid = jnp.pad(kv_valid.astype(jnp.int32), ((0, 0), (0, lk_p - lk)))
+  cfg_d = _FrozenDict(block_q=bq, block_kv=bk, num_warps=cfg.num_warps,
+                      num_stages=cfg.num_stages, bwd_block_q=bbq, bwd_block_kv=bbk,
+                      bwd_num_warps=cfg.bwd_num_warps, bwd_num_stages=cfg.bwd_num_stages)
+  static = _Static(mask=mask, scale=scale, soft_cap=soft_cap, cfg=cfg_d, interpret=interpret)
+  o, lse = _flash(qp, kp, vp, qseg, kvseg, valid, static)
+  return o[:, :lq, :, :dv], lse[:, :, :lq]
