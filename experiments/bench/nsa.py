@@ -1,0 +1,145 @@
+"""NSA benchmark: nsa (pallas_triton) vs cuDNN full causal attention, fwd and fwd+bwd, plus
+per-branch forward times and decode (batch 8) against full-attention decode on the same cache.
+
+  python experiments/bench_ops.py --op=nsa
+"""
+from __future__ import annotations
+
+import functools
+import traceback
+
+import jax
+import jax.numpy as jnp
+
+from experiments.bench import timing
+from ops import nsa as nsa_op
+from ops.nsa import decode as nsa_decode_mod
+from ops.nsa.config import NSAConfig
+from ops.nsa.shapes import SHAPES
+
+
+def _inputs(s, cfg, dtype):
+  ks = jax.random.split(jax.random.key(0), 9)
+  b, t, h, hk, d = s.batch, s.seq, s.heads, s.kv_heads, s.head_dim
+  n = lambda k, shape: (jax.random.normal(k, shape, jnp.float32) * 0.5).astype(dtype)
+  q = n(ks[0], (b, t, h, d))
+  kc, vc = n(ks[1], (b, cfg.n_cmp(t), hk, d)), n(ks[2], (b, cfg.n_cmp(t), hk, d))
+  raw = [n(ks[i], (b, t, hk, d)) for i in range(3, 7)]
+  gates = jax.nn.sigmoid(jax.random.normal(ks[7], (b, t, h, 3))).astype(dtype)
+  return (q, kc, vc, *raw, gates)
+
+
+def _time(fn, *args, iters=5):
+  return timing.time_fn(fn, *args, warmup=1, iters=iters)
+
+
+def run(shapes="bench", dtype="bfloat16", ceilings=None):
+  del ceilings
+  dtype = jnp.dtype(dtype)
+  cfg = NSAConfig()
+  impl = "pallas_triton" if jax.default_backend() == "gpu" else "xla"
+  rows = []
+  for s in SHAPES[shapes]:
+    args = _inputs(s, cfg, dtype)
+    q, kc, vc, ks, vs, kw, vw, gates = args
+    iters = 5 if s.seq >= 32768 else 10
+
+    def row(op, ms, base=None, note=""):
+      r = timing.Row(op, s.name, impl if op.startswith("nsa") else "cudnn", ms, note=note)
+      if base:
+        r.ratios["cudnn"] = base / ms
+      rows.append(r)
+      print(timing.format_table([r]), flush=True)
+
+    def attempt(label, fn):
+      try:
+        return fn()
+      except Exception as e:  # report and continue with the other rows
+        traceback.print_exc()
+        rows.append(timing.Row(label, s.name, impl, float("nan"), note=f"failed: {e!r}"[:120]))
+        return None
+
+    base_f = base_b = None
+    if jax.default_backend() == "gpu":
+      full = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                          implementation="cudnn")
+      f = jax.jit(full)
+      fb = jax.jit(jax.grad(lambda q, k, v: full(q, k, v).astype(jnp.float32).sum(),
+                            argnums=(0, 1, 2)))
+      base_f = attempt("cudnn fwd", lambda: _time(f, q, ks, vs, iters=iters))
+      base_b = attempt("cudnn fwd+bwd", lambda: _time(fb, q, ks, vs, iters=iters))
+      if base_f:
+        row("cudnn fwd", base_f)
+      if base_b:
+        row("cudnn fwd+bwd", base_b)
+
+    fwd = jax.jit(functools.partial(nsa_op.nsa, cfg=cfg, implementation=impl))
+    loss = lambda *a: nsa_op.nsa(*a, cfg=cfg, implementation=impl).astype(jnp.float32).sum()
+    bwd = jax.jit(jax.grad(loss, argnums=tuple(range(8))))
+    ms = attempt("nsa fwd", lambda: _time(fwd, *args, iters=iters))
+    if ms:
+      row("nsa fwd", ms, base_f)
+    ms = attempt("nsa fwd+bwd", lambda: _time(bwd, *args, iters=iters))
+    if ms:
+      row("nsa fwd+bwd", ms, base_b)
+
+    # branch breakdown (forward)
+    cmp_f = jax.jit(lambda q, kc, vc: nsa_op.compressed_attention(
+        q, kc, vc, block_len=cfg.block_len, stride=cfg.stride, implementation=impl))
+    ms = attempt("nsa.cmp fwd", lambda: _time(cmp_f, q, kc, vc, iters=iters))
+    if ms:
+      row("nsa.cmp fwd", ms)
+    lse = attempt("lse", lambda: cmp_f(q, kc, vc)[1])
+    if lse is not None:
+      sel_f = jax.jit(lambda q, kc, lse: nsa_op.select_blocks(q, kc, lse, cfg=cfg,
+                                                              implementation=impl))
+      ms = attempt("nsa.select", lambda: _time(sel_f, q, kc, lse, iters=iters))
+      if ms:
+        row("nsa.select", ms)
+      idx = sel_f(q, kc, lse)
+      slc_f = jax.jit(lambda q, k, v, i: nsa_op.selected_attention(
+          q, k, v, i, select_len=cfg.select_len, implementation=impl))
+      ms = attempt("nsa.slc fwd", lambda: _time(slc_f, q, ks, vs, idx, iters=iters))
+      if ms:
+        row("nsa.slc fwd", ms)
+      slc_b = jax.jit(jax.grad(lambda q, k, v, i: slc_f(q, k, v, i)[0].astype(jnp.float32).sum(),
+                               argnums=(0, 1, 2)))
+      ms = attempt("nsa.slc fwd+bwd", lambda: _time(slc_b, q, ks, vs, idx, iters=iters))
+      if ms:
+        row("nsa.slc fwd+bwd", ms)
+    if jax.default_backend() == "gpu":
+      from ops.attention import attention
+      win_f = jax.jit(lambda q, k, v: attention(q, k, v, causal=True, window=cfg.window))
+      ms = attempt("window fwd", lambda: _time(win_f, q, kw, vw, iters=iters))
+      if ms:
+        row("nsa.win fwd", ms)
+    del args, q, kc, vc, ks, vs, kw, vw, gates
+
+  # decode at the longest length
+  s = SHAPES[shapes][-1]
+  b, t, h, hk, d = s.decode_batch, s.seq, s.heads, s.kv_heads, s.head_dim
+  keys = jax.random.split(jax.random.key(1), 8)
+  n = lambda k, shape: jax.random.normal(k, shape, jnp.float32).astype(dtype)
+  qd = n(keys[0], (b, h, d))
+  kcc, vcc = n(keys[1], (b, cfg.n_cmp(t), hk, d)), n(keys[2], (b, cfg.n_cmp(t), hk, d))
+  kcache, vcache = n(keys[3], (b, t, hk, d)), n(keys[4], (b, t, hk, d))
+  gd = jax.nn.sigmoid(jax.random.normal(keys[5], (b, h, 3))).astype(dtype)
+  lengths = jnp.full((b,), t, jnp.int32)
+  name = f"decode B{b} cache {t} H{h}/KV{hk} D{d}"
+  dec = jax.jit(functools.partial(nsa_decode_mod.nsa_decode, cfg=cfg))
+  # Same cache for every branch (the layer may share or separate them; traffic is the same).
+  try:
+    ms_n = _time(dec, qd, kcc, vcc, kcache, vcache, kcache, vcache, gd, lengths, iters=20)
+  except Exception as e:
+    traceback.print_exc()
+    ms_n = None
+    rows.append(timing.Row("nsa decode", name, "xla", float("nan"), note=repr(e)[:120]))
+  from ops.attention import decode_attention
+  full_dec = jax.jit(lambda q, k, v, l: decode_attention(q[:, None], k, v, l))
+  ms_f = _time(full_dec, qd, kcache, vcache, lengths, iters=20)
+  rows.append(timing.Row("full decode", name, "ops.attention default", ms_f))
+  if ms_n:
+    r = timing.Row("nsa decode", name, "xla gathers", ms_n)
+    r.ratios["full decode"] = ms_f / ms_n
+    rows.append(r)
+  return rows
