@@ -135,6 +135,12 @@ class TestScanTritonInterpret(ScanTestBase):
   CONFIG = SMALL
 
 
+class TestScanTpuInterpret(ScanTestBase):
+  IMPL = "pallas_tpu"
+  INTERPRET = True
+  CONFIG = SMALL
+
+
 @pytest.mark.gpu
 class TestScanTritonGpu(ScanTestBase):
   IMPL = "pallas_triton"
