@@ -115,6 +115,12 @@ class TestLifTritonInterpret(LifTestBase):
   CONFIG = SMALL
 
 
+class TestLifTpuInterpret(LifTestBase):
+  IMPL = "pallas_tpu"
+  INTERPRET = True
+  CONFIG = SMALL
+
+
 @pytest.mark.gpu
 class TestLifTritonGpu(LifTestBase):
   IMPL = "pallas_triton"
