@@ -43,8 +43,10 @@ class GmmBlockConfig:
       return cls(block_m=512, block_n=512, block_k=512, tgmm_block_m=512,
                  tgmm_block_k=512, tgmm_block_n=512)
     if "h100" in kind or "h200" in kind or "h800" in kind or "gh200" in kind:
-      # tgmm tiles: best of a sweep on H100 (m=32768 k=2048 n=1408 e=64, bf16): 342 TFLOP/s.
-      return cls(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=4,
+      # Sweeps on H100 (m=32768 k=2048 n=1408 e=64, bf16, experiments/bench/gmm.py --sweep):
+      # gmm 128x128x64 w4 s4 263 TFLOP/s fwd / 305 for d lhs (the most even of the tiles
+      # tried); tgmm 32x128x128 w4 s4 319-342 TFLOP/s.
+      return cls(block_m=128, block_n=128, block_k=64, num_warps=4, num_stages=4,
                  tgmm_block_m=32, tgmm_block_k=128, tgmm_block_n=128, tgmm_num_warps=4,
                  tgmm_num_stages=4)
     if "a100" in kind or "a10" in kind or "l4" in kind:

@@ -20,7 +20,8 @@ def tile_visits(group_sizes, m: int, block_m: int):
   """Per visit: (group [V], tile [V], row_start [V], row_end [V]) int32, V = num_visits.
 
   Visit v covers output rows [row_start, row_end) inside tile `tile`, all of group `group`
-  (num_groups = the rows past the sum). Unused visits have row_start == row_end.
+  (num_groups = the rows past the sum). Unused visits have row_start == row_end,
+  group num_groups and the last tile.
   """
   num_groups = group_sizes.shape[0]
   sizes = group_sizes.astype(jnp.int32)
@@ -38,7 +39,9 @@ def tile_visits(group_sizes, m: int, block_m: int):
   valid = v < total
   row_start = jnp.where(valid, jnp.maximum(starts[g], tile * block_m), 0)
   row_end = jnp.where(valid, jnp.minimum(ends[g], (tile + 1) * block_m), 0)
-  tile = jnp.where(valid, tile, 0)
+  # Unused visits repeat the last tile (the final valid visit always covers it), so a
+  # kernel whose output block follows the tile (Mosaic TPU) keeps that block resident.
+  tile = jnp.where(valid, tile, -(-m // block_m) - 1)
   return g, tile.astype(jnp.int32), row_start.astype(jnp.int32), row_end.astype(jnp.int32)
 
 

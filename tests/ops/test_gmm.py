@@ -64,6 +64,8 @@ class GmmTestBase:
   @pytest.mark.parametrize("dtype", DTYPES)
   @pytest.mark.parametrize("case", sorted(CASES))
   def test_gmm_grads(self, case, dtype):
+    if self.INTERPRET and dtype == jnp.float32 and case != "odd_empty_one_partial":
+      pytest.skip("interpret mode is slow: f32 gradients run on the main edge case only")
     lhs, rhs, dout, gs = _inputs(case, dtype)
     loss = lambda a, b: jnp.sum(gmm_op.gmm(a, b, gs, preferred_element_type=jnp.float32,
                                            **self._kw()) * dout.astype(jnp.float32))
