@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import time
 
@@ -15,6 +14,7 @@ from jaxlm import config as config_lib
 from jaxlm import sharding
 from jaxlm.config import Config
 from jaxlm.data import get_tokenizer, make_train_iterator, make_val_batches
+from jaxlm.evaluate import mean_loss
 from jaxlm.models import build
 from jaxlm.train import metrics as metrics_lib
 from jaxlm.train.checkpoint import Checkpointer
@@ -133,14 +133,8 @@ class Trainer:
 
   # ------------------------------------------------------------------ eval
   def evaluate(self, params) -> dict:
-    ce, n = 0.0, 0.0
     with sharding.use_mesh(self.mesh):
-      for batch in self.val_batches:
-        out = jax.device_get(self.eval_fn(params, to_global(batch, self.mesh)))
-        ce += float(out["ce_sum"])
-        n += float(out["tokens"])
-    loss = ce / max(n, 1.0)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+      return mean_loss(self.eval_fn, params, self.val_batches, lambda b: to_global(b, self.mesh))
 
   # ------------------------------------------------------------------ loop
   def run(self, stop_after: int | None = None, progress: bool = True) -> RunResult:
