@@ -17,7 +17,7 @@ from absl import app, flags
 
 from experiments.bench import timing
 
-OPS = ("attention", "gmm", "nsa", "scan", "lif")
+OPS = ("attention", "gmm", "nsa", "scan", "lif", "moe_layer")
 
 _OP = flags.DEFINE_list("op", ["attention"], f"ops to benchmark, any of {OPS}")
 _SHAPES = flags.DEFINE_string("shapes", "bench", "named shape set of each op ('ci' is small)")

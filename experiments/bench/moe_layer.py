@@ -1,0 +1,149 @@
+"""Benchmark of the MoE FFN layer (jaxlm/layers/moe.py), fwd+bwd, against a dense SwiGLU of the
+same active FLOPs (top-1 of width f == a dense SwiGLU of width f), and the share of the layer's
+time spent in the three grouped matmuls (ops.gmm, fwd + both backward products).
+
+  python experiments/bench_ops.py --op=moe_layer --shapes=bench
+
+Rows per shape: dense SwiGLU; the MoE layer with each ops.gmm implementation that runs here;
+"gmm only": the expert SwiGLU (3 gmm + activation) on already-sorted rows with the same group
+sizes. TFLOP/s counts active matmul FLOPs only (3 products x 2*T*d*f, x3 for fwd+bwd); the
+router, sort, permute and combine are overhead on top.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.bench import timing
+
+# name, tokens, d_model, d_expert, moe kind, experts (per layer / pool), router
+SHAPES = {
+    "ci": [("tiny_vanilla", 256, 64, 128, "vanilla", 4, "softmax_topk"),
+           ("tiny_unipool", 256, 64, 128, "unipool", 16, "norm_router")],
+    "bench": [("469m_vanilla_e8", 16384, 1024, 4096, "vanilla", 8, "softmax_topk"),
+              ("469m_unipool_m192", 16384, 1024, 4096, "unipool", 192, "norm_router")],
+}
+
+
+def _layer(t, d, f, kind, n_experts, router, dtype, implementation):
+  from flax import nnx
+  from jaxlm.config import ModelConfig, MoEConfig
+  from jaxlm.layers.moe import MoEFFN
+  moe = MoEConfig(kind=kind, n_experts=n_experts, top_k=1, router=router, renormalize=False,
+                  implementation=implementation)
+  cfg = ModelConfig(d_model=d, d_ff=f, n_layers=24, n_heads=d // 64, n_kv_heads=4,
+                    init_std=0.02, dtype=jnp.dtype(dtype).name, moe=moe)
+  layer = MoEFFN(cfg, rngs=nnx.Rngs(params=0))
+  graphdef, state = nnx.split(layer)
+  return graphdef, state
+
+
+def _experts(n, d, f, dtype, key):
+  k1, k2, k3 = jax.random.split(key, 3)
+  return {"w_gate": (jax.random.normal(k1, (n, d, f), jnp.float32) * d ** -0.5).astype(dtype),
+          "w_up": (jax.random.normal(k2, (n, d, f), jnp.float32) * d ** -0.5).astype(dtype),
+          "w_down": (jax.random.normal(k3, (n, f, d), jnp.float32) * f ** -0.5).astype(dtype)}
+
+
+def run(shapes="bench", dtype="bfloat16", ceilings=None):
+  from flax import nnx
+  import ops.gmm
+  from jaxlm.layers.expert_pool import swiglu_grouped
+  dtype = jnp.dtype(dtype)
+  rows = []
+  from ops import _backend
+  impls = [n for n in ("ragged_dot", "pallas_triton") if n in ops.gmm.implementations()
+           and (n != "pallas_triton" or _backend.platform() == "gpu")] or [""]
+  for name, t, d, f, kind, n_exp, router in SHAPES[shapes]:
+    key = jax.random.key(0)
+    kx, ke, kd, kw = jax.random.split(key, 4)
+    x = jax.random.normal(kx, (1, t, d), dtype)
+    dy = jax.random.normal(kd, (1, t, d), dtype)
+    experts = _experts(n_exp, d, f, dtype, ke)
+    flops = 3 * 3 * 2.0 * t * d * f  # 3 matmuls, fwd + bwd
+    label = f"T={t} d={d} f={f} {kind} E={n_exp} top1 {router}"
+    times, outs = {}, {}
+
+    # dense SwiGLU with the same active FLOPs
+    dense_w = jax.tree.map(lambda a: a[0], experts)
+
+    def dense(x, w):
+      x2 = x.reshape(t, d)
+      h = jax.nn.silu(x2 @ w["w_gate"]) * (x2 @ w["w_up"])
+      return (h @ w["w_down"]).reshape(x.shape)
+
+    def fwd_bwd(fn, *args):
+      out, vjp = jax.vjp(fn, *args)
+      return out, vjp(dy)
+
+    try:
+      times["dense_swiglu"] = timing.time_fn(jax.jit(lambda x, w: fwd_bwd(dense, x, w)), x,
+                                             dense_w)
+    except Exception as err:
+      print(f"{name} dense failed: {type(err).__name__}: {str(err)[:300]}", flush=True)
+
+    loads = None
+    for impl in impls:
+      nm = f"moe[{impl or 'default'}]"
+      try:
+        graphdef, state = _layer(t, d, f, kind, n_exp, router, dtype, impl)
+
+        def layer_fn(x, state, experts, graphdef=graphdef):
+          y, _, stats = nnx.merge(graphdef, state)(x, experts)
+          return y
+
+        step = jax.jit(lambda x, s, e: fwd_bwd(layer_fn, x, s, e))
+        times[nm] = timing.time_fn(step, x, state, experts)
+        outs[nm] = step(x, state, experts)[0]
+        if loads is None:
+          _, _, st = jax.jit(lambda x, s, e: nnx.merge(graphdef, s)(x, e))(x, state, experts)
+          loads = np.asarray(st["load"])
+      except Exception as err:
+        print(f"{name} {nm} failed: {type(err).__name__}: {str(err)[:400]}", flush=True)
+
+    # gmm only: the expert SwiGLU on pre-sorted rows with the layer's group sizes
+    if loads is not None:
+      gs = np.round(loads * t).astype(np.int32)
+      gs[-1] += t - gs.sum()
+      gs = jnp.asarray(gs)
+      for impl in impls:
+        nm = f"gmm only[{impl or 'default'}]"
+        try:
+          fn = lambda x, e, impl=impl: swiglu_grouped(
+              x.reshape(t, d), gs, e["w_gate"], e["w_up"], e["w_down"], impl or None).reshape(
+                  x.shape)
+          times[nm] = timing.time_fn(jax.jit(lambda x, e: fwd_bwd(fn, x, e)), x, experts)
+        except Exception as err:
+          print(f"{name} {nm} failed: {type(err).__name__}: {str(err)[:400]}", flush=True)
+
+    ref = outs.get("moe[ragged_dot]")
+    for nm, ms in times.items():
+      ratios = {}
+      if "dense_swiglu" in times and nm != "dense_swiglu":
+        ratios["dense_swiglu"] = times["dense_swiglu"] / ms
+      note = f"{t / (ms * 1e-3) / 1e6:.2f} Mtok/s"
+      if nm.startswith("gmm only"):
+        layer_nm = "moe[" + nm[len("gmm only["):]
+        if layer_nm in times:
+          note += f"; {100 * ms / times[layer_nm]:.0f}% of {layer_nm}"
+      if nm.startswith("moe[") and ref is not None and nm in outs:
+        err = float(jnp.linalg.norm((outs[nm] - ref).astype(jnp.float32))
+                    / jnp.linalg.norm(ref.astype(jnp.float32)))
+        note += f"; rel err vs ragged_dot {err:.1e}"
+      if nm.startswith("moe[") and loads is not None:
+        note += f"; max load x{loads.max() * len(loads):.2f}"
+      rows.append(timing.Row("moe_layer fwd+bwd", label, nm, ms, tflops=flops / ms / 1e9,
+                             ratios=ratios, note=note))
+  return rows
+
+
+if __name__ == "__main__":
+  print(timing.format_table(run(shapes=sys.argv[1] if len(sys.argv) > 1 else "bench"),
+                            "moe_layer"))
