@@ -6,8 +6,10 @@ from jaxlm.config import TrainConfig
 
 
 def lr_schedule(t: TrainConfig) -> optax.Schedule:
+  if t.warmup_steps == 0:  # no warmup: the first step already uses the peak lr
+    return optax.cosine_decay_schedule(init_value=t.lr, decay_steps=t.steps, alpha=t.min_lr_ratio)
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=t.lr, warmup_steps=max(t.warmup_steps, 1),
+      init_value=0.0, peak_value=t.lr, warmup_steps=t.warmup_steps,
       decay_steps=t.steps, end_value=t.lr * t.min_lr_ratio)
 
 
