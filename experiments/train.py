@@ -39,11 +39,15 @@ def main(argv):
   except NonFiniteError as e:
     cli.fail(e)
   trainer.close()
+  params = trainer.state.params
+  if _SAMPLE.value and jax.process_count() > 1:  # every process takes part in the gather
+    from jax.experimental import multihost_utils
+    params = multihost_utils.process_allgather(params, tiled=True)
   if jax.process_index() == 0:
     print(f"done: step {result.final_step}, val loss {result.val_loss}, train loss "
           f"{result.train_loss}, {result.seconds:.0f}s, checkpoints in {trainer.ckpt.directory}")
     if _SAMPLE.value:
-      text = sample_text(trainer.fm, trainer.state.params, trainer.tokenizer, _PROMPT.value,
+      text = sample_text(trainer.fm, params, trainer.tokenizer, _PROMPT.value,
                          _SAMPLE.value, Sampling(temperature=0.8, top_k=50), seed=cfg.train.seed)
       print("sample:\n" + _PROMPT.value + text)
 
