@@ -6,7 +6,7 @@ TINY_CPU = Config(
     name="tiny_cpu",
     model=ModelConfig(vocab_size=2048, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2,
                       d_ff=768, max_seq_len=512, dtype="float32", scan_layers=True),
-    train=TrainConfig(steps=500, batch_size=32, seq_len=128, lr=3e-3, warmup_steps=50,
+    train=TrainConfig(steps=600, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=50,
                       log_every=25, eval_every=100, eval_batches=8, checkpoint_every=100,
                       output_dir="runs/tiny_cpu"),
     data=DataConfig(),
