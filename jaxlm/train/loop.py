@@ -32,6 +32,23 @@ def to_global(batch: dict, mesh) -> dict:
   return {k: jax.make_array_from_process_local_data(sh, np.asarray(v)) for k, v in batch.items()}
 
 
+def window_means(vals: list[dict]) -> dict:
+  """Mean of every metric over a logging window; vector metrics (per-layer loads, spike
+  rates…) become one scalar per element, `name/i`; `nonfinite` is a count."""
+  row = {}
+  for k in vals[0]:
+    stacked = np.stack([np.asarray(v[k], np.float64) for v in vals])
+    if k == "nonfinite":
+      row[k] = int(stacked.sum())
+    elif k != "tokens":
+      mean = stacked.mean(axis=0)
+      if mean.ndim == 0:
+        row[k] = float(mean)
+      else:
+        row.update({f"{k}/{i}": float(x) for i, x in enumerate(mean.ravel())})
+  return row
+
+
 def check_resume_config(stored: dict, cfg: Config) -> list[str]:
   """Model fields must match the checkpoint; returns the changed non-model fields to report."""
   stored_cfg = config_lib.from_dict(stored)
@@ -169,8 +186,7 @@ class Trainer:
             tok_s = tokens / max(elapsed, 1e-9)
             mfu = (tok_s * self.flops_per_token / (self.peak * 1e12 * jax.device_count())
                    if self.peak else None)
-            row = {k: float(np.mean([float(v[k]) for v in vals])) for k in ("loss", "grad_norm", "lr")}
-            row["nonfinite"] = int(sum(int(v["nonfinite"]) for v in vals))
+            row = window_means(vals)
             for v in vals:
               consecutive_bad = consecutive_bad + 1 if int(v["nonfinite"]) else 0
             if consecutive_bad >= t.max_nonfinite_steps:
