@@ -113,3 +113,30 @@ def pow2_at_least(n: int, floor: int = 16) -> int:
   while p < n:
     p *= 2
   return p
+
+
+def block_visible(mask: Mask, q_start, kv_start, block_q: int, block_kv: int):
+  """Whether any key of kv block [kv_start, +block_kv) is visible to q block [q_start, +block_q)."""
+  p0 = q_start + mask.q_offset
+  p1 = p0 + block_q - 1
+  ok = kv_start < mask.kv_len
+  if mask.causal:
+    ok = ok & (kv_start <= p1)
+  if mask.window is not None:
+    in_w = kv_start + block_kv - 1 > p0 - mask.window
+    if mask.sinks > 0:
+      in_w = in_w | (kv_start < mask.sinks)
+    ok = ok & in_w
+  return ok
+
+
+def block_full(mask: Mask, q_start, kv_start, block_q: int, block_kv: int):
+  """Whether every key of the kv block is positionally visible to every query of the q block."""
+  p0 = q_start + mask.q_offset
+  p1 = p0 + block_q - 1
+  ok = kv_start + block_kv <= mask.kv_len
+  if mask.causal:
+    ok = ok & (kv_start + block_kv - 1 <= p0)
+  if mask.window is not None:
+    ok = ok & (kv_start > p1 - mask.window)
+  return ok

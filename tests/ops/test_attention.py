@@ -68,6 +68,9 @@ CASES = {
     "d96": (1, 18, 18, 2, 2, 96, 96, dict(causal=True)),
     "d192_dv128": (1, 18, 18, 2, 1, 192, 128, dict(causal=True)),
     "fully_masked": (2, 12, 12, 2, 2, 64, 64, dict(masked_rows=True)),
+    # Several 128-tiles (the TPU kernel's minimum) with a ragged tail.
+    "multi_block": (1, 300, 300, 2, 1, 64, 64, dict(causal=True, window=130, sinks=5,
+                                                   segments=True)),
 }
 
 
@@ -75,7 +78,7 @@ CASES = {
 # (interpret mode on 2 CPU cores is the bottleneck). The GPU run (-m gpu) runs everything.
 FAST = {("causal", "f32"), ("gqa4_mqa", "bf16"), ("window_sinks", "f32"), ("segments", "bf16"),
         ("fully_masked", "f32"), ("d192_dv128", "f32"), ("chunked_prefill", "f32"),
-        ("kv_valid", "f32"), ("soft_cap", "bf16"), ("len100", "bf16")}
+        ("kv_valid", "f32"), ("soft_cap", "bf16"), ("len100", "bf16"), ("multi_block", "f32")}
 DECODE_FAST = {("plain", "f32"), ("window_sinks_cap", "bf16")}
 
 
@@ -113,6 +116,8 @@ def make_inputs(case, dtype, seed=0):
 def _loss_fn(fn, do, dlse):
   def loss(q, k, v):
     o, lse = fn(q, k, v)
+    if lse is None:
+      return jnp.sum(o.astype(jnp.float32) * do)
     lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
     return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(lse * dlse)
   return loss
@@ -127,7 +132,13 @@ class AttentionTestBase:
   CASE_NAMES = tuple(CASES)
   GRAD_CASES = tuple(CASES)
 
+  RETURNS_LSE = True
+
   def attn(self, q, k, v, **kw):
+    if not self.RETURNS_LSE:
+      o = A.attention(q, k, v, implementation=self.IMPLEMENTATION, interpret=self.INTERPRET,
+                      config=self.CONFIG, **kw)
+      return o, None
     return A.attention(q, k, v, return_lse=True, implementation=self.IMPLEMENTATION,
                        interpret=self.INTERPRET, config=self.CONFIG, **kw)
 
@@ -147,6 +158,9 @@ class AttentionTestBase:
     o, lse = jax.jit(lambda q, k, v: self.attn(q, k, v, **kw))(q, k, v)
     o_ref, lse_ref = jax.jit(ref_fn)(q, k, v)
     assert o.shape == o_ref.shape and o.dtype == q.dtype
+    if lse is None:  # implementation without lse: compare o (and grads through o) only
+      lse = lse_ref
+      assert not self.RETURNS_LSE
     assert lse.shape == lse_ref.shape and lse.dtype == F32
     ot.assert_close(o, o_ref, dtype, tol=self.tol(dtype), name="o")
     fin = np.isfinite(np.asarray(lse_ref))
@@ -160,7 +174,7 @@ class AttentionTestBase:
       return
     kd = jax.random.split(jax.random.key(7))
     do = ot.normal(kd[0], o.shape, F32)
-    dlse = ot.normal(kd[1], lse.shape, F32)
+    dlse = ot.normal(kd[1], lse.shape, F32) * (1.0 if self.RETURNS_LSE else 0.0)
     grads = jax.jit(jax.grad(_loss_fn(lambda *a: self.attn(*a, **kw), do, dlse),
                              argnums=(0, 1, 2)))(q, k, v)
     grads_ref = jax.jit(jax.grad(_loss_fn(ref_fn, do, dlse), argnums=(0, 1, 2)))(q, k, v)
@@ -209,10 +223,37 @@ class TestXla(AttentionTestBase):
   DTYPES = (F32,)
 
 
+@pytest.mark.gpu
+class TestCudnnGpu(AttentionTestBase):
+  IMPLEMENTATION = "cudnn"
+  RETURNS_LSE = False
+  DTYPES = (BF16,)
+  CASE_NAMES = ("causal", "noncausal", "gqa2", "gqa4_mqa", "window", "d96", "len1")
+
+  test_decode = None  # cudnn has no decode implementation
+
+  def test_refuses_unsupported(self):
+    q, k, v, kw = make_inputs("kv_valid", BF16)
+    with pytest.raises(_backend.UnsupportedError, match="kv_valid"):
+      A.attention(q, k, v, implementation="cudnn", **kw)
+
+
 class TestPallasTritonInterpret(AttentionTestBase):
   IMPLEMENTATION = "pallas_triton"
   INTERPRET = True
   CONFIG = AttentionBlockConfig.small()
+
+
+class TestPallasTpuInterpret(AttentionTestBase):
+  IMPLEMENTATION = "pallas_tpu"
+  INTERPRET = True
+  CONFIG = AttentionBlockConfig.for_device("TPU v5p")
+  # The TPU kernel's smallest tile is 128, so multi-block paths need long sequences; the
+  # Triton interpret run covers the rest of the small cases.
+  CASE_NAMES = ("causal", "gqa4_mqa", "window_sinks", "segments", "fully_masked", "d192_dv128",
+                "kv_valid", "soft_cap", "chunked_prefill", "q_longer", "multi_block")
+
+  test_decode = None  # decode_attention has no pallas_tpu kernel (TPU decode uses xla)
 
 
 @pytest.mark.gpu
@@ -289,3 +330,33 @@ def test_config_for_device():
   assert c.block_q >= 64 and c.num_warps >= 4
   assert AttentionBlockConfig.for_device("TPU v5p").block_kv % 128 == 0
   assert AttentionBlockConfig.for_device("cpu").replace(block_q=32).block_q == 32
+
+
+SPLASH_CASES = {
+    "causal_gqa": (1, 256, 256, 4, 2, 128, dict(causal=True)),
+    "window_segments_cap": (1, 256, 256, 2, 1, 128,
+                            dict(causal=True, window=100, soft_cap=5.0, segments=True)),
+}
+
+
+@pytest.mark.parametrize("case", list(SPLASH_CASES))
+def test_splash_interpret(case):
+  if "splash" not in A.implementations():
+    pytest.skip("splash attention not importable in this jax")
+  b, lq, lk, h, hk, d, opts = SPLASH_CASES[case]
+  ks = jax.random.split(jax.random.key(5), 4)
+  q = ot.normal(ks[0], (b, lq, h, d), F32)
+  k = ot.normal(ks[1], (b, lk, hk, d), F32)
+  v = ot.normal(ks[2], (b, lk, hk, d), F32)
+  kw = {n: opts[n] for n in ("causal", "window", "soft_cap") if n in opts}
+  if opts.get("segments"):
+    seg = jnp.where(jnp.arange(lq) < 90, 0, 1)[None].repeat(b, 0)
+    kw.update(q_segment_ids=seg, kv_segment_ids=seg)
+  do = ot.normal(ks[3], (b, lq, h, d), F32)
+  fn = lambda impl: jax.jit(jax.value_and_grad(
+      lambda q, k, v: jnp.sum(A.attention(q, k, v, implementation=impl, interpret=True,
+                                          **kw) * do), argnums=(0, 1, 2)))
+  (l1, g1), (l2, g2) = fn("splash")(q, k, v), fn("xla")(q, k, v)
+  np.testing.assert_allclose(l1, l2, rtol=1e-4)
+  for a, r in zip(g1, g2):
+    ot.assert_close(a, r, F32, grad=True)
