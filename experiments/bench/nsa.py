@@ -39,6 +39,7 @@ def run(shapes="bench", dtype="bfloat16", ceilings=None):
   cfg = NSAConfig()
   impl = "pallas_triton" if jax.default_backend() == "gpu" else "xla"
   rows = []
+  _decode_rows(shapes, dtype, cfg, rows)
   for s in SHAPES[shapes]:
     args = _inputs(s, cfg, dtype)
     q, kc, vc, ks, vs, kw, vw, gates = args
@@ -79,10 +80,6 @@ def run(shapes="bench", dtype="bfloat16", ceilings=None):
     ms = attempt("nsa fwd", lambda: _time(fwd, *args, iters=iters))
     if ms:
       row("nsa fwd", ms, base_f)
-    ms = attempt("nsa fwd+bwd", lambda: _time(bwd, *args, iters=iters))
-    if ms:
-      row("nsa fwd+bwd", ms, base_b)
-
     # branch breakdown (forward)
     cmp_f = jax.jit(lambda q, kc, vc: nsa_op.compressed_attention(
         q, kc, vc, block_len=cfg.block_len, stride=cfg.stride, implementation=impl))
@@ -113,10 +110,17 @@ def run(shapes="bench", dtype="bfloat16", ceilings=None):
       ms = attempt("window fwd", lambda: _time(win_f, q, kw, vw, iters=iters))
       if ms:
         row("nsa.win fwd", ms)
-    del args, q, kc, vc, ks, vs, kw, vw, gates
+    ms = attempt("nsa fwd+bwd", lambda: _time(bwd, *args, iters=iters))
+    if ms:
+      row("nsa fwd+bwd", ms, base_b)
 
-  # decode at the longest length
-  s = SHAPES[shapes][-1]
+    del args, q, kc, vc, ks, vs, kw, vw, gates
+  return rows
+
+
+def _decode_rows(shapes, dtype, cfg, rows):
+  """Decode at the longest length, batch 8 (runs first: cheap to compile)."""
+  s = max(SHAPES[shapes], key=lambda x: x.seq)
   b, t, h, hk, d = s.decode_batch, s.seq, s.heads, s.kv_heads, s.head_dim
   keys = jax.random.split(jax.random.key(1), 8)
   n = lambda k, shape: jax.random.normal(k, shape, jnp.float32).astype(dtype)
@@ -142,4 +146,5 @@ def run(shapes="bench", dtype="bfloat16", ceilings=None):
     r = timing.Row("nsa decode", name, "xla gathers", ms_n)
     r.ratios["full decode"] = ms_f / ms_n
     rows.append(r)
-  return rows
+  for r in rows:
+    print(timing.format_table([r]), flush=True)

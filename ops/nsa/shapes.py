@@ -21,4 +21,6 @@ class NSAShape:
 SHAPES = {
     "ci": (NSAShape(1, 256, 4, 1, 64, decode_batch=2),),
     "bench": tuple(NSAShape(1, t, 64, 4, 128) for t in (8192, 16384, 32768, 65536)),
+    # the two ends of the sweep, longest first (short device sessions)
+    "bench_ends": tuple(NSAShape(1, t, 64, 4, 128) for t in (65536, 8192)),
 }
