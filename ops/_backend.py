@@ -15,6 +15,8 @@ lists every implementation's reason. An unknown name is a ``ValueError``.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 from typing import Callable, Sequence
 
@@ -30,14 +32,41 @@ class UnsupportedError(NotImplementedError):
   """An implementation cannot handle this call; dispatch moves to the next."""
 
 
+# (platform, device kind) that ops trace for instead of the local backend; set by `target`.
+_TARGET: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar(
+    "ops_target", default=None)
+
+
+@contextlib.contextmanager
+def target(platform_name: str, device_kind_name: str):
+  """Trace ops for another platform than the local backend, e.g. ("tpu", "TPU v5 lite").
+
+  Ahead-of-time compilation for TPU topologies on a CPU host (jaxlm/aot.py): inside this
+  context `platform()` and `device_kind()` report the target, so default implementation
+  lists, block-size heuristics and `resolve_interpret` (no interpret mode) follow the
+  target chip. Only for lowering/compiling: the traced code cannot run on the local backend.
+  """
+  token = _TARGET.set((platform_name, device_kind_name))
+  try:
+    yield
+  finally:
+    _TARGET.reset(token)
+
+
 def platform() -> str:
   """The platform ops run on: 'cpu', 'gpu' or 'tpu' (ROCm/CUDA are both 'gpu')."""
+  tgt = _TARGET.get()
+  if tgt is not None:
+    return tgt[0]
   backend = jax.default_backend()
   return GPU if backend in ("cuda", "rocm", "gpu") else backend
 
 
 def device_kind() -> str:
   """Device kind of the first local device, e.g. 'NVIDIA H100 80GB HBM3'."""
+  tgt = _TARGET.get()
+  if tgt is not None:
+    return tgt[1]
   return jax.local_devices()[0].device_kind
 
 

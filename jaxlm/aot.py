@@ -1,0 +1,524 @@
+"""Ahead-of-time compilation for TPU topologies on a CPU host: does a run fit before you rent it?
+
+With libtpu installed (`pip install -e .[tpu]`), `jax.experimental.topologies` describes the
+devices of a TPU slice that is not attached, and `jax.jit(f).lower(<ShapeDtypeStructs sharded
+over a Mesh of those devices>).compile()` runs the real TPU compiler — SPMD partitioning, Mosaic
+(Pallas TPU) kernel lowering included — on the CPU. The compiled program's `memory_analysis()`
+gives per-chip argument / output / temporary bytes, `cost_analysis()` the FLOPs per chip, and
+its HLO text the collectives.
+
+    report = aot.compile_train_step(cfg, aot.topology_devices("v5p:4x4x4"))
+    print(aot.format_reports([report]))
+
+What works here (jax 0.10.2 + libtpu 0.0.42, checked):
+  * JAX_PLATFORMS=cpu (the local backend stays CPU, no TPU is probed); the topology API still
+    loads libtpu as a compile-only client. libtpu prints warnings about TPU_ACCELERATOR_TYPE /
+    TPU_WORKER_HOSTNAMES when no TPU VM metadata is found: harmless (`quiet_libtpu()` sets
+    placeholders before the first call to silence them).
+  * Topology names "<gen>:<shape>": v4:2x2x1 (8 devices: v4 exposes both cores of a chip),
+    v5e:2x2, v5e:4x4, v5p:2x2x1, v5p:4x4x4, v6e:2x2, v6e:16x16 … Single-host slices need at
+    least 2x2 (v5e:1x1 is rejected by libtpu).
+  * One device of a topology (SingleDeviceSharding) compiles single-chip programs: this is how
+    the Pallas kernels are checked (tests/ops/test_tpu_aot.py).
+  * Mosaic kernels cannot be partitioned automatically: a pallas_call that sees sharded
+    operands outside shard_map fails to lower ("Mosaic kernels cannot be automatically
+    partitioned. Please wrap the call in a shard_map.").
+
+`ops` picks implementations by the platform it runs on; `target_devices` makes ops trace for
+the topology's chip (ops._backend.target), so default implementation lists and block sizes are
+the TPU ones and Pallas kernels are compiled, not interpreted. Traces made under a target
+would be wrong on the local CPU, so jax's caches are cleared on entering and leaving it.
+
+Numbers: per-chip bytes are the compiled program's; `peak` = arguments + outputs − aliased
+(donated state) + temporaries + generated code. XLA's cost analysis counts FLOPs of XLA ops
+only: the FLOPs inside Pallas custom calls are not included (see `flops_note`).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import itertools
+import math
+import os
+import re
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+
+from jaxlm import sharding
+from jaxlm.config import Config, MeshConfig, validate_for_devices
+
+GiB = 1024 ** 3
+
+# HBM per chip by device kind (Cloud TPU datasheets). One jax device is one chip on every
+# generation listed here except v4 topologies, which expose each TensorCore separately when
+# megacore is off (libtpu's v4:2x2x1 has 8 devices for 4 chips): there the number is per core.
+HBM_BYTES = {
+    "TPU v4": 32 * GiB,
+    "TPU v5 lite": 16 * GiB,   # v5e
+    "TPU v5": int(95.74 * GiB),  # v5p (the TPU compiler's "available HBM")
+    "TPU v6 lite": 32 * GiB,   # v6e (Trillium)
+    "TPU7x": 192 * GiB,        # Ironwood
+}
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+
+
+class AotUnavailable(RuntimeError):
+  """libtpu (the TPU compiler) is not installed or cannot describe the topology."""
+
+
+def has_libtpu() -> bool:
+  import importlib.util
+  return importlib.util.find_spec("libtpu") is not None
+
+
+def quiet_libtpu() -> None:
+  """Placeholders for the TPU-VM metadata libtpu looks for, so it does not warn on a CPU host."""
+  os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+
+
+@functools.lru_cache(maxsize=None)
+def topology_devices(name: str) -> tuple:
+  """Devices of a TPU topology, e.g. "v5p:4x4x4" (64 chips), compile-only."""
+  if not has_libtpu():
+    raise AotUnavailable("libtpu is not installed: pip install -e '.[tpu]' (about 700 MB)")
+  if ":" not in name:
+    raise ValueError(f"topology {name!r}: expected <generation>:<shape>, e.g. v5p:4x4x4")
+  from jax.experimental import topologies
+  try:
+    topo = topologies.get_topology_desc(platform="tpu", topology_name=name)
+  except Exception as e:  # libtpu's own error (unknown generation, bad shape…)
+    raise ValueError(f"topology {name!r}: {e}") from e
+  return tuple(topo.devices)
+
+
+def hbm_bytes(device_kind: str) -> int | None:
+  # Longest key first: "TPU v5 lite" must not match "TPU v5".
+  for key in sorted(HBM_BYTES, key=len, reverse=True):
+    if device_kind.lower().startswith(key.lower()):
+      return HBM_BYTES[key]
+  return None
+
+
+@contextlib.contextmanager
+def target_devices(devices: Sequence):
+  """Trace ops for the platform / chip of `devices` (no-op for local devices)."""
+  from ops import _backend
+  dev = devices[0]
+  local = dev.platform == jax.default_backend() or dev.platform == _backend.platform()
+  if local:
+    yield
+    return
+  jax.clear_caches()
+  try:
+    with _backend.target(dev.platform, dev.device_kind):
+      yield
+  finally:
+    jax.clear_caches()
+
+
+# ----------------------------------------------------------------------------- report
+
+@dataclasses.dataclass
+class Report:
+  """One compiled program on one topology; bytes are per chip."""
+  what: str                       # "train_step" | "decode_step" | a kernel name
+  config: str
+  topology: str
+  device_kind: str
+  n_devices: int
+  mesh: dict
+  argument_bytes: int
+  output_bytes: int
+  alias_bytes: int
+  temp_bytes: int
+  code_bytes: int
+  hbm_bytes: int | None
+  flops: float | None             # per chip per step, XLA ops only
+  collectives: dict
+  compile_s: float
+  state_bytes: int = 0            # params + optimizer state per chip (train step)
+  peak_tflops: float | None = None
+  oom: str = ""                   # the TPU compiler's out-of-HBM message (then no program)
+
+  @property
+  def peak_bytes(self) -> int:
+    return (self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+            + self.code_bytes)
+
+  @property
+  def fits(self) -> bool | None:
+    if self.oom:
+      return False
+    return None if self.hbm_bytes is None else self.peak_bytes <= self.hbm_bytes
+
+  @property
+  def min_step_ms(self) -> float | None:
+    """FLOPs / datasheet peak: the step time at 100% utilisation (XLA FLOPs only)."""
+    if not self.flops or not self.peak_tflops:
+      return None
+    return self.flops / (self.peak_tflops * 1e12) * 1e3
+
+
+def count_collectives(hlo_text: str) -> dict:
+  """Collective instructions in (compiled) HLO text; async pairs count once (the -start)."""
+  counts = {}
+  for op in COLLECTIVES:
+    # " all-gather(" or " all-gather-start(" as an instruction's opcode; not "-done", and not
+    # a longer opcode that ends in the same letters (ragged-all-to-all counts separately).
+    counts[op] = len(re.findall(rf"(?<![\w-]){re.escape(op)}(?:-start)?\(", hlo_text))
+  counts["ragged-all-to-all"] = len(re.findall(r"(?<![\w-])ragged-all-to-all\(", hlo_text))
+  return counts
+
+
+def _flops(compiled) -> float | None:
+  try:
+    ca = compiled.cost_analysis()
+  except Exception:  # some backends have no cost model
+    return None
+  if isinstance(ca, (list, tuple)):
+    ca = ca[0] if ca else None
+  if not ca or "flops" not in ca:
+    return None
+  return float(ca["flops"])
+
+
+def _state_bytes(abstract_tree) -> int:
+  """Per-device bytes of a tree of sharded ShapeDtypeStructs (the largest shard)."""
+  total = 0
+  for leaf in jax.tree.leaves(abstract_tree):
+    shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
+    total += math.prod(shape) * jnp.dtype(leaf.dtype).itemsize
+  return total
+
+
+def report_of(compiled, *, what: str, config: str, topology: str, devices: Sequence,
+              mesh: dict, compile_s: float, state_bytes: int = 0) -> Report:
+  from jaxlm.train.metrics import peak_tflops
+  ma = compiled.memory_analysis()
+  kind = devices[0].device_kind
+  return Report(
+      what=what, config=config, topology=topology, device_kind=kind, n_devices=len(devices),
+      mesh=dict(mesh), argument_bytes=int(ma.argument_size_in_bytes),
+      output_bytes=int(ma.output_size_in_bytes), alias_bytes=int(ma.alias_size_in_bytes),
+      temp_bytes=int(ma.temp_size_in_bytes), code_bytes=int(ma.generated_code_size_in_bytes),
+      hbm_bytes=hbm_bytes(kind), flops=_flops(compiled),
+      collectives=count_collectives(compiled.as_text()), compile_s=compile_s,
+      state_bytes=state_bytes, peak_tflops=peak_tflops(kind))
+
+
+# ----------------------------------------------------------------------------- programs
+
+_OOM_RE = re.compile(r"HLO temporaries \(([\d.]+)([KMGT]?)\) exceeds available HBM \(([\d.]+)([KMGT]?)\)")
+_UNITS = {"": 1, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3, "T": 1024 ** 4}
+
+
+def parse_oom(message: str) -> tuple[int, int] | None:
+  """(temporaries bytes, available HBM bytes) from the TPU compiler's RESOURCE_EXHAUSTED text.
+
+  e.g. "Ran out of memory on HBM, the total memory required for HLO temporaries (105.03G)
+  exceeds available HBM (95.74G)." (XLA's "G" is GiB.)
+  """
+  m = _OOM_RE.search(message)
+  if not m:
+    return None
+  return (int(float(m.group(1)) * _UNITS[m.group(2)]), int(float(m.group(3)) * _UNITS[m.group(4)]))
+
+
+def oom_report(err: BaseException, *, what: str, config: str, topology: str, devices: Sequence,
+               mesh: dict, compile_s: float, argument_bytes: int, state_bytes: int) -> Report:
+  """A Report for a program the TPU compiler refused for lack of HBM (fits=False)."""
+  from jaxlm.train.metrics import peak_tflops
+  parsed = parse_oom(str(err))
+  if parsed is None:
+    raise err
+  temp, avail = parsed
+  kind = devices[0].device_kind
+  return Report(what=what, config=config, topology=topology, device_kind=kind,
+                n_devices=len(devices), mesh=dict(mesh), argument_bytes=argument_bytes,
+                output_bytes=state_bytes, alias_bytes=state_bytes, temp_bytes=temp, code_bytes=0,
+                hbm_bytes=avail, flops=None, collectives={}, compile_s=compile_s,
+                state_bytes=state_bytes, peak_tflops=peak_tflops(kind),
+                oom=str(err).strip().splitlines()[0])
+
+
+def _is_oom(err: BaseException) -> bool:
+  return "RESOURCE_EXHAUSTED" in str(err) and parse_oom(str(err)) is not None
+
+
+def _mesh_dict(mesh) -> dict:
+  return {k: int(v) for k, v in mesh.shape.items()}
+
+
+def _compile(fn: Callable, *args):
+  t0 = time.perf_counter()
+  compiled = fn.lower(*args).compile()
+  return compiled, time.perf_counter() - t0
+
+
+def abstract_batch(cfg: Config, mesh) -> dict:
+  """Global token batch of one optimizer step, sharded over the batch axes."""
+  t = cfg.train
+  sh = sharding.batch_sharding(mesh)
+  spec = jax.ShapeDtypeStruct((t.batch_size, t.seq_len), jnp.int32, sharding=sh)
+  return {"inputs": spec, "targets": spec}
+
+
+def compile_train_step(cfg: Config, devices: Sequence, topology: str = "") -> Report:
+  """Lower and compile the sharded, state-donating train step of `cfg` for `devices`."""
+  from jaxlm.models.functional import build
+  from jaxlm.train.optimizer import make_optimizer
+  from jaxlm.train.state import state_layout
+  from jaxlm.train.step import jit_train_step
+  devices = list(devices)
+  mesh = sharding.mesh_for(cfg, devices)
+  with target_devices(devices), sharding.use_mesh(mesh):
+    fm = build(cfg.model)
+    tx = make_optimizer(cfg.train)
+    abstract, shardings = state_layout(fm, tx, mesh)
+    step = jit_train_step(fm, cfg, tx, mesh, shardings)
+    batch = abstract_batch(cfg, mesh)
+    t0 = time.perf_counter()
+    try:
+      compiled, secs = _compile(step, abstract, batch)
+    except Exception as e:  # noqa: BLE001 - only the compiler's out-of-HBM error is a report
+      if not _is_oom(e):
+        raise
+      return oom_report(e, what="train_step", config=cfg.name, topology=topology,
+                        devices=devices, mesh=_mesh_dict(mesh),
+                        compile_s=time.perf_counter() - t0,
+                        argument_bytes=_state_bytes((abstract, batch)),
+                        state_bytes=_state_bytes(abstract))
+  return report_of(compiled, what="train_step", config=cfg.name, topology=topology,
+                   devices=devices, mesh=_mesh_dict(mesh), compile_s=secs,
+                   state_bytes=_state_bytes(abstract))
+
+
+def compile_decode_step(cfg: Config, devices: Sequence, topology: str = "",
+                        batch: int | None = None, cache_len: int | None = None) -> Report:
+  """One-token KV-cache decode step (params in the compute dtype, cache donated).
+
+  batch defaults to the training micro-batch, cache_len to train.seq_len.
+  """
+  from jaxlm.models.functional import build
+  from jaxlm.models.transformer import CACHE_AXES, init_cache
+  devices = list(devices)
+  mesh = sharding.mesh_for(cfg, devices)
+  m = cfg.model
+  batch = batch or cfg.train.batch_size // cfg.train.grad_accum
+  cache_len = cache_len or cfg.train.seq_len
+  with target_devices(devices), sharding.use_mesh(mesh):
+    fm = build(m)
+    p_shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(m.dtype)),
+                            fm.param_shapes)
+    p_sh = sharding.tree_shardings(fm.logical_axes, p_shapes, mesh)
+    c_shapes = jax.eval_shape(lambda: init_cache(m, batch, cache_len))
+    c_sh = sharding.tree_shardings(CACHE_AXES, c_shapes, mesh)
+    tok_sh = NamedSharding(mesh, sharding.spec_for(("batch", None), (batch, 1), mesh))
+    attach = lambda shapes, shs: jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shs)
+
+    def decode(params, cache, tokens):
+      logits, cache = fm.apply(params, tokens, cache=cache)
+      return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
+
+    out_tok_sh = NamedSharding(mesh, sharding.spec_for(("batch",), (batch,), mesh))
+    fn = jax.jit(decode, in_shardings=(p_sh, c_sh, tok_sh), out_shardings=(out_tok_sh, c_sh),
+                 donate_argnums=1)
+    args = (attach(p_shapes, p_sh), attach(c_shapes, c_sh),
+            jax.ShapeDtypeStruct((batch, 1), jnp.int32, sharding=tok_sh))
+    t0 = time.perf_counter()
+    try:
+      compiled, secs = _compile(fn, *args)
+    except Exception as e:  # noqa: BLE001
+      if not _is_oom(e):
+        raise
+      return oom_report(e, what=f"decode_step b{batch} cache{cache_len}", config=cfg.name,
+                        topology=topology, devices=devices, mesh=_mesh_dict(mesh),
+                        compile_s=time.perf_counter() - t0, argument_bytes=_state_bytes(args),
+                        state_bytes=_state_bytes(args[0]))
+  return report_of(compiled, what=f"decode_step b{batch} cache{cache_len}", config=cfg.name,
+                   topology=topology, devices=devices, mesh=_mesh_dict(mesh), compile_s=secs,
+                   state_bytes=_state_bytes(attach(p_shapes, p_sh)))
+
+
+def compile_single_device(fn: Callable, args: Sequence[jax.ShapeDtypeStruct], device):
+  """Compile `fn(*args)` for one (possibly unattached) device; returns the Compiled object."""
+  sh = jax.sharding.SingleDeviceSharding(device)
+  args = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh) for a in args]
+  with target_devices([device]):
+    return jax.jit(fn).lower(*args).compile()
+
+
+# ----------------------------------------------------------------------------- advice
+
+def _factorizations(n: int, k: int):
+  if k == 1:
+    yield (n,)
+    return
+  for d in range(1, n + 1):
+    if n % d == 0:
+      for rest in _factorizations(n // d, k - 1):
+        yield (d,) + rest
+
+
+def state_bytes_for_mesh(cfg: Config, devices: Sequence, mesh_cfg: MeshConfig) -> int:
+  """Exact per-chip params + optimizer-state bytes of `cfg` on another mesh (no compile)."""
+  from jaxlm.models.functional import build
+  from jaxlm.train.optimizer import make_optimizer
+  from jaxlm.train.state import state_layout
+  mesh = sharding.make_mesh(mesh_cfg, list(devices))
+  abstract, _ = state_layout(build(cfg.model), make_optimizer(cfg.train), mesh)
+  return _state_bytes(abstract)
+
+
+def fit_advice(report: Report, cfg: Config, devices: Sequence) -> str:
+  """Why a train step does not fit, by how much, and which mesh axes to grow."""
+  hbm = report.hbm_bytes
+  over = report.peak_bytes - hbm
+  lines = [f"  TPU compiler: {report.oom}"] if report.oom else []
+  lines[:0] = [
+      f"{report.config} does not fit on {report.topology or report.device_kind} "
+      f"(mesh {_fmt_mesh(report.mesh)}): needs {report.peak_bytes / GiB:.2f} GiB per chip, "
+      f"{report.device_kind} has {hbm / GiB:.1f} GiB: over by {over / GiB:.2f} GiB "
+      f"({report.peak_bytes / hbm:.2f}x).",
+      f"  params + optimizer state {report.state_bytes / GiB:.2f} GiB/chip, temporaries "
+      f"(activations, gathered weights) {report.temp_bytes / GiB:.2f} GiB/chip.",
+  ]
+  n = len(devices)
+  cur = report.mesh
+  rest = report.peak_bytes - report.state_bytes
+  # Moving devices from data to fsdp keeps the per-chip batch (both split it), so only the
+  # state per chip changes: that estimate is sound. tensor also changes activations.
+  best = None
+  for data, fsdp, tensor in _factorizations(n // cur["expert"], 3):
+    cand = MeshConfig(data=data, fsdp=fsdp, tensor=tensor, expert=cur["expert"])
+    if (data, fsdp, tensor) == (cur["data"], cur["fsdp"], cur["tensor"]):
+      continue
+    if data * fsdp != cur["data"] * cur["fsdp"] or tensor != cur["tensor"]:
+      continue
+    try:
+      validate_for_devices(dataclasses.replace(cfg, mesh=cand), n)
+    except ValueError:
+      continue
+    est = rest + state_bytes_for_mesh(cfg, devices, cand)
+    if est <= hbm and (best is None or fsdp < best[0].fsdp):
+      best = (cand, est)
+  if best is not None:
+    c, est = best
+    lines.append(
+        f"  grow mesh.fsdp: --set mesh.data={c.data} --set mesh.fsdp={c.fsdp} shards params and "
+        f"optimizer state {c.fsdp}-way (same per-chip batch); estimated {est / GiB:.2f} GiB "
+        f"per chip (recompile to confirm).")
+  else:
+    max_f = cur["data"] * cur["fsdp"]
+    lines.append(
+        f"  growing mesh.fsdp alone (up to {max_f}, all data devices) is not enough: the "
+        f"temporaries dominate. Grow mesh.tensor (splits heads/mlp activations and weights), "
+        f"raise train.grad_accum (activations scale with the micro-batch, now "
+        f"{cfg.train.batch_size // cfg.train.grad_accum}), set model.remat=full, or use a "
+        f"bigger slice.")
+  return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- table
+
+def _fmt_mesh(mesh: dict) -> str:
+  return " ".join(f"{k}={v}" for k, v in mesh.items() if v > 1) or "1 device"
+
+
+def _gib(b) -> str:
+  return f"{b / GiB:.3g}"
+
+
+def format_reports(reports: Sequence[Report]) -> str:
+  """Markdown table, one row per compiled program."""
+  head = ("| program | config | topology | chip | mesh | args GiB | out GiB | alias GiB | "
+          "temp GiB | peak GiB | HBM GiB | fits | TFLOP/chip | step ms @peak | collectives "
+          "(AR/AG/RS/A2A/CP) | compile s |")
+  rows = [head, "|" + "---|" * (head.count("|") - 1)]
+  for r in reports:
+    c = r.collectives
+    coll = "/".join(str(c.get(k, 0)) for k in COLLECTIVES) if not r.oom else "- (out of HBM)"
+    if c.get("ragged-all-to-all"):
+      coll += f" +{c['ragged-all-to-all']} ragged A2A"
+    fits = "?" if r.fits is None else ("yes" if r.fits else "**NO**")
+    rows.append(
+        f"| {r.what} | {r.config} | {r.topology} | {r.device_kind} | {_fmt_mesh(r.mesh)} | "
+        f"{_gib(r.argument_bytes)} | {_gib(r.output_bytes)} | {_gib(r.alias_bytes)} | "
+        f"{_gib(r.temp_bytes)} | {_gib(r.peak_bytes)} | "
+        f"{'-' if r.hbm_bytes is None else f'{r.hbm_bytes / GiB:.0f}'} | {fits} | "
+        f"{'-' if r.flops is None else f'{r.flops / 1e12:.2f}'} | "
+        f"{'-' if r.min_step_ms is None else f'{r.min_step_ms:.1f}'} | {coll} | "
+        f"{r.compile_s:.1f} |")
+  return "\n".join(rows)
+
+
+flops_note = ("TFLOP/chip: XLA's cost analysis of the compiled per-chip program; FLOPs inside "
+              "Pallas (Mosaic) custom calls are not counted. step ms @peak = TFLOP/chip / "
+              "datasheet bf16 peak.")
+
+MOSAIC_PARTITION_HINT = (
+    "A Pallas TPU kernel was called on sharded operands outside shard_map (Mosaic kernels "
+    "cannot be partitioned automatically). Until the layer wraps the op in shard_map, "
+    "compile with the XLA implementation, e.g. --set model.attention.implementation=xla "
+    "--set model.moe.implementation=xla.")
+
+
+def explain_compile_error(err: BaseException) -> str:
+  msg = f"{type(err).__name__}: {err}"
+  if "cannot be automatically partitioned" in msg:
+    return f"{msg}\n{MOSAIC_PARTITION_HINT}"
+  return msg
+
+
+# ----------------------------------------------------------------------------- one call
+
+@dataclasses.dataclass
+class CheckResult:
+  reports: list
+  errors: list                  # (program, message) of programs that failed to compile
+  advice: list                  # fit advice of train steps that do not fit
+
+  @property
+  def ok(self) -> bool:
+    return not self.errors and all(r.fits is not False for r in self.reports)
+
+  def text(self) -> str:
+    out = [format_reports(self.reports)] if self.reports else []
+    out += [flops_note] if self.reports else []
+    out += [f"\n{prog} FAILED to compile:\n{msg}" for prog, msg in self.errors]
+    out += ["\n" + a for a in self.advice]
+    return "\n".join(out)
+
+
+def check(cfg: Config, topology: str, programs: Sequence[str] = ("train", "decode"),
+          decode_batch: int | None = None, cache_len: int | None = None) -> CheckResult:
+  """Compile `programs` of `cfg` for every chip of `topology`; never raises on a compile error."""
+  devices = topology_devices(topology)
+  validate_for_devices(cfg, len(devices))
+  res = CheckResult([], [], [])
+  for prog in programs:
+    try:
+      if prog == "train":
+        r = compile_train_step(cfg, devices, topology)
+        if r.fits is False:
+          res.advice.append(fit_advice(r, cfg, devices))
+      elif prog == "decode":
+        r = compile_decode_step(cfg, devices, topology, batch=decode_batch, cache_len=cache_len)
+      else:
+        raise ValueError(f"unknown program {prog!r}; choose train or decode")
+      res.reports.append(r)
+    except ValueError:
+      raise
+    except Exception as e:  # noqa: BLE001 - the compiler's message is the result
+      res.errors.append((prog, explain_compile_error(e)))
+  return res
