@@ -12,8 +12,12 @@ from ops import _backend
 from ops._backend import CPU, GPU, TPU, UnsupportedError
 from ops.attention import reference
 
+# GPU: cuDNN first. On an H100 (bf16, B1 H16 D128 causal, 8k-32k) the Pallas Triton kernel
+# ran at 0.66-0.71x cuDNN forward and 0.68-0.75x forward+backward (0.89x / 0.81x with GQA +
+# window 1024), so it serves what cuDNN refuses (kv_valid, segments, sinks, soft_cap, return_lse,
+# f32, q_offset != 0, odd lengths...).
 _ATTENTION = _backend.Op("attention", {
-    GPU: ("pallas_triton", "cudnn", "xla"),
+    GPU: ("cudnn", "pallas_triton", "xla"),
     TPU: ("pallas_tpu", "splash", "xla"),
     CPU: ("xla",),
 })
