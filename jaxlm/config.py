@@ -22,6 +22,12 @@ REMAT = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_KINDS = ("full", "sliding")
 MOE_KINDS = ("none", "vanilla", "unipool")
 ROUTERS = ("softmax_topk", "norm_router", "relu_rmsnorm")
+MODEL_KINDS = ("transformer", "symboliclight")
+SPIKING_ENCODERS = ("lif", "topk")
+SPIKING_MIXERS = ("dual", "decay", "attention")
+SPIKING_HEADS = ("dynamic_prior", "static_prior")
+SPIKING_RESETS = ("hard", "subtract")
+SPIKING_SURROGATES = ("atan", "sigmoid", "triangle")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,8 +82,41 @@ class MoEConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SpikingConfig:
+  """SymbolicLight (model.kind=symboliclight, jaxlm/models/symboliclight.py); ignored otherwise.
+
+  encoder: lif = LIF over LayerNorm(embedding) (ops.lif); topk = ablation: a deterministic
+    per-token mask of the top floor(topk_fraction * d_model) channels by |x|, straight-through.
+  mixer: dual = decay path + spike-gated local attention mixed by g = sigmoid(gate);
+    decay = no attention path; attention = attention path only.
+  head: dynamic_prior = W_out c + w_p W2 GELU(W1 c); static_prior = W_out c + a learned
+    vocab bias (ablation). The paper's "decay only" run is mixer=decay + head=static_prior.
+  Local attention: key j visible from query i iff j <= i and (i - window < j or j < n_anchors)
+  and token j has a spike (ops.attention window / sinks / kv_valid).
+  """
+  encoder: str = "lif"               # lif | topk
+  mixer: str = "dual"                # dual | decay | attention
+  head: str = "dynamic_prior"        # dynamic_prior | static_prior
+  beta: float = 0.95                 # LIF leak
+  threshold: float = 1.0             # LIF and in-block spike threshold
+  v_clamp: float = 3.0               # LIF membrane clamped to [-v_clamp, v_clamp]
+  reset: str = "hard"                # hard | subtract
+  surrogate: str = "atan"            # atan | sigmoid | triangle (dH/dz for every spike)
+  surrogate_alpha: float = 2.0       # atan: 1 / (1 + (alpha z)^2)
+  topk_fraction: float = 0.11        # encoder=topk: channels kept per token
+  window: int = 256                  # local attention: keys i-window < j <= i
+  n_anchors: int = 4                 # always-visible first tokens (attention sinks)
+  decay_init: float = 3.0            # lambda_raw init (lambda = sigmoid, per head)
+  gate_init: float = 0.0             # g = sigmoid(gate)
+  prior_weight_init: float = 0.1     # w_p of the dynamic prior head
+  prior_bottleneck: int = 0          # 0 = d_model // 4
+  lif_implementation: str = ""       # ops.lif implementation ("" = platform default)
+  scan_implementation: str = ""      # ops.scan implementation ("" = platform default)
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  kind: str = "transformer"
+  kind: str = "transformer"     # transformer | symboliclight
   vocab_size: int = 4096
   d_model: int = 256
   n_layers: int = 4
@@ -96,6 +135,7 @@ class ModelConfig:
   remat: str = "none"           # none | full | dots | dots_no_batch
   attention: AttentionConfig = AttentionConfig()
   moe: MoEConfig = MoEConfig()
+  spiking: SpikingConfig = SpikingConfig()
 
   @property
   def resolved_d_expert(self) -> int:
@@ -321,7 +361,7 @@ def validate(cfg: Config) -> Config:
   """Raise ConfigError naming the first invalid field; return cfg unchanged otherwise."""
   _check_types(cfg, "")
   m, t, d = cfg.model, cfg.train, cfg.data
-  _check(m.kind in ("transformer",), "model.kind", f"{m.kind!r} not in ('transformer',)")
+  _check(m.kind in MODEL_KINDS, "model.kind", f"{m.kind!r} not in {MODEL_KINDS}")
   for k in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
     _check(getattr(m, k) >= 1, f"model.{k}", f"must be >= 1, got {getattr(m, k)}")
   _check(m.head_dim >= 0, "model.head_dim", f"must be >= 0 (0 = d_model // n_heads), got {m.head_dim}")
@@ -345,6 +385,8 @@ def validate(cfg: Config) -> Config:
     _check(a.window >= 1, "model.attention.window", "sliding attention needs window >= 1")
   _check(a.soft_cap >= 0, "model.attention.soft_cap", f"must be >= 0, got {a.soft_cap}")
   _validate_moe(m)
+  if m.kind == "symboliclight":
+    _validate_spiking(m)
 
   for k in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_every",
             "eval_batches", "checkpoint_every", "keep_checkpoints", "max_nonfinite_steps"):
@@ -407,6 +449,41 @@ def _validate_moe(m: ModelConfig):
            f"{e.top_k} > model.moe.n_experts={e.n_experts} (+{e.n_extra_experts} MoE++ experts)")
     _check(e.n_groups == 1, "model.moe.n_groups",
            f"pool groups are for moe.kind=unipool (vanilla has one pool per layer), got {e.n_groups}")
+
+
+def _validate_spiking(m: ModelConfig):
+  sp = m.spiking
+  _check(sp.encoder in SPIKING_ENCODERS, "model.spiking.encoder",
+         f"{sp.encoder!r} not in {SPIKING_ENCODERS}")
+  _check(sp.mixer in SPIKING_MIXERS, "model.spiking.mixer", f"{sp.mixer!r} not in {SPIKING_MIXERS}")
+  _check(sp.head in SPIKING_HEADS, "model.spiking.head", f"{sp.head!r} not in {SPIKING_HEADS}")
+  _check(sp.reset in SPIKING_RESETS, "model.spiking.reset", f"{sp.reset!r} not in {SPIKING_RESETS}")
+  _check(sp.surrogate in SPIKING_SURROGATES, "model.spiking.surrogate",
+         f"{sp.surrogate!r} not in {SPIKING_SURROGATES}")
+  _check(0 < sp.beta <= 1, "model.spiking.beta", f"must be in (0, 1], got {sp.beta}")
+  _check(sp.threshold > 0, "model.spiking.threshold", f"must be > 0, got {sp.threshold}")
+  _check(sp.v_clamp > sp.threshold, "model.spiking.v_clamp",
+         f"must be > model.spiking.threshold={sp.threshold} (else the LIF never fires), "
+         f"got {sp.v_clamp}")
+  _check(sp.surrogate_alpha > 0, "model.spiking.surrogate_alpha",
+         f"must be > 0, got {sp.surrogate_alpha}")
+  _check(0 < sp.topk_fraction <= 1, "model.spiking.topk_fraction",
+         f"must be in (0, 1], got {sp.topk_fraction}")
+  if sp.encoder == "topk":
+    _check(int(sp.topk_fraction * m.d_model) >= 1, "model.spiking.topk_fraction",
+           f"keeps floor({sp.topk_fraction} * model.d_model={m.d_model}) = 0 channels")
+  _check(sp.window >= 1, "model.spiking.window", f"must be >= 1, got {sp.window}")
+  _check(sp.n_anchors >= 0, "model.spiking.n_anchors", f"must be >= 0, got {sp.n_anchors}")
+  _check(sp.prior_bottleneck >= 0, "model.spiking.prior_bottleneck",
+         f"must be >= 0 (0 = d_model // 4), got {sp.prior_bottleneck}")
+  if sp.head == "dynamic_prior" and sp.prior_bottleneck == 0:
+    _check(m.d_model >= 4, "model.spiking.prior_bottleneck",
+           f"d_model // 4 = 0 for model.d_model={m.d_model}; set it explicitly")
+  _check(m.moe.kind == "none", "model.moe.kind",
+         f"model.kind=symboliclight has its own spiking FFN; got moe.kind={m.moe.kind!r}")
+  _check(m.attention.kind == "full" and m.attention.window == 0, "model.attention.window",
+         "model.kind=symboliclight sets its local window with model.spiking.window "
+         "(leave model.attention.kind=full, window=0)")
 
 
 def validate_for_devices(cfg: Config, n_devices: int) -> tuple[int, ...]:

@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm.models.functional import FunctionalModel
-from jaxlm.models.transformer import init_cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,10 +49,12 @@ def generate(fm: FunctionalModel, params, prompt, key, *, max_new_tokens: int,
   """prompt: [batch, prompt_len] int32 → [batch, max_new_tokens] int32 new tokens.
 
   Prefills the cache with the prompt in one call, then decodes one token per step
-  with lax.scan (no recomputation of the prefix).
+  with lax.scan (no recomputation of the prefix). The cache is the model kind's own
+  (`fm.init_cache`): K/V for the transformer; K/V, key spikes, decay states and the encoder
+  membrane for SymbolicLight.
   """
   b, n = prompt.shape
-  cache = init_cache(fm.cfg, b, n + max_new_tokens)
+  cache = fm.init_cache(b, n + max_new_tokens)
   logits, cache = fm.apply(params, prompt, cache=cache)
   key, sub = jax.random.split(key)
   first = sample_logits(sub, logits[:, -1], sampling)

@@ -1,9 +1,9 @@
 """Named presets: `get_preset("tiny_cpu")`. Each preset module exposes PRESETS: name -> Config."""
 from jaxlm.config import Config, ConfigError
-from jaxlm.configs import dense, moe
+from jaxlm.configs import dense, moe, symboliclight
 
 _REGISTRY: dict[str, Config] = {}
-for _module in (dense, moe):
+for _module in (dense, moe, symboliclight):
   _REGISTRY.update(_module.PRESETS)
 
 

@@ -4,17 +4,36 @@
     params = fm.init(jax.random.key(0))         # pure dict pytree
     logits, _ = fm.apply(params, tokens)        # pure function, jit/grad friendly
     axes = fm.logical_axes                      # same tree, tuples of logical axis names
+    cache = fm.init_cache(batch, max_len)       # decoding state of this model kind
+
+model.kind picks the module in MODEL_MODULES; each such module defines the model class named
+there, `init_cache(cfg, batch, max_len, dtype=None)` and CACHE_AXES.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 from typing import Any, Callable
 
 import jax
 from flax import nnx
 
 from jaxlm.config import ModelConfig
+
+
+# model.kind -> (module, class name)
+MODEL_MODULES = {
+    "transformer": ("jaxlm.models.transformer", "Transformer"),
+    "symboliclight": ("jaxlm.models.symboliclight", "SymbolicLight"),
+}
+
+
+def model_module(kind: str):
+  """The module implementing model.kind (its model class, init_cache and CACHE_AXES)."""
+  if kind not in MODEL_MODULES:
+    raise ValueError(f"unknown model.kind {kind!r}; choose from {tuple(MODEL_MODULES)}")
+  return importlib.import_module(MODEL_MODULES[kind][0])
 
 
 def _is_var(x):
@@ -51,15 +70,24 @@ class FunctionalModel:
   def apply(self, params: dict, tokens, **kwargs):
     return self.module(params)(tokens, **kwargs)
 
+  def init_cache(self, batch: int, max_len: int, dtype=None):
+    """Empty decoding cache of this model kind (see its module's init_cache)."""
+    return model_module(self.cfg.kind).init_cache(self.cfg, batch, max_len, dtype)
+
+  @property
+  def cache_axes(self) -> dict:
+    """Logical axes of init_cache's entries."""
+    axes = model_module(self.cfg.kind).CACHE_AXES
+    shapes = jax.eval_shape(lambda: self.init_cache(1, 1))
+    return {k: axes[k] for k in shapes}
+
   def num_params(self) -> int:
     return sum(int(x.size) for x in jax.tree.leaves(self.param_shapes))
 
 
 @functools.lru_cache(maxsize=16)
 def build(cfg: ModelConfig) -> FunctionalModel:
-  from jaxlm.models.transformer import Transformer
-  constructors = {"transformer": Transformer}
-  ctor = constructors[cfg.kind]
+  ctor = getattr(model_module(cfg.kind), MODEL_MODULES[cfg.kind][1])
   abstract = nnx.eval_shape(lambda: ctor(cfg, rngs=nnx.Rngs(params=0)))
   graphdef, state = nnx.split(abstract, nnx.Param)
   return FunctionalModel(cfg, ctor, graphdef, state)

@@ -10,6 +10,8 @@ MoE models: the model's aux dict (jaxlm/layers/moe_losses.model_aux) is requeste
 micro-batch's token count, so accumulation matches one large batch) and every aux value is
 reported as `moe/<name>` in the metrics (token-weighted mean over micro-batches). `loss`
 stays the cross-entropy. Dense models produce exactly the metrics they always did.
+SymbolicLight models (model.kind=symboliclight) report their spike statistics the same way, as
+`spiking/<name>` (no aux loss; see jaxlm/models/symboliclight.spike_aux).
 """
 from __future__ import annotations
 
@@ -26,15 +28,24 @@ from jaxlm.train.optimizer import lr_schedule
 from jaxlm.train.state import TrainState
 
 
+def aux_prefix(model_cfg) -> str | None:
+  """Metric prefix of the model's aux dict (requested with return_aux=True), None if it has none."""
+  if model_cfg.kind == "symboliclight":
+    return "spiking/"
+  if model_cfg.moe.kind != "none":
+    return "moe/"
+  return None
+
+
 def token_losses(fm: FunctionalModel, params, batch, z_loss: float):
   """Summed loss terms and token count of one (micro-)batch.
 
   batch: inputs/targets [batch, seq] int32, optional segment_ids [batch, seq] and
   loss_mask [batch, seq] (1 = count the token).
   """
-  is_moe = fm.cfg.moe.kind != "none"
+  prefix = aux_prefix(fm.cfg)
   out = fm.apply(params, batch["inputs"], segment_ids=batch.get("segment_ids"),
-                 **({"return_aux": True} if is_moe else {}))
+                 **({"return_aux": True} if prefix else {}))
   logits = out[0]
   mask = batch.get("loss_mask")
   mask = jnp.ones(batch["targets"].shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
@@ -42,11 +53,12 @@ def token_losses(fm: FunctionalModel, params, batch, z_loss: float):
   lse = jax.nn.logsumexp(logits, axis=-1)
   sums = {"ce": jnp.sum(ce * mask), "z": jnp.sum(jnp.square(lse) * mask)}
   total = sums["ce"] + z_loss * sums["z"] if z_loss else sums["ce"]
-  if is_moe:
+  if prefix:
     n = jnp.sum(mask)
     aux = out[2]
-    total = total + aux["aux_loss"] * n
-    sums.update({f"moe/{k}": v * n for k, v in aux.items()})
+    if "aux_loss" in aux:
+      total = total + aux["aux_loss"] * n
+    sums.update({f"{prefix}{k}": v * n for k, v in aux.items()})
   return total, (sums, jnp.sum(mask))
 
 
@@ -67,7 +79,8 @@ def train_step(state: TrainState, batch, *, fm: FunctionalModel, cfg: Config, tx
   zeros = jax.tree.map(jnp.zeros_like, state.params)
   scalar = jax.ShapeDtypeStruct((), jnp.float32)
   sums_shape = {"ce": scalar, "z": scalar}
-  if fm.cfg.moe.kind != "none":  # aux shapes (per-layer loads…) from an abstract forward
+  prefix = aux_prefix(fm.cfg)
+  if prefix:  # aux shapes (per-layer loads, spike rates…) from an abstract forward
     micro_batch = batch if t.grad_accum == 1 else jax.tree.map(lambda x: x[0], _split_micro(
         batch, t.grad_accum))
     sums_shape = jax.eval_shape(lambda p, mb: token_losses(fm, p, mb, t.z_loss)[1][0],
@@ -93,7 +106,7 @@ def train_step(state: TrainState, batch, *, fm: FunctionalModel, cfg: Config, tx
   metrics = {"loss": loss, "z_loss": z / count, "grad_norm": grad_norm,
              "lr": lr_schedule(t)(state.step), "tokens": count,
              "nonfinite": (~ok).astype(jnp.int32)}
-  metrics.update({k: v / count for k, v in sums.items() if k.startswith("moe/")})
+  metrics.update({k: v / count for k, v in sums.items() if prefix and k.startswith(prefix)})
   return new_state, metrics
 
 
