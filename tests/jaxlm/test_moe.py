@@ -147,7 +147,8 @@ class TestCapacity:
     layer.router.w.value = jnp.zeros_like(layer.router.w.value).at[:, 0].set(1.0)
     x = jnp.abs(jax.random.normal(jax.random.key(5), (1, 8, cfg.d_model), F32))
     experts = _experts(jax.random.key(6), 2, cfg.d_model, cfg.d_ff)
-    y, _, stats = layer(x, experts)
+    graphdef, state = nnx.split(layer)
+    y, _, stats = jax.jit(lambda s, x, e: nnx.merge(graphdef, s)(x, experts))(state, x, experts)
     x2 = x[0]
     r = layer.router(x2)
     np.testing.assert_array_equal(np.asarray(r.ids[:, 0]), 0)
@@ -297,13 +298,14 @@ class TestPools:
     unstacked["blocks"] = {i: jax.tree.map(lambda a: a[i], params["blocks"])
                            for i in range(cfg.n_layers)}
     toks = jax.random.randint(jax.random.key(1), (2, 8), 0, cfg.vocab_size)
-    ls, _, auxs = fs.apply(params, toks, return_aux=True)
-    lu, _, auxu = fu.apply(unstacked, toks, return_aux=True)
+    fwd = lambda fm: jax.jit(lambda p, t: fm.apply(p, t, return_aux=True))
+    ls, _, auxs = fwd(fs)(params, toks)
+    lu, _, auxu = fwd(fu)(unstacked, toks)
     assert_close(ls, lu, F32)
     assert_close(auxs["layer_load"], auxu["layer_load"], F32)
     # pool 1 (layers 2, 3) does not affect the first two layers' routing
     p2 = dict(params, pool=jax.tree.map(lambda a: a.at[1].multiply(3.0), params["pool"]))
-    _, _, aux2 = fs.apply(p2, toks, return_aux=True)
+    _, _, aux2 = fwd(fs)(p2, toks)
     np.testing.assert_array_equal(np.asarray(aux2["layer_load"][:2]),
                                   np.asarray(auxs["layer_load"][:2]))
 
@@ -313,9 +315,9 @@ class TestPools:
     params = fm.init(jax.random.key(0))
     assert "pool" not in params and "mlp" in params["blocks"]
     toks = jnp.zeros((1, 4), jnp.int32)
-    out = fm.apply(params, toks)
+    out = jax.jit(fm.apply)(params, toks)
     assert len(out) == 2
-    logits, cache, aux = fm.apply(params, toks, return_aux=True)
+    logits, cache, aux = jax.jit(lambda p, t: fm.apply(p, t, return_aux=True))(params, toks)
     assert aux == {} and cache is None
     np.testing.assert_array_equal(np.asarray(logits), np.asarray(out[0]))
 
@@ -331,7 +333,8 @@ class TestMoEPlusPlus:
     # 3 FFN experts, then zero (3), copy (4), constant (5, 6)
     ids = jnp.array([[3, 0], [4, 1], [5, 4], [6, 3], [0, 1]], jnp.int32)
     gates = jnp.array([[0.3, 0.7], [0.6, 0.4], [0.5, 0.25], [0.9, 0.1], [0.5, 0.5]], F32)
-    out = expert_pool.extra_experts(x, ids, gates, experts, 3, 1, 1, c)
+    out = jax.jit(expert_pool.extra_experts, static_argnums=(4, 5, 6, 7))(
+        x, ids, gates, experts, 3, 1, 1, c)
     a = jax.nn.softmax(jnp.einsum("td,cdo->tco", x, experts["const_w"]), -1)
     const = lambda tok, j: a[tok, j, 0] * x[tok] + a[tok, j, 1] * experts["const_v"][j]
     want = np.stack([np.zeros(d), 0.6 * x[1], 0.5 * const(2, 0) + 0.25 * x[2],
@@ -339,7 +342,7 @@ class TestMoEPlusPlus:
     np.testing.assert_allclose(np.asarray(out), want, rtol=1e-5, atol=1e-6)
     # the FFN dispatch ignores the non-FFN ids
     ffn = _experts(jax.random.key(3), 3, d, 4)
-    assert_close(expert_pool.dispatch(x, ids, gates, ffn, 3),
+    assert_close(jax.jit(expert_pool.dispatch, static_argnums=4)(x, ids, gates, ffn, 3),
                  dense_reference(x, ids, gates, ffn, 3), F32)
 
   def test_gating_residual_uses_previous_layer_logits(self):
@@ -437,7 +440,7 @@ class TestExpertParallel:
     fm = build(cfg)
     params = fm.init(jax.random.key(0))
     toks = jax.random.randint(jax.random.key(1), (4, 8), 0, cfg.vocab_size)
-    ref, _, aux_ref = fm.apply(params, toks, return_aux=True)
+    ref, _, aux_ref = jax.jit(lambda p, t: fm.apply(p, t, return_aux=True))(params, toks)
     mesh = make_mesh(MeshConfig(data=2, expert=4))
     with use_mesh(mesh):
       out, _, aux = jax.jit(lambda p, t: fm.apply(p, t, return_aux=True))(params, toks)
