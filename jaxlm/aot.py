@@ -20,6 +20,9 @@ What works here (jax 0.10.2 + libtpu 0.0.42, checked):
     least 2x2 (v5e:1x1 is rejected by libtpu).
   * One device of a topology (SingleDeviceSharding) compiles single-chip programs: this is how
     the Pallas kernels are checked (tests/ops/test_tpu_aot.py).
+  * Pallas' Mosaic lowering reads the target chip from the ambient mesh (tpu_info reads
+    get_abstract_mesh().abstract_device, else the default device = CPU → "Unsupported TPU
+    device kind: cpu"): always lower inside `sharding.use_mesh(<mesh of topology devices>)`.
   * Mosaic kernels cannot be partitioned automatically: a pallas_call that sees sharded
     operands outside shard_map fails to lower ("Mosaic kernels cannot be automatically
     partitioned. Please wrap the call in a shard_map.").
@@ -354,7 +357,11 @@ def compile_single_device(fn: Callable, args: Sequence[jax.ShapeDtypeStruct], de
   """Compile `fn(*args)` for one (possibly unattached) device; returns the Compiled object."""
   sh = jax.sharding.SingleDeviceSharding(device)
   args = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh) for a in args]
-  with target_devices([device]):
+  # The ambient mesh tells Pallas' Mosaic lowering which chip it targets (tpu_info); without
+  # one it would ask the default device (the CPU).
+  mesh = jax.sharding.Mesh(np.array([device]), ("chip",),
+                           axis_types=(jax.sharding.AxisType.Auto,))
+  with target_devices([device]), sharding.use_mesh(mesh):
     return jax.jit(fn).lower(*args).compile()
 
 
