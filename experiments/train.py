@@ -29,16 +29,17 @@ def main(argv):
   maybe_initialize()
   from jaxlm.generate import Sampling
   from jaxlm.sample import sample_text
-  from jaxlm.train.loop import NonFiniteError, Trainer
+  from jaxlm.train.checkpoint import CheckpointSaveError
+  from jaxlm.train.loop import CheckpointRestoreError, NonFiniteError, Trainer
   try:
     trainer = Trainer(cfg)
   except (ConfigError, FileNotFoundError, ValueError) as e:
     cli.fail(e)
   try:
     result = trainer.run()
-  except NonFiniteError as e:
+    trainer.close()
+  except (ConfigError, CheckpointRestoreError, CheckpointSaveError, NonFiniteError) as e:
     cli.fail(e)
-  trainer.close()
   params = trainer.state.params
   if _SAMPLE.value and jax.process_count() > 1:  # every process takes part in the gather
     from jax.experimental import multihost_utils

@@ -17,7 +17,7 @@ from jaxlm.data import get_tokenizer, make_train_iterator, make_val_batches
 from jaxlm.evaluate import mean_loss
 from jaxlm.models import build
 from jaxlm.train import metrics as metrics_lib
-from jaxlm.train.checkpoint import Checkpointer
+from jaxlm.train.checkpoint import Checkpointer, CorruptCheckpointError
 from jaxlm.train.preemption import PreemptionWatcher, Preempted
 from jaxlm.train.optimizer import make_optimizer
 from jaxlm.train.state import init_state, state_layout
@@ -71,6 +71,10 @@ class NonFiniteError(RuntimeError):
   """Too many consecutive steps with a non-finite loss or gradient."""
 
 
+class CheckpointRestoreError(RuntimeError):
+  """Checkpoints exist, but none of them could be restored."""
+
+
 @dataclasses.dataclass
 class RunResult:
   final_step: int
@@ -113,31 +117,49 @@ class Trainer:
   def initial_state(self):
     """Restore the newest readable checkpoint if there is one, else initialise.
 
-    A checkpoint that fails to restore (truncated or corrupted files) is skipped for the
-    next older one, with a warning; one whose model differs from the config stops the run.
+    Checkpoints are tried newest first. One that fails to restore (truncated, corrupted or
+    missing files, a wrong tree structure, a checksum mismatch, non-finite values) is skipped
+    with a warning; once an older one restores, the broken newer ones are moved aside to
+    `<checkpoints>.broken/` (nothing is deleted) so that training can write those steps again.
+    If checkpoints exist but none restores, CheckpointRestoreError lists why (and nothing is
+    moved). A checkpoint whose model differs from the config stops the run with a ConfigError.
     """
     steps = self.ckpt.all_steps()
+    broken: list[tuple[int, str]] = []
     for step in reversed(steps):
       try:
         stored = self.ckpt.restore_config(step)
+        if not isinstance(stored, dict):
+          raise CorruptCheckpointError(f"stored config is a {type(stored).__name__}, not a dict")
       except Exception as e:  # unreadable metadata: try an older step
-        self._warn(f"checkpoint step {step} is unreadable ({type(e).__name__}: {e}); trying an older one")
+        broken.append((step, self._skip(step, "is unreadable", e)))
         continue
-      for line in check_resume_config(stored, self.cfg):
-        self._warn(f"resuming with a changed setting: {line}")
+      changed = check_resume_config(stored, self.cfg)
       try:
         state, data_state, _ = self.ckpt.restore(step, self.abstract_state)
+        self.train_iter.set_state(data_state)
       except Exception as e:
-        self._warn(f"checkpoint step {step} is broken ({type(e).__name__}: {str(e)[:300]}); "
-                   "trying an older one")
+        broken.append((step, self._skip(step, "is broken", e)))
         continue
-      self.train_iter.set_state(data_state)
+      for bad, _ in broken:
+        moved = self.ckpt.quarantine(bad)
+        self._warn(f"moved the broken checkpoint of step {bad} to {moved or '(another host)'}")
+      for line in changed:
+        self._warn(f"resuming with a changed setting: {line}")
       if self.is_main:
         print(f"resumed from {self.ckpt.directory} at step {step}", flush=True)
       return state
     if steps:
-      self._warn(f"no checkpoint in {self.ckpt.directory} could be restored; starting from scratch")
+      raise CheckpointRestoreError(
+          f"none of the checkpoints in {self.ckpt.directory} could be restored:\n  " +
+          "\n  ".join(f"step {s}: {why}" for s, why in broken) +
+          f"\nnothing was changed on disk; move that folder away to start from scratch")
     return init_state(self.fm, self.tx, self.cfg.train.seed, self.mesh)
+
+  def _skip(self, step: int, what: str, e: Exception) -> str:
+    why = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+    self._warn(f"checkpoint step {step} {what} ({why}); trying an older one")
+    return why
 
   def _warn(self, msg: str):
     log.warning(msg)
