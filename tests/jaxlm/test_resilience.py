@@ -269,7 +269,19 @@ def _garble(rel, content):
   return damage
 
 
+def _silent_value_change(step_dir):
+  """Models corruption that every format layer reads back without complaint: the stored
+  checksum of one array no longer matches its (perfectly readable) values."""
+  path = os.path.join(step_dir, "data", "metadata")
+  with open(path) as f:
+    data = json.load(f)
+  data["_state_checksum"][5] ^= 1
+  with open(path, "w") as f:
+    json.dump(data, f)
+
+
 DAMAGE = {
+    "silent_value_change": _silent_value_change,
     "truncated_array_file": _truncate,
     "flipped_bytes": _flip_bytes,
     "missing_array_file": _remove_array_file,
@@ -315,6 +327,8 @@ def test_broken_newest_checkpoint_falls_back_to_the_previous_one(reference, refe
     assert tr.train_iter.step == 8
     out = capsys.readouterr().out
     assert "warning: checkpoint step 12 is" in out and "trying an older one" in out, out
+    if damage == "silent_value_change":
+      assert "CorruptCheckpointError: step 12: the restored state does not match the checksum" in out
     assert f"resumed from {_ckpt(cfg)} at step 8" in out
     # the broken step is moved aside (not deleted), so training can write step 12 again
     assert tr.ckpt.all_steps() == [4, 8]
