@@ -94,7 +94,7 @@ class Trainer:
     self.mesh = sharding.mesh_for(cfg, devices)
     self.is_main = jax.process_index() == 0
     self.fm = build(cfg.model)
-    self.tx = make_optimizer(cfg.train)
+    self.tx = make_optimizer(cfg.train, self.fm.logical_axes)
     self.tokenizer = get_tokenizer(cfg.data, cfg.model.vocab_size)
     self.abstract_state, self.state_shardings = state_layout(self.fm, self.tx, self.mesh)
     self.out_dir = cfg.train.output_dir

@@ -13,15 +13,24 @@ def lr_schedule(t: TrainConfig) -> optax.Schedule:
       decay_steps=t.steps, end_value=t.lr * t.min_lr_ratio)
 
 
-def _decay_mask(params):
-  # Decay matrices only: norm scales and other vectors keep their value.
+def _decay_by_ndim(params):
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def make_optimizer(t: TrainConfig) -> optax.GradientTransformation:
+def decay_mask(logical_axes):
+  """Weight-decay matrices only: a param decays when it has >= 2 dims besides the stacked
+  "layers" axis, so norm scales and biases stay undecayed whether layers are scanned or not."""
+  return jax.tree.map(lambda axes: sum(a != "layers" for a in axes) >= 2, logical_axes,
+                      is_leaf=lambda x: type(x) is tuple)
+
+
+def make_optimizer(t: TrainConfig, logical_axes=None) -> optax.GradientTransformation:
+  """AdamW chain. Pass the model's `logical_axes` for the exact decay mask; without them,
+  every param of rank >= 2 decays (stacked norm scales included)."""
+  mask = _decay_by_ndim if logical_axes is None else decay_mask(logical_axes)
   parts = []
   if t.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(t.grad_clip))
   parts.append(optax.adamw(lr_schedule(t), b1=t.b1, b2=t.b2, eps=t.eps,
-                           weight_decay=t.weight_decay, mask=_decay_mask))
+                           weight_decay=t.weight_decay, mask=mask))
   return optax.chain(*parts)

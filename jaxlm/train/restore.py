@@ -43,7 +43,7 @@ def load_run(run_dir: str, step: int | None = None, mesh_devices=None) -> Loaded
     devices = mesh_devices or jax.devices()[:1]
     mesh = sharding.make_mesh(cfg.mesh, devices)
     fm = build(cfg.model)
-    abstract, _ = state_layout(fm, make_optimizer(cfg.train), mesh)
+    abstract, _ = state_layout(fm, make_optimizer(cfg.train, fm.logical_axes), mesh)
     state, _, _ = ckpt.restore(step, abstract)
   finally:
     ckpt.close()

@@ -31,7 +31,7 @@ class Throughput:
 def measure(cfg: Config, steps: int = 10, warmup: int = 2) -> Throughput:
   mesh = sharding.mesh_for(cfg)
   fm = build(cfg.model)
-  tx = make_optimizer(cfg.train)
+  tx = make_optimizer(cfg.train, fm.logical_axes)
   _, shardings = state_layout(fm, tx, mesh)
   state = init_state(fm, tx, cfg.train.seed, mesh)
   step = jit_train_step(fm, cfg, tx, mesh, shardings)
