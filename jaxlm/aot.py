@@ -18,6 +18,11 @@ What works here (jax 0.10.2 + libtpu 0.0.42, checked):
   * Topology names "<gen>:<shape>": v4:2x2x1 (8 devices: v4 exposes both cores of a chip),
     v5e:2x2, v5e:4x4, v5p:2x2x1, v5p:4x4x4, v6e:2x2, v6e:16x16 … Single-host slices need at
     least 2x2 (v5e:1x1 is rejected by libtpu).
+  * libtpu takes a per-host lockfile: a second process fails with "Internal error when
+    accessing libtpu multi-process lockfile" unless ALLOW_MULTIPLE_LIBTPU_LOAD=1 (set by
+    `quiet_libtpu`).
+  * XLA's cost analysis counts a while-loop body once: with model.scan_layers=True its FLOPs
+    are ~1 layer's; reports carry the analytic model FLOPs as well.
   * One device of a topology (SingleDeviceSharding) compiles single-chip programs: this is how
     the Pallas kernels are checked (tests/ops/test_tpu_aot.py).
   * Pallas' Mosaic lowering reads the target chip from the ambient mesh (tpu_info reads
@@ -86,6 +91,9 @@ def quiet_libtpu() -> None:
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  # libtpu takes /tmp/libtpu_lockfile per process; compile-only clients need not be exclusive
+  # (else a second process, e.g. a pytest-xdist worker, fails with "ABORTED: … lockfile").
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
 @functools.lru_cache(maxsize=None)
@@ -93,6 +101,7 @@ def topology_devices(name: str) -> tuple:
   """Devices of a TPU topology, e.g. "v5p:4x4x4" (64 chips), compile-only."""
   if not has_libtpu():
     raise AotUnavailable("libtpu is not installed: pip install -e '.[tpu]' (about 700 MB)")
+  quiet_libtpu()  # before libtpu first loads
   if ":" not in name:
     raise ValueError(f"topology {name!r}: expected <generation>:<shape>, e.g. v5p:4x4x4")
   from jax.experimental import topologies
@@ -151,6 +160,7 @@ class Report:
   state_bytes: int = 0            # params + optimizer state per chip (train step)
   peak_tflops: float | None = None
   oom: str = ""                   # the TPU compiler's out-of-HBM message (then no program)
+  model_flops: float | None = None  # analytic train FLOPs per chip per step (6N + attention)
 
   @property
   def peak_bytes(self) -> int:
@@ -165,10 +175,11 @@ class Report:
 
   @property
   def min_step_ms(self) -> float | None:
-    """FLOPs / datasheet peak: the step time at 100% utilisation (XLA FLOPs only)."""
-    if not self.flops or not self.peak_tflops:
+    """Model FLOPs (else XLA's) / datasheet peak: the step time at 100% utilisation."""
+    flops = self.model_flops or self.flops
+    if not flops or not self.peak_tflops:
       return None
-    return self.flops / (self.peak_tflops * 1e12) * 1e3
+    return flops / (self.peak_tflops * 1e12) * 1e3
 
 
 def count_collectives(hlo_text: str) -> dict:
@@ -295,14 +306,26 @@ def compile_train_step(cfg: Config, devices: Sequence, topology: str = "") -> Re
     except Exception as e:  # noqa: BLE001 - only the compiler's out-of-HBM error is a report
       if not _is_oom(e):
         raise
-      return oom_report(e, what="train_step", config=cfg.name, topology=topology,
-                        devices=devices, mesh=_mesh_dict(mesh),
-                        compile_s=time.perf_counter() - t0,
-                        argument_bytes=_state_bytes((abstract, batch)),
-                        state_bytes=_state_bytes(abstract))
-  return report_of(compiled, what="train_step", config=cfg.name, topology=topology,
-                   devices=devices, mesh=_mesh_dict(mesh), compile_s=secs,
-                   state_bytes=_state_bytes(abstract))
+      r = oom_report(e, what="train_step", config=cfg.name, topology=topology,
+                     devices=devices, mesh=_mesh_dict(mesh),
+                     compile_s=time.perf_counter() - t0,
+                     argument_bytes=_state_bytes((abstract, batch)),
+                     state_bytes=_state_bytes(abstract))
+      r.model_flops = model_flops_per_chip(cfg, len(devices))
+      return r
+  r = report_of(compiled, what="train_step", config=cfg.name, topology=topology,
+                devices=devices, mesh=_mesh_dict(mesh), compile_s=secs,
+                state_bytes=_state_bytes(abstract))
+  r.model_flops = model_flops_per_chip(cfg, len(devices))
+  return r
+
+
+def model_flops_per_chip(cfg: Config, n_devices: int) -> float:
+  """Analytic train FLOPs of one optimizer step per chip (jaxlm.train.metrics: fwd+bwd of every
+  matmul and causal attention; MoE counts the dense d_ff, not active experts)."""
+  from jaxlm.train.metrics import train_flops_per_token
+  t = cfg.train
+  return train_flops_per_token(cfg.model, t.seq_len) * t.batch_size * t.seq_len / n_devices
 
 
 def compile_decode_step(cfg: Config, devices: Sequence, topology: str = "",
@@ -449,7 +472,8 @@ def _gib(b) -> str:
 def format_reports(reports: Sequence[Report]) -> str:
   """Markdown table, one row per compiled program."""
   head = ("| program | config | topology | chip | mesh | args GiB | out GiB | alias GiB | "
-          "temp GiB | peak GiB | HBM GiB | fits | TFLOP/chip | step ms @peak | collectives "
+          "temp GiB | peak GiB | HBM GiB | fits | XLA TFLOP/chip | model TFLOP/chip | "
+          "step ms @peak | collectives "
           "(AR/AG/RS/A2A/CP) | compile s |")
   rows = [head, "|" + "---|" * (head.count("|") - 1)]
   for r in reports:
@@ -464,14 +488,17 @@ def format_reports(reports: Sequence[Report]) -> str:
         f"{_gib(r.temp_bytes)} | {_gib(r.peak_bytes)} | "
         f"{'-' if r.hbm_bytes is None else f'{r.hbm_bytes / GiB:.0f}'} | {fits} | "
         f"{'-' if r.flops is None else f'{r.flops / 1e12:.2f}'} | "
+        f"{'-' if r.model_flops is None else f'{r.model_flops / 1e12:.2f}'} | "
         f"{'-' if r.min_step_ms is None else f'{r.min_step_ms:.1f}'} | {coll} | "
         f"{r.compile_s:.1f} |")
   return "\n".join(rows)
 
 
-flops_note = ("TFLOP/chip: XLA's cost analysis of the compiled per-chip program; FLOPs inside "
-              "Pallas (Mosaic) custom calls are not counted. step ms @peak = TFLOP/chip / "
-              "datasheet bf16 peak.")
+flops_note = ("XLA TFLOP/chip: cost analysis of the compiled per-chip program; it counts a "
+              "while-loop body once (scanned layers, grad_accum) and skips Pallas (Mosaic) "
+              "custom calls, so it undercounts. model TFLOP/chip: analytic 6N + attention "
+              "(jaxlm.train.metrics). step ms @peak = model (else XLA) TFLOP/chip / datasheet "
+              "bf16 peak.")
 
 MOSAIC_PARTITION_HINT = (
     "A Pallas TPU kernel was called on sharded operands outside shard_map (Mosaic kernels "

@@ -30,6 +30,9 @@ MOSAIC_CALL = "tpu_custom_call"  # the custom-call target of a compiled Mosaic k
 
 @functools.lru_cache(maxsize=None)
 def _chip(topology: str):
+  import os
+  # libtpu's per-host lockfile would stop a second process (xdist worker) from loading it.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies
   return topologies.get_topology_desc(platform="tpu", topology_name=topology).devices[0]
 
