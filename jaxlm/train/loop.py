@@ -200,7 +200,7 @@ class Trainer:
           state, m = self.step_fn(state, batch)
           pending.append(m)
           done = step + 1
-          stop = watcher.requested
+          stop = watcher.should_stop(done)
           if done % t.log_every == 0 or done == end or stop:
             vals = jax.device_get(pending)
             elapsed = time.perf_counter() - window_t0
