@@ -19,7 +19,7 @@ class ConfigError(ValueError):
 
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT = ("none", "full", "dots", "dots_no_batch")
-ATTENTION_KINDS = ("full", "sliding")
+ATTENTION_KINDS = ("full", "sliding", "nsa")
 MOE_KINDS = ("none", "vanilla", "unipool")
 ROUTERS = ("softmax_topk", "norm_router", "relu_rmsnorm")
 MODEL_KINDS = ("transformer", "symboliclight")
@@ -32,10 +32,29 @@ SPIKING_SURROGATES = ("atan", "sigmoid", "triangle")
 
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
-  kind: str = "full"            # full | sliding
+  """Self-attention of the transformer block.
+
+  kind=nsa: Native Sparse Attention (jaxlm/layers/nsa.py over ops.nsa; Yuan et al., 2025).
+  Compressed branch: blocks of nsa_block_len keys every nsa_stride tokens, each mapped to one
+  key/value by an MLP (hidden nsa_compress_hidden, 0 = 2 * head_dim) with intra-block position
+  encoding; selected branch: the nsa_top_n best blocks of nsa_select_len tokens (always the
+  first nsa_n_always_first and the nsa_n_local latest); window branch: the last nsa_window
+  tokens. Gates sigmoid(W x + b) per branch and head. nsa_shared_kv: one k/v projection for
+  all three branches instead of one each (the paper's default is one each).
+  """
+  kind: str = "full"            # full | sliding | nsa
   window: int = 0               # sliding: keys pos-window < j <= pos
   soft_cap: float = 0.0         # 0 = off; else logits = c*tanh(logits/c)
   implementation: str = ""      # "" = ops' per-platform default; else a name or "a,b" sequence
+  nsa_block_len: int = 32       # l: tokens per compression block
+  nsa_stride: int = 16          # d: distance between compression blocks
+  nsa_select_len: int = 64      # l': tokens per selection block
+  nsa_top_n: int = 16           # n: selection blocks per query and GQA group (forced included)
+  nsa_window: int = 512         # w: sliding-window branch length
+  nsa_n_always_first: int = 1   # leading selection blocks always selected
+  nsa_n_local: int = 2          # trailing selection blocks always selected (incl. the query's)
+  nsa_compress_hidden: int = 0  # compression MLP width; 0 = 2 * head_dim
+  nsa_shared_kv: bool = False   # one k/v projection shared by the three branches
 
 
 @dataclasses.dataclass(frozen=True)
@@ -384,6 +403,8 @@ def validate(cfg: Config) -> Config:
   if a.kind == "sliding":
     _check(a.window >= 1, "model.attention.window", "sliding attention needs window >= 1")
   _check(a.soft_cap >= 0, "model.attention.soft_cap", f"must be >= 0, got {a.soft_cap}")
+  if a.kind == "nsa":
+    _validate_nsa(m)
   _validate_moe(m)
   if m.kind == "symboliclight":
     _validate_spiking(m)
@@ -421,6 +442,23 @@ def validate(cfg: Config) -> Config:
     s = getattr(cfg.mesh, n)
     _check(s == -1 or s >= 1, f"mesh.{n}", f"must be a positive size or -1, got {s}")
   return cfg
+
+
+def _validate_nsa(m: ModelConfig):
+  a, p = m.attention, "model.attention."
+  _check(m.kind == "transformer", "model.attention.kind",
+         f"nsa is an attention of model.kind=transformer, got model.kind={m.kind!r}")
+  for k in ("nsa_block_len", "nsa_stride", "nsa_select_len", "nsa_top_n", "nsa_window"):
+    _check(getattr(a, k) >= 1, p + k, f"must be >= 1, got {getattr(a, k)}")
+  for k in ("nsa_n_always_first", "nsa_n_local", "nsa_compress_hidden"):
+    _check(getattr(a, k) >= 0, p + k, f"must be >= 0, got {getattr(a, k)}")
+  _check(a.nsa_block_len % a.nsa_stride == 0, p + "nsa_block_len",
+         f"{a.nsa_block_len} is not a multiple of {p}nsa_stride={a.nsa_stride}")
+  _check(a.nsa_select_len % a.nsa_stride == 0, p + "nsa_select_len",
+         f"{a.nsa_select_len} is not a multiple of {p}nsa_stride={a.nsa_stride}")
+  _check(a.window == 0, p + "window",
+         f"kind=nsa sets its window with {p}nsa_window (leave window=0), got {a.window}")
+  _check(a.soft_cap == 0, p + "soft_cap", f"kind=nsa has no logit soft cap, got {a.soft_cap}")
 
 
 def _validate_moe(m: ModelConfig):

@@ -77,7 +77,8 @@ class FunctionalModel:
   @property
   def cache_axes(self) -> dict:
     """Logical axes of init_cache's entries."""
-    axes = model_module(self.cfg.kind).CACHE_AXES
+    mod = model_module(self.cfg.kind)
+    axes = mod.cache_axes(self.cfg) if hasattr(mod, "cache_axes") else mod.CACHE_AXES
     shapes = jax.eval_shape(lambda: self.init_cache(1, 1))
     return {k: axes[k] for k in shapes}
 

@@ -22,6 +22,7 @@ from jaxlm.layers.mlp import SwiGLU, out_proj_std
 from jaxlm.layers.moe import MoEFFN
 from jaxlm.layers.moe_losses import model_aux
 from jaxlm.layers.norms import RMSNorm
+from jaxlm.layers import nsa as nsa_layer
 from jaxlm.layers.params import param
 from jaxlm.models.stacking import maybe_remat, scan_blocks, stack_modules
 from jaxlm.sharding import constrain
@@ -33,7 +34,8 @@ class Block(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     pd = cfg.param_dtype
     self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs, param_dtype=pd)
-    self.attn = Attention(cfg, rngs=rngs)
+    self.attn = (nsa_layer.NSAAttention(cfg, rngs=rngs) if cfg.attention.kind == "nsa"
+                 else Attention(cfg, rngs=rngs))
     self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs, param_dtype=pd)
     if cfg.moe.kind == "none":
       self.mlp = SwiGLU(cfg.d_model, cfg.d_ff, std=cfg.init_std,
@@ -47,6 +49,13 @@ class Block(nnx.Module):
     x = constrain(x + h, ACT)
     x = constrain(x + self.mlp(self.mlp_norm(x)), ACT)
     return x, cache
+
+  def call_with_stats(self, x, positions, segment_ids=None, cache=None):
+    """Dense block with an NSA attention: (x, cache, NSA gate stats)."""
+    h, cache, stats = self.attn.call_with_stats(self.attn_norm(x), positions, segment_ids, cache)
+    x = constrain(x + h, ACT)
+    x = constrain(x + self.mlp(self.mlp_norm(x)), ACT)
+    return x, cache, stats
 
   def moe_call(self, x, positions, segment_ids, cache, experts, prev_logits):
     """MoE block: returns (x, cache, router logits, per-layer routing stats)."""
@@ -81,8 +90,8 @@ class Transformer(nnx.Module):
     if self.cfg.moe.kind != "none":
       logits, new_cache, aux = self._moe_forward(tokens, positions, segment_ids, cache)
       return (logits, new_cache, aux) if return_aux else (logits, new_cache)
-    logits, new_cache = self._dense_forward(tokens, positions, segment_ids, cache)
-    return (logits, new_cache, {}) if return_aux else (logits, new_cache)
+    logits, new_cache, aux = self._dense_forward(tokens, positions, segment_ids, cache)
+    return (logits, new_cache, aux) if return_aux else (logits, new_cache)
 
   def _dense_forward(self, tokens, positions, segment_ids, cache):
     cfg = self.cfg
@@ -91,16 +100,21 @@ class Transformer(nnx.Module):
       start = cache["lengths"][:, None] if cache is not None else 0
       positions = start + jnp.arange(s, dtype=jnp.int32)[None, :]
     x = constrain(self.embed(tokens, jnp.dtype(cfg.dtype)), ACT)
-    layer_caches = None if cache is None else {"k": cache["k"], "v": cache["v"]}
+    layer_caches = None if cache is None else {k: v for k, v in cache.items() if k != "lengths"}
     lengths = None if cache is None else cache["lengths"]
+    is_nsa = cfg.attention.kind == "nsa"
 
     def body(block, x, layer_cache):
       c = None if layer_cache is None else dict(layer_cache, lengths=lengths)
-      x, c = block(x, positions, segment_ids, c)
-      return x, None if c is None else {"k": c["k"], "v": c["v"]}
+      if is_nsa:
+        x, c, st = block.call_with_stats(x, positions, segment_ids, c)
+      else:
+        (x, c), st = block(x, positions, segment_ids, c), None
+      c = None if c is None else {k: v for k, v in c.items() if k != "lengths"}
+      return x, (c, st)
 
     if cfg.scan_layers:
-      x, new_layers = scan_blocks(self.blocks, x, layer_caches, body, cfg.remat)
+      x, (new_layers, stats) = scan_blocks(self.blocks, x, layer_caches, body, cfg.remat)
     else:
       outs = []
       run = maybe_remat(lambda blk, x, c: body(blk, x, c), cfg.remat) if cache is None else body
@@ -108,9 +122,11 @@ class Transformer(nnx.Module):
         c = None if layer_caches is None else jax.tree.map(lambda a: a[i], layer_caches)
         x, c = run(blk, x, c)
         outs.append(c)
-      new_layers = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
+      new_layers, stats = jax.tree.map(lambda *a: jnp.stack(a), *outs) if outs else (None, None)
+      new_layers = None if cache is None else new_layers
     new_cache = None if cache is None else dict(new_layers, lengths=lengths + s)
-    return self._head(x), new_cache
+    aux = nsa_layer.gate_aux(stats["gate_mean"]) if is_nsa else {}
+    return self._head(x), new_cache, aux
 
   def _head(self, x):
     x = self.final_norm(x)
@@ -173,8 +189,17 @@ class Transformer(nnx.Module):
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None):
-  """Empty KV cache: dict(k, v: [layers, batch, max_len, kv_heads, head_dim], lengths: [batch])."""
+  """Empty KV cache: dict(k, v: [layers, batch, max_len, kv_heads, head_dim], lengths: [batch]).
+
+  attention.kind=nsa: the raw caches of the three branches and the compressed kc, vc instead of
+  k, v (jaxlm/layers/nsa.py init_layer_caches)."""
   dtype = jnp.dtype(dtype or cfg.dtype)
+  if cfg.attention.kind == "nsa":
+    if cfg.moe.kind != "none":
+      raise ValueError("decoding caches of NSA attention are for dense FFN models "
+                       "(model.moe.kind='none'); NSA + MoE trains but has no decode path")
+    return dict(nsa_layer.init_layer_caches(cfg, batch, max_len, dtype),
+                lengths=jnp.zeros((batch,), jnp.int32))
   shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.resolved_head_dim)
   return dict(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
               lengths=jnp.zeros((batch,), jnp.int32))
@@ -182,3 +207,11 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None):
 
 CACHE_AXES = dict(k=("layers", "batch", None, "kv_heads", "head_dim"),
                   v=("layers", "batch", None, "kv_heads", "head_dim"), lengths=("batch",))
+
+
+def cache_axes(cfg: ModelConfig) -> dict:
+  """Logical axes of init_cache(cfg, ...)'s entries (CACHE_AXES for full/sliding attention)."""
+  if cfg.attention.kind != "nsa":
+    return dict(CACHE_AXES)
+  names = jax.eval_shape(lambda: init_cache(cfg, 1, 1))
+  return {k: nsa_layer.CACHE_AXES.get(k, CACHE_AXES.get(k)) for k in names}

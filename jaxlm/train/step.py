@@ -34,6 +34,8 @@ def aux_prefix(model_cfg) -> str | None:
     return "spiking/"
   if model_cfg.moe.kind != "none":
     return "moe/"
+  if model_cfg.attention.kind == "nsa":  # per-branch mean gates (jaxlm/layers/nsa.gate_aux)
+    return "nsa/"
   return None
 
 
