@@ -61,6 +61,10 @@ class NSABlockConfig:
   covers whole selection blocks). bwd_chunk: queries per work item of the dk/dv kernel (a block
   selected by more queries is split over several items, partial sums reduced afterwards).
   *_warps / *_stages: Triton launch parameters.
+  tpu_block_q: query positions per program of the TPU selected-attention kernels (rows =
+  GQA group x tpu_block_q; a multiple of 16 so bf16 tiles fill the sublanes).
+  tpu_prefetch_max: most int32 entries of one scalar-prefetch (SMEM) array per TPU call;
+  longer sequences are split into query chunks of that many (tile, block) entries.
   """
   sel_block_k: int | None = None
   sel_num_warps: int = 4
@@ -72,6 +76,8 @@ class NSABlockConfig:
   bwd_chunk: int = 64
   bwd_num_warps: int = 4
   bwd_num_stages: int = 2
+  tpu_block_q: int = 16
+  tpu_prefetch_max: int = 1 << 14
 
   def replace(self, **kw) -> "NSABlockConfig":
     return dataclasses.replace(self, **kw)
@@ -80,7 +86,7 @@ class NSABlockConfig:
   def for_device(cls, device_kind: str) -> "NSABlockConfig":
     kind = device_kind.lower()
     if "tpu" in kind:
-      return cls(score_block_q=8, bwd_chunk=128)
+      return cls(score_block_q=8, bwd_chunk=128, tpu_block_q=16, tpu_prefetch_max=1 << 14)
     if any(s in kind for s in ("h100", "h200", "h800", "gh200")):
       return cls(sel_num_warps=4, sel_num_stages=2, score_block_q=16, score_num_warps=4,
                  bwd_chunk=64, bwd_num_warps=4)
@@ -89,7 +95,7 @@ class NSABlockConfig:
   @classmethod
   def small(cls) -> "NSABlockConfig":
     """Small items so interpret tests split blocks over several bwd work items."""
-    return cls(score_block_q=4, bwd_chunk=8)
+    return cls(score_block_q=4, bwd_chunk=8, tpu_block_q=16, tpu_prefetch_max=256)
 
 
 def default_block_config() -> NSABlockConfig:
