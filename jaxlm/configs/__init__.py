@@ -1,9 +1,9 @@
 """Named presets: `get_preset("tiny_cpu")`. Each preset module exposes PRESETS: name -> Config."""
 from jaxlm.config import Config, ConfigError
-from jaxlm.configs import dense, moe, symboliclight
+from jaxlm.configs import dense, moe, nsa, symboliclight
 
 _REGISTRY: dict[str, Config] = {}
-for _module in (dense, moe, symboliclight):
+for _module in (dense, moe, symboliclight, nsa):
   _REGISTRY.update(_module.PRESETS)
 
 
