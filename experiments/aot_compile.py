@@ -6,6 +6,8 @@ program does not fit (with by how much and which mesh axes to grow) or fails to 
 
   python experiments/aot_compile.py --topology=v5p:4x4x4 --config=dense_1b \
       --set mesh.data=4 --set mesh.fsdp=16
+  python experiments/aot_compile.py --topology=v6e:16x16 --config=unipool_978m --xla_ops \
+      --set mesh.data=16 --set mesh.fsdp=16
   python experiments/aot_compile.py --topology=v5e:2x2 --config=tiny_cpu --programs=train
 """
 import os
@@ -24,6 +26,9 @@ _TOPOLOGY = flags.DEFINE_string("topology", "v5e:2x2", "TPU slice, e.g. v5e:4x4,
 _PROGRAMS = flags.DEFINE_list("programs", ["train", "decode"], "train and/or decode")
 _DECODE_BATCH = flags.DEFINE_integer("decode_batch", 0, "decode batch (0 = train micro-batch)")
 _CACHE_LEN = flags.DEFINE_integer("cache_len", 0, "decode KV-cache length (0 = train.seq_len)")
+_XLA_OPS = flags.DEFINE_bool(
+    "xla_ops", False, "set every ops implementation (attention, gmm, nsa, scan, lif) to xla: "
+    "Pallas TPU kernels called outside shard_map cannot be partitioned over a multi-chip mesh")
 
 
 def main(argv):
@@ -34,6 +39,8 @@ def main(argv):
     cli.fail(e)
   from jaxlm import aot
   aot.quiet_libtpu()
+  if _XLA_OPS.value:
+    cfg = aot.with_xla_ops(cfg)
   try:
     result = aot.check(cfg, _TOPOLOGY.value, _PROGRAMS.value,
                        decode_batch=_DECODE_BATCH.value or None,

@@ -74,6 +74,8 @@ HBM_BYTES = {
     "TPU7x": 192 * GiB,        # Ironwood
 }
 
+TIGHT = 0.95  # a fitting program above this fraction of HBM is reported as tight
+
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 
 
@@ -161,6 +163,10 @@ class Report:
   peak_tflops: float | None = None
   oom: str = ""                   # the TPU compiler's out-of-HBM message (then no program)
   model_flops: float | None = None  # analytic train FLOPs per chip per step (6N + attention)
+  # The TPU compiler accepted the program: it checks its buffers against the chip's HBM itself
+  # (and fails with RESOURCE_EXHAUSTED, then `oom`), so a compiled TPU program fits by its
+  # accounting even when `peak_bytes` (a sum that double-counts reused buffers) is a hair over.
+  compiler_checked: bool = False
 
   @property
   def peak_bytes(self) -> int:
@@ -171,7 +177,15 @@ class Report:
   def fits(self) -> bool | None:
     if self.oom:
       return False
-    return None if self.hbm_bytes is None else self.peak_bytes <= self.hbm_bytes
+    if self.hbm_bytes is None:
+      return None
+    return self.compiler_checked or self.peak_bytes <= self.hbm_bytes
+
+  @property
+  def tight(self) -> bool:
+    """Within 5% of HBM: the TPU compiler rematerializes under memory pressure to get there
+    (extra recompute that no FLOP column shows), and a real run has no headroom."""
+    return bool(self.fits and self.hbm_bytes and self.peak_bytes >= TIGHT * self.hbm_bytes)
 
   @property
   def min_step_ms(self) -> float | None:
@@ -226,7 +240,8 @@ def report_of(compiled, *, what: str, config: str, topology: str, devices: Seque
       temp_bytes=int(ma.temp_size_in_bytes), code_bytes=int(ma.generated_code_size_in_bytes),
       hbm_bytes=hbm_bytes(kind), flops=_flops(compiled),
       collectives=count_collectives(compiled.as_text()), compile_s=compile_s,
-      state_bytes=state_bytes, peak_tflops=peak_tflops(kind))
+      state_bytes=state_bytes, peak_tflops=peak_tflops(kind),
+      compiler_checked=devices[0].platform == "tpu")
 
 
 # ----------------------------------------------------------------------------- programs
@@ -459,6 +474,28 @@ def fit_advice(report: Report, cfg: Config, devices: Sequence) -> str:
   return "\n".join(lines)
 
 
+def decode_fit_advice(report: Report) -> str:
+  hbm = report.hbm_bytes
+  return (
+      f"{report.config} {report.what} does not fit on {report.topology or report.device_kind} "
+      f"(mesh {_fmt_mesh(report.mesh)}): needs {report.peak_bytes / GiB:.2f} GiB per chip, "
+      f"{report.device_kind} has {hbm / GiB:.1f} GiB: over by "
+      f"{(report.peak_bytes - hbm) / GiB:.2f} GiB. Params {report.state_bytes / GiB:.2f} "
+      f"GiB/chip (grow mesh.fsdp / mesh.tensor to shard them); the KV cache scales with "
+      f"--decode_batch and --cache_len (its batch splits over mesh.data x mesh.fsdp, its kv "
+      f"heads over mesh.tensor).")
+
+
+def tight_note(report: Report) -> str:
+  return (
+      f"note: {report.config} {report.what} on {report.topology or report.device_kind} compiles "
+      f"but uses {report.peak_bytes / GiB:.2f} of {report.hbm_bytes / GiB:.1f} GiB per chip "
+      f"(>= {TIGHT:.0%}): the TPU compiler rematerializes activations under memory pressure "
+      f"to get there (recompute no FLOP column counts) and a real run has no headroom. For "
+      f"room: grow mesh.fsdp (shards params and optimizer state), raise train.grad_accum "
+      f"(smaller micro-batch), or set model.remat=full.")
+
+
 # ----------------------------------------------------------------------------- table
 
 def _fmt_mesh(mesh: dict) -> str:
@@ -481,7 +518,8 @@ def format_reports(reports: Sequence[Report]) -> str:
     coll = "/".join(str(c.get(k, 0)) for k in COLLECTIVES) if not r.oom else "- (out of HBM)"
     if c.get("ragged-all-to-all"):
       coll += f" +{c['ragged-all-to-all']} ragged A2A"
-    fits = "?" if r.fits is None else ("yes" if r.fits else "**NO**")
+    fits = "?" if r.fits is None else (("yes, tight" if r.tight else "yes") if r.fits
+                                       else "**NO**")
     rows.append(
         f"| {r.what} | {r.config} | {r.topology} | {r.device_kind} | {_fmt_mesh(r.mesh)} | "
         f"{_gib(r.argument_bytes)} | {_gib(r.output_bytes)} | {_gib(r.alias_bytes)} | "
@@ -503,8 +541,24 @@ flops_note = ("XLA TFLOP/chip: cost analysis of the compiled per-chip program; i
 MOSAIC_PARTITION_HINT = (
     "A Pallas TPU kernel was called on sharded operands outside shard_map (Mosaic kernels "
     "cannot be partitioned automatically). Until the layer wraps the op in shard_map, "
-    "compile with the XLA implementation, e.g. --set model.attention.implementation=xla "
-    "--set model.moe.implementation=xla.")
+    "compile with the XLA implementations of the ops: --xla_ops (aot_compile.py), or "
+    "--set model.attention.implementation=xla (and model.moe.implementation, "
+    "model.spiking.lif_implementation / scan_implementation).")
+
+
+def with_xla_ops(cfg: Config) -> Config:
+  """`cfg` with every ops implementation field (model.attention.implementation,
+  model.moe.implementation, model.spiking.{lif,scan}_implementation, …) set to "xla"."""
+  def walk(dc):
+    changes = {}
+    for f in dataclasses.fields(dc):
+      v = getattr(dc, f.name)
+      if dataclasses.is_dataclass(v):
+        changes[f.name] = walk(v)
+      elif f.name == "implementation" or f.name.endswith("_implementation"):
+        changes[f.name] = "xla"
+    return dataclasses.replace(dc, **changes)
+  return dataclasses.replace(cfg, model=walk(cfg.model))
 
 
 def explain_compile_error(err: BaseException) -> str:
@@ -520,7 +574,8 @@ def explain_compile_error(err: BaseException) -> str:
 class CheckResult:
   reports: list
   errors: list                  # (program, message) of programs that failed to compile
-  advice: list                  # fit advice of train steps that do not fit
+  advice: list                  # fit advice of programs that do not fit
+  notes: list = dataclasses.field(default_factory=list)  # fitting, but at the HBM limit
 
   @property
   def ok(self) -> bool:
@@ -530,6 +585,7 @@ class CheckResult:
     out = [format_reports(self.reports)] if self.reports else []
     out += [flops_note] if self.reports else []
     out += [f"\n{prog} FAILED to compile:\n{msg}" for prog, msg in self.errors]
+    out += ["\n" + a for a in self.notes]
     out += ["\n" + a for a in self.advice]
     return "\n".join(out)
 
@@ -548,8 +604,12 @@ def check(cfg: Config, topology: str, programs: Sequence[str] = ("train", "decod
           res.advice.append(fit_advice(r, cfg, devices))
       elif prog == "decode":
         r = compile_decode_step(cfg, devices, topology, batch=decode_batch, cache_len=cache_len)
+        if r.fits is False:
+          res.advice.append(decode_fit_advice(r))
       else:
         raise ValueError(f"unknown program {prog!r}; choose train or decode")
+      if r.tight:
+        res.notes.append(tight_note(r))
       res.reports.append(r)
     except ValueError:
       raise

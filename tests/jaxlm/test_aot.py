@@ -116,6 +116,47 @@ def test_fit_advice_suggests_fsdp_when_state_dominates():
   assert "temporaries dominate" in aot.fit_advice(r2, cfg, devices)
 
 
+def test_compiled_tpu_program_fits_by_the_compilers_word():
+  """A program the TPU compiler accepted fits, even a hair over our summed peak; within 5% of
+  HBM it is reported tight (with a note), not as fitting comfortably."""
+  gib = aot.GiB
+  r = aot.Report(what="train_step", config="c", topology="v5p:4x4x4", device_kind="TPU v5",
+                 n_devices=64, mesh={"data": 4, "fsdp": 16, "tensor": 1, "expert": 1},
+                 argument_bytes=gib, output_bytes=gib, alias_bytes=gib, temp_bytes=95 * gib,
+                 code_bytes=0, hbm_bytes=aot.hbm_bytes("TPU v5"), flops=1e12, collectives={},
+                 compile_s=1.0, state_bytes=gib, compiler_checked=True)
+  assert r.peak_bytes > r.hbm_bytes and r.fits is True and r.tight
+  assert "yes, tight" in aot.format_reports([r])
+  assert "no headroom" in aot.tight_note(r) and "mesh.fsdp" in aot.tight_note(r)
+  roomy = dataclasses.replace(r, temp_bytes=10 * gib)
+  assert roomy.fits and not roomy.tight
+  assert "| yes |" in aot.format_reports([roomy])
+  # Not compiled by the TPU compiler (or refused by it): the byte sum / the refusal decides.
+  assert dataclasses.replace(r, compiler_checked=False).fits is False
+  assert dataclasses.replace(r, oom="RESOURCE_EXHAUSTED: ...").fits is False
+
+
+def test_with_xla_ops_sets_every_implementation():
+  for name in ("tiny_symboliclight_cpu", "tiny_unipool_cpu", "tiny_cpu"):
+    cfg = aot.with_xla_ops(configs.get_preset(name))
+    m = cfg.model
+    assert m.attention.implementation == "xla" and m.moe.implementation == "xla"
+    assert m.spiking.lif_implementation == "xla" and m.spiking.scan_implementation == "xla"
+    assert dataclasses.replace(cfg, model=configs.get_preset(name).model) == \
+        configs.get_preset(name)  # nothing else changed
+
+
+def test_decode_fit_advice_names_the_knobs():
+  r = aot.Report(what="decode_step b512 cache4096", config="c", topology="v5e:2x2",
+                 device_kind="TPU v5 lite", n_devices=4,
+                 mesh={"data": 4, "fsdp": 1, "tensor": 1, "expert": 1},
+                 argument_bytes=20 * aot.GiB, output_bytes=0, alias_bytes=0, temp_bytes=0,
+                 code_bytes=0, hbm_bytes=16 * aot.GiB, flops=None, collectives={},
+                 compile_s=0.0, state_bytes=2 * aot.GiB)
+  text = aot.decode_fit_advice(r)
+  assert "over by 4.00 GiB" in text and "--decode_batch" in text and "mesh.tensor" in text
+
+
 def test_topology_without_libtpu_is_a_clear_error(monkeypatch):
   monkeypatch.setattr(aot, "has_libtpu", lambda: False)
   aot.topology_devices.cache_clear()
@@ -127,15 +168,17 @@ def test_topology_without_libtpu_is_a_clear_error(monkeypatch):
 # ----------------------------------------------------------------------------- libtpu
 
 XLA_IMPLS = ("model.attention.implementation=xla", "model.moe.implementation=xla")
-TINY = ("tiny_cpu", "tiny_vanilla_moe_cpu", "tiny_unipool_cpu")
+# Every tiny preset (dense, MoE, UniPool, SymbolicLight, and NSA once it has one).
+TINY = tuple(n for n in configs.names() if n.startswith("tiny_"))
 
 
 @pytest.mark.tpu_aot
 @pytest.mark.parametrize("preset", TINY)
 def test_tiny_train_step_compiles_v5e(preset):
-  """Sharded (data=2, fsdp=2) train step of each tiny preset compiles for a v5e:2x2 slice."""
-  cfg = apply_overrides(configs.get_preset(preset),
-                        ["mesh.data=2", "mesh.fsdp=2", *XLA_IMPLS])
+  """Sharded (data=2, fsdp=2) train step of each tiny preset compiles for a v5e:2x2 slice
+  (with the XLA implementations of the ops: see test_tiny_train_step_default_kernels_v5e)."""
+  cfg = aot.with_xla_ops(apply_overrides(configs.get_preset(preset),
+                                         ["mesh.data=2", "mesh.fsdp=2"]))
   r = aot.compile_train_step(cfg, aot.topology_devices("v5e:2x2"), "v5e:2x2")
   assert r.device_kind == "TPU v5 lite" and r.n_devices == 4
   assert r.fits is True and not r.oom
