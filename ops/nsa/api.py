@@ -54,7 +54,7 @@ try:
   from ops.nsa import pallas_tpu as _ptpu
   _CMP.register("pallas_tpu", _ptpu.compressed_attention, platforms=(TPU,))
   _SEL.register("pallas_tpu", _ptpu.selected_attention, platforms=(TPU,))
-  # Selection scores + top-n stay XLA on TPU (no "pallas_tpu" entry: dispatch falls to "xla").
+  _SCORES.register("pallas_tpu", _ptpu.select_blocks, platforms=(TPU,))
 except ImportError:
   pass
 

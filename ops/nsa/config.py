@@ -64,7 +64,9 @@ class NSABlockConfig:
   tpu_block_q: query positions per program of the TPU selected-attention kernels (rows =
   GQA group x tpu_block_q; a multiple of 16 so bf16 tiles fill the sublanes).
   tpu_prefetch_max: most int32 entries of one scalar-prefetch (SMEM) array per TPU call;
-  longer sequences are split into query chunks of that many (tile, block) entries.
+  longer sequences are split into query chunks of that many (tile, block) entries. SMEM is
+  1 MiB on v5e/v6e/v5p; the dk/dv call holds two such arrays (2**18 entries fail to compile,
+  2**16 compile). tpu_score_block_k: compressed keys per step of the TPU score kernel (lanes).
   """
   sel_block_k: int | None = None
   sel_num_warps: int = 4
@@ -77,7 +79,8 @@ class NSABlockConfig:
   bwd_num_warps: int = 4
   bwd_num_stages: int = 2
   tpu_block_q: int = 16
-  tpu_prefetch_max: int = 1 << 14
+  tpu_prefetch_max: int = 1 << 15
+  tpu_score_block_k: int = 128
 
   def replace(self, **kw) -> "NSABlockConfig":
     return dataclasses.replace(self, **kw)
@@ -86,7 +89,8 @@ class NSABlockConfig:
   def for_device(cls, device_kind: str) -> "NSABlockConfig":
     kind = device_kind.lower()
     if "tpu" in kind:
-      return cls(score_block_q=8, bwd_chunk=128, tpu_block_q=16, tpu_prefetch_max=1 << 14)
+      return cls(score_block_q=8, bwd_chunk=128, tpu_block_q=16, tpu_prefetch_max=1 << 15,
+                 tpu_score_block_k=128)
     if any(s in kind for s in ("h100", "h200", "h800", "gh200")):
       return cls(sel_num_warps=4, sel_num_stages=2, score_block_q=16, score_num_warps=4,
                  bwd_chunk=64, bwd_num_warps=4)
