@@ -12,6 +12,12 @@ moe.capacity_factor > 0 each FFN expert keeps at most ceil(cf * T * k / n_expert
 assignments of the call, first choices before second choices, earlier tokens first; the rest
 are dropped (contribute zero, the token still gets its other experts, shared experts and the
 residual). With an "expert" mesh axis of size > 1 the FFN experts run expert-parallel.
+
+Routing probe (eval only): `random_route=(on, key)` replaces, where the bool scalar `on` is true,
+the router's chosen experts by experts drawn uniformly at random without replacement from all
+E router outputs (independently per token, from `key`). The learned gates are kept (only which
+experts run changes, not the output scale) and BlockFFN's empty slots stay empty. Nothing
+trains this path; the model threads it from `model(..., route_override=...)`.
 """
 from __future__ import annotations
 
@@ -51,6 +57,14 @@ def capacity_drop(ids, n_ffn: int, cap: int):
   return jnp.where(dropped, -1, flat).reshape(k, t).T
 
 
+def random_route_ids(key, ids, n_routed: int):
+  """ids [T, k] -> ids drawn uniformly without replacement from [0, n_routed) per token;
+  slots that were -1 stay -1."""
+  t, k = ids.shape
+  _, rand = jax.lax.top_k(jax.random.uniform(key, (t, n_routed)), k)
+  return jnp.where(ids < 0, -1, rand.astype(ids.dtype))
+
+
 class MoEFFN(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     e = cfg.moe
@@ -61,9 +75,10 @@ class MoEFFN(nnx.Module):
                            std=cfg.init_std, out_std=out_proj_std(cfg.init_std, cfg.n_layers),
                            rngs=rngs, param_dtype=cfg.param_dtype)
 
-  def __call__(self, x, experts: dict, prev_logits=None, expert_mask=None):
+  def __call__(self, x, experts: dict, prev_logits=None, expert_mask=None, random_route=None):
     """x [b, s, d]; experts: one pool's arrays (ExpertPool.arrays()[g]);
-    prev_logits [b, s, E] (gating residual) or None.
+    prev_logits [b, s, E] (gating residual) or None; random_route: None or (on, key), the
+    eval-only routing probe (module docstring).
 
     Returns (y [b, s, d], router logits [b, s, E], per-layer stats dict).
     """
@@ -72,6 +87,10 @@ class MoEFFN(nnx.Module):
     x2 = x.reshape(b * s, d)
     prev = None if prev_logits is None else prev_logits.reshape(b * s, -1)
     routing = self.router(x2, prev, expert_mask)
+    if random_route is not None:
+      on, key = random_route
+      routing = routing._replace(ids=jnp.where(
+          on, random_route_ids(key, routing.ids, e.n_routed), routing.ids))
     ids = routing.ids
     if e.capacity_factor:
       ids = capacity_drop(ids, e.n_experts, capacity(b * s, e.top_k, e.n_experts,

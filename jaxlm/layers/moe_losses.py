@@ -14,6 +14,11 @@ Per layer (`layer_stats`), over the T tokens of the call and E router outputs:
               sequence (the previous token's activation pattern is the target);
   chunk       BlockFFN: 1 - mean_{chunk,e} prod_{t in chunk} (1 - p_{t,e}), p = s / sum_e s,
               chunks of chunk_size consecutive tokens (the last one padded with p = 0).
+  token_active  fraction of the n_experts FFN experts a token runs (mean over tokens; ids
+              before capacity dropping; MoE++ zero/copy/constant experts do not count);
+  chunk_active  fraction of the FFN experts run by any token of a chunk of chunk_size
+              consecutive tokens of a sequence (mean over chunks; the last chunk may be short).
+              1 - these are BlockFFN's token- and chunk-level sparsity.
 
 Model level (`model_aux`), with the layers' stats stacked [L, ...]:
   balance_loss       mean over layers of the Switch loss;
@@ -23,6 +28,7 @@ Model level (`model_aux`), with the layers' stats stacked [L, ...]:
                      the current batch's usage with stop_gradient (a count has no gradient anyway),
                      so exactly as there only the routers get gradient, but from this batch.
   router_z_loss, l1_loss, locality_loss, chunk_sparsity_loss: means over layers;
+  layer_token_active / layer_chunk_active [L] and their means token_active / chunk_active;
   aux_loss = sum of each value times its moe.<name> coefficient (what the train step adds).
 """
 from __future__ import annotations
@@ -68,6 +74,22 @@ def chunk_sparsity_loss(scores_bse, chunk: int):
   return 1.0 - jnp.mean(keep)
 
 
+def active_fractions(ids_bsk, n_experts: int, chunk: int):
+  """ids [b, s, k] (-1 = none) -> (token-level, chunk-level) fraction of FFN experts used."""
+  b, s, k = ids_bsk.shape
+  ids = ids_bsk.reshape(b * s, k)
+  slot = jnp.where((ids >= 0) & (ids < n_experts), ids, n_experts)    # others -> spare column
+  rows = jnp.arange(b * s, dtype=jnp.int32)[:, None]
+  used = jnp.zeros((b * s, n_experts + 1), bool).at[rows, slot].set(True)
+  used = used[:, :n_experts].reshape(b, s, n_experts)
+  token = jnp.mean(used.astype(jnp.float32))
+  n_chunks = -(-s // chunk)
+  pad = n_chunks * chunk - s
+  padded = jnp.pad(used, ((0, 0), (0, pad), (0, 0)))
+  per_chunk = jnp.any(padded.reshape(b, n_chunks, chunk, n_experts), axis=2)
+  return token, jnp.mean(per_chunk.astype(jnp.float32))
+
+
 def layer_stats(routing, kept_ids, batch_shape, moe: MoEConfig) -> dict:
   """Stats of one layer's routing (see module docstring). kept_ids: ids after capacity."""
   ids, scores, logits = routing.ids, routing.scores, routing.logits
@@ -85,6 +107,9 @@ def layer_stats(routing, kept_ids, batch_shape, moe: MoEConfig) -> dict:
       "entropy": entropy(scores),
       "dropped": (n_ffn - n_kept).astype(jnp.float32) / jnp.maximum(n_ffn, 1).astype(jnp.float32),
   }
+  stats["token_active"], stats["chunk_active"] = active_fractions(
+      jax.lax.stop_gradient(ids).reshape(tuple(batch_shape) + (ids.shape[-1],)),
+      moe.n_experts, moe.chunk_size)
   if moe.l1_loss:
     stats["l1"] = jnp.mean(jnp.sum(scores, axis=-1))
   sbse = scores.reshape(tuple(batch_shape) + (n_routed,))
@@ -120,6 +145,10 @@ def model_aux(stats: dict, moe: MoEConfig, n_pools: int) -> dict:
       "layer_dropped_fraction": stats["dropped"],
       "pool_load": fbar,
       "pool_prob": pbar,
+      "layer_token_active": stats["token_active"],
+      "layer_chunk_active": stats["chunk_active"],
+      "token_active": jnp.mean(stats["token_active"]),
+      "chunk_active": jnp.mean(stats["chunk_active"]),
       "router_entropy": jnp.mean(stats["entropy"]),
       "dropped_fraction": jnp.mean(stats["dropped"]),
       # max over experts of load / uniform load, averaged over pools (1 = balanced)

@@ -7,6 +7,9 @@ arrays as an argument, so scanning the blocks never replicates a UniPool per lay
 `model(tokens, return_aux=True)` returns (logits, cache, aux) with the routing losses and
 statistics of jaxlm/layers/moe_losses.model_aux (an empty dict for a dense model); without
 return_aux the result is (logits, cache) as always.
+Routing probe (eval only, MoE models): `model(tokens, route_override={"layer": i, "key": k})`
+routes layer i (an int32 scalar, may be traced; -1 = none) uniformly at random
+(jaxlm/layers/moe.py, random_route), with jax.random.fold_in(k, i) as that layer's key.
 """
 from __future__ import annotations
 
@@ -57,11 +60,12 @@ class Block(nnx.Module):
     x = constrain(x + self.mlp(self.mlp_norm(x)), ACT)
     return x, cache, stats
 
-  def moe_call(self, x, positions, segment_ids, cache, experts, prev_logits):
+  def moe_call(self, x, positions, segment_ids, cache, experts, prev_logits, random_route=None):
     """MoE block: returns (x, cache, router logits, per-layer routing stats)."""
     h, cache = self.attn(self.attn_norm(x), positions, segment_ids, cache)
     x = constrain(x + h, ACT)
-    y, logits, stats = self.moe(self.mlp_norm(x), experts, prev_logits)
+    y, logits, stats = self.moe(self.mlp_norm(x), experts, prev_logits,
+                                random_route=random_route)
     return constrain(x + y, ACT), cache, logits, stats
 
 
@@ -80,15 +84,18 @@ class Transformer(nnx.Module):
                         std=cfg.init_std, dtype=pd)
 
   def __call__(self, tokens, *, positions=None, segment_ids=None, cache=None,
-               return_aux: bool = False):
+               return_aux: bool = False, route_override=None):
     """tokens: [batch, seq] int32. positions: [batch, seq] (default arange, or cache lengths + arange).
 
     cache: None, or dict(k, v: [layers, batch, max_len, kv_heads, head_dim], lengths: [batch]).
     Returns logits [batch, seq, vocab] float32 and the updated cache (None without one), plus
     the MoE aux dict when return_aux (empty for a dense model).
     """
+    if route_override is not None and self.cfg.moe.kind == "none":
+      raise ValueError("route_override needs an MoE model (model.moe.kind != 'none')")
     if self.cfg.moe.kind != "none":
-      logits, new_cache, aux = self._moe_forward(tokens, positions, segment_ids, cache)
+      logits, new_cache, aux = self._moe_forward(tokens, positions, segment_ids, cache,
+                                                 route_override)
       return (logits, new_cache, aux) if return_aux else (logits, new_cache)
     logits, new_cache, aux = self._dense_forward(tokens, positions, segment_ids, cache)
     return (logits, new_cache, aux) if return_aux else (logits, new_cache)
@@ -137,7 +144,7 @@ class Transformer(nnx.Module):
                           preferred_element_type=jnp.float32)
     return constrain(logits, ("batch", "seq", "vocab"))
 
-  def _moe_forward(self, tokens, positions, segment_ids, cache):
+  def _moe_forward(self, tokens, positions, segment_ids, cache, route_override=None):
     """Like _dense_forward; blocks get their pool's experts, the carry holds the previous
     layer's router logits (MoE++ gating residual), per-layer routing stats are stacked."""
     cfg = self.cfg
@@ -162,7 +169,9 @@ class Transformer(nnx.Module):
         experts = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, g, 0, keepdims=False),
                                pools)
       c = None if layer_cache is None else dict(layer_cache, lengths=lengths)
-      x, c, logits, stats = block.moe_call(x, positions, segment_ids, c, experts, prev)
+      rr = None if route_override is None else (
+          layer == route_override["layer"], jax.random.fold_in(route_override["key"], layer))
+      x, c, logits, stats = block.moe_call(x, positions, segment_ids, c, experts, prev, rr)
       c = None if c is None else {"k": c["k"], "v": c["v"]}
       return (x, logits if residual else None), (c, stats)
 
