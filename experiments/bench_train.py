@@ -32,7 +32,15 @@ def main(argv):
   print("| preset | params | batch×seq | step ms | tokens/s | model TFLOP/s/dev | MFU vs measured peak | MFU vs datasheet | compile s |")
   print("|---|---|---|---|---|---|---|---|---|")
   for cfg in cfgs:
-    r = measure(cfg, steps=_STEPS.value)
+    try:
+      r = measure(cfg, steps=_STEPS.value)
+    except jax.errors.JaxRuntimeError as e:  # one preset too big for the device: keep the table
+      if "RESOURCE_EXHAUSTED" not in str(e):
+        raise
+      print(f"| {cfg.name} | - | {cfg.train.batch_size}×{cfg.train.seq_len} | out of device "
+            f"memory: lower --set train.batch_size or raise train.grad_accum | | | | | |",
+            flush=True)
+      continue
     mfu_m = f"{r.model_tflops_per_device / measured:.1%}" if measured else "-"
     mfu_s = f"{r.model_tflops_per_device / sheet:.1%}" if sheet else "-"
     print(f"| {r.name} | {r.params / 1e6:.0f}M | {cfg.train.batch_size}×{cfg.train.seq_len} | "
