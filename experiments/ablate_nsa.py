@@ -28,13 +28,15 @@ _BATCH = flags.DEFINE_integer("batch_size", 0, "0 = the preset's")
 _SEQ = flags.DEFINE_integer("seq_len", 0, "0 = the preset's")
 _EVAL_BATCHES = flags.DEFINE_integer("eval_batches", 0, "0 = the preset's")
 _OUT = flags.DEFINE_string("out_dir", "runs/ablate_nsa", "output folder")
+_SET = flags.DEFINE_multi_string("set", [], "override applied to both runs, repeatable: "
+                                 "--set model.n_layers=2")
 
 
 def run_config(name: str, out_dir: str, steps: int, eval_every: int, batch_size=0, seq_len=0,
-               eval_batches=0):
+               eval_batches=0, overrides=()):
   from jaxlm import configs
-  from jaxlm.config import validate
-  cfg = configs.get_preset(name)
+  from jaxlm.config import apply_overrides, validate
+  cfg = apply_overrides(configs.get_preset(name), overrides)
   t = cfg.train
   t = dataclasses.replace(
       t, steps=steps, warmup_steps=min(t.warmup_steps, max(0, steps // 10)),
@@ -45,12 +47,12 @@ def run_config(name: str, out_dir: str, steps: int, eval_every: int, batch_size=
   return validate(dataclasses.replace(cfg, train=t))
 
 
-def train_one(cfg) -> dict:
+def train_one(cfg, devices=None) -> dict:
   """Train (resuming if possible) in chunks of eval_every steps; returns curves and gates."""
   import jax
   import numpy as np
   from jaxlm.train.loop import Trainer
-  trainer = Trainer(cfg)
+  trainer = Trainer(cfg, devices)
   t0, val = time.perf_counter(), []
   while True:
     res = trainer.run(stop_after=cfg.train.eval_every, progress=False)
@@ -130,9 +132,12 @@ def plot(runs: list[dict], out_dir: str) -> str:
   return path
 
 
-def run_ablation(preset: str, out_dir: str, steps: int, eval_every: int, **train) -> str:
+def run_ablation(preset: str, out_dir: str, steps: int, eval_every: int, devices=None,
+                 **train) -> str:
+  """Both runs, then results.md / results.json / loss_curves.png; returns the markdown."""
   os.makedirs(out_dir, exist_ok=True)
-  runs = [train_one(run_config(n, out_dir, steps, eval_every, **train)) for n in PAIRS[preset]]
+  runs = [train_one(run_config(n, out_dir, steps, eval_every, **train), devices)
+          for n in PAIRS[preset]]
   text = report(runs, out_dir, steps)
   plot(runs, out_dir)
   return text
@@ -144,7 +149,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   print(run_ablation(_PRESET.value, _OUT.value, _STEPS.value, _EVAL.value,
                      batch_size=_BATCH.value, seq_len=_SEQ.value,
-                     eval_batches=_EVAL_BATCHES.value))
+                     eval_batches=_EVAL_BATCHES.value, overrides=tuple(_SET.value)))
 
 
 if __name__ == "__main__":

@@ -452,6 +452,10 @@ def _validate_nsa(m: ModelConfig):
     _check(getattr(a, k) >= 1, p + k, f"must be >= 1, got {getattr(a, k)}")
   for k in ("nsa_n_always_first", "nsa_n_local", "nsa_compress_hidden"):
     _check(getattr(a, k) >= 0, p + k, f"must be >= 0, got {getattr(a, k)}")
+  forced = a.nsa_n_always_first + a.nsa_n_local
+  _check(a.nsa_top_n >= forced, p + "nsa_top_n",
+         f"{a.nsa_top_n} selected blocks cannot hold the {forced} always-selected ones "
+         f"({p}nsa_n_always_first + {p}nsa_n_local)")
   _check(a.nsa_block_len % a.nsa_stride == 0, p + "nsa_block_len",
          f"{a.nsa_block_len} is not a multiple of {p}nsa_stride={a.nsa_stride}")
   _check(a.nsa_select_len % a.nsa_stride == 0, p + "nsa_select_len",
