@@ -1,14 +1,15 @@
 """NSA vs full attention: two transformers of the same shape trained for the same steps.
 
   python experiments/ablate_nsa.py --preset=tiny --out_dir=runs/ablate_nsa        # CPU, minutes
-  python experiments/ablate_nsa.py --preset=1b --steps=5000 --out_dir=/tmp/nsa1b  # accelerators
+  python experiments/ablate_nsa.py --preset=paper --steps=5000 --out_dir=/tmp/nsa1b  # accelerators
 
-tiny: tiny_cpu vs tiny_nsa_cpu; 1b: dense_1b vs nsa_1b (jaxlm/configs/nsa.py). Both runs see the
-same data in the same order (same seed) through jaxlm.train.loop.Trainer, evaluated on the
-held-out split every --eval_every steps. Writes to --out_dir: results.md (final val loss of
+tiny: tiny_cpu vs tiny_nsa_cpu; paper: dense_1b vs nsa_1b (the paper's NSA structure on the
+dense_1b shape; jaxlm/configs/nsa.py). Both runs see the same data in the same order (same
+seed) through jaxlm.train.loop.Trainer, evaluated on the held-out split every --eval_every
+steps. Writes to --out_dir: results.md (final val loss of
 each, relative difference, NSA per-branch mean gates on the validation batches, per layer),
 loss_curves.png (train loss per step and val loss), results.json, and each run's folder.
-A run folder that already holds a finished run is resumed (re-running only writes the report).
+A run folder that already holds checkpoints is resumed (the val curve then starts there).
 """
 import dataclasses
 import json
@@ -20,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags
 
-PAIRS = {"tiny": ("tiny_cpu", "tiny_nsa_cpu"), "1b": ("dense_1b", "nsa_1b")}
+PAIRS = {"tiny": ("tiny_cpu", "tiny_nsa_cpu"), "paper": ("dense_1b", "nsa_1b")}
 _PRESET = flags.DEFINE_enum("preset", "tiny", list(PAIRS), "model pair")
 _STEPS = flags.DEFINE_integer("steps", 300, "optimizer steps of each run")
 _EVAL = flags.DEFINE_integer("eval_every", 50, "val loss every this many steps")
