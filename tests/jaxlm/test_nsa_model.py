@@ -235,3 +235,16 @@ def test_ablation_script_end_to_end_small(tmp_path):
 def test_ablation_script_end_to_end_tiny_preset(tmp_path):
   """The same with the tiny presets as they are (4 layers, d 256)."""
   _ablation(tmp_path)
+
+
+def test_moe_ffn_with_nsa_attention_trains_forward():
+  """NSA attention also sits in MoE blocks (training forward; MoE aux reported, no decode)."""
+  from jaxlm.config import MoEConfig
+  m = _model(moe=MoEConfig(kind="vanilla", n_experts=4, top_k=1, balance_loss=1e-2))
+  fm = build(m)
+  params = random_params(fm)
+  logits, _, aux = _fwd(fm)(params, _tokens())
+  assert logits.shape == (2, T, m.vocab_size) and np.isfinite(np.asarray(logits)).all()
+  assert "aux_loss" in aux
+  with pytest.raises(ValueError, match="moe.kind"):
+    fm.init_cache(1, 8)
