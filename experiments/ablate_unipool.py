@@ -40,60 +40,12 @@ _FINE = flags.DEFINE_bool("fine_grained", True, "add the finer-grained UniPool v
 _ONLY = flags.DEFINE_list("only", [], "run only these variant names (tests)")
 
 
-def tiny_base():
-  from jaxlm.configs import get_preset
-  base = get_preset("tiny_unipool_cpu")
-  m = dataclasses.replace(base.model, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128)
-  t = dataclasses.replace(base.train, batch_size=8, seq_len=64, lr=3e-3, warmup_steps=30)
-  return dataclasses.replace(base, model=m, train=t)
-
-
-def variants(preset: str, size: str, multipliers, fine: bool) -> list:
-  """(name, Config) pairs; the first is the vanilla baseline."""
-  from jaxlm.configs import get_preset
-  if preset == "tiny":
-    base = tiny_base()
-    per_layer = 3
-    vanilla = ac.replace_moe(base, "vanilla", kind="vanilla", n_experts=per_layer, top_k=1,
-                             router="softmax_topk", renormalize=False, balance_loss=1e-2,
-                             pool_balance_loss=0.0)
-    pool_loss = 1e-2
-  else:
-    vanilla = dataclasses.replace(get_preset(f"vanilla_moe_{size}"), name="vanilla")
-    base = get_preset(f"unipool_{size}")
-    per_layer = vanilla.model.moe.n_experts
-    pool_loss = base.model.moe.pool_balance_loss
-  n_layers = vanilla.model.n_layers
-  budget = per_layer * n_layers
-
-  def unipool(name, m, **kw):
-    return ac.replace_moe(vanilla, name, kind="unipool", n_experts=m, n_groups=1,
-                          router="norm_router", balance_loss=0.0, pool_balance_loss=pool_loss,
-                          **kw)
-
-  out = [vanilla, unipool("unipool_100", budget)]
-  sizes = {budget}
-  for frac, label in ((2 / 3, "66.7"), (0.5, "50")):
-    m = int(round(budget * frac))
-    out.append(unipool(f"unipool_{label}", m))
-    sizes.add(m)
-  for mult in multipliers:
-    m = int(round(float(mult) * n_layers))
-    if m not in sizes and m >= 1:
-      out.append(unipool(f"unipool_M{m}", m))
-      sizes.add(m)
-  if fine:
-    d_expert = vanilla.model.resolved_d_expert // 2
-    out.append(unipool("unipool_fine", 2 * budget, d_expert=d_expert, top_k=2))
-  return out
-
-
 def main(argv):
   del argv
   from absl import logging
   logging.set_verbosity(logging.WARNING)
   f = flags.FLAGS
-  cfgs = variants(f.preset, _SIZE.value, _SWEEP.value, _FINE.value)
+  cfgs = ac.unipool_variants(f.preset, _SIZE.value, _SWEEP.value, _FINE.value)
   if _ONLY.value:
     cfgs = [c for c in cfgs if c.name in _ONLY.value]
   runs = os.path.join(f.out_dir, "runs")

@@ -76,6 +76,58 @@ def replace_spiking(cfg: Config, name: str, **spiking) -> Config:
       m, spiking=dataclasses.replace(m.spiking, **spiking)))
 
 
+# --------------------------------------------------------------------------- MoE configs
+
+def tiny_moe_base():
+  """CPU-sized MoE transformer of the ablations: 4 layers, d_model 64, expert width 128,
+  batch 8 x 64 tokens (ops.gmm on CPU computes every expert densely, so it stays small)."""
+  from jaxlm.configs import get_preset
+  base = get_preset("tiny_unipool_cpu")
+  m = dataclasses.replace(base.model, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128)
+  t = dataclasses.replace(base.train, batch_size=8, seq_len=64, lr=3e-3, warmup_steps=30)
+  return dataclasses.replace(base, model=m, train=t)
+
+
+def unipool_variants(preset: str, size: str, multipliers, fine: bool) -> list:
+  """Experiment 1's configs (experiments/ablate_unipool.py docstring); the first is the
+  vanilla baseline. tiny: 3 experts per layer, so 50% / 66.7% pools are exactly 6 / 8."""
+  from jaxlm.configs import get_preset
+  if preset == "tiny":
+    base = tiny_moe_base()
+    per_layer = 3
+    vanilla = replace_moe(base, "vanilla", kind="vanilla", n_experts=per_layer, top_k=1,
+                          router="softmax_topk", renormalize=False, balance_loss=1e-2,
+                          pool_balance_loss=0.0)
+    pool_loss = 1e-2
+  else:
+    vanilla = dataclasses.replace(get_preset(f"vanilla_moe_{size}"), name="vanilla")
+    base = get_preset(f"unipool_{size}")
+    per_layer = vanilla.model.moe.n_experts
+    pool_loss = base.model.moe.pool_balance_loss
+  n_layers = vanilla.model.n_layers
+  budget = per_layer * n_layers
+
+  def unipool(name, m, **kw):
+    return replace_moe(vanilla, name, kind="unipool", n_experts=m, n_groups=1,
+                       router="norm_router", balance_loss=0.0, pool_balance_loss=pool_loss, **kw)
+
+  out = [vanilla, unipool("unipool_100", budget)]
+  sizes = {budget}
+  for frac, label in ((2 / 3, "66.7"), (0.5, "50")):
+    m = int(round(budget * frac))
+    out.append(unipool(f"unipool_{label}", m))
+    sizes.add(m)
+  for mult in multipliers:
+    m = int(round(float(mult) * n_layers))
+    if m not in sizes and m >= 1:
+      out.append(unipool(f"unipool_M{m}", m))
+      sizes.add(m)
+  if fine:
+    d_expert = vanilla.model.resolved_d_expert // 2
+    out.append(unipool("unipool_fine", 2 * budget, d_expert=d_expert, top_k=2))
+  return out
+
+
 # --------------------------------------------------------------------------- parameters
 
 def param_counts(cfg: Config) -> dict:
@@ -140,15 +192,16 @@ def _eval_points(steps: int, eval_every: int) -> list[int]:
 
 
 def eval_forward(fm, params, batches, route_override=None) -> dict:
-  """Token-weighted validation loss, next-token accuracy and the model's aux values (per-layer
-  ones as `name/i`) of `params` over host batches (single process, jitted once per model)."""
+  """Token-weighted validation loss, next-token accuracy and the model's aux values (named as
+  in the train metrics, moe/<name> or spiking/<name>, per-layer ones as `<name>/i`) of
+  `params` over host batches (single process, jitted once per model)."""
   import jax
   import jax.numpy as jnp
   import optax
   from jaxlm.train.step import aux_prefix
 
-  has_aux = aux_prefix(fm.cfg) is not None
-  fn = _eval_fn(fm, has_aux, route_override is not None)
+  prefix = aux_prefix(fm.cfg)
+  fn = _eval_fn(fm, prefix is not None, route_override is not None)
   sums, n = {}, 0.0
   for b in batches:
     args = (params, jnp.asarray(b["inputs"]), jnp.asarray(b["targets"]),
@@ -156,6 +209,8 @@ def eval_forward(fm, params, batches, route_override=None) -> dict:
     out = jax.device_get(fn(*args, route_override) if route_override is not None else fn(*args))
     w = float(out.pop("tokens"))
     for k, v in out.items():
+      if k not in ("loss", "accuracy"):
+        k = prefix + k  # the train metrics' names: moe/..., spiking/...
       sums[k] = sums.get(k, 0.0) + np.asarray(v, np.float64) * w
     n += w
   res = {}
