@@ -291,3 +291,100 @@ class TestNSATritonGPU(NSATestBase):
   CFG = NSAConfig(n_select=4, window=64)   # paper block sizes, short sequences
   BCFG = None
   F32_TOL = ot.GPU_F32
+
+
+class TestNSATPUInterpret(NSATestBase):
+  """Mosaic TPU kernels (ops/nsa/pallas_tpu.py) run interpreted on CPU.
+
+  TPU interpret mode is slow on CPU (each case 5-60 s), so only a core set runs by default:
+  selected fwd/bwd in bf16, f32 with chunked prefetch + segments (GQA 3, odd length), selection
+  scores, early queries; the full-op, causality and segment cases of the base run under -m slow.
+  """
+  IMPL = "pallas_tpu"
+  INTERPRET = True
+  _slow = functools.partial(pytest.param, marks=pytest.mark.slow)
+
+  @pytest.mark.parametrize("t,h,hk,dtype", [
+      _slow(1, 2, 2, F32), _slow(33, 4, 2, F32), _slow(100, 4, 1, BF16),
+      _slow(130, 16, 1, F32), (15, 2, 1, BF16)])
+  def test_selected_attention_fwd_bwd(self, t, h, hk, dtype):
+    super().test_selected_attention_fwd_bwd(t, h, hk, dtype)
+
+  @pytest.mark.slow
+  @pytest.mark.parametrize("t,h,hk,dtype,seg", [
+      (33, 4, 2, F32, False), (100, 8, 2, BF16, False), (70, 4, 4, F32, True),
+      (130, 16, 1, BF16, True)])
+  def test_nsa_fwd_bwd_vs_reference(self, t, h, hk, dtype, seg):
+    super().test_nsa_fwd_bwd_vs_reference(t, h, hk, dtype, seg)
+
+  @pytest.mark.parametrize("t,seg", [(100, False), _slow(90, True)])
+  def test_selection_matches_reference(self, t, seg):
+    super().test_selection_matches_reference(t, seg)
+
+  @pytest.mark.slow
+  def test_full_pipeline_f32(self):
+    super().test_full_pipeline_f32()
+
+  @pytest.mark.slow
+  @pytest.mark.parametrize("branch", ["nsa", "cmp", "slc", "win"])
+  def test_causality(self, branch):
+    super().test_causality(branch)
+
+  @pytest.mark.slow
+  def test_segments_do_not_cross(self):
+    super().test_segments_do_not_cross()
+
+  @pytest.mark.parametrize("t", [_slow(1), _slow(7), _slow(8), _slow(15), 33])
+  def test_queries_before_first_block(self, t):
+    super().test_queries_before_first_block(t)
+
+  @pytest.mark.parametrize("t", [1, _slow(40)])
+  def test_block_idx_structure(self, t):
+    super().test_block_idx_structure(t)
+
+  @pytest.mark.parametrize("t,h,hk,dtype,seg,prefetch", [
+      (40, 3, 1, F32, True, 8),                    # g=3, 3 query chunks, segments
+      pytest.param(70, 16, 2, BF16, False, 16, marks=pytest.mark.slow)])
+  def test_selected_chunked_prefetch(self, t, h, hk, dtype, seg, prefetch):
+    """Query chunks bounded by tpu_prefetch_max: the aliased outputs and the dk/dv running
+    sums carry across the chunk calls."""
+    cfg, d = self.CFG, 16
+    bcfg = self.BCFG.replace(tpu_prefetch_max=prefetch)
+    q, kc_raw, _, k, v, _, _, _ = make_inputs(jax.random.key(t), 1, t, h, hk, d, cfg, dtype)
+    kc = compress.unfold_blocks(kc_raw, cfg.block_len, cfg.stride).mean(2)
+    sid = (jnp.arange(t)[None] >= t // 2 - 3).astype(jnp.int32) if seg else None
+    _, lse = reference.compressed_attention(q, kc, kc, block_len=cfg.block_len,
+                                            stride=cfg.stride, q_segment_ids=sid)
+    idx = reference.select_blocks(q, kc, lse, cfg=cfg, q_segment_ids=sid)
+    w = ot.normal(jax.random.key(3), (1, t, h, d), F32)
+    ref = lambda q, k, v: reference.selected_attention(q, k, v, idx, select_len=cfg.select_len,
+                                                       q_segment_ids=sid)[0]
+    got = lambda q, k, v: nsa_op.selected_attention(
+        q, k, v, idx, select_len=cfg.select_len, q_segment_ids=sid, implementation=self.IMPL,
+        interpret=True, config=bcfg)[0]
+    ot.assert_close(got(q, k, v), ref(q, k, v), dtype, tol=self.tol(dtype))
+    loss = lambda fn, *a: jnp.sum(fn(*a).astype(F32) * w)
+    g1 = jax.grad(functools.partial(loss, ref), argnums=(0, 1, 2))(q, k, v)
+    g2 = jax.grad(functools.partial(loss, got), argnums=(0, 1, 2))(q, k, v)
+    for a, b_, n in zip(g2, g1, "qkv"):
+      ot.assert_close(a, b_, dtype, tol=2 * self.tol(dtype), name=f"d{n}")
+
+  def test_declines_untileable(self):
+    """Block shapes the TPU cannot tile raise UnsupportedError, and dispatch falls through."""
+    from ops._backend import UnsupportedError
+    cfg = self.CFG
+    q = jnp.zeros((1, 20, 2, 16), BF16)
+    k = jnp.zeros((1, 20, 1, 16), BF16)
+    idx = jnp.zeros((1, 20, 1, 2), jnp.int32)
+    odd = self.BCFG.replace(tpu_block_q=8)          # bf16 needs 16 sublanes
+    from ops.nsa import pallas_tpu
+    with pytest.raises(UnsupportedError, match="tpu_block_q"):
+      pallas_tpu.selected_attention(q, k, k, idx, select_len=cfg.select_len, interpret=True,
+                                    config=odd)
+    with pytest.raises(NotImplementedError, match="tpu_block_q"):
+      nsa_op.selected_attention(q, k, k, idx, select_len=cfg.select_len, implementation=self.IMPL,
+                                interpret=True, config=odd)
+    o, _ = nsa_op.selected_attention(q, k, k, idx, select_len=cfg.select_len,
+                                     implementation=(self.IMPL, "xla"), interpret=True,
+                                     config=odd)
+    assert o.shape == (1, 20, 2, 16)
