@@ -59,7 +59,8 @@ def run(shapes="bench", dtype="bfloat16", ceilings=None):
   dtype = jnp.dtype(dtype)
   rows = []
   from ops import _backend
-  impls = [n for n in ("ragged_dot", "pallas_triton") if n in ops.gmm.implementations()
+  # our kernel first: XLA's ragged_dot can exhaust device memory on large pools
+  impls = [n for n in ("pallas_triton", "ragged_dot") if n in ops.gmm.implementations()
            and (n != "pallas_triton" or _backend.platform() == "gpu")] or [""]
   for name, t, d, f, kind, n_exp, router in SHAPES[shapes]:
     key = jax.random.key(0)
@@ -101,6 +102,7 @@ def run(shapes="bench", dtype="bfloat16", ceilings=None):
 
         step = jax.jit(lambda x, s, e: fwd_bwd(layer_fn, x, s, e))
         times[nm] = timing.time_fn(step, x, state, experts)
+        print(f"{name} {nm}: {times[nm]:.3f} ms", flush=True)
         outs[nm] = step(x, state, experts)[0]
         if loads is None:
           _, _, st = jax.jit(lambda x, s, e: nnx.merge(graphdef, s)(x, e))(x, state, experts)
