@@ -243,3 +243,57 @@ def test_nsa(topology, piece, dtype):
     make = sel if piece.endswith("fwd") else (lambda impl: _grad_of(sel(impl), (0, 1, 2)))
   check_compiles(topology, make, args)
 
+
+
+@pytest.mark.parametrize("topology", TOPOLOGIES)
+@pytest.mark.parametrize("b,t,h,kv,d,dtype,seg", [
+    pytest.param(1, 1000, 16, 1, 128, "bfloat16", True, id="T1000_H16_KV1_D128-bf16-segments"),
+    pytest.param(2, 777, 8, 2, 64, "float32", False, id="B2_T777_H8_KV2_D64-f32"),
+])
+def test_nsa_full_op(topology, b, t, h, kv, d, dtype, seg):
+  """The whole NSA op (paper block sizes, GQA group 16 / 4, odd lengths) fwd + bwd: every
+  branch's Mosaic kernels in one program, no fall-through to xla."""
+  from ops.nsa import api
+  from ops.nsa.config import NSAConfig
+  if not _nsa_registered(api._SEL):
+    pytest.skip("ops/nsa has no pallas_tpu implementation registered (ops/nsa/pallas_tpu.py)")
+  cfg = NSAConfig()
+  nc = cfg.n_cmp(t)
+  args = ([_s((b, t, h, d), dtype)] + [_s((b, nc, kv, d), dtype)] * 2
+          + [_s((b, t, kv, d), dtype)] * 4 + [_s((b, t, h, 3), dtype)]
+          + ([_s((b, t), "int32")] if seg else []))
+
+  def make(impl):
+    f = lambda *a: api.nsa(*a[:8], cfg=cfg, q_segment_ids=a[8] if seg else None,
+                           implementation=impl, interpret=False)
+    return _grad_of(f, tuple(range(8)))
+
+  compiled = check_compiles(topology, make, args)
+  text = compiled.as_text()
+  for name in ("nsa_selected_fwd_tpu", "nsa_selected_dq_tpu", "nsa_selected_dkv_tpu",
+               "nsa_selection_scores_tpu"):
+    assert name in text, f"{name} missing from the compiled program"
+
+
+@pytest.mark.parametrize("topology", TOPOLOGIES[:1])
+def test_nsa_selected_long(topology):
+  """Paper GQA shape at 8k, fwd + bwd: the scalar-prefetch arrays exceed one call's SMEM budget,
+  so the kernels run over query chunks (fori_loop of aliased calls)."""
+  from ops.nsa import api
+  from ops.nsa.config import NSABlockConfig
+  if not _nsa_registered(api._SEL):
+    pytest.skip("ops/nsa has no pallas_tpu implementation registered (ops/nsa/pallas_tpu.py)")
+  b, t, h, kv, d, n = 1, 8192, 64, 4, 128, 16
+  args = [_s((b, t, h, d), "bfloat16"), _s((b, t, kv, d), "bfloat16"),
+          _s((b, t, kv, d), "bfloat16"), _s((b, t, kv, n), "int32")]
+  bcfg = NSABlockConfig.for_device(_chip(topology).device_kind)
+  assert b * kv * min(bcfg.tpu_block_q * n, t // 64) * (t // bcfg.tpu_block_q) > \
+      bcfg.tpu_prefetch_max, "shape no longer exercises the chunked path"
+
+  def make(impl):
+    f = functools.partial(api.selected_attention, select_len=64, implementation=impl,
+                          interpret=False)
+    return _grad_of(f, (0, 1, 2))
+
+  compiled = check_compiles(topology, make, args)
+  assert "nsa_selected_dkv_tpu" in compiled.as_text()
