@@ -350,7 +350,6 @@ def compile_decode_step(cfg: Config, devices: Sequence, topology: str = "",
   batch defaults to the training micro-batch, cache_len to train.seq_len.
   """
   from jaxlm.models.functional import build
-  from jaxlm.models.transformer import CACHE_AXES, init_cache
   devices = list(devices)
   mesh = sharding.mesh_for(cfg, devices)
   m = cfg.model
@@ -361,8 +360,9 @@ def compile_decode_step(cfg: Config, devices: Sequence, topology: str = "",
     p_shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(m.dtype)),
                             fm.param_shapes)
     p_sh = sharding.tree_shardings(fm.logical_axes, p_shapes, mesh)
-    c_shapes = jax.eval_shape(lambda: init_cache(m, batch, cache_len))
-    c_sh = sharding.tree_shardings(CACHE_AXES, c_shapes, mesh)
+    # The cache of this model kind (transformer K/V, NSA's, SymbolicLight's carried states).
+    c_shapes = jax.eval_shape(lambda: fm.init_cache(batch, cache_len))
+    c_sh = sharding.tree_shardings(fm.cache_axes, c_shapes, mesh)
     tok_sh = NamedSharding(mesh, sharding.spec_for(("batch", None), (batch, 1), mesh))
     attach = lambda shapes, shs: jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shs)

@@ -197,8 +197,10 @@ def test_tiny_train_step_default_kernels_v5e():
 
 
 @pytest.mark.tpu_aot
-def test_tiny_decode_step_compiles_v5e():
-  cfg = apply_overrides(configs.get_preset("tiny_cpu"), ["mesh.data=4"])
+@pytest.mark.parametrize("preset", ["tiny_cpu", "tiny_symboliclight_cpu"])
+def test_tiny_decode_step_compiles_v5e(preset):
+  """Each model kind's own cache (transformer K/V; SymbolicLight's carried states)."""
+  cfg = aot.with_xla_ops(apply_overrides(configs.get_preset(preset), ["mesh.data=4"]))
   r = aot.compile_decode_step(cfg, aot.topology_devices("v5e:2x2"), "v5e:2x2", batch=8,
                               cache_len=64)
   assert r.fits is True and r.what.startswith("decode_step")
