@@ -381,7 +381,7 @@ class TestNSATPUInterpret(NSATestBase):
     with pytest.raises(UnsupportedError, match="tpu_block_q"):
       pallas_tpu.selected_attention(q, k, k, idx, select_len=cfg.select_len, interpret=True,
                                     config=odd)
-    with pytest.raises(NotImplementedError, match="tpu_block_q"):
+    with pytest.raises(Exception, match=r"no implementation can handle[^$]*tpu_block_q"):
       nsa_op.selected_attention(q, k, k, idx, select_len=cfg.select_len, implementation=self.IMPL,
                                 interpret=True, config=odd)
     o, _ = nsa_op.selected_attention(q, k, k, idx, select_len=cfg.select_len,
