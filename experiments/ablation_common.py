@@ -260,7 +260,9 @@ def _eval_fn(fm, has_aux: bool, with_override: bool):
 def train_variant(cfg: Config, *, eval_every: int = 0, aux_window: int = 20,
                   keep_state: bool = False, save_checkpoint: bool = False,
                   fresh: bool = True, log=print) -> Curve:
-  """Train cfg from scratch for cfg.train.steps steps (see module docstring)."""
+  """Train cfg from scratch for cfg.train.steps steps (see module docstring). Validation
+  (eval_forward: loss, accuracy, aux statistics) runs at ~8 evenly spaced steps and the last;
+  single-process runs only (the ablations are single-host studies)."""
   import jax
   from jaxlm import sharding
   from jaxlm.train.loop import Trainer, to_global, window_means
@@ -293,26 +295,25 @@ def train_variant(cfg: Config, *, eval_every: int = 0, aux_window: int = 20,
       recent = recent[-aux_window:]
       if step + 1 in evals:
         te = time.perf_counter()
-        ev = trainer.evaluate(state.params)
+        ev = eval_forward(trainer.fm, state.params, trainer.val_batches)
         if step + 1 != min(evals):  # the first evaluation compiles
           eval_s += time.perf_counter() - te
           eval_tok += ev["tokens"]
         val_steps.append(step + 1)
         val_loss.append(float(ev["loss"]))
+        val_aux = ev
         log(f"  {cfg.name}: step {step + 1}/{t.steps} train {np.mean(train_loss[-10:]):.4f} "
             f"val {ev['loss']:.4f}")
     if save_checkpoint:
       trainer.save(state)
       trainer.ckpt.wait()
-    val_aux = eval_forward(trainer.fm, state.params, trainer.val_batches)
   trainer.close()
   aux = window_means(recent)
   aux.pop("nonfinite", None)
   if eval_tok == 0:  # a single evaluation: time one more pass (compiled now)
     te = time.perf_counter()
-    with sharding.use_mesh(trainer.mesh):
-      ev = trainer.evaluate(state.params)
-    eval_s, eval_tok = time.perf_counter() - te, ev["tokens"]
+    eval_forward(trainer.fm, state.params, trainer.val_batches)
+    eval_s, eval_tok = time.perf_counter() - te, val_aux["tokens"]
   curve = Curve(cfg.name, cfg, train_steps, train_loss, val_steps, val_loss, aux,
                 timed_tokens / max(timed_s, 1e-9), eval_tok / max(eval_s, 1e-9),
                 time.perf_counter() - t0, param_counts(cfg), val_aux,

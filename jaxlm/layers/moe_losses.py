@@ -45,7 +45,10 @@ LOSS_NAMES = ("balance_loss", "pool_balance_loss", "router_z_loss", "l1_loss", "
 def expert_load(ids, n_routed: int):
   """ids [T, k] (-1 = none) -> fraction of the T*k slots per expert [E]."""
   t, k = ids.shape
-  counts = jnp.zeros((n_routed,), jnp.float32).at[ids.reshape(-1)].add(1.0, mode="drop")
+  # -1 would wrap around to the last expert (jax normalises negative indices): send it past
+  # the end, where mode="drop" discards it
+  slots = jnp.where(ids < 0, n_routed, ids).reshape(-1)
+  counts = jnp.zeros((n_routed,), jnp.float32).at[slots].add(1.0, mode="drop")
   return counts / (t * k)
 
 
@@ -67,7 +70,10 @@ def locality_loss(scores_bse, alpha: float):
 def chunk_sparsity_loss(scores_bse, chunk: int):
   """scores [b, s, E] -> 1 - mean_{chunk,e} prod_{t in chunk} (1 - p_{t,e})."""
   b, s, e = scores_bse.shape
-  p = scores_bse / jnp.maximum(jnp.sum(scores_bse, axis=-1, keepdims=True), 1e-20)
+  # tokens without any active expert get p = 0; the safe denominator keeps their gradient
+  # finite (s / max(sum, 1e-20) gives 0 * inf = NaN in the backward pass)
+  total = jnp.sum(scores_bse, axis=-1, keepdims=True)
+  p = jnp.where(total > 0, scores_bse / jnp.where(total > 0, total, 1.0), 0.0)
   pad = (-s) % chunk
   p = jnp.pad(p, ((0, 0), (0, pad), (0, 0)))
   keep = jnp.prod(1.0 - p.reshape(b, (s + pad) // chunk, chunk, e), axis=2)
