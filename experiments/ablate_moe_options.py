@@ -77,7 +77,7 @@ def main(argv):
     cfgs = [c for c in cfgs if c.name in _ONLY.value]
   runs = os.path.join(f.out_dir, "runs")
   cfgs = [ac.with_train(c, f, os.path.join(runs, c.name)) for c in cfgs]
-  curves = [ac.train_variant(c, eval_every=f.eval_every) for c in cfgs]
+  curves = [ac.train_or_load(c, f.reuse, eval_every=f.eval_every) for c in cfgs]
   write(curves, f.out_dir)
 
 

@@ -73,7 +73,7 @@ def main(argv):
     cfgs = [c for c in cfgs if c.name in _ONLY.value or c.name == "full"]
   runs = os.path.join(f.out_dir, "runs")
   cfgs = [ac.with_train(c, f, os.path.join(runs, c.name)) for c in cfgs]
-  curves = [ac.train_variant(cfgs[0], eval_every=f.eval_every)]
+  curves = [ac.train_or_load(cfgs[0], f.reuse, eval_every=f.eval_every)]
   rate = curves[0].val_aux["spiking/encoder_spike_rate"]
   d = cfgs[0].model.d_model
   # topk keeps floor(fraction * d) channels: aim at the LIF rate, at least one channel
@@ -85,7 +85,7 @@ def main(argv):
   if not _ONLY.value or "topk_matched" in _ONLY.value:
     rest = rest + [matched]
   for c in rest:
-    curves.append(ac.train_variant(c, eval_every=f.eval_every))
+    curves.append(ac.train_or_load(c, f.reuse, eval_every=f.eval_every))
   write(curves, f.out_dir)
 
 

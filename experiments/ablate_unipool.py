@@ -51,8 +51,8 @@ def main(argv):
   runs = os.path.join(f.out_dir, "runs")
   cfgs = [ac.with_train(c, f, os.path.join(runs, c.name)) for c in cfgs]
   keep = {"vanilla", "unipool_100"}
-  curves = [ac.train_variant(c, eval_every=f.eval_every, save_checkpoint=c.name in keep)
-            for c in cfgs]
+  curves = [ac.train_or_load(c, f.reuse, eval_every=f.eval_every,
+                             save_checkpoint=c.name in keep) for c in cfgs]
   write(curves, f.out_dir)
 
 

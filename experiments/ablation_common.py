@@ -45,6 +45,8 @@ def add_common_flags(flags, default_steps: int, default_out: str):
   flags.DEFINE_integer("seq_len", 0, "sequence length (0 = the preset's)")
   flags.DEFINE_integer("seed", 0, "training seed of every variant")
   flags.DEFINE_multi_string("set", [], "section.field=value override applied to every variant")
+  flags.DEFINE_bool("reuse", False, "reuse finished variants' out_dir/runs/<name>/curve.json "
+                    "(same steps) instead of training them again")
 
 
 def with_train(cfg: Config, flag_values, out_dir: str) -> Config:
@@ -180,7 +182,8 @@ class Curve:
             "tokens_per_s": self.tokens_per_s, "eval_tokens_per_s": self.eval_tokens_per_s,
             "seconds": self.seconds, "params": self.params,
             "aux": {k: v for k, v in self.aux.items() if np.ndim(v) == 0},
-            "val_aux": self.val_aux}
+            "val_aux": self.val_aux, "train_steps": self.train_steps,
+            "train_loss": self.train_loss}
 
 
 def _eval_points(steps: int, eval_every: int) -> list[int]:
@@ -322,6 +325,32 @@ def train_variant(cfg: Config, *, eval_every: int = 0, aux_window: int = 20,
   with open(os.path.join(t.output_dir, "curve.json"), "w") as f:
     json.dump(curve.summary(), f, indent=1)
   return curve
+
+
+def load_curve(cfg: Config) -> Curve | None:
+  """The Curve a previous train_variant wrote to cfg.train.output_dir/curve.json (None if
+  absent or for another number of steps); curve.json files without the train curve give
+  empty train lists (plots then show the validation points only)."""
+  path = os.path.join(cfg.train.output_dir, "curve.json")
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    d = json.load(f)
+  if not d["val_steps"] or d["val_steps"][-1] != cfg.train.steps:
+    return None
+  return Curve(cfg.name, cfg, d.get("train_steps", []), d.get("train_loss", []), d["val_steps"],
+               d["val_loss"], d["aux"], d["tokens_per_s"], d["eval_tokens_per_s"], d["seconds"],
+               d["params"], d.get("val_aux", {}))
+
+
+def train_or_load(cfg: Config, reuse: bool, **kw) -> Curve:
+  """train_variant, or (reuse) the curve of a finished earlier run of the same variant."""
+  if reuse:
+    c = load_curve(cfg)
+    if c is not None:
+      print(f"  {cfg.name}: reusing {cfg.train.output_dir}/curve.json")
+      return c
+  return train_variant(cfg, **kw)
 
 
 def train_all(cfgs: Sequence[Config], **kw) -> list[Curve]:
