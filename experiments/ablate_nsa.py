@@ -99,8 +99,9 @@ def report(runs: list[dict], out_dir: str, steps: int) -> str:
     lines.append(f"| mean | {g['gate_cmp']:.3f} | {g['gate_slc']:.3f} | {g['gate_win']:.3f} |")
   lines += ["", "val loss by step:", "", "| step | " + " | ".join(r["name"] for r in runs) + " |",
             "|---|---|---|"]
-  for (s, a), (_, b) in zip(full["val"], nsa["val"]):
-    lines.append(f"| {s} | {a:.4f} | {b:.4f} |")
+  by_step = [dict(r["val"]) for r in runs]
+  for s in sorted(set().union(*by_step)):
+    lines.append(f"| {s} | " + " | ".join(f"{v[s]:.4f}" if s in v else "" for v in by_step) + " |")
   text = "\n".join(lines) + "\n"
   with open(os.path.join(out_dir, "results.md"), "w") as f:
     f.write(text)

@@ -29,7 +29,9 @@ def masked_attention(q, k, v, mask, *, scale, precision=HIGHEST):
   m = jax.lax.stop_gradient(jnp.max(jnp.where(m4, s, -jnp.inf), axis=-1, keepdims=True,
                                      initial=-jnp.inf))
   m = jnp.where(jnp.isfinite(m), m, 0.0)
-  p = jnp.where(m4, jnp.exp(s - m), 0.0)
+  # exp of the MASKED scores: a masked score far above the row max would overflow exp(s - m)
+  # to inf, and where's gradient would turn 0 * inf into NaN
+  p = jnp.where(m4, jnp.exp(jnp.where(m4, s, -jnp.inf) - m), 0.0)
   l = jnp.sum(p, axis=-1, keepdims=True)
   has = l > 0
   l_safe = jnp.where(has, l, 1.0)
