@@ -76,18 +76,71 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def _current_mesh():
+def current_mesh():
+  """The ambient (abstract) mesh set by use_mesh, or None."""
   get = getattr(jax.sharding, "get_abstract_mesh", None)
   mesh = get() if get else None
   return None if mesh is None or not mesh.shape else mesh
 
 
+def multi_device_mesh():
+  """The ambient mesh when it spans several devices, else None."""
+  mesh = current_mesh()
+  return None if mesh is None or all(v == 1 for v in mesh.shape.values()) else mesh
+
+
 def constrain(x, axes: Sequence[str | None]):
   """Sharding constraint on an activation by logical axes; a no-op outside a mesh context."""
-  mesh = _current_mesh()
-  if mesh is None or all(v == 1 for v in mesh.shape.values()):
+  mesh = multi_device_mesh()
+  if mesh is None:
     return x
   return jax.lax.with_sharding_constraint(x, spec_for(axes, x.shape, mesh))
+
+
+try:
+  _shard_map = jax.shard_map
+  _NO_CHECK = {"check_vma": False}
+except AttributeError:  # older jax
+  from jax.experimental.shard_map import shard_map as _shard_map
+  _NO_CHECK = {"check_rep": False}
+
+
+def shard_map(fn, mesh, in_specs, out_specs):
+  """jax.shard_map on any supported jax, without the replication check (ops kernels are
+  custom calls it cannot see through)."""
+  return _shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, **_NO_CHECK)
+
+
+def per_shard(fn, args: Sequence, in_axes: Sequence, out_axes, out_shapes):
+  """fn(*args) run on each device's block when the ambient mesh has several devices.
+
+  ops kernels (Pallas Mosaic TPU / Triton) are custom calls XLA cannot partition: Mosaic
+  refuses sharded operands outside shard_map, and anything else would be gathered. Layers
+  call them through this with the logical axes of each operand, so each device runs the
+  kernel on its local batch / heads block. fn must then be independent across the sharded
+  dims (attention over batch and heads, scans over batch and channels).
+
+  args: operands (None entries pass through as None); in_axes: a logical-axes tuple per arg
+  (None for replicated); out_axes / out_shapes: matching pytrees of logical-axes tuples and
+  global shapes of fn's outputs. Outside a multi-device mesh this is just fn(*args).
+  """
+  mesh = multi_device_mesh()
+  if mesh is None:
+    return fn(*args)
+  present = [i for i, a in enumerate(args) if a is not None]
+  in_specs = tuple(P() if in_axes[i] is None else spec_for(in_axes[i], args[i].shape, mesh)
+                   for i in present)
+  is_axes = lambda x: type(x) is tuple and all(a is None or isinstance(a, str) for a in x)
+  out_specs = jax.tree.map(lambda ax, shape: spec_for(ax, shape, mesh), out_axes, out_shapes,
+                           is_leaf=is_axes)
+
+  def local(*xs):
+    full = list(args)
+    for i, x in zip(present, xs):
+      full[i] = x
+    return fn(*full)
+
+  return shard_map(local, mesh, in_specs, out_specs)(*(args[i] for i in present))
 
 
 @contextlib.contextmanager

@@ -11,6 +11,7 @@ from jaxlm.config import ModelConfig
 from jaxlm.layers.embed import apply_rope
 from jaxlm.layers.mlp import out_proj_std
 from jaxlm.layers.params import param
+from jaxlm import sharding
 from jaxlm.sharding import constrain
 
 
@@ -20,6 +21,61 @@ def implementation_arg(spec: str):
     return None
   names = tuple(s.strip() for s in spec.split(",") if s.strip())
   return names[0] if len(names) == 1 else names
+
+
+Q_AXES = ("batch", "seq", "heads", "head_dim")
+KV_AXES = ("batch", "seq", "kv_heads", "head_dim")
+TOKEN_AXES = ("batch", "seq")
+
+
+def _slice_kv(k, group: int, hl: int):
+  """Inside shard_map, when q's heads are split over "tensor" but k's are not (the kv heads do
+  not divide the axis): the kv heads this device's hl q heads read. k: [b, s, n_kv, d]."""
+  i = jax.lax.axis_index("tensor")
+  if group % hl == 0:      # the local q heads lie inside one group: its single kv head
+    return jax.lax.dynamic_slice_in_dim(k, (i * hl) // group, 1, axis=2)
+  return jnp.take(k, (i * hl + jnp.arange(hl)) // group, axis=2)  # one kv head per q head
+
+
+def _match_heads(q, k, v, n_heads: int, n_kv: int):
+  """k, v for the local q heads (a no-op unless only q's heads were split)."""
+  hl = q.shape[2]
+  if hl == n_heads or k.shape[2] != n_kv:
+    return k, v
+  group = n_heads // n_kv
+  return _slice_kv(k, group, hl), _slice_kv(v, group, hl)
+
+
+def sharded_attention(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, kv_valid=None,
+                      **kwargs):
+  """ops.attention.attention run per device on its batch / heads block of the ambient mesh.
+
+  q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim];
+  segment ids / kv_valid: [batch, len]. Returns [batch, q_len, heads, head_dim]. kwargs are
+  ops.attention.attention's static options (causal, window, sinks, soft_cap, implementation).
+  """
+  n_heads, n_kv = q.shape[2], k.shape[2]
+
+  def fn(q, k, v, qs, ks, valid):
+    k, v = _match_heads(q, k, v, n_heads, n_kv)
+    return ops.attention.attention(q, k, v, q_segment_ids=qs, kv_segment_ids=ks,
+                                   kv_valid=valid, **kwargs)
+
+  return sharding.per_shard(
+      fn, (q, k, v, q_segment_ids, kv_segment_ids, kv_valid),
+      (Q_AXES, KV_AXES, KV_AXES, TOKEN_AXES, TOKEN_AXES, TOKEN_AXES), Q_AXES, q.shape)
+
+
+def sharded_decode_attention(q, k_cache, v_cache, lengths, **kwargs):
+  """ops.attention.decode_attention per device (batch / heads blocks); shapes as there."""
+  n_heads, n_kv = q.shape[2], k_cache.shape[2]
+
+  def fn(q, k, v, lengths):
+    k, v = _match_heads(q, k, v, n_heads, n_kv)
+    return ops.attention.decode_attention(q, k, v, lengths, **kwargs)
+
+  return sharding.per_shard(fn, (q, k_cache, v_cache, lengths),
+                            (Q_AXES, KV_AXES, KV_AXES, ("batch",)), Q_AXES, q.shape)
 
 
 def write_cache(cache, new, starts):
@@ -54,12 +110,12 @@ class Attention(nnx.Module):
     q = jnp.einsum("bsd,dhk->bshk", x, self.wq.value.astype(dt))
     k = jnp.einsum("bsd,dhk->bshk", x, self.wk.value.astype(dt))
     v = jnp.einsum("bsd,dhk->bshk", x, self.wv.value.astype(dt))
-    q = constrain(apply_rope(q, positions, cfg.rope_base), ("batch", "seq", "heads", "head_dim"))
-    k = constrain(apply_rope(k, positions, cfg.rope_base), ("batch", "seq", "kv_heads", "head_dim"))
+    q = constrain(apply_rope(q, positions, cfg.rope_base), Q_AXES)
+    k = constrain(apply_rope(k, positions, cfg.rope_base), KV_AXES)
     soft_cap = cfg.attention.soft_cap or None
     impl = implementation_arg(cfg.attention.implementation)
     if cache is None:
-      o = ops.attention.attention(
+      o = sharded_attention(
           q, k, v, causal=True, window=self._window(), q_segment_ids=segment_ids,
           kv_segment_ids=segment_ids, soft_cap=soft_cap, implementation=impl)
       new_cache = None
@@ -67,7 +123,7 @@ class Attention(nnx.Module):
       n = x.shape[1]
       k_cache = write_cache(cache["k"], k, cache["lengths"])
       v_cache = write_cache(cache["v"], v, cache["lengths"])
-      o = ops.attention.decode_attention(
+      o = sharded_decode_attention(
           q, k_cache, v_cache, cache["lengths"] + n, window=self._window(), soft_cap=soft_cap)
       new_cache = dict(k=k_cache, v=v_cache, lengths=cache["lengths"] + n)
     y = jnp.einsum("bshk,hkd->bsd", o.astype(dt), self.wo.value.astype(dt))

@@ -25,16 +25,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 import ops.gmm
+from jaxlm import sharding
 from jaxlm.config import ModelConfig
 from jaxlm.layers.mlp import out_proj_std
 from jaxlm.layers.params import param
 
-try:
-  _shard_map = jax.shard_map
-  _SHARD_MAP_KW = {"check_vma": False}
-except AttributeError:  # older jax
-  from jax.experimental.shard_map import shard_map as _shard_map
-  _SHARD_MAP_KW = {"check_rep": False}
 
 
 class ExpertPool(nnx.Module):
@@ -99,12 +94,6 @@ def expert_axis_size(mesh) -> int:
   return int(mesh.shape["expert"])
 
 
-def current_mesh():
-  get = getattr(jax.sharding, "get_abstract_mesh", None)
-  mesh = get() if get else None
-  return None if mesh is None or not mesh.shape else mesh
-
-
 def _token_axes(mesh, n_tokens: int):
   """Mesh axes splitting the token dim inside shard_map: the batch axes and the expert axis
   when they divide the token count (else fewer; replicated tokens are still correct)."""
@@ -159,9 +148,8 @@ def dispatch_expert_parallel(x, ids, gates, experts: dict, n_ffn: int, mesh,
         back.reshape(ep * cap, -1), mode="drop")
     return ops.gmm.unpermute(ys, sort_idx, jnp.where(fid >= 0, gates, 0.0))
 
-  fn = _shard_map(local, mesh=mesh,
-                  in_specs=(tok_spec, tok_spec, tok_spec, w_spec, w_spec, w_spec),
-                  out_specs=tok_spec, **_SHARD_MAP_KW)
+  fn = sharding.shard_map(local, mesh, (tok_spec, tok_spec, tok_spec, w_spec, w_spec, w_spec),
+                          tok_spec)
   return fn(x, ids, gates, experts["w_gate"], experts["w_up"], experts["w_down"])
 
 

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxlm import sharding
 from jaxlm.config import ModelConfig
 from jaxlm.layers import expert_pool
 from jaxlm.layers.attention import implementation_arg
@@ -96,7 +97,7 @@ class MoEFFN(nnx.Module):
       ids = capacity_drop(ids, e.n_experts, capacity(b * s, e.top_k, e.n_experts,
                                                       e.capacity_factor))
     impl = implementation_arg(e.implementation)
-    mesh = expert_pool.current_mesh()
+    mesh = sharding.current_mesh()
     if expert_pool.expert_axis_size(mesh) > 1:
       y = expert_pool.dispatch_expert_parallel(x2, ids, routing.gates, experts, e.n_experts,
                                                mesh, impl)

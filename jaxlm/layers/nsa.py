@@ -29,7 +29,9 @@ from flax import nnx
 
 import ops.nsa
 from jaxlm.config import AttentionConfig, ModelConfig
-from jaxlm.layers.attention import implementation_arg, write_cache
+from jaxlm import sharding
+from jaxlm.layers.attention import (KV_AXES, Q_AXES, TOKEN_AXES, implementation_arg,
+                                   write_cache)
 from jaxlm.layers.embed import apply_rope
 from jaxlm.layers.mlp import out_proj_std
 from jaxlm.layers.params import param
@@ -42,6 +44,22 @@ _OWN = dict(cmp_k="k_cmp", cmp_v="v_cmp", slc_k="k_slc", slc_v="v_slc", win_k="k
             win_v="v_win")
 _SHARED = dict(cmp_k="k_raw", cmp_v="v", slc_k="k", slc_v="v", win_k="k", win_v="v")
 COMPRESSED = ("kc", "vc")   # compressed cache entries [batch, max_cmp, kv_heads, head_dim]
+
+
+def sharded_nsa(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, segment_ids, **kwargs):
+  """ops.nsa.nsa run per device on its batch (and whole GQA groups of heads) of the ambient
+  mesh; shapes as ops.nsa.nsa. Heads are split only when the kv heads are: a group's query
+  heads share one block selection (summed over the group), so a group never straddles devices.
+  """
+  mesh = sharding.multi_device_mesh()
+  kv_split = mesh is not None and sharding.spec_for(KV_AXES, k_slc.shape, mesh)[2] is not None
+  q_axes = Q_AXES if kv_split else Q_AXES[:2] + (None, None)
+  kv_axes = KV_AXES if kv_split else KV_AXES[:2] + (None, None)
+  fn = lambda *a: ops.nsa.nsa(*a[:8], q_segment_ids=a[8], **kwargs)
+  return sharding.per_shard(
+      fn, (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, segment_ids),
+      (q_axes,) + (kv_axes,) * 6 + (q_axes, TOKEN_AXES), q_axes,
+      q.shape[:3] + (v_slc.shape[3],))
 
 
 def nsa_config(a: AttentionConfig) -> ops.nsa.NSAConfig:
@@ -187,8 +205,8 @@ class NSAAttention(nnx.Module):
       vb = ops.nsa.unfold_blocks(p["cmp_v"], l, d)
       ends = jnp.arange(n_cmp, dtype=jnp.int32) * d + l - 1
       kc, vc = self.compress(kb, vb, jnp.take(positions, ends, axis=1))
-      o = ops.nsa.nsa(p["q"], kc.astype(dt), vc.astype(dt), p["slc_k"], p["slc_v"], p["win_k"],
-                      p["win_v"], p["gates"], cfg=ncfg, q_segment_ids=segment_ids,
+      o = sharded_nsa(p["q"], kc.astype(dt), vc.astype(dt), p["slc_k"], p["slc_v"],
+                      p["win_k"], p["win_v"], p["gates"], segment_ids, cfg=ncfg,
                       implementation=implementation_arg(cfg.attention.implementation))
       return self._out(o, dt), None, stats
     o, new_cache = self._decode(p, cache, ncfg)

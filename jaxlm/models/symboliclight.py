@@ -33,16 +33,18 @@ transformer.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-import ops.attention
 import ops.lif
 import ops.scan
 from ops.attention import reference as attention_reference
 from jaxlm.config import ModelConfig
-from jaxlm.layers.attention import implementation_arg, write_cache
+from jaxlm import sharding
+from jaxlm.layers.attention import implementation_arg, sharded_attention, write_cache
 from jaxlm.layers.embed import Embed, apply_rope
 from jaxlm.layers.params import param
 from jaxlm.layers.spiking import LayerNorm, const_param, heaviside, topk_mask
@@ -92,8 +94,12 @@ class SparseTCAM(nnx.Module):
       starts = jnp.concatenate([jnp.zeros((b, 1), bool),
                                 segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
       a = jnp.where(starts[..., None], 0.0, jnp.broadcast_to(lam_c, (b, s, h * hd)))
-    out, h_last = ops.scan.linear_scan(
-        a, inp, h0, implementation=implementation_arg(cfg.spiking.scan_implementation))
+    chan = ("batch", "seq", "heads")   # channels = heads*head_dim, split with the heads
+    out, h_last = sharding.per_shard(
+        functools.partial(ops.scan.linear_scan,
+                          implementation=implementation_arg(cfg.spiking.scan_implementation)),
+        (a, inp, h0), (chan[2:] if a.ndim == 1 else chan, chan, ("batch", "heads")),
+        (chan, ("batch", "heads")), (inp.shape, (b, h * hd)))
     return out.reshape(b, s, h, hd), h_last
 
   def attention_path(self, x, active, positions, segment_ids, cache):
@@ -106,7 +112,7 @@ class SparseTCAM(nnx.Module):
     k = constrain(apply_rope(k, positions, cfg.rope_base), ("batch", "seq", "kv_heads", "head_dim"))
     soft_cap = cfg.attention.soft_cap or None
     if cache is None:
-      o = ops.attention.attention(
+      o = sharded_attention(
           q, k, v, causal=True, window=sp.window, sinks=sp.n_anchors, q_segment_ids=segment_ids,
           kv_segment_ids=segment_ids, kv_valid=active, soft_cap=soft_cap,
           implementation=implementation_arg(cfg.attention.implementation))
@@ -217,10 +223,13 @@ class SymbolicLight(nnx.Module):
     x = constrain(x, ACT)
     if sp.encoder == "topk":
       return x, topk_mask(x, int(sp.topk_fraction * cfg.d_model)), None
-    spikes, v_last = ops.lif.lif(
-        x, v0, beta=sp.beta, threshold=sp.threshold, v_min=-sp.v_clamp, v_max=sp.v_clamp,
+    lif = functools.partial(
+        ops.lif.lif, beta=sp.beta, threshold=sp.threshold, v_min=-sp.v_clamp, v_max=sp.v_clamp,
         reset=sp.reset, surrogate=sp.surrogate, surrogate_alpha=sp.surrogate_alpha,
         detach_reset=True, implementation=implementation_arg(sp.lif_implementation))
+    row = (ACT[0], ACT[2])
+    spikes, v_last = sharding.per_shard(lif, (x, v0), (ACT, row), (ACT, row),
+                                        (x.shape, (x.shape[0], x.shape[2])))
     return x, spikes, v_last
 
   def logits(self, x):

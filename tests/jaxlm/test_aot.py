@@ -188,11 +188,13 @@ def test_tiny_train_step_compiles_v5e(preset):
 
 
 @pytest.mark.tpu_aot
-@pytest.mark.xfail(strict=True, raises=NotImplementedError, reason=(
-    "jaxlm/layers/attention.py calls ops.attention outside shard_map; on TPU the default "
-    "implementation is a Mosaic kernel, which XLA cannot partition over a multi-device mesh"))
-def test_tiny_train_step_default_kernels_v5e():
-  cfg = apply_overrides(configs.get_preset("tiny_cpu"), ["mesh.data=4"])
+@pytest.mark.parametrize("preset,mesh", [("tiny_cpu", "mesh.data=4"),
+                                         ("tiny_cpu", "mesh.tensor=2,mesh.fsdp=2"),
+                                         ("tiny_symboliclight_cpu", "mesh.data=4")])
+def test_tiny_train_step_default_kernels_v5e(preset, mesh):
+  """The layers run the Mosaic kernels per device (shard_map), so the default TPU
+  implementations compile on a multi-chip mesh."""
+  cfg = apply_overrides(configs.get_preset(preset), mesh.split(","))
   aot.compile_train_step(cfg, aot.topology_devices("v5e:2x2"), "v5e:2x2")
 
 

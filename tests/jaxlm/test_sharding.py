@@ -23,7 +23,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from jaxlm import sharding
-from jaxlm.config import Config, ConfigError, MeshConfig, MoEConfig, TrainConfig, validate_for_devices
+from jaxlm.config import (Config, ConfigError, MeshConfig, MoEConfig, SpikingConfig, TrainConfig,
+                          validate_for_devices)
 from jaxlm.models import build
 from jaxlm.train.checkpoint import Checkpointer
 from jaxlm.train.optimizer import make_optimizer
@@ -41,6 +42,14 @@ DENSE = tiny_model(vocab_size=VOCAB, d_model=64, n_heads=4, n_kv_heads=2, d_ff=6
 MOE = tiny_model(vocab_size=VOCAB, d_model=32, n_heads=4, n_kv_heads=2, d_ff=32,
                  moe=MoEConfig(kind="vanilla", n_experts=4, top_k=2, router="softmax_topk",
                                balance_loss=1e-2, router_z_loss=1e-3))
+# 6 heads / 3 kv heads on a tensor axis of 2: q heads split, kv heads replicated, and each
+# device's 3 q heads straddle two GQA groups (the per-head kv gather inside shard_map).
+GQA_ODD = tiny_model(vocab_size=VOCAB, d_model=48, n_heads=6, n_kv_heads=3, d_ff=64)
+SPIKING = tiny_model(kind="symboliclight", vocab_size=VOCAB, d_model=32, n_heads=4,
+                     n_kv_heads=4, d_ff=64, spiking=SpikingConfig(window=8, n_anchors=2))
+NSA = tiny_model(vocab_size=VOCAB, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64,
+                 attention=dict(kind="nsa", nsa_block_len=4, nsa_stride=2, nsa_select_len=4,
+                                nsa_top_n=3, nsa_window=4))
 TRAIN = TrainConfig(steps=20, batch_size=B, seq_len=S, lr=1e-2, warmup_steps=0, eps=1e-4,
                     grad_clip=1.0)
 MESHES = [(8, 1, 1, 1), (2, 2, 2, 1), (1, 8, 1, 1), (1, 2, 4, 1)]
@@ -167,6 +176,19 @@ def test_mesh_matches_single_device(mesh_shape):
   # the state really lives on all 8 devices, and keeps its layout through the donated steps
   assert all(len(d) == 8 for d in jax.tree.leaves(got["devices"]))
   assert got["final_specs"] == got["init_specs"]
+
+
+@pytest.mark.parametrize("model,mesh_shape", [(GQA_ODD, (4, 1, 2, 1)), (SPIKING, (2, 1, 4, 1)),
+                                              (NSA, (2, 2, 2, 1)), (NSA, (1, 2, 4, 1))],
+                         ids=["gqa_straddling_groups", "symboliclight", "nsa", "nsa_kv_replicated"])
+def test_ops_per_shard_match_single_device(model, mesh_shape):
+  """ops kernels run per device inside shard_map (jaxlm.sharding.per_shard): attention with kv
+  heads that do not divide the tensor axis, and SymbolicLight's LIF / decay scan / attention."""
+  _assert_matches_single_device(model, mesh_shape)
+  setup = _setup(model, mesh_shape, 8)
+  with sharding.use_mesh(setup.mesh):
+    text = setup.step.lower(setup.abstract, setup.put_batch(_batch())).as_text()
+  assert "manual" in text  # the ops calls are inside shard_map bodies
 
 
 def test_moe_expert_parallel_matches_single_device():
