@@ -107,6 +107,28 @@ def _token_axes(mesh, n_tokens: int):
   return ()
 
 
+def dispatch_data_parallel(x, ids, gates, experts: dict, n_ffn: int, mesh, implementation=None):
+  """`dispatch` on a multi-device mesh without an expert axis: each device runs the grouped
+  matmuls (ops.gmm: kernels XLA cannot partition) on its own tokens, with every expert's
+  weights gathered (FSDP) except the expert width, which stays split over "tensor" (the
+  partial outputs are summed across it)."""
+  from jax.sharding import PartitionSpec as P
+  tok = _token_axes(mesh, x.shape[0])
+  tok_spec = P(tok if tok else None)
+  tp = int(mesh.shape.get("tensor", 1))
+  split = tp > 1 and experts["w_gate"].shape[-1] % tp == 0
+  w_in, w_out = (P(None, None, "tensor"), P(None, "tensor", None)) if split else (P(), P())
+
+  def local(x, ids, gates, w_gate, w_up, w_down):
+    y = dispatch(x, ids, gates, dict(w_gate=w_gate, w_up=w_up, w_down=w_down), n_ffn,
+                 implementation)
+    return jax.lax.psum(y, "tensor") if split else y
+
+  fn = sharding.shard_map(local, mesh, (tok_spec, tok_spec, tok_spec, w_in, w_in, w_out),
+                          tok_spec)
+  return fn(x, ids, gates, experts["w_gate"], experts["w_up"], experts["w_down"])
+
+
 def dispatch_expert_parallel(x, ids, gates, experts: dict, n_ffn: int, mesh,
                              implementation=None):
   """Same result as `dispatch`, with the experts sharded over the mesh's "expert" axis."""

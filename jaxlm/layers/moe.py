@@ -101,6 +101,9 @@ class MoEFFN(nnx.Module):
     if expert_pool.expert_axis_size(mesh) > 1:
       y = expert_pool.dispatch_expert_parallel(x2, ids, routing.gates, experts, e.n_experts,
                                                mesh, impl)
+    elif sharding.multi_device_mesh() is not None:
+      y = expert_pool.dispatch_data_parallel(x2, ids, routing.gates, experts, e.n_experts,
+                                             mesh, impl)
     else:
       y = expert_pool.dispatch(x2, ids, routing.gates, experts, e.n_experts, impl)
     if e.n_copy_experts or e.n_constant_experts:

@@ -179,11 +179,14 @@ def test_mesh_matches_single_device(mesh_shape):
 
 
 @pytest.mark.parametrize("model,mesh_shape", [(GQA_ODD, (4, 1, 2, 1)), (SPIKING, (2, 1, 4, 1)),
-                                              (NSA, (2, 2, 2, 1)), (NSA, (1, 2, 4, 1))],
-                         ids=["gqa_straddling_groups", "symboliclight", "nsa", "nsa_kv_replicated"])
+                                              (NSA, (2, 2, 2, 1)), (NSA, (1, 2, 4, 1)),
+                                              (MOE, (2, 2, 2, 1))],
+                         ids=["gqa_straddling_groups", "symboliclight", "nsa", "nsa_kv_replicated",
+                              "moe_no_expert_axis"])
 def test_ops_per_shard_match_single_device(model, mesh_shape):
   """ops kernels run per device inside shard_map (jaxlm.sharding.per_shard): attention with kv
-  heads that do not divide the tensor axis, and SymbolicLight's LIF / decay scan / attention."""
+  heads that do not divide the tensor axis, SymbolicLight's LIF / decay scan / attention, NSA,
+  and the MoE grouped matmuls on a mesh without an expert axis (expert width over "tensor")."""
   _assert_matches_single_device(model, mesh_shape)
   setup = _setup(model, mesh_shape, 8)
   with sharding.use_mesh(setup.mesh):
