@@ -540,8 +540,9 @@ flops_note = ("XLA TFLOP/chip: cost analysis of the compiled per-chip program; i
 
 MOSAIC_PARTITION_HINT = (
     "A Pallas TPU kernel was called on sharded operands outside shard_map (Mosaic kernels "
-    "cannot be partitioned automatically). Until the layer wraps the op in shard_map, "
-    "compile with the XLA implementations of the ops: --xla_ops (aot_compile.py), or "
+    "cannot be partitioned automatically): a layer calls an ops kernel without "
+    "jaxlm.sharding.per_shard. To compile anyway, use the XLA implementations of the ops: "
+    "--xla_ops (aot_compile.py), or "
     "--set model.attention.implementation=xla (and model.moe.implementation, "
     "model.spiking.lif_implementation / scan_implementation).")
 
