@@ -534,9 +534,10 @@ def validate_for_devices(cfg: Config, n_devices: int) -> tuple[int, ...]:
   if cfg.model.moe.kind != "none":
     _check(cfg.model.moe.n_experts % shape[3] == 0, "model.moe.n_experts",
            f"{cfg.model.moe.n_experts} experts do not divide over mesh.expert={shape[3]} devices")
-  batch_shards = shape[0] * shape[1]  # batch is split over data and fsdp
+  batch_shards = shape[0] * shape[1] * shape[3]  # batch is split over data, fsdp and expert
   micro = cfg.train.batch_size // cfg.train.grad_accum
   _check(micro % batch_shards == 0, "train.batch_size",
          f"micro-batch {micro} (batch_size {cfg.train.batch_size} / grad_accum {cfg.train.grad_accum}) "
-         f"is not divisible by the data×fsdp axes ({shape[0]}×{shape[1]}={batch_shards})")
+         f"is not divisible by the data×fsdp×expert axes "
+         f"({shape[0]}×{shape[1]}×{shape[3]}={batch_shards})")
   return shape

@@ -21,7 +21,9 @@ MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
 # logical axis → mesh axes (a tuple shards one dim over several mesh axes).
 RULES: dict[str, tuple[str, ...]] = {
-    "batch": ("data", "fsdp"),
+    # the expert axis is data parallelism outside the MoE layers (they move tokens between its
+    # devices with all-to-all), so a chip never holds activations replicated over it
+    "batch": ("data", "fsdp", "expert"),
     "embed": ("fsdp",),
     "heads": ("tensor",),
     "kv_heads": ("tensor",),

@@ -280,6 +280,9 @@ def test_spec_for_uses_each_mesh_axis_once():
   assert _padded(sharding.spec_for(("batch", "kv_heads"), (5, 2), mesh), 2) == (None, None)
   mesh2 = sharding.make_mesh(MeshConfig(2, 2, 2, 1))
   assert _padded(sharding.spec_for(("batch", None), (8, 3), mesh2), 2) == (("data", "fsdp"), None)
+  # the expert axis splits the batch too (data parallelism outside the MoE layers)
+  mesh3 = sharding.make_mesh(MeshConfig(2, 1, 1, 4))
+  assert _padded(sharding.spec_for(("batch", None), (8, 3), mesh3), 2) == (("data", "expert"), None)
   assert _padded(sharding.spec_for(("batch", None), (6, 3), mesh2), 2) == (None, None)
 
 
@@ -300,9 +303,11 @@ def test_mesh_size_must_match_device_count():
       "data": 2, "fsdp": 2, "tensor": 2, "expert": 1}
 
 
-def test_batch_must_divide_over_data_and_fsdp():
-  with pytest.raises(ConfigError, match=r"^train.batch_size: .*\(4×2=8\)"):
+def test_batch_must_divide_over_data_fsdp_and_expert():
+  with pytest.raises(ConfigError, match=r"^train.batch_size: .*\(4×2×1=8\)"):
     sharding.mesh_for(_cfg(mesh=(4, 2, 1, 1), batch_size=12))
+  with pytest.raises(ConfigError, match=r"^train.batch_size: .*\(2×1×4=8\)"):
+    sharding.mesh_for(_cfg(MOE, mesh=(2, 1, 1, 4), batch_size=4))
   # the micro-batch counts: 16 / grad_accum 4 = 4 rows cannot split 8 ways
   with pytest.raises(ConfigError, match=r"^train.batch_size: micro-batch 4"):
     sharding.mesh_for(_cfg(mesh=(8, 1, 1, 1), batch_size=16, grad_accum=4))
