@@ -12,14 +12,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags, logging
 
-_RUNS = flags.DEFINE_list("runs", [], "label=run_dir of trained runs (else --preset)")
-_PRESET = flags.DEFINE_string("preset", "tiny", "tiny: train CPU-sized runs under --work_dir")
-_KINDS = flags.DEFINE_list("kinds", ["dense", "moe", "unipool"], "tiny runs to train")
-_WORK = flags.DEFINE_string("work_dir", "/tmp/jaxlm_analysis_runs", "where tiny runs live")
-_STEPS = flags.DEFINE_integer("train_steps", 200, "tiny training steps")
-_CKPT = flags.DEFINE_integer("checkpoint_every", 50, "tiny checkpoint interval")
-_SET = flags.DEFINE_multi_string("set", [], "extra config overrides of the tiny runs")
-_OUT = flags.DEFINE_string("out_dir", "experiments/results/analysis", "tables and PNGs")
+from experiments import analysis_runs
+
+analysis_runs.define_flags(["dense", "moe", "unipool"])
 _SERIES = flags.DEFINE_list("steps", [], "checkpoint steps of the series (default: all)")
 _NSEQ = flags.DEFINE_integer("n_seqs", 8, "validation windows whose log-prob is attributed")
 _IG = flags.DEFINE_integer("ig_steps", 8, "Riemann points of the path integral")
@@ -30,14 +25,13 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   from jaxlm.analysis import common, gated_lpi
-  runs = common.resolve_runs(_RUNS.value, _PRESET.value, _WORK.value, _KINDS.value,
-                             _STEPS.value, _CKPT.value, _SET.value)
+  runs = analysis_runs.resolve_runs()
   series = [int(s) for s in _SERIES.value] or None
   results = {label: gated_lpi.analyze_series(d, series, n_seqs=_NSEQ.value,
                                              ig_steps=_IG.value, frac=_FRAC.value)
              for label, d in runs.items()}
-  rep = gated_lpi.report(results, _OUT.value)
-  common.finish(rep, _OUT.value, "gated_lpi", "python " + " ".join(sys.argv))
+  rep = gated_lpi.report(results, analysis_runs.out_dir())
+  common.finish(rep, analysis_runs.out_dir(), "gated_lpi", "python " + " ".join(sys.argv))
 
 
 if __name__ == "__main__":

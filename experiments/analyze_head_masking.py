@@ -11,14 +11,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags, logging
 
-_RUNS = flags.DEFINE_list("runs", [], "label=run_dir of trained runs (else --preset)")
-_PRESET = flags.DEFINE_string("preset", "tiny", "tiny: train CPU-sized runs under --work_dir")
-_KINDS = flags.DEFINE_list("kinds", ["dense", "moe", "unipool"], "tiny runs to train")
-_WORK = flags.DEFINE_string("work_dir", "/tmp/jaxlm_analysis_runs", "where tiny runs live")
-_STEPS = flags.DEFINE_integer("train_steps", 200, "tiny training steps")
-_CKPT = flags.DEFINE_integer("checkpoint_every", 50, "tiny checkpoint interval")
-_SET = flags.DEFINE_multi_string("set", [], "extra config overrides of the tiny runs")
-_OUT = flags.DEFINE_string("out_dir", "experiments/results/analysis", "tables and PNGs")
+from experiments import analysis_runs
+
+analysis_runs.define_flags(["dense", "moe", "unipool"])
 _TRIPLES = flags.DEFINE_string("triples", "", "subject<TAB>relation<TAB>object file "
                                "(default: mined from the first run's corpus)")
 _RELS = flags.DEFINE_list("relations", ["of"], "relation words for mining")
@@ -33,8 +28,7 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   from jaxlm.analysis import common, head_masking
-  runs = common.resolve_runs(_RUNS.value, _PRESET.value, _WORK.value, _KINDS.value,
-                             _STEPS.value, _CKPT.value, _SET.value)
+  runs = analysis_runs.resolve_runs()
   if _TRIPLES.value:
     facts = head_masking.read_triples(_TRIPLES.value)
   else:
@@ -45,8 +39,8 @@ def main(argv):
   results = {label: head_masking.analyze(d, facts, [int(k) for k in _KS.value],
                                          tuple(_IMP.value), ig_steps=_IG.value)
              for label, d in runs.items()}
-  rep = head_masking.report(results, _OUT.value)
-  common.finish(rep, _OUT.value, "head_masking", "python " + " ".join(sys.argv))
+  rep = head_masking.report(results, analysis_runs.out_dir())
+  common.finish(rep, analysis_runs.out_dir(), "head_masking", "python " + " ".join(sys.argv))
 
 
 if __name__ == "__main__":

@@ -11,14 +11,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags, logging
 
-_RUNS = flags.DEFINE_list("runs", [], "label=run_dir of trained MoE runs (else --preset)")
-_PRESET = flags.DEFINE_string("preset", "tiny", "tiny: train CPU-sized runs under --work_dir")
-_KINDS = flags.DEFINE_list("kinds", ["moe", "unipool"], "tiny runs to train and analyse")
-_WORK = flags.DEFINE_string("work_dir", "/tmp/jaxlm_analysis_runs", "where tiny runs live")
-_STEPS = flags.DEFINE_integer("train_steps", 200, "tiny training steps")
-_CKPT = flags.DEFINE_integer("checkpoint_every", 50, "tiny checkpoint interval")
-_SET = flags.DEFINE_multi_string("set", [], "extra config overrides of the tiny runs")
-_OUT = flags.DEFINE_string("out_dir", "experiments/results/analysis", "tables and PNGs")
+from experiments import analysis_runs
+
+analysis_runs.define_flags(["moe", "unipool"], "trained MoE runs")
 _NSEQ = flags.DEFINE_integer("n_seqs", 16, "validation windows traced")
 _SEG = flags.DEFINE_list("segments", ["4", "16", "64"], "segment lengths m")
 _CAP = flags.DEFINE_list("capacities", [], "cache sizes C (default k, 2k, 4k)")
@@ -30,8 +25,7 @@ def main(argv):
   import numpy as np
   from jaxlm.analysis import common
   from jaxlm.analysis import routing_consistency as rc
-  runs = common.resolve_runs(_RUNS.value, _PRESET.value, _WORK.value, _KINDS.value,
-                             _STEPS.value, _CKPT.value, _SET.value)
+  runs = analysis_runs.resolve_runs()
   md, figs = [], []
   fig, axes = common.new_figure(2)
   for label, run_dir in runs.items():
@@ -59,8 +53,8 @@ def main(argv):
   axes[1].set_ylabel("hit rate (mean over layers)")
   for ax in axes:
     ax.legend(fontsize=7)
-  figs.append(common.save_figure(fig, _OUT.value, "routing_consistency.png"))
-  common.finish(common.Report("\n".join(md), figs, {}), _OUT.value, "routing_consistency",
+  figs.append(common.save_figure(fig, analysis_runs.out_dir(), "routing_consistency.png"))
+  common.finish(common.Report("\n".join(md), figs, {}), analysis_runs.out_dir(), "routing_consistency",
                 "python " + " ".join(sys.argv))
 
 
