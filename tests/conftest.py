@@ -7,29 +7,12 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_force_host_platform_device_count=8").strip()
 
-import glob
 import importlib.util
 
+from jaxlm.host_env import quiet_libtpu_without_chips
 
-def _tpu_chips_attached() -> bool:
-  """A TPU chip on this host's PCI bus (Google's vendor id; what jax itself checks)."""
-  for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
-    try:
-      if open(vendor).read().strip() == "0x1ae0":
-        return True
-    except OSError:
-      pass
-  return False
-
-
-# libtpu installed (the [tpu] extra, for the tpu_aot tests) on a host without TPU chips: jax
-# still loads it while looking for backends (then runs on CPU) and libtpu warns loudly about
-# missing TPU-VM metadata; placeholders keep it quiet, and several processes (xdist workers)
-# may load it as compile-only clients.
-if importlib.util.find_spec("libtpu") is not None and not _tpu_chips_attached():
-  for _k, _v in (("TPU_ACCELERATOR_TYPE", "v5litepod-4"), ("TPU_WORKER_HOSTNAMES", "localhost"),
-                 ("TPU_SKIP_MDS_QUERY", "1"), ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")):
-    os.environ.setdefault(_k, _v)
+# libtpu installed (the [tpu] extra, for the tpu_aot tests) on a host without TPU chips.
+quiet_libtpu_without_chips()
 
 import jax
 import pytest
