@@ -48,7 +48,6 @@ import dataclasses
 import functools
 import itertools
 import math
-import os
 import re
 import time
 from typing import Any, Callable, Sequence
@@ -58,7 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from jaxlm import sharding
+from jaxlm import host_env, sharding
 from jaxlm.config import Config, MeshConfig, validate_for_devices
 
 GiB = 1024 ** 3
@@ -89,13 +88,8 @@ def has_libtpu() -> bool:
 
 
 def quiet_libtpu() -> None:
-  """Placeholders for the TPU-VM metadata libtpu looks for, so it does not warn on a CPU host."""
-  os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
-  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-  # libtpu takes /tmp/libtpu_lockfile per process; compile-only clients need not be exclusive
-  # (else a second process, e.g. a pytest-xdist worker, fails with "ABORTED: … lockfile").
-  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  """Before libtpu first loads: no TPU-VM metadata errors, several compile-only clients."""
+  host_env.libtpu_placeholders()
 
 
 @functools.lru_cache(maxsize=None)
