@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxlm import aot, configs
+from jaxlm import aot, aot_report, configs
 from jaxlm.config import apply_overrides
 from ops import _backend
 
@@ -85,7 +85,7 @@ def test_train_step_report_cpu():
   assert r.hbm_bytes is None and r.fits is None  # no HBM figure for CPU
   assert r.collectives["all-reduce"] + r.collectives["reduce-scatter"] >= 1
   assert r.flops and r.flops > 0
-  table = aot.format_reports([r])
+  table = aot_report.format_reports([r])
   assert "train_step" in table and "tiny_cpu" in table
 
 
@@ -93,15 +93,15 @@ def test_state_bytes_for_mesh_shrinks_with_fsdp():
   cfg = _tiny()
   devices = jax.devices()[:8]
   from jaxlm.config import MeshConfig
-  full = aot.state_bytes_for_mesh(cfg, devices, MeshConfig(data=8))
-  sharded = aot.state_bytes_for_mesh(cfg, devices, MeshConfig(data=1, fsdp=8))
+  full = aot_report.state_bytes_for_mesh(cfg, devices, MeshConfig(data=8))
+  sharded = aot_report.state_bytes_for_mesh(cfg, devices, MeshConfig(data=1, fsdp=8))
   assert sharded < full / 4
 
 
 def test_fit_advice_suggests_fsdp_when_state_dominates():
   cfg = _tiny("tiny_cpu", "mesh.data=8")
   devices = jax.devices()[:8]
-  state = aot.state_bytes_for_mesh(cfg, devices, cfg.mesh)
+  state = aot_report.state_bytes_for_mesh(cfg, devices, cfg.mesh)
   # A chip whose HBM holds a fraction of the replicated state, but a sharded copy easily.
   r = aot.Report(what="train_step", config=cfg.name, topology="fake:8", device_kind="TPU v5 lite",
                  n_devices=8, mesh={"data": 8, "fsdp": 1, "tensor": 1, "expert": 1},
@@ -109,11 +109,11 @@ def test_fit_advice_suggests_fsdp_when_state_dominates():
                  code_bytes=0, hbm_bytes=state // 2, flops=None, collectives={}, compile_s=0.0,
                  state_bytes=state)
   assert r.fits is False
-  text = aot.fit_advice(r, cfg, devices)
+  text = aot_report.fit_advice(r, cfg, devices)
   assert "over by" in text and "--set mesh.data=" in text and "mesh.fsdp=" in text
   # Temporaries alone above HBM: no fsdp move can help; the advice says so.
   r2 = dataclasses.replace(r, temp_bytes=state * 4)
-  assert "temporaries dominate" in aot.fit_advice(r2, cfg, devices)
+  assert "temporaries dominate" in aot_report.fit_advice(r2, cfg, devices)
 
 
 def test_compiled_tpu_program_fits_by_the_compilers_word():
@@ -126,11 +126,11 @@ def test_compiled_tpu_program_fits_by_the_compilers_word():
                  code_bytes=0, hbm_bytes=aot.hbm_bytes("TPU v5"), flops=1e12, collectives={},
                  compile_s=1.0, state_bytes=gib, compiler_checked=True)
   assert r.peak_bytes > r.hbm_bytes and r.fits is True and r.tight
-  assert "yes, tight" in aot.format_reports([r])
-  assert "no headroom" in aot.tight_note(r) and "mesh.fsdp" in aot.tight_note(r)
+  assert "yes, tight" in aot_report.format_reports([r])
+  assert "no headroom" in aot_report.tight_note(r) and "mesh.fsdp" in aot_report.tight_note(r)
   roomy = dataclasses.replace(r, temp_bytes=10 * gib)
   assert roomy.fits and not roomy.tight
-  assert "| yes |" in aot.format_reports([roomy])
+  assert "| yes |" in aot_report.format_reports([roomy])
   # Not compiled by the TPU compiler (or refused by it): the byte sum / the refusal decides.
   assert dataclasses.replace(r, compiler_checked=False).fits is False
   assert dataclasses.replace(r, oom="RESOURCE_EXHAUSTED: ...").fits is False
@@ -153,7 +153,7 @@ def test_decode_fit_advice_names_the_knobs():
                  argument_bytes=20 * aot.GiB, output_bytes=0, alias_bytes=0, temp_bytes=0,
                  code_bytes=0, hbm_bytes=16 * aot.GiB, flops=None, collectives={},
                  compile_s=0.0, state_bytes=2 * aot.GiB)
-  text = aot.decode_fit_advice(r)
+  text = aot_report.decode_fit_advice(r)
   assert "over by 4.00 GiB" in text and "--decode_batch" in text and "mesh.tensor" in text
 
 
