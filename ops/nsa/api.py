@@ -173,7 +173,16 @@ def nsa(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cfg: NSAConfig,
   return (o, block_idx) if return_block_idx else o
 
 
+from ops.nsa import decode as _decode  # noqa: E402  (the "nsa.decode" registry and "xla")
+
+try:
+  from ops.nsa import decode_triton as _dt
+  _decode.DECODE.register("pallas_triton", _dt.nsa_decode, platforms=(GPU,))
+except ImportError:
+  pass
+
+
 def nsa_decode(*args, **kwargs):
-  """One new token per batch row against NSA caches; see ops.nsa.decode.nsa_decode."""
-  from ops.nsa.decode import nsa_decode as _impl
-  return _impl(*args, **kwargs)
+  """One new token per batch row against NSA caches; see ops.nsa.decode.nsa_decode (keyword
+  arguments, implementation= / interpret= / config= included, are forwarded)."""
+  return _decode.nsa_decode(*args, **kwargs)

@@ -67,6 +67,13 @@ class NSABlockConfig:
   longer sequences are split into query chunks of that many (tile, block) entries. SMEM is
   1 MiB on v5e/v6e/v5p; the dk/dv call holds two such arrays (2**18 entries fail to compile,
   2**16 compile). tpu_score_block_k: compressed keys per step of the TPU score kernel (lanes).
+  decode_cmp_block_k: compressed entries per inner step of the Triton decode kernel (a power of
+  two >= 16). decode_cmp_splits: programs per (batch row, kv head) over the compressed cache
+  (flash-decoding split, merged by logsumexp). decode_block_k: raw tokens per entry of the
+  selected/window decode kernel (a power of two >= 16 dividing select_len; None = min(select_len,
+  64)). decode_entries: entries per program of that kernel (the selected blocks and the window
+  are cut into programs of this many entries). decode_num_warps / decode_num_stages: Triton
+  launch parameters of both decode kernels.
   """
   sel_block_k: int | None = None
   sel_num_warps: int = 4
@@ -81,6 +88,12 @@ class NSABlockConfig:
   tpu_block_q: int = 16
   tpu_prefetch_max: int = 1 << 15
   tpu_score_block_k: int = 128
+  decode_cmp_block_k: int = 64
+  decode_cmp_splits: int = 16
+  decode_block_k: int | None = None
+  decode_entries: int = 2
+  decode_num_warps: int = 4
+  decode_num_stages: int = 2
 
   def replace(self, **kw) -> "NSABlockConfig":
     return dataclasses.replace(self, **kw)
@@ -93,13 +106,15 @@ class NSABlockConfig:
                  tpu_score_block_k=128)
     if any(s in kind for s in ("h100", "h200", "h800", "gh200")):
       return cls(sel_num_warps=4, sel_num_stages=2, score_block_q=16, score_num_warps=4,
-                 bwd_chunk=64, bwd_num_warps=4)
+                 bwd_chunk=64, bwd_num_warps=4, decode_cmp_block_k=64, decode_cmp_splits=16,
+                 decode_entries=2, decode_num_warps=4, decode_num_stages=2)
     return cls()
 
   @classmethod
   def small(cls) -> "NSABlockConfig":
     """Small items so interpret tests split blocks over several bwd work items."""
-    return cls(score_block_q=4, bwd_chunk=8, tpu_block_q=16, tpu_prefetch_max=256)
+    return cls(score_block_q=4, bwd_chunk=8, tpu_block_q=16, tpu_prefetch_max=256,
+               decode_cmp_block_k=16, decode_cmp_splits=3, decode_entries=2)
 
 
 def default_block_config() -> NSABlockConfig:

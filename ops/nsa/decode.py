@@ -1,21 +1,28 @@
 """NSA decoding: one new token per batch row against the caches.
 
-Reads only the compressed cache, the selected blocks (gathered) and the window slice, never
-the whole raw cache. Uses the training path's selection code (select.select_from_scores) and
-the same overlap mapping, so it equals `nsa` token by token (pinned by a test). XLA only: the
-work per token is a few small gathers and matmuls.
+Reads only the compressed cache, the selected blocks and the window slice, never the whole raw
+cache. Uses the training path's selection code (select.select_from_scores) and the same overlap
+mapping, so it equals `nsa` token by token (pinned by a test). Implementations (ops._backend
+registry "nsa.decode"): "xla" (below: gathers + f32 einsums) and "pallas_triton"
+(ops/nsa/decode_triton.py, registered in ops/nsa/api.py). Both share `select_from_cmp` and
+`gate_combine`, so for the same compressed scores they select the same blocks.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
+from ops import _backend
+from ops._backend import CPU, GPU, TPU
 from ops.nsa import compress
 from ops.nsa.config import NSAConfig
 from ops.nsa.select import select_from_scores
 
 _F32 = jnp.float32
 _HI = jax.lax.Precision.HIGHEST
+
+DECODE = _backend.Op("nsa.decode", {GPU: ("pallas_triton", "xla"), TPU: ("xla",),
+                                    CPU: ("xla",)})
 
 
 def _attend(q, k, v, mask, scale):
@@ -33,23 +40,39 @@ def _attend(q, k, v, mask, scale):
   return o, s, lse
 
 
-def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths, *, cfg: NSAConfig,
-               return_block_idx: bool = False):
-  """q [b,h,d]: the new token's queries; gates [b,h,3]; lengths [b] int32 = tokens in the raw
-  caches INCLUDING the new one (its position is lengths-1).
-  k_cmp/v_cmp [b,max_cmp,kvh,d/dv]: compressed cache, block j valid once its last token
-  j*d + l - 1 is written (the layer appends one entry every `stride` tokens);
-  k_slc/v_slc, k_win/v_win [b,max_len,kvh,d/dv]: raw caches (k_win may be a ring buffer only
-  if the caller maps it; here positions index it directly).
-  Returns o [b,h,dv] (q.dtype) and with return_block_idx the selection [b,kvh,n] too.
-  """
+def n_valid_cmp(lengths, cfg: NSAConfig, max_cmp: int):
+  """Compressed entries complete for a row of `lengths` tokens: [b] int32 (<= max_cmp)."""
+  return jnp.clip((lengths - cfg.block_len) // cfg.stride + 1, 0, max_cmp)
+
+
+def select_from_cmp(s_cmp, lse_cmp, cmask, pos, cfg: NSAConfig, max_len: int):
+  """Selection from the compressed branch's logits: s_cmp [b,kvh,g,n] (scaled), lse_cmp
+  [b,kvh,g], cmask [b,kvh,n] (valid compressed entries), pos [b] -> block_idx [b,kvh,n_select].
+  p = exp(s - lse) summed over the group's heads, mapped onto selection blocks by overlap."""
+  lse = lse_cmp[..., None]
+  p = jnp.where(cmask[:, :, None] & jnp.isfinite(lse), jnp.exp(s_cmp - lse), 0.0)
+  p = p.sum(2)                                                           # [b, kvh, n_cmp_max]
+  p_slc = compress.slc_from_cmp(p, cfg.block_len, cfg.stride, cfg.select_len, cfg.n_slc(max_len))
+  return select_from_scores(p_slc[:, :, None, :], pos[:, None], cfg)[:, 0]
+
+
+def gate_combine(gates, o_cmp, o_slc, o_win, dtype):
+  """gates [b,h,3]; branch outputs [b,kvh,g,dv] f32 -> o [b,h,dv] in dtype."""
+  b, hk, g, dv = o_cmp.shape
+  gt = gates.astype(_F32).reshape(b, hk, g, 3)
+  o = gt[..., 0:1] * o_cmp + gt[..., 1:2] * o_slc + gt[..., 2:3] * o_win
+  return o.reshape(b, hk * g, dv).astype(dtype)
+
+
+def _xla_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths, *, cfg: NSAConfig,
+                interpret=None, config=None):
+  """The "xla" implementation: returns (o [b,h,dv], block_idx [b,kvh,n])."""
+  del interpret, config
   b, h, d = q.shape
   hk = k_slc.shape[2]
   g = h // hk
-  dv = v_slc.shape[-1]
   max_len = k_slc.shape[1]
   scale = d ** -0.5 if cfg.scale is None else cfg.scale
-  lengths = jnp.asarray(lengths, jnp.int32)
   pos = lengths - 1
   qg = q.reshape(b, hk, g, d)
   bi = jnp.arange(b)[:, None, None]
@@ -57,16 +80,12 @@ def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths, *, c
 
   # compressed branch over the valid compressed entries
   n_cmp_max = k_cmp.shape[1]
-  n_valid = jnp.maximum(0, (lengths - cfg.block_len) // cfg.stride + 1)
+  n_valid = n_valid_cmp(lengths, cfg, n_cmp_max)
   cmask = jnp.arange(n_cmp_max)[None, None, :] < n_valid[:, None, None]
   cmask = jnp.broadcast_to(cmask, (b, hk, n_cmp_max))
   o_cmp, s_cmp, lse_cmp = _attend(qg, k_cmp.transpose(0, 2, 1, 3), v_cmp.transpose(0, 2, 1, 3),
                                   cmask, scale)
-  p = jnp.where(cmask[:, :, None] & jnp.isfinite(lse_cmp), jnp.exp(s_cmp - lse_cmp), 0.0)
-  p = p.sum(2)                                                           # [b, kvh, n_cmp_max]
-  n_slc = cfg.n_slc(max_len)
-  p_slc = compress.slc_from_cmp(p, cfg.block_len, cfg.stride, cfg.select_len, n_slc)
-  idx = select_from_scores(p_slc[:, :, None, :], pos[:, None], cfg)[:, 0]    # [b, kvh, n]
+  idx = select_from_cmp(s_cmp, lse_cmp[..., 0], cmask, pos, cfg, max_len)   # [b, kvh, n]
 
   # selected branch: gather the chosen blocks only
   ls = cfg.select_len
@@ -87,8 +106,36 @@ def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths, *, c
   kw = k_win[bi, tw_c, hi]
   vw = v_win[bi, tw_c, hi]
   o_win, _, _ = _attend(qg, kw, vw, wmask, scale)
+  return gate_combine(gates, o_cmp, o_slc, o_win, q.dtype), idx
 
-  gt = gates.astype(_F32).reshape(b, hk, g, 3)
-  o = gt[..., 0:1] * o_cmp + gt[..., 1:2] * o_slc + gt[..., 2:3] * o_win
-  o = o.reshape(b, h, dv).astype(q.dtype)
+
+DECODE.register("xla", _xla_decode)
+
+
+def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths, *, cfg: NSAConfig,
+               return_block_idx: bool = False, implementation=None, interpret=None,
+               config=None):
+  """q [b,h,d]: the new token's queries; gates [b,h,3]; lengths [b] int32 = tokens in the raw
+  caches INCLUDING the new one (its position is lengths-1; 1 <= lengths <= cache length).
+  k_cmp/v_cmp [b,max_cmp,kvh,d/dv]: compressed cache, block j valid once its last token
+  j*d + l - 1 is written (the layer appends one entry every `stride` tokens);
+  k_slc/v_slc, k_win/v_win [b,max_len,kvh,d/dv]: raw caches (k_win may be a ring buffer only
+  if the caller maps it; here positions index it directly).
+  implementation: None (GPU: "pallas_triton" then "xla"; elsewhere "xla"), a name or a
+  sequence (ops._backend); interpret / config (NSABlockConfig) go to the Pallas kernels.
+  Returns o [b,h,dv] (q.dtype) and with return_block_idx the selection [b,kvh,n] too.
+  """
+  if q.ndim != 3 or gates.shape != q.shape[:2] + (3,):
+    raise ValueError(f"nsa_decode: q must be [b,h,d] and gates [b,h,3]; got {q.shape}, "
+                     f"{gates.shape}")
+  for name, x in (("k_cmp", k_cmp), ("v_cmp", v_cmp), ("k_slc", k_slc), ("v_slc", v_slc),
+                  ("k_win", k_win), ("v_win", v_win)):
+    if x.ndim != 4 or x.shape[0] != q.shape[0] or x.shape[2] != k_slc.shape[2]:
+      raise ValueError(f"nsa_decode: {name} must be [b, n, kvh, d]; got {x.shape}")
+  if q.shape[1] % k_slc.shape[2]:
+    raise ValueError(f"nsa_decode: heads {q.shape[1]} not a multiple of kv_heads "
+                     f"{k_slc.shape[2]}")
+  lengths = jnp.asarray(lengths, jnp.int32)
+  o, idx = DECODE(implementation, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths,
+                  cfg=cfg, interpret=interpret, config=config)
   return (o, idx) if return_block_idx else o
