@@ -2,6 +2,10 @@
 per-branch forward times and decode (batch 8) against full-attention decode on the same cache.
 
   python experiments/bench_ops.py --op=nsa
+  python experiments/bench_ops.py --op=nsa --shapes=bench_decode   # decode rows only
+
+A shape set whose name ends in "_decode" runs only the decode rows, at every shape of the set;
+any other set runs decode at its longest shape, then the training rows.
 """
 from __future__ import annotations
 
@@ -39,6 +43,10 @@ def run(shapes="bench", dtype="bfloat16", ceilings=None):
   cfg = NSAConfig()
   impl = "pallas_triton" if jax.default_backend() == "gpu" else "xla"
   rows = []
+  if shapes.endswith("_decode"):
+    for s in SHAPES[shapes]:
+      _decode_rows(shapes, dtype, cfg, rows, shape=s)
+    return rows
   _decode_rows(shapes, dtype, cfg, rows)
   for s in SHAPES[shapes]:
     args = _inputs(s, cfg, dtype)
@@ -118,9 +126,12 @@ def run(shapes="bench", dtype="bfloat16", ceilings=None):
   return rows
 
 
-def _decode_rows(shapes, dtype, cfg, rows):
-  """Decode at the longest length, batch 8 (runs first: cheap to compile)."""
-  s = max(SHAPES[shapes], key=lambda x: x.seq)
+def _decode_rows(shapes, dtype, cfg, rows, shape=None):
+  """Decode at `shape` (default: the set's longest length), batch s.decode_batch: full-attention
+  decode (ops.attention default) vs NSA decode "xla" and "pallas_triton" on the same cache.
+  GB/s = bytes each one must read (full: the whole cache up to the length; NSA: the valid
+  compressed cache + selected blocks + window) over its time."""
+  s = shape or max(SHAPES[shapes], key=lambda x: x.seq)
   b, t, h, hk, d = s.decode_batch, s.seq, s.heads, s.kv_heads, s.head_dim
   keys = jax.random.split(jax.random.key(1), 8)
   n = lambda k, shape: jax.random.normal(k, shape, jnp.float32).astype(dtype)
@@ -130,21 +141,35 @@ def _decode_rows(shapes, dtype, cfg, rows):
   gd = jax.nn.sigmoid(jax.random.normal(keys[5], (b, h, 3))).astype(dtype)
   lengths = jnp.full((b,), t, jnp.int32)
   name = f"decode B{b} cache {t} H{h}/KV{hk} D{d}"
-  dec = jax.jit(functools.partial(nsa_decode_mod.nsa_decode, cfg=cfg))
-  # Same cache for every branch (the layer may share or separate them; traffic is the same).
-  try:
-    ms_n = _time(dec, qd, kcc, vcc, kcache, vcache, kcache, vcache, gd, lengths, iters=20)
-  except Exception as e:
-    traceback.print_exc()
-    ms_n = None
-    rows.append(timing.Row("nsa decode", name, "xla", float("nan"), note=repr(e)[:120]))
+  item = jnp.dtype(dtype).itemsize
+  full_bytes = b * t * hk * 2 * d * item
+  nsa_bytes = b * hk * 2 * d * item * (cfg.n_cmp(t) + min(t, cfg.n_select * cfg.select_len)
+                                       + min(t, cfg.window))
+  new = []
   from ops.attention import decode_attention
   full_dec = jax.jit(lambda q, k, v, l: decode_attention(q[:, None], k, v, l))
-  ms_f = _time(full_dec, qd, kcache, vcache, lengths, iters=20)
-  rows.append(timing.Row("full decode", name, "ops.attention default", ms_f))
-  if ms_n:
-    r = timing.Row("nsa decode", name, "xla gathers", ms_n)
-    r.ratios["full decode"] = ms_f / ms_n
-    rows.append(r)
-  for r in rows:
+  try:
+    ms_f = _time(full_dec, qd, kcache, vcache, lengths, iters=20)
+    new.append(timing.Row("full decode", name, "ops.attention default", ms_f,
+                          gbs=full_bytes / (ms_f * 1e-3) / 1e9))
+  except Exception as e:
+    traceback.print_exc()
+    ms_f = None
+    new.append(timing.Row("full decode", name, "ops.attention default", float("nan"),
+                          note=repr(e)[:120]))
+  # Same cache for every branch (the layer may share or separate them; traffic is the same).
+  for impl, label in (("xla", "xla gathers"), ("pallas_triton", "pallas_triton")):
+    dec = jax.jit(functools.partial(nsa_decode_mod.nsa_decode, cfg=cfg, implementation=impl))
+    try:
+      ms_n = _time(dec, qd, kcc, vcc, kcache, vcache, kcache, vcache, gd, lengths, iters=20)
+    except Exception as e:
+      traceback.print_exc()
+      new.append(timing.Row("nsa decode", name, label, float("nan"), note=repr(e)[:120]))
+      continue
+    r = timing.Row("nsa decode", name, label, ms_n, gbs=nsa_bytes / (ms_n * 1e-3) / 1e9)
+    if ms_f:
+      r.ratios["full decode"] = ms_f / ms_n
+    new.append(r)
+  for r in new:
     print(timing.format_table([r]), flush=True)
+  rows.extend(new)

@@ -23,4 +23,8 @@ SHAPES = {
     "bench": tuple(NSAShape(1, t, 64, 4, 128) for t in (8192, 16384, 32768, 65536)),
     # the two ends of the sweep, longest first (short device sessions)
     "bench_ends": tuple(NSAShape(1, t, 64, 4, 128) for t in (65536, 8192)),
+    # decode only (experiments/bench/nsa.py runs just the decode rows for sets named *_decode):
+    # batch 8, caches of 16k and 64k tokens
+    "bench_decode": tuple(NSAShape(1, t, 64, 4, 128) for t in (16384, 65536)),
+    "ci_decode": (NSAShape(1, 256, 4, 1, 64, decode_batch=2),),
 }
