@@ -295,7 +295,11 @@ def _check(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, cfg: NSAConfig, bc):
 
 def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths, *, cfg: NSAConfig,
                interpret=None, config=None):
-  """The "pallas_triton" implementation of ops.nsa.decode.nsa_decode: (o [b,h,dv], idx)."""
+  """The "pallas_triton" implementation of ops.nsa.decode.nsa_decode: (o [b,h,dv], idx).
+
+  Inference only (no VJP: decoding is never differentiated). Needs head dims that are powers
+  of two in [16, 256] and group size <= 128; anything else is an UnsupportedError.
+  """
   interpret = resolve_interpret(interpret, GPU)
   bc = config or (NSABlockConfig() if interpret else default_block_config())
   bk = _check(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, cfg, bc)

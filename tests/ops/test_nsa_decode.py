@@ -4,6 +4,7 @@ The reference is the "xla" implementation on the inputs cast to f32 (its einsums
 HIGHEST precision); the selected block indices must equal the reference's exactly.
 """
 import functools
+import re
 import zlib
 
 import jax
@@ -137,7 +138,13 @@ class TestNSADecodeTritonInterpret(NSADecodeTestBase):
 
   def test_lowers_for_cuda(self):
     """The kernels lower to Triton for an H100 at the benchmark shape (64k cache, batch 8,
-    64/4 heads, D128, bf16): two Triton calls, no GPU needed."""
+    64/4 heads, D128, bf16): two Triton calls. With jaxlib <= 0.10.2 lowering only emits the
+    Triton IR (no GPU needed); newer jaxlib compiles it in-process, which needs the GPU."""
+    import jaxlib
+    newer = tuple(int(re.match(r"\d+", x).group()) for x in
+                  jaxlib.__version__.split(".")[:3]) > (0, 10, 2)
+    if newer and not any(dev.platform == "gpu" for dev in jax.devices()):
+      pytest.skip(f"jaxlib {jaxlib.__version__} compiles Triton while lowering: needs a GPU")
     cfg = NSAConfig()
     b, h, hk, d, t = 8, 64, 4, 128, 65536
     sds = jax.ShapeDtypeStruct
