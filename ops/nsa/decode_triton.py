@@ -178,7 +178,8 @@ def _sw_kernel(off_ref, lo_ref, hi_ref, q_ref, ks_ref, vs_ref, kw_ref, vw_ref, o
       ok = (kpos >= lo_ref[e]) & (kpos <= hi_ref[e])
       s = jnp.where(ok[None, :], _dot_nt(q, k, prec) * scale, -jnp.inf)
       return _online(s, v, carry, prec)
-    return lax.fori_loop(e0, e1, body, carry)
+    # both bounds int32 (a Python int next to a traced bound fails Triton's scf.for verifier)
+    return lax.fori_loop(jnp.asarray(e0, jnp.int32), jnp.asarray(e1, jnp.int32), body, carry)
 
   carry = run(ks_ref, vs_ref, 0, n_s, _init(q.shape[0], vs_ref.shape[-1]))
   carry = run(kw_ref, vw_ref, n_s, per, carry)

@@ -27,6 +27,7 @@ from ops.nsa.config import NSABlockConfig, NSAConfig, default_block_config
 from ops.nsa.select import select_from_scores
 
 _F32 = jnp.float32
+_SCORE_Q_SMEM = 128 * 1024    # bytes of q tiles the head-loop score kernel may hold
 
 
 def _pow2(x: int, lo: int = 16) -> int:
@@ -417,16 +418,61 @@ def _score_kernel(q_ref, lse_ref, k_ref, qseg_ref, cseg_ref, mm_ref, ms_ref, out
   lax.fori_loop(n_tiles + 1, n_tiles_total + 1, zero, 0)
 
 
+def _score_heads_kernel(q_ref, lse_ref, k_ref, qseg_ref, cseg_ref, mm_ref, ms_ref, out_ref, *,
+                        scale, bt, g, bk, bs, l, d, n_cmp, n_tiles_total, has_seg, prec):
+  """Head-loop variant: rows are bt query positions; the group's heads are summed as they are
+  computed (one [bt, bk] score tile live at a time, no group-sum matmul)."""
+  i0 = pl.program_id(0) * bt
+  rows_t = i0 + _iota(bt)
+  mm = mm_ref[...]
+  ms = ms_ref[...]
+  qs = qseg_ref[...] if has_seg else None
+  n_vis = jnp.clip((i0 + bt - 1 - (l - 1)) // d + 1, 0, n_cmp)
+  n_tiles = (n_vis + bk - 1) // bk
+  hp = lax.Precision.HIGHEST
+
+  def body(j, carry):
+    j0 = j * bk
+    k = k_ref[pl.ds(j0, bk), :]
+    jpos = j0 + _iota(bk)
+    vis = ((jpos * d + (l - 1))[None, :] <= rows_t[:, None]) & (jpos < n_cmp)[None, :]
+    if has_seg:
+      vis = vis & (cseg_ref[pl.ds(j0, bk)][None, :] == qs[:, None])
+    pg = jnp.zeros((bt, bk), _F32)
+    for h in range(g):
+      lse = lse_ref[h, :]
+      lse = jnp.where(jnp.isfinite(lse), lse, jnp.inf)   # no visible key -> p = 0
+      s = _dot(q_ref[h, :, :], k, prec, tb=True) * scale
+      pg = pg + jnp.exp(s - lse[:, None])
+    pg = jnp.where(vis, pg, 0.0)
+    out_ref[:, pl.ds(j * bs, bs)] = _dot(pg, mm, hp) + carry
+    return _dot(pg, ms, hp)
+
+  carry = lax.fori_loop(0, n_tiles, body, jnp.zeros((bt, bs), _F32))
+  out_ref[:, pl.ds(n_tiles * bs, bs)] = carry
+
+  def zero(j, c):
+    out_ref[:, pl.ds(j * bs, bs)] = jnp.zeros((bt, bs), _F32)
+    return c
+
+  lax.fori_loop(n_tiles + 1, n_tiles_total + 1, zero, 0)
+
+
 def selection_scores(q, k_cmp, lse_cmp, *, cfg: NSAConfig, q_segment_ids=None, interpret=None,
                      config=None):
-  """Group-summed selection scores [b, kvh, t, n_slc] f32 (kernel; no [t, n_cmp] tensor)."""
+  """Group-summed selection scores [b, kvh, t, n_slc] f32 (kernel; no [t, n_cmp] tensor).
+
+  Two kernels (NSABlockConfig.score_head_loop): rows = (query, head) pairs of score_block_q
+  queries with the group sum as a matmul, or rows = score_block_q queries with a static loop
+  over the group's heads (smaller live tiles; the H100 default).
+  """
   interpret = resolve_interpret(interpret, GPU)
   bcfg = config or (NSABlockConfig() if interpret else default_block_config())
   q, k_cmp, lse_cmp = lax.stop_gradient((q, k_cmp, lse_cmp))
   b, t, h, d = q.shape
   n_cmp, hk = k_cmp.shape[1], k_cmp.shape[2]
   g = h // hk
-  gp, dp = _pow2(g), _pow2(d)
+  gp, dp = _pow2(g, 1), _pow2(d)     # the row kernel pads the group to >= 16 below
   l, st, ls = cfg.block_len, cfg.stride, cfg.select_len
   per = ls // st
   bk = max(bcfg.score_block_k or 0, 16 * per)
@@ -437,39 +483,63 @@ def selection_scores(q, k_cmp, lse_cmp, *, cfg: NSAConfig, q_segment_ids=None, i
     raise UnsupportedError(f"score tiles ({bk} keys, {bs} blocks) must be powers of two")
   if l > bs * ls:
     raise UnsupportedError(f"block_len {l} spills past one score tile")
-  bt = max(16, bcfg.score_block_q)
+  bt = _pow2(bcfg.score_block_q)
+  head_loop = bcfg.score_head_loop
+  if head_loop:
+    # Triton keeps the group's q tiles in shared memory (loop-invariant loads): halve the
+    # query tile until they fit, else use the row kernel.
+    while bt > 16 and gp * bt * dp * q.dtype.itemsize > _SCORE_Q_SMEM:
+      bt //= 2
+    head_loop = gp * bt * dp * q.dtype.itemsize <= _SCORE_Q_SMEM
   n_slc = cfg.n_slc(t)
   scale = float(d ** -0.5 if cfg.scale is None else cfg.scale)
   tq = -(-t // bt) * bt
   ncp = max(bk, -(-n_cmp // bk) * bk)
   n_tiles_total = ncp // bk
-  qt = _pad_axis(_pad_axis(_pad_axis(q.reshape(b, t, hk, g, d), 3, gp), 4, dp), 1, tq)
-  qt = qt.transpose(0, 2, 1, 3, 4).reshape(b, hk, tq * gp, dp)
-  lse = lse_cmp.astype(_F32).reshape(b, hk, g, t).transpose(0, 1, 3, 2)
-  lse = _pad_axis(_pad_axis(lse, 3, gp, -jnp.inf), 2, tq, -jnp.inf).reshape(b, hk, tq * gp)
+  lse = lse_cmp.astype(_F32).reshape(b, hk, g, t)
   kc = _pad_axis(_pad_axis(k_cmp, 1, ncp), 3, dp)
   has_seg = q_segment_ids is not None
   if has_seg:
     qseg = _pad_axis(q_segment_ids.astype(jnp.int32), 1, tq, -1)
-    qseg = jnp.repeat(qseg, gp, axis=1)
     cseg = _pad_axis(compress.block_segments(q_segment_ids, n_cmp, l, st), 1, ncp, -2)
   else:
-    qseg = jnp.zeros((b, tq * gp), jnp.int32)
+    qseg = jnp.zeros((b, tq), jnp.int32)
     cseg = jnp.zeros((b, ncp), jnp.int32)
   w = compress.overlap_matrix(2 * bk, 2 * bs, l, st, ls)
   mm, ms = jnp.asarray(w[:bk, :bs]), jnp.asarray(w[:bk, bs:])
-  r = bt * gp
+  common = dict(scale=scale, bt=bt, bk=bk, bs=bs, l=l, d=st, n_cmp=n_cmp,
+                n_tiles_total=n_tiles_total, has_seg=has_seg, prec=_prec(q.dtype))
+  if head_loop:
+    qt = _pad_axis(_pad_axis(_pad_axis(q.reshape(b, t, hk, g, d), 3, gp), 4, dp), 1, tq)
+    qt = qt.transpose(0, 2, 3, 1, 4)                                   # [b, hk, gp, tq, dp]
+    lse = _pad_axis(_pad_axis(lse, 2, gp, -jnp.inf), 3, tq, -jnp.inf)   # [b, hk, gp, tq]
+    kern = functools.partial(_score_heads_kernel, g=g, **common)
+    q_spec = pl.BlockSpec((None, None, gp, bt, dp), lambda i, j, z: (z, j, 0, i, 0))
+    lse_spec = pl.BlockSpec((None, None, gp, bt), lambda i, j, z: (z, j, 0, i))
+    seg_spec = pl.BlockSpec((None, bt), lambda i, j, z: (z, i))
+  else:
+    bt = max(16, bt)
+    tq = -(-t // bt) * bt
+    common.update(bt=bt)
+    qseg = _pad_axis(qseg[:, :t], 1, tq, -1)
+    gp = _pow2(g)
+    qt = _pad_axis(_pad_axis(_pad_axis(q.reshape(b, t, hk, g, d), 3, gp), 4, dp), 1, tq)
+    qt = qt.transpose(0, 2, 1, 3, 4).reshape(b, hk, tq * gp, dp)
+    lse = lse.transpose(0, 1, 3, 2)
+    lse = _pad_axis(_pad_axis(lse, 3, gp, -jnp.inf), 2, tq, -jnp.inf).reshape(b, hk, tq * gp)
+    qseg = jnp.repeat(qseg, gp, axis=1)
+    r = bt * gp
+    kern = functools.partial(_score_kernel, gp=gp, **common)
+    q_spec = pl.BlockSpec((None, None, r, dp), lambda i, j, z: (z, j, i, 0))
+    lse_spec = pl.BlockSpec((None, None, r), lambda i, j, z: (z, j, i))
+    seg_spec = pl.BlockSpec((None, r), lambda i, j, z: (z, i))
   nsp = (n_tiles_total + 1) * bs
-  kern = functools.partial(_score_kernel, scale=scale, bt=bt, gp=gp, bk=bk, bs=bs, l=l, d=st,
-                           n_cmp=n_cmp, n_tiles_total=n_tiles_total, has_seg=has_seg,
-                           prec=_prec(q.dtype))
   out = pl.pallas_call(
       kern, grid=(tq // bt, hk, b),
       in_specs=[
-          pl.BlockSpec((None, None, r, dp), lambda i, j, z: (z, j, i, 0)),
-          pl.BlockSpec((None, None, r), lambda i, j, z: (z, j, i)),
+          q_spec, lse_spec,
           pl.BlockSpec((None, ncp, None, dp), lambda i, j, z: (z, 0, j, 0)),
-          pl.BlockSpec((None, r), lambda i, j, z: (z, i)),
+          seg_spec,
           pl.BlockSpec((None, ncp), lambda i, j, z: (z, 0)),
           pl.BlockSpec((bk, bs), lambda i, j, z: (0, 0)),
           pl.BlockSpec((bk, bs), lambda i, j, z: (0, 0)),

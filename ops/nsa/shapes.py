@@ -22,6 +22,8 @@ SHAPES = {
     "ci": (NSAShape(1, 256, 4, 1, 64, decode_batch=2),),
     "bench": tuple(NSAShape(1, t, 64, 4, 128) for t in (8192, 16384, 32768, 65536)),
     # the two ends of the sweep, longest first (short device sessions)
+    # 8k and 16k only: the per-branch breakdown in a short device call
+    "bench_short": tuple(NSAShape(1, t, 64, 4, 128) for t in (8192, 16384)),
     "bench_ends": tuple(NSAShape(1, t, 64, 4, 128) for t in (65536, 8192)),
     # decode only (experiments/bench/nsa.py runs just the decode rows for sets named *_decode):
     # batch 8, caches of 16k and 64k tokens

@@ -279,13 +279,36 @@ class TestNSAReference(NSATestBase):
       ot.assert_close(o, o_train[:, tt], dtype, name=f"decode t={tt}")
 
 
-class TestNSATritonInterpret(NSATestBase):
+class TritonScoreKernels:
+  """Both Triton score kernels (rows = query x head pairs, or a loop over the group's heads)
+  give the reference's group-summed selection scores."""
+
+  @pytest.mark.parametrize("h,hk,t,seg,block_q", [(8, 2, 100, False, 16), (6, 2, 90, True, 32),
+                                                  (2, 2, 45, False, 16), (16, 1, 70, False, 64)])
+  def test_score_kernels_match_reference(self, h, hk, t, seg, block_q):
+    from ops.nsa import pallas_triton
+    cfg, b, d = self.CFG, 2, 16
+    q, kc, *_ = derive(*make_inputs(jax.random.key(7), b, t, h, hk, d, cfg, F32), cfg)
+    sid = (jnp.broadcast_to(jnp.arange(t) >= 41, (b, t)).astype(jnp.int32) if seg else None)
+    _, lse = reference.compressed_attention(q, kc, kc, block_len=cfg.block_len,
+                                            stride=cfg.stride, q_segment_ids=sid)
+    want = reference.selection_scores(q, kc, lse, cfg=cfg, q_segment_ids=sid)
+    base = self.BCFG or NSABlockConfig()
+    for head_loop in (False, True):
+      bcfg = base.replace(score_head_loop=head_loop, score_block_q=block_q)
+      got = pallas_triton.selection_scores(q, kc, lse, cfg=cfg, q_segment_ids=sid,
+                                           interpret=self.INTERPRET, config=bcfg)
+      np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-3, atol=2e-4,
+                                 err_msg=f"score_head_loop={head_loop}")
+
+
+class TestNSATritonInterpret(NSATestBase, TritonScoreKernels):
   IMPL = "pallas_triton"
   INTERPRET = True
 
 
 @pytest.mark.gpu
-class TestNSATritonGPU(NSATestBase):
+class TestNSATritonGPU(NSATestBase, TritonScoreKernels):
   IMPL = "pallas_triton"
   INTERPRET = False
   CFG = NSAConfig(n_select=4, window=64)   # paper block sizes, short sequences
