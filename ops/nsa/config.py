@@ -60,7 +60,10 @@ class NSABlockConfig:
   score_block_k: compressed keys per inner step (a multiple of 16*select_len/stride so each step
   covers whole selection blocks). score_head_loop: the score kernel's rows are score_block_q
   query positions and it loops over the GQA group's heads, summing probabilities as it goes
-  (False: rows are (query, head) pairs and the group sum is a matmul). bwd_chunk: queries per work item of the dk/dv kernel (a block
+  (False: rows are (query, head) pairs and the group sum is a matmul). topn_kernel: top-n
+  selection by the Triton kernel of ops/nsa/topn_triton.py (False: XLA top_k + sort);
+  topn_tile_elems: score entries per program of it (rows x padded blocks); topn_num_warps: its
+  Triton warps. bwd_chunk: queries per work item of the dk/dv kernel (a block
   selected by more queries is split over several items, partial sums reduced afterwards).
   *_warps / *_stages: Triton launch parameters.
   tpu_block_q: query positions per program of the TPU selected-attention kernels (rows =
@@ -83,6 +86,9 @@ class NSABlockConfig:
   score_block_q: int = 16
   score_block_k: int | None = None
   score_head_loop: bool = False
+  topn_kernel: bool = True
+  topn_tile_elems: int = 8192
+  topn_num_warps: int = 4
   score_num_warps: int = 4
   score_num_stages: int = 2
   bwd_chunk: int = 64

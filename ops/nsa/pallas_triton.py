@@ -22,7 +22,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from ops._backend import GPU, UnsupportedError, resolve_interpret
-from ops.nsa import compress
+from ops.nsa import compress, topn_triton
 from ops.nsa.config import NSABlockConfig, NSAConfig, default_block_config
 from ops.nsa.select import select_from_scores
 
@@ -379,7 +379,7 @@ def selected_attention(q, k_slc, v_slc, block_idx, *, select_len, q_segment_ids=
 
 # ------------------------------------------------------------------------- selection scores
 def _score_kernel(q_ref, lse_ref, k_ref, qseg_ref, cseg_ref, mm_ref, ms_ref, out_ref, *, scale,
-                  bt, gp, bk, bs, l, d, n_cmp, n_tiles_total, has_seg, prec):
+                  bt, gp, bk, bs, l, d, n_cmp, n_out_tiles, has_seg, prec):
   i0 = pl.program_id(0) * bt
   q = q_ref[...]
   r = q.shape[0]
@@ -415,11 +415,11 @@ def _score_kernel(q_ref, lse_ref, k_ref, qseg_ref, cseg_ref, mm_ref, ms_ref, out
     out_ref[:, pl.ds(j * bs, bs)] = jnp.zeros((bt, bs), _F32)
     return c
 
-  lax.fori_loop(n_tiles + 1, n_tiles_total + 1, zero, 0)
+  lax.fori_loop(n_tiles + 1, n_out_tiles, zero, 0)
 
 
 def _score_heads_kernel(q_ref, lse_ref, k_ref, qseg_ref, cseg_ref, mm_ref, ms_ref, out_ref, *,
-                        scale, bt, g, bk, bs, l, d, n_cmp, n_tiles_total, has_seg, prec):
+                        scale, bt, g, bk, bs, l, d, n_cmp, n_out_tiles, has_seg, prec):
   """Head-loop variant: rows are bt query positions; the group's heads are summed as they are
   computed (one [bt, bk] score tile live at a time, no group-sum matmul)."""
   i0 = pl.program_id(0) * bt
@@ -455,7 +455,7 @@ def _score_heads_kernel(q_ref, lse_ref, k_ref, qseg_ref, cseg_ref, mm_ref, ms_re
     out_ref[:, pl.ds(j * bs, bs)] = jnp.zeros((bt, bs), _F32)
     return c
 
-  lax.fori_loop(n_tiles + 1, n_tiles_total + 1, zero, 0)
+  lax.fori_loop(n_tiles + 1, n_out_tiles, zero, 0)
 
 
 def selection_scores(q, k_cmp, lse_cmp, *, cfg: NSAConfig, q_segment_ids=None, interpret=None,
@@ -468,6 +468,13 @@ def selection_scores(q, k_cmp, lse_cmp, *, cfg: NSAConfig, q_segment_ids=None, i
   """
   interpret = resolve_interpret(interpret, GPU)
   bcfg = config or (NSABlockConfig() if interpret else default_block_config())
+  t = q.shape[1]
+  return _padded_scores(q, k_cmp, lse_cmp, cfg, q_segment_ids, interpret,
+                        bcfg)[:, :, :t, :cfg.n_slc(t)]
+
+
+def _padded_scores(q, k_cmp, lse_cmp, cfg, q_segment_ids, interpret, bcfg):
+  """Scores [b, kvh, tq, width]: tq >= t rows, width a power of two >= n_slc (zero-filled)."""
   q, k_cmp, lse_cmp = lax.stop_gradient((q, k_cmp, lse_cmp))
   b, t, h, d = q.shape
   n_cmp, hk = k_cmp.shape[1], k_cmp.shape[2]
@@ -507,8 +514,9 @@ def selection_scores(q, k_cmp, lse_cmp, *, cfg: NSAConfig, q_segment_ids=None, i
     cseg = jnp.zeros((b, ncp), jnp.int32)
   w = compress.overlap_matrix(2 * bk, 2 * bs, l, st, ls)
   mm, ms = jnp.asarray(w[:bk, :bs]), jnp.asarray(w[:bk, bs:])
+  width = max((n_tiles_total + 1) * bs, _pow2(n_slc, bs))
   common = dict(scale=scale, bt=bt, bk=bk, bs=bs, l=l, d=st, n_cmp=n_cmp,
-                n_tiles_total=n_tiles_total, has_seg=has_seg, prec=_prec(q.dtype))
+                n_out_tiles=width // bs, has_seg=has_seg, prec=_prec(q.dtype))
   if head_loop:
     qt = _pad_axis(_pad_axis(_pad_axis(q.reshape(b, t, hk, g, d), 3, gp), 4, dp), 1, tq)
     qt = qt.transpose(0, 2, 3, 1, 4)                                   # [b, hk, gp, tq, dp]
@@ -533,8 +541,8 @@ def selection_scores(q, k_cmp, lse_cmp, *, cfg: NSAConfig, q_segment_ids=None, i
     q_spec = pl.BlockSpec((None, None, r, dp), lambda i, j, z: (z, j, i, 0))
     lse_spec = pl.BlockSpec((None, None, r), lambda i, j, z: (z, j, i))
     seg_spec = pl.BlockSpec((None, r), lambda i, j, z: (z, i))
-  nsp = (n_tiles_total + 1) * bs
-  out = pl.pallas_call(
+  nsp = width
+  return pl.pallas_call(
       kern, grid=(tq // bt, hk, b),
       in_specs=[
           q_spec, lse_spec,
@@ -549,15 +557,23 @@ def selection_scores(q, k_cmp, lse_cmp, *, cfg: NSAConfig, q_segment_ids=None, i
       interpret=interpret, name="nsa_selection_scores",
       **_compiler(interpret, bcfg.score_num_warps, bcfg.score_num_stages),
   )(qt, lse, kc, qseg, cseg, mm, ms)
-  return out[:, :, :t, :n_slc]
 
 
 def select_blocks(q, k_cmp, lse_cmp, *, cfg: NSAConfig, q_segment_ids=None, interpret=None,
                   config=None):
-  p = selection_scores(q, k_cmp, lse_cmp, cfg=cfg, q_segment_ids=q_segment_ids,
-                       interpret=interpret, config=config)
+  """Score kernel, then the top-n kernel (ops/nsa/topn_triton.py) on the padded scores
+  (NSABlockConfig.topn_kernel=False: XLA's top_k + sort via select_from_scores)."""
+  interpret = resolve_interpret(interpret, GPU)
+  bcfg = config or (NSABlockConfig() if interpret else default_block_config())
+  t = q.shape[1]
   seg_start = None if q_segment_ids is None else compress.segment_starts(q_segment_ids)
-  return select_from_scores(p, jnp.arange(q.shape[1], dtype=jnp.int32), cfg, seg_start)
+  p = _padded_scores(q, k_cmp, lse_cmp, cfg, q_segment_ids, interpret, bcfg)
+  if not bcfg.topn_kernel:
+    return select_from_scores(p[:, :, :t, :cfg.n_slc(t)], jnp.arange(t, dtype=jnp.int32), cfg,
+                              seg_start)
+  return topn_triton.topn_from_padded_scores(
+      lax.stop_gradient(p), t, cfg, seg_start, tile_elems=bcfg.topn_tile_elems,
+      num_warps=bcfg.topn_num_warps, interpret=interpret)
 
 
 def compressed_attention(q, k_cmp, v_cmp, *, block_len, stride, q_segment_ids=None, scale=None,

@@ -302,6 +302,33 @@ class TritonScoreKernels:
                                  err_msg=f"score_head_loop={head_loop}")
 
 
+  @pytest.mark.parametrize("t,n,seg,ties", [(100, 4, False, False), (90, 4, True, True),
+                                            (37, 8, False, True), (16, 4, True, False),
+                                            (1, 4, False, False), (300, 16, True, True)])
+  def test_topn_kernel_equals_select_from_scores(self, t, n, seg, ties):
+    """The top-n kernel picks exactly what XLA's top_k + sort picks, ties to the lower index,
+    -1 padding when fewer blocks exist (t=1, n > available), segment starts respected."""
+    from ops.nsa import topn_triton
+    from ops.nsa.select import select_from_scores
+    cfg = NSAConfig.small().replace(n_select=n)
+    b, hk = 2, 3
+    n_slc = cfg.n_slc(t)
+    width = max(16, 1 << (n_slc - 1).bit_length())
+    key = jax.random.key(t + n)
+    p = jax.random.uniform(key, (b, hk, t + 5, width))
+    if ties:       # coarse values: many equal scores in a row
+      p = jnp.round(p * 3) / 3
+    sid = None
+    seg_start = None
+    if seg:
+      sid = jnp.stack([(jnp.arange(t) >= t // 3), (jnp.arange(t) >= 2 * t // 3)]).astype(jnp.int32)
+      seg_start = compress.segment_starts(sid)
+    want = select_from_scores(p[:, :, :t, :n_slc], jnp.arange(t, dtype=jnp.int32), cfg, seg_start)
+    got = topn_triton.topn_from_padded_scores(p, t, cfg, seg_start, tile_elems=64, num_warps=4,
+                                              interpret=self.INTERPRET)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 class TestNSATritonInterpret(NSATestBase, TritonScoreKernels):
   IMPL = "pallas_triton"
   INTERPRET = True
