@@ -167,9 +167,8 @@ def _compressed(q4, k_cmp, v_cmp, nv, *, scale, bc: NSABlockConfig, interpret):
 def _sw_kernel(off_ref, lo_ref, hi_ref, q_ref, ks_ref, vs_ref, kw_ref, vw_ref, o_ref, lse_ref, *,
                scale, bk, per, n_sel_prog, prec):
   q = q_ref[...]
-  n_s = jnp.where(pl.program_id(0) < n_sel_prog, per, 0)
 
-  def run(k_ref, v_ref, e0, e1, carry):
+  def run(k_ref, v_ref):
     def body(e, carry):
       off = off_ref[e]
       k = k_ref[pl.ds(off, bk), :]
@@ -178,11 +177,13 @@ def _sw_kernel(off_ref, lo_ref, hi_ref, q_ref, ks_ref, vs_ref, kw_ref, vw_ref, o
       ok = (kpos >= lo_ref[e]) & (kpos <= hi_ref[e])
       s = jnp.where(ok[None, :], _dot_nt(q, k, prec) * scale, -jnp.inf)
       return _online(s, v, carry, prec)
-    # both bounds int32 (a Python int next to a traced bound fails Triton's scf.for verifier)
-    return lax.fori_loop(jnp.asarray(e0, jnp.int32), jnp.asarray(e1, jnp.int32), body, carry)
+    return lax.fori_loop(0, per, body, _init(q.shape[0], v_ref.shape[-1]))
 
-  carry = run(ks_ref, vs_ref, 0, n_s, _init(q.shape[0], vs_ref.shape[-1]))
-  carry = run(kw_ref, vw_ref, n_s, per, carry)
+  # A program holds `per` entries of one branch: the first n_sel_prog programs read the
+  # selected blocks, the rest the window (static loop bounds: a traced lower bound failed
+  # Triton's scf.for verifier on the H100).
+  carry = lax.cond(pl.program_id(0) < n_sel_prog, lambda: run(ks_ref, vs_ref),
+                   lambda: run(kw_ref, vw_ref))
   _finish(carry, o_ref, lse_ref)
 
 

@@ -514,7 +514,8 @@ def _padded_scores(q, k_cmp, lse_cmp, cfg, q_segment_ids, interpret, bcfg):
     cseg = jnp.zeros((b, ncp), jnp.int32)
   w = compress.overlap_matrix(2 * bk, 2 * bs, l, st, ls)
   mm, ms = jnp.asarray(w[:bk, :bs]), jnp.asarray(w[:bk, bs:])
-  width = max((n_tiles_total + 1) * bs, _pow2(n_slc, bs))
+  # a power of two >= both: the top-n kernel reads the first pow2(n_slc) columns as one block
+  width = _pow2(max((n_tiles_total + 1) * bs, n_slc), bs)
   common = dict(scale=scale, bt=bt, bk=bk, bs=bs, l=l, d=st, n_cmp=n_cmp,
                 n_out_tiles=width // bs, has_seg=has_seg, prec=_prec(q.dtype))
   if head_loop:

@@ -3,7 +3,7 @@
 for the paper's shape, more than the attention itself).
 
 One program owns `rows` query positions of one kv head and their whole score rows
-[rows, n_cols] in registers (n_cols = the scores' padded width, a power of two >= n_slc). It
+[rows, n_cols] in registers (n_cols = pow2(n_slc), read from the scores' padded width). It
 builds the candidate scores exactly as select_from_scores does (forced blocks +inf, blocks that
 are not allowed -inf), then takes n rounds of "largest score, lowest index among equals" (the
 tie rule of lax.top_k), stopping when only -inf is left, and finally emits the chosen block
@@ -56,13 +56,14 @@ def _topn_kernel(p_ref, pos_ref, first_ref, out_ref, *, n, n_pad, n_slc, ls, n_f
 
 def topn_from_padded_scores(p, t, cfg: NSAConfig, seg_start=None, *, tile_elems: int,
                             num_warps: int, interpret: bool):
-  """p [b, kvh, tq, n_cols] f32 group-summed scores (tq >= t rows, n_cols a power of two >=
-  n_slc; columns past n_slc are ignored); seg_start [b, t] int32 or None.
+  """p [b, kvh, tq, width] f32 group-summed scores (tq >= t rows; width a multiple of
+  pow2(n_slc); columns past n_slc are ignored); seg_start [b, t] int32 or None.
   Returns block_idx [b, t, kvh, n_select] int32, equal to select_from_scores."""
-  b, hk, tq, n_cols = p.shape
+  b, hk, tq, width = p.shape
   n_slc = cfg.n_slc(t)
-  if n_cols & (n_cols - 1) or n_cols < n_slc:
-    raise ValueError(f"score width {n_cols} must be a power of two >= n_slc {n_slc}")
+  n_cols = _pow2(n_slc)                 # columns read: one power-of-two block from column 0
+  if width % n_cols:
+    raise ValueError(f"score width {width} must be a multiple of pow2(n_slc) = {n_cols}")
   n = cfg.n_select
   n_pad = _pow2(n)
   rows = max(1, min(16, tile_elems // n_cols))

@@ -28,3 +28,40 @@ def assert_close(out, ref, dtype, *, grad=False, tol=None, name="output"):
 
 def normal(key, shape, dtype, scale=1.0):
   return (scale * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+def verified_triton_lowering(fn, *args, device_kind="NVIDIA H100 80GB HBM3"):
+  """Lowers jit(fn)(*args) for CUDA on this CPU-only host and runs the MLIR verifier on every
+  Triton module the Pallas kernels emit (Triton's own checks, e.g. loop-bound types, that
+  otherwise fail only when the GPU compiles the kernel). Returns the number of modules.
+
+  Needs a jaxlib that lowers Pallas Triton without compiling it (<= 0.10.2); newer ones
+  compile in-process, which needs the GPU: callers skip there (`triton_lowering_on_cpu`)."""
+  import pytest
+  from jax._src.pallas.triton import pallas_call_registration as registration
+  from ops import _backend
+  lower = registration.lowering.lower_jaxpr_to_triton_module
+  count = []
+
+  def checked(*a, **k):
+    result = lower(*a, **k)
+    result.module.operation.verify()          # raises MLIRError naming the failing op
+    count.append(1)
+    return result
+
+  mp = pytest.MonkeyPatch()
+  mp.setattr(registration.lowering, "lower_jaxpr_to_triton_module", checked)
+  try:
+    with _backend.target("gpu", device_kind):
+      jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+  finally:
+    mp.undo()
+  return len(count)
+
+
+def triton_lowering_on_cpu() -> bool:
+  """True when this jaxlib lowers Pallas Triton kernels without a GPU (<= 0.10.2)."""
+  import re
+  import jaxlib
+  version = tuple(int(re.match(r"\d+", x).group()) for x in jaxlib.__version__.split(".")[:3])
+  return version <= (0, 10, 2) or any(d.platform == "gpu" for d in jax.devices())

@@ -122,7 +122,8 @@ class NSATestBase:
       ot.assert_close(a, b_, dtype, tol=2 * self.tol(dtype), name=f"d{n}")
 
   @compares
-  @pytest.mark.parametrize("t,seg", [(100, False), (90, True)])
+  # t=300: 3 score tiles of the small config (a score width that is not a power of two)
+  @pytest.mark.parametrize("t,seg", [(100, False), (90, True), (300, False)])
   def test_selection_matches_reference(self, t, seg):
     cfg, b, h, hk, d = self.CFG, 2, 8, 2, 16
     q, kc, *_ = derive(*make_inputs(jax.random.key(5), b, t, h, hk, d, cfg, F32), cfg)
@@ -313,7 +314,7 @@ class TritonScoreKernels:
     cfg = NSAConfig.small().replace(n_select=n)
     b, hk = 2, 3
     n_slc = cfg.n_slc(t)
-    width = max(16, 1 << (n_slc - 1).bit_length())
+    width = 2 * max(16, 1 << (n_slc - 1).bit_length())   # padded wider than read
     key = jax.random.key(t + n)
     p = jax.random.uniform(key, (b, hk, t + 5, width))
     if ties:       # coarse values: many equal scores in a row

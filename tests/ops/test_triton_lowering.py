@@ -1,0 +1,84 @@
+"""Every Pallas Triton kernel of ops/ lowers for an H100 at benchmark shapes and passes the MLIR
+verifier, on this CPU-only host (forward and backward where the op has one).
+
+This catches, in CI, what otherwise fails only when the GPU compiles a kernel (a traced loop
+lower bound next to a constant one broke the NSA decode kernel that way; see
+op_testing.verified_triton_lowering). Numerics are the other test files' job.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from tests.ops import op_testing as ot
+
+pytestmark = pytest.mark.skipif(
+    not ot.triton_lowering_on_cpu(),
+    reason="this jaxlib compiles Pallas Triton while lowering: run on the device instead")
+
+sds = jax.ShapeDtypeStruct
+BF16, F32 = jnp.bfloat16, jnp.float32
+
+
+def _grad(fn, argnums):
+  """fwd + bwd of sum(fn(...)[0] or fn(...)) w.r.t. argnums."""
+  def loss(*a):
+    out = fn(*a)
+    out = out[0] if isinstance(out, tuple) else out
+    return out.astype(F32).sum()
+  return jax.grad(loss, argnums=argnums)
+
+
+def test_attention_fwd_bwd_and_decode():
+  from ops.attention import attention, decode_attention
+  q, kv = sds((1, 8192, 16, 128), BF16), sds((1, 8192, 4, 128), BF16)
+  fn = functools.partial(attention, causal=True, window=512, implementation="pallas_triton")
+  assert ot.verified_triton_lowering(_grad(fn, (0, 1, 2)), q, kv, kv) >= 2
+  dec = functools.partial(decode_attention, implementation="pallas_triton")
+  n = ot.verified_triton_lowering(dec, sds((8, 1, 64, 128), BF16), sds((8, 65536, 4, 128), BF16),
+                                  sds((8, 65536, 4, 128), BF16), sds((8,), jnp.int32))
+  assert n >= 1
+
+
+def test_gmm_fwd_bwd():
+  from ops.gmm import gmm
+  fn = functools.partial(gmm, implementation="pallas_triton")
+  args = (sds((32768, 2048), BF16), sds((64, 2048, 1408), BF16), sds((64,), jnp.int32))
+  assert ot.verified_triton_lowering(_grad(fn, (0, 1)), *args) >= 2     # gmm and tgmm (dw)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_lif_and_scan_fwd_bwd(dtype):
+  from ops.lif import lif
+  from ops.scan import linear_scan
+  x = sds((1, 1024, 8192), dtype)
+  fn = functools.partial(lif, implementation="pallas_triton")
+  assert ot.verified_triton_lowering(_grad(fn, (0,)), x) >= 2
+  fn = functools.partial(linear_scan, implementation="pallas_triton")
+  assert ot.verified_triton_lowering(_grad(fn, (0, 1)), x, x) >= 2
+
+
+def test_nsa_fwd_bwd_paper_shape():
+  """Compressed (ops.attention), selection scores + top-n, selected fwd / dq / dkv, window."""
+  from ops import nsa
+  from ops.nsa.config import NSAConfig
+  cfg, t = NSAConfig(), 8192
+  q = sds((1, t, 64, 128), BF16)
+  kc = sds((1, cfg.n_cmp(t), 4, 128), BF16)
+  raw = sds((1, t, 4, 128), BF16)
+  gates = sds((1, t, 64, 3), BF16)
+  fn = functools.partial(nsa.nsa, cfg=cfg, implementation="pallas_triton")
+  n = ot.verified_triton_lowering(_grad(fn, tuple(range(8))), q, kc, kc, raw, raw, raw, raw,
+                                  gates)
+  assert n >= 6
+
+
+def test_nsa_decode_64k():
+  from ops.nsa import decode
+  from ops.nsa.config import NSAConfig
+  cfg, b, t = NSAConfig(), 8, 65536
+  args = ([sds((b, 64, 128), BF16)] + [sds((b, cfg.n_cmp(t), 4, 128), BF16)] * 2
+          + [sds((b, t, 4, 128), BF16)] * 4 + [sds((b, 64, 3), BF16), sds((b,), jnp.int32)])
+  fn = functools.partial(decode.nsa_decode, cfg=cfg, implementation="pallas_triton")
+  assert ot.verified_triton_lowering(fn, *args) == 2
