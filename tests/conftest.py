@@ -35,3 +35,12 @@ def pytest_collection_modifyitems(config, items):
       item.add_marker(no_gpu)
     if "tpu_aot" in item.keywords and not has_libtpu:
       item.add_marker(no_libtpu)
+
+
+def pytest_runtest_logreport(report):
+  """With JAXLM_FAILURE_LOG=<path>, append each failure's traceback to that file as it happens
+  (device runs end at a time limit, often before pytest prints its summary)."""
+  path = os.environ.get("JAXLM_FAILURE_LOG")
+  if path and report.failed:
+    with open(path, "a") as f:
+      f.write(f"=== {report.nodeid} ({report.when})\n{report.longreprtext}\n\n")
