@@ -87,6 +87,7 @@ def run(shapes="bench", dtype="bfloat16", ceilings=None):
     try:
       times["dense_swiglu"] = timing.time_fn(jax.jit(lambda x, w: fwd_bwd(dense, x, w)), x,
                                              dense_w)
+      print(f"{name} dense_swiglu: {times['dense_swiglu']:.3f} ms", flush=True)
     except Exception as err:
       print(f"{name} dense failed: {type(err).__name__}: {str(err)[:300]}", flush=True)
 

@@ -28,68 +28,26 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from ops._backend import GPU, UnsupportedError, resolve_interpret
 from ops.nsa import decode as _dec
 from ops.nsa.config import NSABlockConfig, NSAConfig, default_block_config
+from ops.nsa.kernel_common import dot_nt as _dot_nt
+from ops.nsa.kernel_common import iota as _iota
+from ops.nsa.kernel_common import online_softmax_step as _online
+from ops.nsa.kernel_common import pad_axis as _pad_axis
+from ops.nsa.kernel_common import pow2 as _pow2
+from ops.nsa.kernel_common import prec as _prec
+from ops.nsa.kernel_common import triton_compiler as _compiler
 
 _F32 = jnp.float32
 _DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 _MAX_ROWS = 128       # group rows per tile (acc [rows, dv] f32 lives in registers)
 
 
-def _pow2(x: int, lo: int = 16) -> int:
-  return max(lo, 1 << max(0, int(x) - 1).bit_length())
-
 
 def _is_tile(x: int) -> bool:
   return x >= 16 and x & (x - 1) == 0
-
-
-def _prec(dtype):
-  return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else lax.Precision.DEFAULT
-
-
-def _dot_nt(a, b, prec):
-  """a [m,k] @ b[n,k]^T, f32 accumulation."""
-  return lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=prec,
-                         preferred_element_type=_F32)
-
-
-def _dot(a, b, prec):
-  return lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=prec,
-                         preferred_element_type=_F32)
-
-
-def _iota(n):
-  return lax.broadcasted_iota(jnp.int32, (n,), 0)
-
-
-def _compiler(interpret, warps, stages):
-  if interpret:
-    return {}
-  return dict(compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=stages))
-
-
-def _pad_axis(x, axis, size, value=0):
-  if x.shape[axis] >= size:
-    return x
-  pad = [(0, 0)] * x.ndim
-  pad[axis] = (0, size - x.shape[axis])
-  return jnp.pad(x, pad, constant_values=value)
-
-
-def _online(s, v, carry, prec):
-  """One online-softmax step: s [rows, n] masked logits (-inf = excluded), v [n, dv]."""
-  m, l, acc = carry
-  m_new = jnp.maximum(m, jnp.max(s, axis=1))
-  m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-  alpha = jnp.exp(m - m_safe)
-  p = jnp.exp(s - m_safe[:, None])
-  l = l * alpha + jnp.sum(p, axis=1)
-  acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, prec)
-  return m_new, l, acc
 
 
 def _finish(carry, o_ref, lse_ref):

@@ -19,47 +19,21 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from ops._backend import GPU, UnsupportedError, resolve_interpret
 from ops.nsa import compress, topn_triton
 from ops.nsa.config import NSABlockConfig, NSAConfig, default_block_config
+from ops.nsa.kernel_common import dot as _dot
+from ops.nsa.kernel_common import iota as _iota
+from ops.nsa.kernel_common import online_softmax_step as _online
+from ops.nsa.kernel_common import pad_axis as _pad_axis
+from ops.nsa.kernel_common import pow2 as _pow2
+from ops.nsa.kernel_common import prec as _prec
+from ops.nsa.kernel_common import triton_compiler as _compiler
 from ops.nsa.select import select_from_scores
 
 _F32 = jnp.float32
 _SCORE_Q_SMEM = 128 * 1024    # bytes of q tiles the head-loop score kernel may hold
-
-
-def _pow2(x: int, lo: int = 16) -> int:
-  return max(lo, 1 << max(0, int(x) - 1).bit_length())
-
-
-def _prec(dtype):
-  return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else lax.Precision.DEFAULT
-
-
-def _dot(a, b, prec, ta=False, tb=False):
-  """a @ b with optional transposes, f32 accumulation."""
-  dims = (((0 if ta else 1,), (1 if tb else 0,)), ((), ()))
-  return lax.dot_general(a, b, dims, precision=prec, preferred_element_type=_F32)
-
-
-def _iota(n):
-  return lax.broadcasted_iota(jnp.int32, (n,), 0)
-
-
-def _compiler(interpret, warps, stages):
-  if interpret:
-    return {}
-  return dict(compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=stages))
-
-
-def _pad_axis(x, axis, size, value=0):
-  if x.shape[axis] == size:
-    return x
-  pad = [(0, 0)] * x.ndim
-  pad[axis] = (0, size - x.shape[axis])
-  return jnp.pad(x, pad, constant_values=value)
 
 
 # --------------------------------------------------------------------------- selected attention
@@ -84,13 +58,7 @@ def _sel_fwd_kernel(idx_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse
       if has_seg:
         ok = ok & (kseg_ref[pl.ds(off, bk)] == qs)
       s = jnp.where(ok[None, :], s, -jnp.inf)
-      m_new = jnp.maximum(m, jnp.max(s, axis=1))
-      m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-      alpha = jnp.exp(m - m_safe)
-      p = jnp.exp(s - m_safe[:, None])
-      l = l * alpha + jnp.sum(p, axis=1)
-      acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, prec)
-      m = m_new
+      m, l, acc = _online(s, v, (m, l, acc), prec)
     return m, l, acc
 
   init = (jnp.full((gp,), -jnp.inf, _F32), jnp.zeros((gp,), _F32), jnp.zeros((gp, dv), _F32))
@@ -378,8 +346,46 @@ def selected_attention(q, k_slc, v_slc, block_idx, *, select_len, q_segment_ids=
 
 
 # ------------------------------------------------------------------------- selection scores
+def _write_scores(out_ref, mm_ref, ms_ref, tile_probs, *, i0, bt, bk, bs, l, d, n_cmp,
+                  n_out_tiles):
+  """Shared loop of both score kernels: for each tile of bk compressed keys visible to the
+  program's last query, tile_probs(j0) -> group-summed, masked probabilities [bt, bk]; mapped
+  onto selection blocks by the overlap matrices (mm: this tile's bs blocks, ms: the spill into
+  the next tile's, carried) and stored; the remaining tiles of the output row are zeroed."""
+  mm = mm_ref[...]
+  ms = ms_ref[...]
+  n_vis = jnp.clip((i0 + bt - 1 - (l - 1)) // d + 1, 0, n_cmp)
+  n_tiles = (n_vis + bk - 1) // bk
+  hp = lax.Precision.HIGHEST
+
+  def body(j, carry):
+    pg = tile_probs(j * bk)
+    out_ref[:, pl.ds(j * bs, bs)] = _dot(pg, mm, hp) + carry
+    return _dot(pg, ms, hp)
+
+  carry = lax.fori_loop(0, n_tiles, body, jnp.zeros((bt, bs), _F32))
+  out_ref[:, pl.ds(n_tiles * bs, bs)] = carry
+
+  def zero(j, c):
+    out_ref[:, pl.ds(j * bs, bs)] = jnp.zeros((bt, bs), _F32)
+    return c
+
+  lax.fori_loop(n_tiles + 1, n_out_tiles, zero, 0)
+
+
+def _visible(j0, rows_t, cseg_ref, qs, *, bk, l, d, n_cmp):
+  """[rows, bk] mask: compressed block j0+i has ended by the row's query (and is in its
+  segment when qs is given)."""
+  jpos = j0 + _iota(bk)
+  vis = ((jpos * d + (l - 1))[None, :] <= rows_t[:, None]) & (jpos < n_cmp)[None, :]
+  if qs is not None:
+    vis = vis & (cseg_ref[pl.ds(j0, bk)][None, :] == qs[:, None])
+  return vis
+
+
 def _score_kernel(q_ref, lse_ref, k_ref, qseg_ref, cseg_ref, mm_ref, ms_ref, out_ref, *, scale,
                   bt, gp, bk, bs, l, d, n_cmp, n_out_tiles, has_seg, prec):
+  """Row variant: rows are (query, head) pairs; the group sum is a [bt, rows] matmul."""
   i0 = pl.program_id(0) * bt
   q = q_ref[...]
   r = q.shape[0]
@@ -388,34 +394,15 @@ def _score_kernel(q_ref, lse_ref, k_ref, qseg_ref, cseg_ref, mm_ref, ms_ref, out
   rows_t = i0 + _iota(r) // gp
   grp = (lax.broadcasted_iota(jnp.int32, (bt, r), 1) // gp
          == lax.broadcasted_iota(jnp.int32, (bt, r), 0)).astype(_F32)
-  mm = mm_ref[...]
-  ms = ms_ref[...]
   qs = qseg_ref[...] if has_seg else None
-  n_vis = jnp.clip((i0 + bt - 1 - (l - 1)) // d + 1, 0, n_cmp)
-  n_tiles = (n_vis + bk - 1) // bk
-  hp = lax.Precision.HIGHEST
 
-  def body(j, carry):
-    j0 = j * bk
-    k = k_ref[pl.ds(j0, bk), :]
-    s = _dot(q, k, prec, tb=True) * scale
-    jpos = j0 + _iota(bk)
-    vis = ((jpos * d + (l - 1))[None, :] <= rows_t[:, None]) & (jpos < n_cmp)[None, :]
-    if has_seg:
-      vis = vis & (cseg_ref[pl.ds(j0, bk)][None, :] == qs[:, None])
-    p = jnp.where(vis, jnp.exp(s - lse[:, None]), 0.0)
-    pg = _dot(grp, p, hp)
-    out_ref[:, pl.ds(j * bs, bs)] = _dot(pg, mm, hp) + carry
-    return _dot(pg, ms, hp)
+  def tile_probs(j0):
+    s = _dot(q, k_ref[pl.ds(j0, bk), :], prec, tb=True) * scale
+    vis = _visible(j0, rows_t, cseg_ref, qs, bk=bk, l=l, d=d, n_cmp=n_cmp)
+    return _dot(grp, jnp.where(vis, jnp.exp(s - lse[:, None]), 0.0), lax.Precision.HIGHEST)
 
-  carry = lax.fori_loop(0, n_tiles, body, jnp.zeros((bt, bs), _F32))
-  out_ref[:, pl.ds(n_tiles * bs, bs)] = carry
-
-  def zero(j, c):
-    out_ref[:, pl.ds(j * bs, bs)] = jnp.zeros((bt, bs), _F32)
-    return c
-
-  lax.fori_loop(n_tiles + 1, n_out_tiles, zero, 0)
+  _write_scores(out_ref, mm_ref, ms_ref, tile_probs, i0=i0, bt=bt, bk=bk, bs=bs, l=l, d=d,
+                n_cmp=n_cmp, n_out_tiles=n_out_tiles)
 
 
 def _score_heads_kernel(q_ref, lse_ref, k_ref, qseg_ref, cseg_ref, mm_ref, ms_ref, out_ref, *,
@@ -424,38 +411,20 @@ def _score_heads_kernel(q_ref, lse_ref, k_ref, qseg_ref, cseg_ref, mm_ref, ms_re
   computed (one [bt, bk] score tile live at a time, no group-sum matmul)."""
   i0 = pl.program_id(0) * bt
   rows_t = i0 + _iota(bt)
-  mm = mm_ref[...]
-  ms = ms_ref[...]
   qs = qseg_ref[...] if has_seg else None
-  n_vis = jnp.clip((i0 + bt - 1 - (l - 1)) // d + 1, 0, n_cmp)
-  n_tiles = (n_vis + bk - 1) // bk
-  hp = lax.Precision.HIGHEST
 
-  def body(j, carry):
-    j0 = j * bk
+  def tile_probs(j0):
     k = k_ref[pl.ds(j0, bk), :]
-    jpos = j0 + _iota(bk)
-    vis = ((jpos * d + (l - 1))[None, :] <= rows_t[:, None]) & (jpos < n_cmp)[None, :]
-    if has_seg:
-      vis = vis & (cseg_ref[pl.ds(j0, bk)][None, :] == qs[:, None])
     pg = jnp.zeros((bt, bk), _F32)
     for h in range(g):
       lse = lse_ref[h, :]
       lse = jnp.where(jnp.isfinite(lse), lse, jnp.inf)   # no visible key -> p = 0
-      s = _dot(q_ref[h, :, :], k, prec, tb=True) * scale
-      pg = pg + jnp.exp(s - lse[:, None])
-    pg = jnp.where(vis, pg, 0.0)
-    out_ref[:, pl.ds(j * bs, bs)] = _dot(pg, mm, hp) + carry
-    return _dot(pg, ms, hp)
+      pg = pg + jnp.exp(_dot(q_ref[h, :, :], k, prec, tb=True) * scale - lse[:, None])
+    vis = _visible(j0, rows_t, cseg_ref, qs, bk=bk, l=l, d=d, n_cmp=n_cmp)
+    return jnp.where(vis, pg, 0.0)
 
-  carry = lax.fori_loop(0, n_tiles, body, jnp.zeros((bt, bs), _F32))
-  out_ref[:, pl.ds(n_tiles * bs, bs)] = carry
-
-  def zero(j, c):
-    out_ref[:, pl.ds(j * bs, bs)] = jnp.zeros((bt, bs), _F32)
-    return c
-
-  lax.fori_loop(n_tiles + 1, n_out_tiles, zero, 0)
+  _write_scores(out_ref, mm_ref, ms_ref, tile_probs, i0=i0, bt=bt, bk=bk, bs=bs, l=l, d=d,
+                n_cmp=n_cmp, n_out_tiles=n_out_tiles)
 
 
 def selection_scores(q, k_cmp, lse_cmp, *, cfg: NSAConfig, q_segment_ids=None, interpret=None,

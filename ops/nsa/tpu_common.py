@@ -9,6 +9,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental.pallas import tpu as pltpu
 
+from ops.nsa.kernel_common import pad_axis as _pad_axis  # noqa: F401  (re-exported)
+from ops.nsa.kernel_common import prec as _prec  # noqa: F401  (re-exported)
+
 _F32 = jnp.float32
 _SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16)
 _CompilerParams = getattr(pltpu, "CompilerParams", None) or getattr(pltpu, "TPUCompilerParams")
@@ -16,10 +19,6 @@ _CompilerParams = getattr(pltpu, "CompilerParams", None) or getattr(pltpu, "TPUC
 
 def _dims(*sem):
   return _CompilerParams(dimension_semantics=sem)
-
-
-def _prec(dtype):
-  return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else lax.Precision.DEFAULT
 
 
 def _nt(a, b, prec):
@@ -30,11 +29,3 @@ def _nt(a, b, prec):
 def _nn(a, b, prec):
   return lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=prec,
                          preferred_element_type=_F32)
-
-
-def _pad_axis(x, axis, size, value=0):
-  if x.shape[axis] == size:
-    return x
-  pad = [(0, 0)] * x.ndim
-  pad[axis] = (0, size - x.shape[axis])
-  return jnp.pad(x, pad, constant_values=value)
