@@ -11,6 +11,10 @@ from tests.ops import op_testing
 
 SMALL = LifConfig(block_c=32, time_chunk=4, ckpt_every=2, num_warps=1, bwd_block_c=32,
                   bwd_num_warps=1, tpu_block_c=128, tpu_block_t=8)
+# Compiled GPU cases: a short prefetch ring compiles in seconds (the device default unrolls 64
+# steps, ~50 s per kernel); test_large runs the device default.
+GPU_SMALL = LifConfig(block_c=32, time_chunk=8, ckpt_every=4, num_warps=1, bwd_block_c=32,
+                      bwd_num_warps=1)
 
 
 def _inputs(B, T, C, dtype, seed=0):
@@ -125,8 +129,10 @@ class TestLifTpuInterpret(LifTestBase):
 class TestLifTritonGpu(LifTestBase):
   IMPL = "pallas_triton"
   INTERPRET = False
+  CONFIG = GPU_SMALL
 
   def test_large(self):
+    self.CONFIG = None                        # the device's default block sizes
     x, v0, g, gv = _inputs(2, 1000, 1000, jnp.float32)
     s, v = self.lif(x, v0)
     s_ref, v_ref = _ref(x, v0)

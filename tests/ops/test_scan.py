@@ -12,6 +12,9 @@ from tests.ops import op_testing
 # Small blocks so that CPU-interpreted shapes still span several channel blocks and chunks.
 SMALL = ScanConfig(block_c=32, time_chunk=4, num_warps=1, bwd_block_c=32, bwd_time_chunk=3,
                    bwd_num_warps=1, tpu_block_c=128, tpu_block_t=8)
+# Compiled GPU cases: a short prefetch ring compiles fast; test_large runs the device default.
+GPU_SMALL = ScanConfig(block_c=32, time_chunk=8, num_warps=1, bwd_block_c=32, bwd_time_chunk=6,
+                       bwd_num_warps=1)
 
 
 def _inputs(B, T, C, dtype, a_const=False, seed=0):
@@ -145,10 +148,11 @@ class TestScanTpuInterpret(ScanTestBase):
 class TestScanTritonGpu(ScanTestBase):
   IMPL = "pallas_triton"
   INTERPRET = False
-  CONFIG = None
+  CONFIG = GPU_SMALL
 
   @pytest.mark.parametrize("a_const", [False, True])
   def test_large(self, a_const):
+    self.CONFIG = None                        # the device's default block sizes
     a, b, h0, g, g_last = _inputs(2, 1000, 1000, jnp.float32, a_const=a_const)
     h, h_last = self.scan(a, b, h0)
     h_ref, hl_ref = _ref(a, b, h0, False)
