@@ -1,5 +1,6 @@
-"""NSA kernels in Pallas (Triton lowering, GPU): selected-block attention fwd + bwd and the
-selection-score kernel. The compressed branch and the window branch run on ops.attention.
+"""NSA kernels in Pallas (Triton lowering, GPU): selected-block attention fwd + bwd; the
+selection (scores + top-n) lives in ops/nsa/triton_scores.py and is re-exported here for the
+registry. The compressed branch and the window branch run on ops.attention.
 
 Selected attention is group-centric: a forward / dq program owns one query position and ALL
 query heads of one GQA group (padded to >= 16 rows for the tensor cores) and loops over the
@@ -21,8 +22,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from ops._backend import GPU, UnsupportedError, resolve_interpret
-from ops.nsa import compress, topn_triton
-from ops.nsa.config import NSABlockConfig, NSAConfig, default_block_config
+from ops.nsa import compress
+from ops.nsa.config import NSABlockConfig, default_block_config
 from ops.nsa.kernel_common import dot as _dot
 from ops.nsa.kernel_common import iota as _iota
 from ops.nsa.kernel_common import online_softmax_step as _online
@@ -30,10 +31,9 @@ from ops.nsa.kernel_common import pad_axis as _pad_axis
 from ops.nsa.kernel_common import pow2 as _pow2
 from ops.nsa.kernel_common import prec as _prec
 from ops.nsa.kernel_common import triton_compiler as _compiler
-from ops.nsa.select import select_from_scores
+from ops.nsa.triton_scores import select_blocks, selection_scores  # noqa: F401 (registered)
 
 _F32 = jnp.float32
-_SCORE_Q_SMEM = 128 * 1024    # bytes of q tiles the head-loop score kernel may hold
 
 
 # --------------------------------------------------------------------------- selected attention
@@ -293,7 +293,6 @@ def _sel_backward(q, k, v, block_idx, q_segment_ids, o5, lse4, do, dlse, *, ls, 
 
 
 def _unlayout(o5, lse4, b, t, h, g, dv):
-  hk = o5.shape[2]
   o = o5[:, :, :, :g, :dv].reshape(b, t, h, dv)
   lse = lse4[:, :, :, :g].transpose(0, 2, 3, 1).reshape(b, h, t)
   return o, lse
@@ -343,207 +342,6 @@ def selected_attention(q, k_slc, v_slc, block_idx, *, select_len, q_segment_ids=
   scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
   return _selected(q, k_slc, v_slc, block_idx.astype(jnp.int32), q_segment_ids, select_len,
                    scale, cfg, interpret)
-
-
-# ------------------------------------------------------------------------- selection scores
-def _write_scores(out_ref, mm_ref, ms_ref, tile_probs, *, i0, bt, bk, bs, l, d, n_cmp,
-                  n_out_tiles):
-  """Shared loop of both score kernels: for each tile of bk compressed keys visible to the
-  program's last query, tile_probs(j0) -> group-summed, masked probabilities [bt, bk]; mapped
-  onto selection blocks by the overlap matrices (mm: this tile's bs blocks, ms: the spill into
-  the next tile's, carried) and stored; the remaining tiles of the output row are zeroed."""
-  mm = mm_ref[...]
-  ms = ms_ref[...]
-  n_vis = jnp.clip((i0 + bt - 1 - (l - 1)) // d + 1, 0, n_cmp)
-  n_tiles = (n_vis + bk - 1) // bk
-  hp = lax.Precision.HIGHEST
-
-  def body(j, carry):
-    pg = tile_probs(j * bk)
-    out_ref[:, pl.ds(j * bs, bs)] = _dot(pg, mm, hp) + carry
-    return _dot(pg, ms, hp)
-
-  carry = lax.fori_loop(0, n_tiles, body, jnp.zeros((bt, bs), _F32))
-  out_ref[:, pl.ds(n_tiles * bs, bs)] = carry
-
-  def zero(j, c):
-    out_ref[:, pl.ds(j * bs, bs)] = jnp.zeros((bt, bs), _F32)
-    return c
-
-  lax.fori_loop(n_tiles + 1, n_out_tiles, zero, 0)
-
-
-def _visible(j0, rows_t, cseg_ref, qs, *, bk, l, d, n_cmp):
-  """[rows, bk] mask: compressed block j0+i has ended by the row's query (and is in its
-  segment when qs is given)."""
-  jpos = j0 + _iota(bk)
-  vis = ((jpos * d + (l - 1))[None, :] <= rows_t[:, None]) & (jpos < n_cmp)[None, :]
-  if qs is not None:
-    vis = vis & (cseg_ref[pl.ds(j0, bk)][None, :] == qs[:, None])
-  return vis
-
-
-def _score_kernel(q_ref, lse_ref, k_ref, qseg_ref, cseg_ref, mm_ref, ms_ref, out_ref, *, scale,
-                  bt, gp, bk, bs, l, d, n_cmp, n_out_tiles, has_seg, prec):
-  """Row variant: rows are (query, head) pairs; the group sum is a [bt, rows] matmul."""
-  i0 = pl.program_id(0) * bt
-  q = q_ref[...]
-  r = q.shape[0]
-  lse = lse_ref[...]
-  lse = jnp.where(jnp.isfinite(lse), lse, jnp.inf)     # no visible key -> p = 0
-  rows_t = i0 + _iota(r) // gp
-  grp = (lax.broadcasted_iota(jnp.int32, (bt, r), 1) // gp
-         == lax.broadcasted_iota(jnp.int32, (bt, r), 0)).astype(_F32)
-  qs = qseg_ref[...] if has_seg else None
-
-  def tile_probs(j0):
-    s = _dot(q, k_ref[pl.ds(j0, bk), :], prec, tb=True) * scale
-    vis = _visible(j0, rows_t, cseg_ref, qs, bk=bk, l=l, d=d, n_cmp=n_cmp)
-    return _dot(grp, jnp.where(vis, jnp.exp(s - lse[:, None]), 0.0), lax.Precision.HIGHEST)
-
-  _write_scores(out_ref, mm_ref, ms_ref, tile_probs, i0=i0, bt=bt, bk=bk, bs=bs, l=l, d=d,
-                n_cmp=n_cmp, n_out_tiles=n_out_tiles)
-
-
-def _score_heads_kernel(q_ref, lse_ref, k_ref, qseg_ref, cseg_ref, mm_ref, ms_ref, out_ref, *,
-                        scale, bt, g, bk, bs, l, d, n_cmp, n_out_tiles, has_seg, prec):
-  """Head-loop variant: rows are bt query positions; the group's heads are summed as they are
-  computed (one [bt, bk] score tile live at a time, no group-sum matmul)."""
-  i0 = pl.program_id(0) * bt
-  rows_t = i0 + _iota(bt)
-  qs = qseg_ref[...] if has_seg else None
-
-  def tile_probs(j0):
-    k = k_ref[pl.ds(j0, bk), :]
-    pg = jnp.zeros((bt, bk), _F32)
-    for h in range(g):
-      lse = lse_ref[h, :]
-      lse = jnp.where(jnp.isfinite(lse), lse, jnp.inf)   # no visible key -> p = 0
-      pg = pg + jnp.exp(_dot(q_ref[h, :, :], k, prec, tb=True) * scale - lse[:, None])
-    vis = _visible(j0, rows_t, cseg_ref, qs, bk=bk, l=l, d=d, n_cmp=n_cmp)
-    return jnp.where(vis, pg, 0.0)
-
-  _write_scores(out_ref, mm_ref, ms_ref, tile_probs, i0=i0, bt=bt, bk=bk, bs=bs, l=l, d=d,
-                n_cmp=n_cmp, n_out_tiles=n_out_tiles)
-
-
-def selection_scores(q, k_cmp, lse_cmp, *, cfg: NSAConfig, q_segment_ids=None, interpret=None,
-                     config=None):
-  """Group-summed selection scores [b, kvh, t, n_slc] f32 (kernel; no [t, n_cmp] tensor).
-
-  Two kernels (NSABlockConfig.score_head_loop): rows = (query, head) pairs of score_block_q
-  queries with the group sum as a matmul, or rows = score_block_q queries with a static loop
-  over the group's heads (smaller live tiles; the H100 default).
-  """
-  interpret = resolve_interpret(interpret, GPU)
-  bcfg = config or (NSABlockConfig() if interpret else default_block_config())
-  t = q.shape[1]
-  return _padded_scores(q, k_cmp, lse_cmp, cfg, q_segment_ids, interpret,
-                        bcfg)[:, :, :t, :cfg.n_slc(t)]
-
-
-def _padded_scores(q, k_cmp, lse_cmp, cfg, q_segment_ids, interpret, bcfg):
-  """Scores [b, kvh, tq, width]: tq >= t rows, width a power of two >= n_slc (zero-filled)."""
-  q, k_cmp, lse_cmp = lax.stop_gradient((q, k_cmp, lse_cmp))
-  b, t, h, d = q.shape
-  n_cmp, hk = k_cmp.shape[1], k_cmp.shape[2]
-  g = h // hk
-  gp, dp = _pow2(g, 1), _pow2(d)     # the row kernel pads the group to >= 16 below
-  l, st, ls = cfg.block_len, cfg.stride, cfg.select_len
-  per = ls // st
-  bk = max(bcfg.score_block_k or 0, 16 * per)
-  if bk % per:
-    raise UnsupportedError(f"score_block_k {bk} must be a multiple of select_len/stride {per}")
-  bs = bk // per
-  if bs & (bs - 1) or bk & (bk - 1):
-    raise UnsupportedError(f"score tiles ({bk} keys, {bs} blocks) must be powers of two")
-  if l > bs * ls:
-    raise UnsupportedError(f"block_len {l} spills past one score tile")
-  bt = _pow2(bcfg.score_block_q)
-  head_loop = bcfg.score_head_loop
-  if head_loop:
-    # Triton keeps the group's q tiles in shared memory (loop-invariant loads): halve the
-    # query tile until they fit, else use the row kernel.
-    while bt > 16 and gp * bt * dp * q.dtype.itemsize > _SCORE_Q_SMEM:
-      bt //= 2
-    head_loop = gp * bt * dp * q.dtype.itemsize <= _SCORE_Q_SMEM
-  n_slc = cfg.n_slc(t)
-  scale = float(d ** -0.5 if cfg.scale is None else cfg.scale)
-  tq = -(-t // bt) * bt
-  ncp = max(bk, -(-n_cmp // bk) * bk)
-  n_tiles_total = ncp // bk
-  lse = lse_cmp.astype(_F32).reshape(b, hk, g, t)
-  kc = _pad_axis(_pad_axis(k_cmp, 1, ncp), 3, dp)
-  has_seg = q_segment_ids is not None
-  if has_seg:
-    qseg = _pad_axis(q_segment_ids.astype(jnp.int32), 1, tq, -1)
-    cseg = _pad_axis(compress.block_segments(q_segment_ids, n_cmp, l, st), 1, ncp, -2)
-  else:
-    qseg = jnp.zeros((b, tq), jnp.int32)
-    cseg = jnp.zeros((b, ncp), jnp.int32)
-  w = compress.overlap_matrix(2 * bk, 2 * bs, l, st, ls)
-  mm, ms = jnp.asarray(w[:bk, :bs]), jnp.asarray(w[:bk, bs:])
-  # a power of two >= both: the top-n kernel reads the first pow2(n_slc) columns as one block
-  width = _pow2(max((n_tiles_total + 1) * bs, n_slc), bs)
-  common = dict(scale=scale, bt=bt, bk=bk, bs=bs, l=l, d=st, n_cmp=n_cmp,
-                n_out_tiles=width // bs, has_seg=has_seg, prec=_prec(q.dtype))
-  if head_loop:
-    qt = _pad_axis(_pad_axis(_pad_axis(q.reshape(b, t, hk, g, d), 3, gp), 4, dp), 1, tq)
-    qt = qt.transpose(0, 2, 3, 1, 4)                                   # [b, hk, gp, tq, dp]
-    lse = _pad_axis(_pad_axis(lse, 2, gp, -jnp.inf), 3, tq, -jnp.inf)   # [b, hk, gp, tq]
-    kern = functools.partial(_score_heads_kernel, g=g, **common)
-    q_spec = pl.BlockSpec((None, None, gp, bt, dp), lambda i, j, z: (z, j, 0, i, 0))
-    lse_spec = pl.BlockSpec((None, None, gp, bt), lambda i, j, z: (z, j, 0, i))
-    seg_spec = pl.BlockSpec((None, bt), lambda i, j, z: (z, i))
-  else:
-    bt = max(16, bt)
-    tq = -(-t // bt) * bt
-    common.update(bt=bt)
-    qseg = _pad_axis(qseg[:, :t], 1, tq, -1)
-    gp = _pow2(g)
-    qt = _pad_axis(_pad_axis(_pad_axis(q.reshape(b, t, hk, g, d), 3, gp), 4, dp), 1, tq)
-    qt = qt.transpose(0, 2, 1, 3, 4).reshape(b, hk, tq * gp, dp)
-    lse = lse.transpose(0, 1, 3, 2)
-    lse = _pad_axis(_pad_axis(lse, 3, gp, -jnp.inf), 2, tq, -jnp.inf).reshape(b, hk, tq * gp)
-    qseg = jnp.repeat(qseg, gp, axis=1)
-    r = bt * gp
-    kern = functools.partial(_score_kernel, gp=gp, **common)
-    q_spec = pl.BlockSpec((None, None, r, dp), lambda i, j, z: (z, j, i, 0))
-    lse_spec = pl.BlockSpec((None, None, r), lambda i, j, z: (z, j, i))
-    seg_spec = pl.BlockSpec((None, r), lambda i, j, z: (z, i))
-  nsp = width
-  return pl.pallas_call(
-      kern, grid=(tq // bt, hk, b),
-      in_specs=[
-          q_spec, lse_spec,
-          pl.BlockSpec((None, ncp, None, dp), lambda i, j, z: (z, 0, j, 0)),
-          seg_spec,
-          pl.BlockSpec((None, ncp), lambda i, j, z: (z, 0)),
-          pl.BlockSpec((bk, bs), lambda i, j, z: (0, 0)),
-          pl.BlockSpec((bk, bs), lambda i, j, z: (0, 0)),
-      ],
-      out_specs=pl.BlockSpec((None, None, bt, nsp), lambda i, j, z: (z, j, i, 0)),
-      out_shape=jax.ShapeDtypeStruct((b, hk, tq, nsp), _F32),
-      interpret=interpret, name="nsa_selection_scores",
-      **_compiler(interpret, bcfg.score_num_warps, bcfg.score_num_stages),
-  )(qt, lse, kc, qseg, cseg, mm, ms)
-
-
-def select_blocks(q, k_cmp, lse_cmp, *, cfg: NSAConfig, q_segment_ids=None, interpret=None,
-                  config=None):
-  """Score kernel, then the top-n kernel (ops/nsa/topn_triton.py) on the padded scores
-  (NSABlockConfig.topn_kernel=False: XLA's top_k + sort via select_from_scores)."""
-  interpret = resolve_interpret(interpret, GPU)
-  bcfg = config or (NSABlockConfig() if interpret else default_block_config())
-  t = q.shape[1]
-  seg_start = None if q_segment_ids is None else compress.segment_starts(q_segment_ids)
-  p = _padded_scores(q, k_cmp, lse_cmp, cfg, q_segment_ids, interpret, bcfg)
-  if not bcfg.topn_kernel:
-    return select_from_scores(p[:, :, :t, :cfg.n_slc(t)], jnp.arange(t, dtype=jnp.int32), cfg,
-                              seg_start)
-  return topn_triton.topn_from_padded_scores(
-      lax.stop_gradient(p), t, cfg, seg_start, tile_elems=bcfg.topn_tile_elems,
-      num_warps=bcfg.topn_num_warps, interpret=interpret)
 
 
 def compressed_attention(q, k_cmp, v_cmp, *, block_len, stride, q_segment_ids=None, scale=None,
