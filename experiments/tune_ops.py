@@ -55,8 +55,9 @@ def parse_shape(text: str):
   return b, t, c, parts[3]
 
 
-def _op_fns(op, config, shape):
-  """(fwd, fwd_bwd, args_fwd, args_fwd_bwd, fwd_bytes, total_bytes) for one config."""
+def _workload(op, shape):
+  """(make_fns(config) -> (fwd, fwd_bwd), fwd args, fwd+bwd args, fwd bytes, total bytes); the
+  inputs are made once and shared by every config."""
   import jax
   import jax.numpy as jnp
   b, t, c, dt = shape
@@ -68,19 +69,25 @@ def _op_fns(op, config, shape):
   if op == "lif":
     from ops.lif import lif
     x = (1.2 * x).astype(dt)        # spikes on a fair share of steps
-    f = lambda x: lif(x, implementation="pallas_triton", config=config)[0]
+    op_fn = lambda cfg: lambda x: lif(x, implementation="pallas_triton", config=cfg)[0]
     args, fwd_bytes, bwd_bytes = (x,), 2 * big + 2 * small, 3 * big + 2 * small
   else:
     from ops.scan import linear_scan
     a = jax.random.uniform(k[2], (b, t, c), jnp.float32, 0.9, 1.0).astype(dt)
-    f = lambda a, x: linear_scan(a, x, implementation="pallas_triton", config=config)[0]
+    op_fn = lambda cfg: lambda a, x: linear_scan(a, x, implementation="pallas_triton",
+                                                 config=cfg)[0]
     args, fwd_bytes, bwd_bytes = (a, x), 3 * big + 2 * small, 5 * big + 2 * small
 
-  def fwd_bwd(*a):
-    out, vjp = jax.vjp(f, *a[:-1])
-    return out, vjp(a[-1])
+  def make_fns(config):
+    f = op_fn(config)
 
-  return jax.jit(f), jax.jit(fwd_bwd), args, args + (g,), fwd_bytes, fwd_bytes + bwd_bytes
+    def fwd_bwd(*a):
+      out, vjp = jax.vjp(f, *a[:-1])
+      return out, vjp(a[-1])
+
+    return jax.jit(f), jax.jit(fwd_bwd)
+
+  return make_fns, args, args + (g,), fwd_bytes, fwd_bytes + bwd_bytes
 
 
 def main(argv):
@@ -99,6 +106,7 @@ def main(argv):
   base = Config.for_device(jax.devices()[0].device_kind)
   copy = timing.copy_bandwidth_gbs()
   print(f"{jax.devices()[0].device_kind}; copy {copy:.0f} GB/s; base {base}", flush=True)
+  make_fns, a_f, a_fb, nb_f, nb_fb = _workload(_OP.value, shape)
   rows, t0 = [], time.perf_counter()
   names = list(grid)
   for values in itertools.product(*(grid[n] for n in names)):
@@ -111,7 +119,7 @@ def main(argv):
     except ValueError as e:
       rows.append((float("inf"), f"| {label} | | | | | skipped: {e} |"))
       continue
-    fwd, fwd_bwd, a_f, a_fb, nb_f, nb_fb = _op_fns(_OP.value, cfg, shape)
+    fwd, fwd_bwd = make_fns(cfg)
     try:
       ms_f = timing.time_fn(fwd, *a_f, warmup=2, iters=10)
       ms_fb = timing.time_fn(fwd_bwd, *a_fb, warmup=2, iters=10)

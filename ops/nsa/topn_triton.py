@@ -17,15 +17,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from ops.nsa.config import NSAConfig
+from ops.nsa.kernel_common import pow2, triton_compiler
 
 _BIG = 2 ** 30
-
-
-def _pow2(x: int) -> int:
-  return 1 << max(0, int(x) - 1).bit_length()
 
 
 def _topn_kernel(p_ref, pos_ref, first_ref, out_ref, *, n, n_pad, n_slc, ls, n_first, n_local):
@@ -61,11 +57,11 @@ def topn_from_padded_scores(p, t, cfg: NSAConfig, seg_start=None, *, tile_elems:
   Returns block_idx [b, t, kvh, n_select] int32, equal to select_from_scores."""
   b, hk, tq, width = p.shape
   n_slc = cfg.n_slc(t)
-  n_cols = _pow2(n_slc)                 # columns read: one power-of-two block from column 0
+  n_cols = pow2(n_slc, 1)               # columns read: one power-of-two block from column 0
   if width % n_cols:
     raise ValueError(f"score width {width} must be a multiple of pow2(n_slc) = {n_cols}")
   n = cfg.n_select
-  n_pad = _pow2(n)
+  n_pad = pow2(n, 1)
   rows = max(1, min(16, tile_elems // n_cols))
   rows = 1 << (rows.bit_length() - 1)
   tr = -(-tq // rows) * rows
@@ -76,8 +72,6 @@ def topn_from_padded_scores(p, t, cfg: NSAConfig, seg_start=None, *, tile_elems:
     p = jnp.pad(p, ((0, 0), (0, 0), (0, tr - tq), (0, 0)))
   kern = functools.partial(_topn_kernel, n=n, n_pad=n_pad, n_slc=n_slc, ls=cfg.select_len,
                            n_first=cfg.n_always_first, n_local=cfg.n_local)
-  extra = {} if interpret else dict(
-      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1))
   out = pl.pallas_call(
       kern, grid=(tr // rows, hk, b),
       in_specs=[pl.BlockSpec((None, None, rows, n_cols), lambda i, j, z: (z, j, i, 0)),
@@ -85,6 +79,6 @@ def topn_from_padded_scores(p, t, cfg: NSAConfig, seg_start=None, *, tile_elems:
                 pl.BlockSpec((None, rows), lambda i, j, z: (z, i))],
       out_specs=pl.BlockSpec((None, None, rows, n_pad), lambda i, j, z: (z, j, i, 0)),
       out_shape=jax.ShapeDtypeStruct((b, hk, tr, n_pad), jnp.int32),
-      interpret=interpret, name="nsa_topn", **extra,
+      interpret=interpret, name="nsa_topn", **triton_compiler(interpret, num_warps, 1),
   )(p, pos, first)
   return out[:, :, :t, :n].transpose(0, 2, 1, 3)

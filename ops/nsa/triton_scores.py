@@ -172,22 +172,17 @@ def _padded_scores(q, k_cmp, lse_cmp, cfg, q_segment_ids, interpret, bcfg):
   width = _pow2(max((n_tiles_total + 1) * bs, n_slc), bs)
   common = dict(scale=scale, bt=bt, bk=bk, bs=bs, l=l, d=st, n_cmp=n_cmp,
                 n_out_tiles=width // bs, has_seg=has_seg, prec=_prec(q.dtype))
+  q5 = _pad_axis(_pad_axis(q.reshape(b, t, hk, g, d), 4, dp), 1, tq)   # [b, tq, hk, g, dp]
   if head_loop:
-    qt = _pad_axis(_pad_axis(_pad_axis(q.reshape(b, t, hk, g, d), 3, gp), 4, dp), 1, tq)
-    qt = qt.transpose(0, 2, 3, 1, 4)                                   # [b, hk, gp, tq, dp]
+    qt = _pad_axis(q5, 3, gp).transpose(0, 2, 3, 1, 4)                  # [b, hk, gp, tq, dp]
     lse = _pad_axis(_pad_axis(lse, 2, gp, -jnp.inf), 3, tq, -jnp.inf)   # [b, hk, gp, tq]
     kern = functools.partial(_score_heads_kernel, g=g, **common)
     q_spec = pl.BlockSpec((None, None, gp, bt, dp), lambda i, j, z: (z, j, 0, i, 0))
     lse_spec = pl.BlockSpec((None, None, gp, bt), lambda i, j, z: (z, j, 0, i))
     seg_spec = pl.BlockSpec((None, bt), lambda i, j, z: (z, i))
   else:
-    bt = max(16, bt)
-    tq = -(-t // bt) * bt
-    common.update(bt=bt)
-    qseg = _pad_axis(qseg[:, :t], 1, tq, -1)
     gp = _pow2(g)
-    qt = _pad_axis(_pad_axis(_pad_axis(q.reshape(b, t, hk, g, d), 3, gp), 4, dp), 1, tq)
-    qt = qt.transpose(0, 2, 1, 3, 4).reshape(b, hk, tq * gp, dp)
+    qt = _pad_axis(q5, 3, gp).transpose(0, 2, 1, 3, 4).reshape(b, hk, tq * gp, dp)
     lse = lse.transpose(0, 1, 3, 2)
     lse = _pad_axis(_pad_axis(lse, 3, gp, -jnp.inf), 2, tq, -jnp.inf).reshape(b, hk, tq * gp)
     qseg = jnp.repeat(qseg, gp, axis=1)
@@ -196,7 +191,6 @@ def _padded_scores(q, k_cmp, lse_cmp, cfg, q_segment_ids, interpret, bcfg):
     q_spec = pl.BlockSpec((None, None, r, dp), lambda i, j, z: (z, j, i, 0))
     lse_spec = pl.BlockSpec((None, None, r), lambda i, j, z: (z, j, i))
     seg_spec = pl.BlockSpec((None, r), lambda i, j, z: (z, i))
-  nsp = width
   return pl.pallas_call(
       kern, grid=(tq // bt, hk, b),
       in_specs=[
@@ -207,8 +201,8 @@ def _padded_scores(q, k_cmp, lse_cmp, cfg, q_segment_ids, interpret, bcfg):
           pl.BlockSpec((bk, bs), lambda i, j, z: (0, 0)),
           pl.BlockSpec((bk, bs), lambda i, j, z: (0, 0)),
       ],
-      out_specs=pl.BlockSpec((None, None, bt, nsp), lambda i, j, z: (z, j, i, 0)),
-      out_shape=jax.ShapeDtypeStruct((b, hk, tq, nsp), _F32),
+      out_specs=pl.BlockSpec((None, None, bt, width), lambda i, j, z: (z, j, i, 0)),
+      out_shape=jax.ShapeDtypeStruct((b, hk, tq, width), _F32),
       interpret=interpret, name="nsa_selection_scores",
       **_compiler(interpret, bcfg.score_num_warps, bcfg.score_num_stages),
   )(qt, lse, kc, qseg, cseg, mm, ms)
@@ -227,5 +221,5 @@ def select_blocks(q, k_cmp, lse_cmp, *, cfg: NSAConfig, q_segment_ids=None, inte
     return select_from_scores(p[:, :, :t, :cfg.n_slc(t)], jnp.arange(t, dtype=jnp.int32), cfg,
                               seg_start)
   return topn_triton.topn_from_padded_scores(
-      lax.stop_gradient(p), t, cfg, seg_start, tile_elems=bcfg.topn_tile_elems,
+      p, t, cfg, seg_start, tile_elems=bcfg.topn_tile_elems,
       num_warps=bcfg.topn_num_warps, interpret=interpret)
