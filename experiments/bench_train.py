@@ -1,6 +1,9 @@
 """Train-step tokens/s and MFU of presets, with the matmul peak measured in the same run.
 
   python experiments/bench_train.py --config=dense_125m,dense_1b --set train.batch_size=8
+
+Scaling over devices of one host, batch grown with the device count (weak scaling):
+  python experiments/bench_train.py --config=dense_1b --device_counts=1,2 --batch_per_device=8
 """
 import os
 import sys
@@ -15,6 +18,31 @@ from jaxlm import configs
 _CONFIGS = flags.DEFINE_list("config", ["dense_125m"], "presets to measure")
 _SET = flags.DEFINE_multi_string("set", [], "overrides applied to every preset")
 _STEPS = flags.DEFINE_integer("steps", 10, "timed steps (median)")
+_DEVICE_COUNTS = flags.DEFINE_list(
+    "device_counts", [], "measure each preset on the first N devices for each N given "
+    "(default: all devices); the table adds tokens/s relative to the first N")
+_BATCH_PER_DEVICE = flags.DEFINE_integer(
+    "batch_per_device", 0, "if > 0, train.batch_size = this × the devices of each measurement")
+
+
+def _device_counts(available: int) -> list[int]:
+  counts = [int(c) for c in _DEVICE_COUNTS.value] or [available]
+  bad = [c for c in counts if not 1 <= c <= available]
+  if bad:
+    raise app.UsageError(f"--device_counts {bad}: this host has {available} devices")
+  return counts
+
+
+def _jobs(cfgs, counts):
+  """(config, device count) pairs, all validated before the first compile."""
+  jobs = []
+  for cfg in cfgs:
+    for n in counts:
+      if _BATCH_PER_DEVICE.value > 0:
+        cfg = config_lib.apply_overrides(cfg, [f"train.batch_size={_BATCH_PER_DEVICE.value * n}"])
+      config_lib.validate_for_devices(cfg, n)
+      jobs.append((cfg, n))
+  return jobs
 
 
 def main(argv):
@@ -24,27 +52,34 @@ def main(argv):
   from jaxlm.train.metrics import peak_tflops
   from jaxlm.train.throughput import measure
   cfgs = [config_lib.apply_overrides(configs.get_preset(n), _SET.value) for n in _CONFIGS.value]
+  counts = _device_counts(jax.device_count())
+  jobs = _jobs(cfgs, counts)
   kind = jax.devices()[0].device_kind
   measured = timing.matmul_peak_tflops() if jax.default_backend() != "cpu" else None
   sheet = peak_tflops(kind)
   print(f"device: {jax.device_count()} x {kind}; matmul peak measured "
         f"{measured and round(measured)} TFLOP/s, datasheet {sheet}")
-  print("| preset | params | batch×seq | step ms | tokens/s | model TFLOP/s/dev | MFU vs measured peak | MFU vs datasheet | compile s |")
-  print("|---|---|---|---|---|---|---|---|---|")
-  for cfg in cfgs:
+  print("| preset | devices | params | batch×seq | step ms | tokens/s | tokens/s vs "
+        f"{counts[0]} dev | model TFLOP/s/dev | MFU vs measured peak | MFU vs datasheet | compile s |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|")
+  for cfg, n in jobs:
+    if n == counts[0]:
+      first_tok_s = None
     try:
-      r = measure(cfg, steps=_STEPS.value)
+      r = measure(cfg, steps=_STEPS.value, devices=jax.devices()[:n])
     except jax.errors.JaxRuntimeError as e:  # one preset too big for the device: keep the table
       if "RESOURCE_EXHAUSTED" not in str(e):
         raise
-      print(f"| {cfg.name} | - | {cfg.train.batch_size}×{cfg.train.seq_len} | out of device "
-            f"memory: lower --set train.batch_size or raise train.grad_accum | | | | | |",
+      print(f"| {cfg.name} | {n} | - | {cfg.train.batch_size}×{cfg.train.seq_len} | out of device "
+            f"memory: lower --set train.batch_size or raise train.grad_accum | | | | | | |",
             flush=True)
       continue
+    first_tok_s = first_tok_s or r.tokens_per_s
     mfu_m = f"{r.model_tflops_per_device / measured:.1%}" if measured else "-"
     mfu_s = f"{r.model_tflops_per_device / sheet:.1%}" if sheet else "-"
-    print(f"| {r.name} | {r.params / 1e6:.0f}M | {cfg.train.batch_size}×{cfg.train.seq_len} | "
-          f"{r.step_ms:.1f} | {r.tokens_per_s:,.0f} | {r.model_tflops_per_device:.0f} | {mfu_m} | "
+    print(f"| {r.name} | {n} | {r.params / 1e6:.0f}M | {cfg.train.batch_size}×{cfg.train.seq_len} | "
+          f"{r.step_ms:.1f} | {r.tokens_per_s:,.0f} | {r.tokens_per_s / first_tok_s:.2f}× | "
+          f"{r.model_tflops_per_device:.0f} | {mfu_m} | "
           f"{mfu_s} | {r.compile_s:.0f} |", flush=True)
 
 

@@ -28,8 +28,10 @@ class Throughput:
   compile_s: float
 
 
-def measure(cfg: Config, steps: int = 10, warmup: int = 2) -> Throughput:
-  mesh = sharding.mesh_for(cfg)
+def measure(cfg: Config, steps: int = 10, warmup: int = 2, devices=None) -> Throughput:
+  """Median step time of `cfg`'s train step on `devices` (default: all of them)."""
+  devices = list(devices if devices is not None else jax.devices())
+  mesh = sharding.mesh_for(cfg, devices)
   fm = build(cfg.model)
   tx = make_optimizer(cfg.train, fm.logical_axes)
   _, shardings = state_layout(fm, tx, mesh)
@@ -56,5 +58,5 @@ def measure(cfg: Config, steps: int = 10, warmup: int = 2) -> Throughput:
       times.append(time.perf_counter() - t0)
   ms = float(np.median(times) * 1e3)
   tok_s = b * s / (ms / 1e3)
-  tflops = tok_s * train_flops_per_token(cfg.model, s) / 1e12 / jax.device_count()
+  tflops = tok_s * train_flops_per_token(cfg.model, s) / 1e12 / len(devices)
   return Throughput(cfg.name, fm.num_params(), b * s, ms, tok_s, tflops, compile_s)

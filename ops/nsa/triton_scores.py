@@ -29,6 +29,9 @@ from ops.nsa.select import select_from_scores
 
 _F32 = jnp.float32
 _SCORE_Q_SMEM = 128 * 1024    # bytes of q tiles the head-loop score kernel may hold
+# (query, head) rows of one row-kernel program: its [rows, bk] f32 probabilities and the
+# [bt, rows] group-sum matrix must fit Hopper's 227 KiB of shared memory (512 rows asked 236 KiB)
+_SCORE_ROWS = 256
 
 
 def _write_scores(out_ref, mm_ref, ms_ref, tile_probs, *, i0, bt, bk, bs, l, d, n_cmp,
@@ -152,6 +155,13 @@ def _padded_scores(q, k_cmp, lse_cmp, cfg, q_segment_ids, interpret, bcfg):
     while bt > 16 and gp * bt * dp * q.dtype.itemsize > _SCORE_Q_SMEM:
       bt //= 2
     head_loop = gp * bt * dp * q.dtype.itemsize <= _SCORE_Q_SMEM
+  if not head_loop:
+    gp = _pow2(g)
+    while bt > 16 and bt * gp > _SCORE_ROWS:
+      bt //= 2
+    if bt * gp > _SCORE_ROWS:
+      raise UnsupportedError(f"GQA group of {g} query heads: {bt * gp} (query, head) rows per "
+                             f"score tile exceed {_SCORE_ROWS}; use score_head_loop=True")
   n_slc = cfg.n_slc(t)
   scale = float(d ** -0.5 if cfg.scale is None else cfg.scale)
   tq = -(-t // bt) * bt
@@ -181,7 +191,6 @@ def _padded_scores(q, k_cmp, lse_cmp, cfg, q_segment_ids, interpret, bcfg):
     lse_spec = pl.BlockSpec((None, None, gp, bt), lambda i, j, z: (z, j, 0, i))
     seg_spec = pl.BlockSpec((None, bt), lambda i, j, z: (z, i))
   else:
-    gp = _pow2(g)
     qt = _pad_axis(q5, 3, gp).transpose(0, 2, 1, 3, 4).reshape(b, hk, tq * gp, dp)
     lse = lse.transpose(0, 1, 3, 2)
     lse = _pad_axis(_pad_axis(lse, 3, gp, -jnp.inf), 2, tq, -jnp.inf).reshape(b, hk, tq * gp)

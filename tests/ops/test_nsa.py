@@ -118,8 +118,11 @@ class NSATestBase:
     g1 = jax.grad(functools.partial(loss, ref), argnums=tuple(range(8)))(*args)
     g2 = jax.grad(functools.partial(loss, got), argnums=tuple(range(8)))(*args)
     names = ["q", "k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win", "gates"]
+    # t=33 has one compressed key: a softmax over one key has exactly zero gradient, which the
+    # GPU's tf32 dots return as ~3e-5 noise; judge such a gradient against the largest one's scale
+    scale = max(float(jnp.max(jnp.abs(x.astype(F32)))) for x in g1)
     for a, b_, n in zip(g2, g1, names):
-      ot.assert_close(a, b_, dtype, tol=2 * self.tol(dtype), name=f"d{n}")
+      ot.assert_close(a, b_, dtype, tol=2 * self.tol(dtype), name=f"d{n}", scale=scale)
 
   @compares
   # t=300: 3 score tiles of the small config (a score width that is not a power of two)
@@ -302,6 +305,17 @@ class TritonScoreKernels:
       np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-3, atol=2e-4,
                                  err_msg=f"score_head_loop={head_loop}")
 
+  def test_row_score_kernel_refuses_groups_past_its_row_budget(self):
+    """32 query heads per kv head need 512 (query, head) rows even at 16-query tiles: more
+    shared memory than Hopper has, so the row kernel raises UnsupportedError, not a GPU error."""
+    from ops._backend import UnsupportedError
+    from ops.nsa import pallas_triton
+    cfg, b, t, d = self.CFG, 1, 40, 16
+    q, kc, *_ = derive(*make_inputs(jax.random.key(2), b, t, 32, 1, d, cfg, F32), cfg)
+    _, lse = reference.compressed_attention(q, kc, kc, block_len=cfg.block_len, stride=cfg.stride)
+    bcfg = (self.BCFG or NSABlockConfig()).replace(score_head_loop=False, score_block_q=16)
+    with pytest.raises(UnsupportedError, match="32 query heads"):
+      pallas_triton.selection_scores(q, kc, lse, cfg=cfg, interpret=self.INTERPRET, config=bcfg)
 
   @pytest.mark.parametrize("t,n,seg,ties", [(100, 4, False, False), (90, 4, True, True),
                                             (37, 8, False, True), (16, 4, True, False),

@@ -1,0 +1,45 @@
+"""experiments/bench_train.py on simulated CPU devices: the device-count sweep and its errors."""
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def run_bench(*args, devices=2, timeout=300):
+  env = dict(os.environ)
+  flags = [f for f in env.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f]
+  env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
+  env["PYTHONPATH"] = ROOT
+  cmd = [sys.executable, os.path.join(ROOT, "experiments", "bench_train.py"), "--config=tiny_cpu",
+         "--steps=1", "--set", "train.seq_len=32", *args]
+  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def table_rows(stdout):
+  return [[c.strip() for c in line.strip("|").split("|")]
+          for line in stdout.splitlines() if line.startswith("| tiny_cpu")]
+
+
+def test_device_sweep_grows_the_batch_and_reports_scaling():
+  proc = run_bench("--device_counts=1,2", "--batch_per_device=2")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = table_rows(proc.stdout)
+  assert [r[1] for r in rows] == ["1", "2"], proc.stdout
+  assert [r[3] for r in rows] == ["2×32", "4×32"]
+  assert rows[0][6] == "1.00×"
+  assert float(rows[1][6].rstrip("×")) > 0
+
+
+def test_device_count_larger_than_host_is_refused():
+  proc = run_bench("--device_counts=1,3")
+  assert proc.returncode != 0
+  assert "--device_counts [3]: this host has 2 devices" in proc.stderr
+
+
+def test_mesh_that_does_not_fit_a_count_fails_before_any_compile():
+  # batch 3 does not divide over 2 data-parallel devices: refused up front, so no row is printed
+  proc = run_bench("--device_counts=1,2", "--set", "train.batch_size=3")
+  assert proc.returncode != 0
+  assert "train.batch_size" in proc.stderr
+  assert table_rows(proc.stdout) == []
