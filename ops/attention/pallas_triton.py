@@ -33,6 +33,10 @@ from ops.attention.config import AttentionBlockConfig, default_config
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 _SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+# The dk/dv kernel walks the GQA group's query heads: unrolled for ordinary groups, a loop for
+# large ones (NSA's packed compressed branch has groups of stride x heads = 256; unrolling 256
+# heads x 3 ranges made that backward take minutes to compile on the H100).
+_UNROLL_GROUP = 8
 
 
 def _dot_nt(a, b):
@@ -252,9 +256,17 @@ def _dkv_kernel(*refs, mask: Mask, scale, soft_cap, block_q, block_kv, group):
 
   carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
   ranges = _blocks.q_ranges(mask, kv_start, block_q, block_kv)
-  for hh in range(group):
+
+  def head(hh, carry):
     for lo, hi, positional in ranges:
       carry = lax.fori_loop(lo, hi, functools.partial(body, hh, positional), carry)
+    return carry
+
+  if group <= _UNROLL_GROUP:
+    for hh in range(group):
+      carry = head(hh, carry)
+  else:
+    carry = lax.fori_loop(0, group, head, carry)
   dk, dv = carry
   dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)

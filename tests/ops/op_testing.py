@@ -40,16 +40,22 @@ def verified_triton_lowering(fn, *args, device_kind="NVIDIA H100 80GB HBM3"):
 
   Needs a jaxlib that lowers Pallas Triton without compiling it (<= 0.10.2); newer ones
   compile in-process, which needs the GPU: callers skip there (`triton_lowering_on_cpu`)."""
+  return len(triton_module_sizes(fn, *args, device_kind=device_kind))
+
+
+def triton_module_sizes(fn, *args, device_kind="NVIDIA H100 80GB HBM3"):
+  """Lines of MLIR of each verified Triton module that jit(fn)(*args) emits, in lowering order
+  (IR size is what Triton's compile time grows with)."""
   import pytest
   from jax._src.pallas.triton import pallas_call_registration as registration
   from ops import _backend
   lower = registration.lowering.lower_jaxpr_to_triton_module
-  count = []
+  sizes = []
 
   def checked(*a, **k):
     result = lower(*a, **k)
     result.module.operation.verify()          # raises MLIRError naming the failing op
-    count.append(1)
+    sizes.append(len(str(result.module).splitlines()))
     return result
 
   mp = pytest.MonkeyPatch()
@@ -59,7 +65,7 @@ def verified_triton_lowering(fn, *args, device_kind="NVIDIA H100 80GB HBM3"):
       jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
   finally:
     mp.undo()
-  return len(count)
+  return sizes
 
 
 def triton_lowering_on_cpu() -> bool:

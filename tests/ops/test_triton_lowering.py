@@ -41,6 +41,19 @@ def test_attention_fwd_bwd_and_decode():
   assert n >= 1
 
 
+def test_attention_dkv_kernel_does_not_grow_with_the_gqa_group():
+  """NSA's packed compressed branch runs ops.attention with GQA groups of 256 heads. Unrolled
+  over the group, the dk/dv module reached 169k lines of MLIR and the NSA backward took minutes
+  to compile on the H100; past the unroll limit it must stay the size of a small group's."""
+  from ops.attention import attention
+  fn = functools.partial(attention, causal=True, implementation="pallas_triton")
+  kv = sds((1, 512, 1, 128), BF16)
+  sizes = {h: ot.triton_module_sizes(_grad(fn, (0, 1, 2)), sds((1, 512, h, 128), BF16), kv, kv)
+           for h in (16, 256)}
+  assert len(sizes[256]) == 3                       # fwd, dq, dkv
+  assert max(sizes[256]) <= max(sizes[16]) < 5000, sizes
+
+
 def test_gmm_fwd_bwd():
   from ops.gmm import gmm
   fn = functools.partial(gmm, implementation="pallas_triton")
