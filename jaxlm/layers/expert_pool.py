@@ -163,7 +163,7 @@ def dispatch_expert_parallel(x, ids, gates, experts: dict, n_ffn: int, mesh,
     l_idx, l_sizes = ops.gmm.sort_by_group(recv_id.reshape(-1, 1), n_local)
     h = swiglu_grouped(ops.gmm.permute(rows, l_idx, 1), l_sizes, w_gate, w_up, w_down,
                        implementation)
-    h = jnp.take(h, ops.gmm.inverse_permutation(l_idx), axis=0)  # back to receive order
+    h = ops.gmm.permute_rows(h, ops.gmm.inverse_permutation(l_idx), l_idx)  # receive order
     back = jax.lax.all_to_all(h.reshape(ep, cap, -1), "expert", 0, 0)
     dst = jnp.where(valid, src, cap).reshape(-1)
     ys = jnp.zeros((cap, x.shape[1]), back.dtype).at[dst].set(

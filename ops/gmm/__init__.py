@@ -1,7 +1,8 @@
 """Grouped (ragged) matmul for dropless MoE: `gmm`, `tgmm` and the routing helpers."""
 from ops.gmm.api import gmm, tgmm, implementations
 from ops.gmm.config import GmmBlockConfig
-from ops.gmm.routing import sort_by_group, permute, unpermute, inverse_permutation
+from ops.gmm.routing import (inverse_permutation, permute, permute_rows, sort_by_group,
+                              unpermute)
 
 __all__ = ["gmm", "tgmm", "implementations", "GmmBlockConfig", "sort_by_group", "permute",
-           "unpermute", "inverse_permutation"]
+           "unpermute", "inverse_permutation", "permute_rows"]

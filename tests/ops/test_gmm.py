@@ -218,6 +218,36 @@ def test_permute_unpermute_round_trip_is_weighted_sum():
   np.testing.assert_allclose(out, x * jnp.sum(w, -1, keepdims=True), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("top_k,drop", [(1, False), (2, False), (2, True)])
+def test_permute_unpermute_grads_equal_take_and_use_no_scatter(top_k, drop):
+  """The gather-only custom gradients equal jnp.take's (scatter-add) gradients, and the
+  backward of the row moves holds no scatter-add (only the int inverse permutation scatters)."""
+  ids, x, w = _routing_inputs(tokens=13, top_k=top_k, e=4, d=5, seed=top_k)
+  if drop:
+    ids = ids.at[3, 1].set(-1).at[7, 0].set(-1)
+  sort_idx, _ = routing.sort_by_group(ids, 4)
+  inv = routing.inverse_permutation(sort_idx)
+  scale = jax.random.normal(jax.random.key(9), (13 * top_k, 5))
+
+  def with_take(x, w):
+    y = jnp.take(x, sort_idx // top_k, axis=0) * scale
+    u = jnp.take(y, inv, axis=0).reshape(13, top_k, 5)
+    return jnp.einsum("tkd,tk->td", u, w, precision=HIGHEST)
+
+  def ours(x, w):
+    return routing.unpermute(routing.permute(x, sort_idx, top_k) * scale, sort_idx, w)
+
+  np.testing.assert_allclose(ours(x, w), with_take(x, w), rtol=1e-6, atol=1e-6)
+  ct = jax.random.normal(jax.random.key(5), (13, 5))
+  g_ours = jax.grad(lambda *a: jnp.sum(ours(*a) * ct), argnums=(0, 1))(x, w)
+  g_take = jax.grad(lambda *a: jnp.sum(with_take(*a) * ct), argnums=(0, 1))(x, w)
+  for a, b in zip(g_ours, g_take):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+  jaxpr = str(jax.make_jaxpr(jax.grad(lambda x: jnp.sum(ours(x, w) * ct)))(x))
+  assert "scatter-add" not in jaxpr and "scatter_add" not in jaxpr
+  assert "scatter-add" in str(jax.make_jaxpr(jax.grad(lambda x: jnp.sum(with_take(x, w) * ct)))(x))
+
+
 def _moe_dense(x, ids, w, experts):
   per = jnp.einsum("td,edf->tef", x, experts, precision=HIGHEST)
   sel = jnp.take_along_axis(per, ids[..., None], axis=1)  # [t, k, f]
