@@ -1,13 +1,18 @@
-"""Block-size sweep of a memory-bound op's Pallas GPU kernels (ops.lif, ops.scan).
+"""Block-size sweep of an op's Pallas GPU kernels (ops.lif, ops.scan, ops.nsa).
 
   python experiments/tune_ops.py --op=lif --shape=1,8192,8192,float32 \
       --grid=time_chunk=64,128 --grid=block_c=32,64 --grid=num_warps=1,2
+  python experiments/tune_ops.py --op=nsa --shape=1,65536,64,4,128,bfloat16 \
+      --grid=sel_num_warps=4,8 --grid=sel_num_stages=1,2,3 --grid=bwd_chunk=32,64,128
 
 Every combination of the --grid values (fields of the op's config dataclass, the rest from
-`Config.for_device`) is timed forward and forward+backward on one shape, next to the HBM copy
-bandwidth measured in the same process; the table is sorted by forward+backward time. A
-combination the config rejects (e.g. time_chunk not a multiple of ckpt_every) is listed as
-skipped with the reason. The chosen values belong in the op's `for_device` defaults.
+`Config.for_device`; booleans as 0/1) is timed forward and forward+backward on one shape, next
+to a baseline measured in the same process: the HBM copy bandwidth for the memory-bound lif and
+scan (shape batch,time,channels,dtype), cuDNN full causal attention for nsa (shape
+batch,time,heads,kv_heads,head_dim,dtype; the paper's NSAConfig). The table is sorted by
+forward+backward time. A combination the config rejects (e.g. time_chunk not a multiple of
+ckpt_every) is listed as skipped with the reason. The chosen values belong in the op's
+`for_device` defaults.
 """
 import dataclasses
 import itertools
@@ -19,8 +24,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags
 
-_OP = flags.DEFINE_enum("op", "lif", ["lif", "scan"], "op whose Triton config is swept")
-_SHAPE = flags.DEFINE_string("shape", "1,8192,8192,float32", "batch,time,channels,dtype")
+_OP = flags.DEFINE_enum("op", "lif", ["lif", "scan", "nsa"], "op whose Triton config is swept")
+_SHAPE = flags.DEFINE_string("shape", "1,8192,8192,float32",
+                             "lif/scan: batch,time,channels,dtype; "
+                             "nsa: batch,time,heads,kv_heads,head_dim,dtype")
 _GRID = flags.DEFINE_multi_string("grid", [], "field=v1,v2,... (ints); repeat per field")
 _BUDGET = flags.DEFINE_float("budget_s", 240.0, "stop starting new configs after this long")
 _OUT = flags.DEFINE_string("out", "", "also write the markdown table here")
@@ -42,17 +49,78 @@ def parse_grid(items: list[str], fields: set[str]) -> dict[str, list[int]]:
   return grid
 
 
-def parse_shape(text: str):
+def parse_shape(text: str, op: str = "lif"):
+  names = (["batch", "time", "heads", "kv_heads", "head_dim"] if op == "nsa"
+           else ["batch", "time", "channels"])
   parts = text.split(",")
-  if len(parts) != 4:
-    raise app.UsageError(f"--shape {text!r}: expected batch,time,channels,dtype")
+  if len(parts) != len(names) + 1:
+    raise app.UsageError(f"--shape {text!r}: expected {','.join(names)},dtype for {op}")
   try:
-    b, t, c = (int(p) for p in parts[:3])
+    dims = tuple(int(p) for p in parts[:-1])
   except ValueError:
-    raise app.UsageError(f"--shape {text!r}: batch, time and channels must be integers") from None
-  if parts[3] not in ("float32", "bfloat16", "float16"):
+    raise app.UsageError(f"--shape {text!r}: {', '.join(names)} must be integers") from None
+  if min(dims) < 1:
+    raise app.UsageError(f"--shape {text!r}: sizes must be positive")
+  if op == "nsa" and dims[2] % dims[3]:
+    raise app.UsageError(f"--shape {text!r}: heads {dims[2]} not a multiple of kv_heads {dims[3]}")
+  if parts[-1] not in ("float32", "bfloat16", "float16"):
     raise app.UsageError(f"--shape {text!r}: dtype must be float32, bfloat16 or float16")
-  return b, t, c, parts[3]
+  return dims + (parts[-1],)
+
+
+def _config_class(op: str):
+  if op == "lif":
+    from ops.lif import LifConfig
+    return LifConfig
+  if op == "scan":
+    from ops.scan import ScanConfig
+    return ScanConfig
+  from ops.nsa.config import NSABlockConfig
+  return NSABlockConfig
+
+
+def _vjp_fns(f):
+  import jax
+
+  def fwd_bwd(*a):
+    out, vjp = jax.vjp(f, *a[:-1])
+    return out, vjp(a[-1])
+
+  return jax.jit(f), jax.jit(fwd_bwd)
+
+
+def _nsa_workload(shape):
+  """(make_fns, fwd args, fwd+bwd args, baseline) for ops.nsa; the baseline is cuDNN full causal
+  attention on the same q and window k/v: (label, fwd ms, fwd+bwd ms)."""
+  import jax
+  import jax.numpy as jnp
+  from experiments.bench import timing
+  from ops import nsa as nsa_op
+  from ops.nsa.config import NSAConfig
+  b, t, h, hk, d, dt = shape
+  dt = jnp.dtype(dt)
+  cfg = NSAConfig()
+  k = jax.random.split(jax.random.key(0), 9)
+  n = lambda i, s: (0.5 * jax.random.normal(k[i], s)).astype(dt)
+  q = n(0, (b, t, h, d))
+  kc, vc = n(1, (b, cfg.n_cmp(t), hk, d)), n(2, (b, cfg.n_cmp(t), hk, d))
+  ks, vs, kw, vw = (n(i, (b, t, hk, d)) for i in range(3, 7))
+  gates = jax.nn.sigmoid(jax.random.normal(k[7], (b, t, h, 3))).astype(dt)
+  do = n(8, (b, t, h, d))
+  args = (q, kc, vc, ks, vs, kw, vw, gates)
+  # cuDNN where it exists (XLA's attention elsewhere, so the workload also runs in CPU tests)
+  base_impl = "cudnn" if jax.default_backend() == "gpu" else "xla"
+  full = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                       implementation=base_impl)
+  base_f, base_fb = _vjp_fns(full)
+  ms_f = timing.time_fn(base_f, q, ks, vs, warmup=2, iters=10)
+  ms_fb = timing.time_fn(base_fb, q, ks, vs, do, warmup=2, iters=10)
+
+  def make_fns(config):
+    return _vjp_fns(lambda *a: nsa_op.nsa(*a, cfg=cfg, implementation="pallas_triton",
+                                          config=config))
+
+  return make_fns, args, args + (do,), ("cuDNN" if base_impl == "cudnn" else "XLA", ms_f, ms_fb)
 
 
 def _workload(op, shape):
@@ -78,35 +146,36 @@ def _workload(op, shape):
                                                  config=cfg)[0]
     args, fwd_bytes, bwd_bytes = (a, x), 3 * big + 2 * small, 5 * big + 2 * small
 
-  def make_fns(config):
-    f = op_fn(config)
-
-    def fwd_bwd(*a):
-      out, vjp = jax.vjp(f, *a[:-1])
-      return out, vjp(a[-1])
-
-    return jax.jit(f), jax.jit(fwd_bwd)
-
-  return make_fns, args, args + (g,), fwd_bytes, fwd_bytes + bwd_bytes
+  return (lambda config: _vjp_fns(op_fn(config))), args, args + (g,), fwd_bytes, \
+      fwd_bytes + bwd_bytes
 
 
 def main(argv):
   del argv
   import jax
   from experiments.bench import timing
-  if _OP.value == "lif":
-    from ops.lif import LifConfig as Config
-  else:
-    from ops.scan import ScanConfig as Config
+  op = _OP.value
+  Config = _config_class(op)
   fields = {f.name for f in dataclasses.fields(Config)}
   grid = parse_grid(_GRID.value, fields)
-  shape = parse_shape(_SHAPE.value)
+  shape = parse_shape(_SHAPE.value, op)
   if jax.default_backend() != "gpu":
     raise app.UsageError("tune_ops times the Pallas Triton kernels: it needs a GPU")
   base = Config.for_device(jax.devices()[0].device_kind)
-  copy = timing.copy_bandwidth_gbs()
-  print(f"{jax.devices()[0].device_kind}; copy {copy:.0f} GB/s; base {base}", flush=True)
-  make_fns, a_f, a_fb, nb_f, nb_fb = _workload(_OP.value, shape)
+  if op == "nsa":
+    make_fns, a_f, a_fb, (base_name, base_f, base_fb) = _nsa_workload(shape)
+    ref = f"{base_name} fwd {base_f:.3f} ms, fwd+bwd {base_fb:.3f} ms"
+    ratio = lambda ms_f, ms_fb: (base_f / ms_f, base_fb / ms_fb)
+    cols = f"fwd x {base_name} speed", f"fwd+bwd x {base_name} speed"
+    fmt = "{:.2f}x"
+  else:
+    copy = timing.copy_bandwidth_gbs()
+    make_fns, a_f, a_fb, nb_f, nb_fb = _workload(op, shape)
+    ref = f"copy {copy:.0f} GB/s"
+    ratio = lambda ms_f, ms_fb: (nb_f / ms_f / 1e6 / copy, nb_fb / ms_fb / 1e6 / copy)
+    cols = "fwd / copy", "fwd+bwd / copy"
+    fmt = "{:.0%}"
+  print(f"{jax.devices()[0].device_kind}; {ref}; base {base}", flush=True)
   rows, t0 = [], time.perf_counter()
   names = list(grid)
   for values in itertools.product(*(grid[n] for n in names)):
@@ -127,12 +196,12 @@ def main(argv):
       rows.append((float("inf"), f"| {label} | | | | | failed: {type(e).__name__}: "
                    f"{str(e)[:80]} |"))
       continue
-    gf, gfb = nb_f / ms_f / 1e6, nb_fb / ms_fb / 1e6
-    line = (f"| {label} | {ms_f:.3f} | {gf / copy:.0%} | {ms_fb:.3f} | {gfb / copy:.0%} | |")
+    r_f, r_fb = ratio(ms_f, ms_fb)
+    line = f"| {label} | {ms_f:.3f} | {fmt.format(r_f)} | {ms_fb:.3f} | {fmt.format(r_fb)} | |"
     print(line, flush=True)
     rows.append((ms_fb, line))
-  head = (f"### {_OP.value} B{shape[0]} T{shape[1]} C{shape[2]} {shape[3]} (copy {copy:.0f} GB/s)"
-          "\n| config | fwd ms | fwd / copy | fwd+bwd ms | fwd+bwd / copy | note |\n|---|---|---|---|---|---|")
+  head = (f"### {op} {_SHAPE.value} ({ref})\n| config | fwd ms | {cols[0]} | fwd+bwd ms | "
+          f"{cols[1]} | note |\n|---|---|---|---|---|---|")
   table = head + "\n" + "\n".join(line for _, line in sorted(rows, key=lambda r: r[0]))
   print(table)
   if _OUT.value:
