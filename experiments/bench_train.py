@@ -36,10 +36,11 @@ def _device_counts(available: int) -> list[int]:
 def _jobs(cfgs, counts):
   """(config, device count) pairs, all validated before the first compile."""
   jobs = []
-  for cfg in cfgs:
+  for base in cfgs:
     for n in counts:
+      cfg = base
       if _BATCH_PER_DEVICE.value > 0:
-        cfg = config_lib.apply_overrides(cfg, [f"train.batch_size={_BATCH_PER_DEVICE.value * n}"])
+        cfg = config_lib.apply_overrides(base, [f"train.batch_size={_BATCH_PER_DEVICE.value * n}"])
       config_lib.validate_for_devices(cfg, n)
       jobs.append((cfg, n))
   return jobs
