@@ -95,19 +95,15 @@ def _nsa_workload(shape):
   import jax
   import jax.numpy as jnp
   from experiments.bench import timing
+  from experiments.bench.nsa import make_inputs
   from ops import nsa as nsa_op
   from ops.nsa.config import NSAConfig
+  from ops.nsa.shapes import NSAShape
   b, t, h, hk, d, dt = shape
-  dt = jnp.dtype(dt)
   cfg = NSAConfig()
-  k = jax.random.split(jax.random.key(0), 9)
-  n = lambda i, s: (0.5 * jax.random.normal(k[i], s)).astype(dt)
-  q = n(0, (b, t, h, d))
-  kc, vc = n(1, (b, cfg.n_cmp(t), hk, d)), n(2, (b, cfg.n_cmp(t), hk, d))
-  ks, vs, kw, vw = (n(i, (b, t, hk, d)) for i in range(3, 7))
-  gates = jax.nn.sigmoid(jax.random.normal(k[7], (b, t, h, 3))).astype(dt)
-  do = n(8, (b, t, h, d))
-  args = (q, kc, vc, ks, vs, kw, vw, gates)
+  args = make_inputs(NSAShape(b, t, h, hk, d), cfg, jnp.dtype(dt))
+  q, ks, vs = args[0], args[3], args[4]
+  do = (0.5 * jax.random.normal(jax.random.key(1), q.shape)).astype(q.dtype)
   # cuDNN where it exists (XLA's attention elsewhere, so the workload also runs in CPU tests)
   base_impl = "cudnn" if jax.default_backend() == "gpu" else "xla"
   full = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,

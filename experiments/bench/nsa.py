@@ -22,7 +22,9 @@ from ops.nsa.config import NSAConfig
 from ops.nsa.shapes import SHAPES
 
 
-def _inputs(s, cfg, dtype):
+def make_inputs(s, cfg, dtype):
+  """NSA op inputs for shape s (ops.nsa.shapes.NSAShape): (q, k_cmp, v_cmp, k_slc, v_slc,
+  k_win, v_win, gates); also used by experiments/tune_ops.py."""
   ks = jax.random.split(jax.random.key(0), 9)
   b, t, h, hk, d = s.batch, s.seq, s.heads, s.kv_heads, s.head_dim
   n = lambda k, shape: (jax.random.normal(k, shape, jnp.float32) * 0.5).astype(dtype)
@@ -49,7 +51,7 @@ def run(shapes="bench", dtype="bfloat16", ceilings=None):
     return rows
   _decode_rows(shapes, dtype, cfg, rows)
   for s in SHAPES[shapes]:
-    args = _inputs(s, cfg, dtype)
+    args = make_inputs(s, cfg, dtype)
     q, kc, vc, ks, vs, kw, vw, gates = args
     iters = 5 if s.seq >= 32768 else 10
 
