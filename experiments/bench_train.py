@@ -23,6 +23,9 @@ _DEVICE_COUNTS = flags.DEFINE_list(
     "(default: all devices); the table adds tokens/s relative to the first N")
 _BATCH_PER_DEVICE = flags.DEFINE_integer(
     "batch_per_device", 0, "if > 0, train.batch_size = this × the devices of each measurement")
+_PROFILE = flags.DEFINE_integer(
+    "profile_top", 0, "if > 0, after each measurement trace two more steps and print the "
+    "this many kernels with the most device time (experiments/bench/profile.py)")
 
 
 def _device_counts(available: int) -> list[int]:
@@ -63,11 +66,20 @@ def main(argv):
   print("| preset | devices | params | batch×seq | step ms | tokens/s | tokens/s vs "
         f"{counts[0]} dev | model TFLOP/s/dev | MFU vs measured peak | MFU vs datasheet | compile s |")
   print("|---|---|---|---|---|---|---|---|---|---|---|")
+  tables = []
+
+  def kernels(one_step):
+    from experiments.bench import profile
+    if _PROFILE.value > 0:
+      rows = profile.kernel_times(one_step, iters=2, top=_PROFILE.value)
+      tables.append(profile.format_kernel_table(rows, iters=2, title=f"{cfg.name} on {n} devices: "
+                                                "device time per step by kernel"))
+
   for cfg, n in jobs:
     if n == counts[0]:
       first_tok_s = None
     try:
-      r = measure(cfg, steps=_STEPS.value, devices=jax.devices()[:n])
+      r = measure(cfg, steps=_STEPS.value, devices=jax.devices()[:n], profile=kernels)
     except jax.errors.JaxRuntimeError as e:  # one preset too big for the device: keep the table
       if "RESOURCE_EXHAUSTED" not in str(e):
         raise
@@ -82,6 +94,8 @@ def main(argv):
           f"{r.step_ms:.1f} | {r.tokens_per_s:,.0f} | {r.tokens_per_s / first_tok_s:.2f}× | "
           f"{r.model_tflops_per_device:.0f} | {mfu_m} | "
           f"{mfu_s} | {r.compile_s:.0f} |", flush=True)
+  for table in tables:
+    print("\n" + table)
 
 
 if __name__ == "__main__":

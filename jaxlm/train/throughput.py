@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -28,8 +29,13 @@ class Throughput:
   compile_s: float
 
 
-def measure(cfg: Config, steps: int = 10, warmup: int = 2, devices=None) -> Throughput:
-  """Median step time of `cfg`'s train step on `devices` (default: all of them)."""
+def measure(cfg: Config, steps: int = 10, warmup: int = 2, devices=None,
+            profile: Callable[[Callable[[], object]], None] | None = None) -> Throughput:
+  """Median step time of `cfg`'s train step on `devices` (default: all of them).
+
+  `profile`, if given, is called after the timed steps with a zero-argument function that runs
+  one more step (threading the donated state) and returns its metrics, e.g. to trace it.
+  """
   devices = list(devices if devices is not None else jax.devices())
   mesh = sharding.mesh_for(cfg, devices)
   fm = build(cfg.model)
@@ -56,6 +62,14 @@ def measure(cfg: Config, steps: int = 10, warmup: int = 2, devices=None) -> Thro
       state, m = step(state, batch)
       jax.block_until_ready(m)
       times.append(time.perf_counter() - t0)
+    if profile is not None:
+      holder = {"state": state}
+
+      def one_step():
+        holder["state"], metrics = step(holder["state"], batch)
+        return metrics
+
+      profile(one_step)
   ms = float(np.median(times) * 1e3)
   tok_s = b * s / (ms / 1e3)
   tflops = tok_s * train_flops_per_token(cfg.model, s) / 1e12 / len(devices)

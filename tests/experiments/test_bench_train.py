@@ -43,3 +43,12 @@ def test_mesh_that_does_not_fit_a_count_fails_before_any_compile():
   assert proc.returncode != 0
   assert "train.batch_size" in proc.stderr
   assert table_rows(proc.stdout) == []
+
+
+def test_profile_top_prints_a_kernel_table_per_measurement():
+  # on the CPU the trace has no device kernels: the table is printed with its header only
+  proc = run_bench("--profile_top=5", devices=1)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert len(table_rows(proc.stdout)) == 1
+  assert "### tiny_cpu on 1 devices: device time per step by kernel" in proc.stdout
+  assert "| kernel | ms / call | share | launches / call |" in proc.stdout

@@ -304,3 +304,19 @@ def test_trainer_evaluate_returns_loss_and_perplexity(trained):
   assert ev["perplexity"] == pytest.approx(math.exp(ev["loss"]))
   assert result.val_loss == pytest.approx(ev["loss"], rel=1e-6)
   assert ev["loss"] < math.log(trainer.cfg.model.vocab_size)
+
+
+def test_throughput_profile_hook_runs_extra_steps_on_the_live_state():
+  from jaxlm import config as config_lib
+  from jaxlm import configs
+  from jaxlm.train.throughput import measure
+  cfg = config_lib.apply_overrides(configs.get_preset("tiny_cpu"),
+                                   ["train.seq_len=16", "train.batch_size=8"])
+  losses = []
+
+  def hook(one_step):
+    # the state is donated by each step: the hook must be able to run several in a row
+    losses.extend(float(one_step()["loss"]) for _ in range(2))
+
+  r = measure(cfg, steps=1, warmup=1, profile=hook)
+  assert r.step_ms > 0 and len(losses) == 2 and all(l == l for l in losses)
