@@ -12,6 +12,10 @@ class AttentionBlockConfig:
   bwd_block_q / bwd_block_kv: backward tiles (dq kernel iterates kv, dk/dv kernel iterates q).
   num_warps / num_stages (+ bwd_*): Triton launch parameters.
   decode_block_kv / decode_splits: flash-decoding tile and number of max_len splits.
+  bwd_min_programs: the dk/dv kernel runs one program per (kv block, batch, kv head) and loops
+    over the query heads of the GQA group; when that grid is smaller than this, the group is
+    split over more programs (f32 partial dK/dV summed afterwards) so the GPU is filled. 0 never
+    splits. NSA's packed compressed branch (group 256, ~1k keys at 16k tokens) is the case.
   """
   block_q: int = 128
   block_kv: int = 64
@@ -25,6 +29,7 @@ class AttentionBlockConfig:
   decode_splits: int = 16
   decode_num_warps: int = 4
   decode_num_stages: int = 2
+  bwd_min_programs: int = 0
 
   def replace(self, **kw) -> "AttentionBlockConfig":
     return dataclasses.replace(self, **kw)
@@ -40,9 +45,11 @@ class AttentionBlockConfig:
     if "h100" in kind or "h200" in kind or "h800" in kind or "gh200" in kind:
       if head_dim > 128:
         return cls(block_q=64, block_kv=64, num_warps=4, num_stages=2, bwd_block_q=32,
-                   bwd_block_kv=64, bwd_num_warps=4, bwd_num_stages=2)
+                   bwd_block_kv=64, bwd_num_warps=4, bwd_num_stages=2, bwd_min_programs=528)
+      # bwd_min_programs: 4 per SM of an H100 / H200 (132), so causal imbalance between early
+      # and late kv blocks evens out over several waves.
       return cls(block_q=128, block_kv=64, num_warps=8, num_stages=3, bwd_block_q=64,
-                 bwd_block_kv=64, bwd_num_warps=4, bwd_num_stages=2)
+                 bwd_block_kv=64, bwd_num_warps=4, bwd_num_stages=2, bwd_min_programs=528)
     if head_dim > 128:
       return cls(block_q=64, block_kv=32, num_stages=2, bwd_block_q=32, bwd_block_kv=32)
     return cls()

@@ -309,36 +309,45 @@ def _bwd(q, k, v, qseg, kvseg, valid, o, lse, do, dlse, *, mask, scale, soft_cap
       name="flash_attention_dq",
   )(q, k, v, do, lse2, delta, *extra)
 
-  q5 = q.reshape(b, lq, hk, g, d)
-  do5 = do.reshape(b, lq, hk, g, dv)
-  lse4 = lse2.reshape(b, hk, g, lq)
-  delta4 = delta.reshape(b, hk, g, lq)
+  # grid axis 2 enumerates (kv head, slice of its group): s slices of gs query heads each
+  s = cfg["bwd_group_split"]
+  gs = g // s
+  q6 = q.reshape(b, lq, hk, s, gs, d)
+  do6 = do.reshape(b, lq, hk, s, gs, dv)
+  lse5 = lse2.reshape(b, hk, s, gs, lq)
+  delta5 = delta.reshape(b, hk, s, gs, lq)
   in_specs = [
-      pl.BlockSpec((None, lq, None, g, d), lambda j, bi, hi: (bi, 0, hi, 0, 0)),
-      pl.BlockSpec((None, bk, None, d), lambda j, bi, hi: (bi, j, hi, 0)),
-      pl.BlockSpec((None, bk, None, dv), lambda j, bi, hi: (bi, j, hi, 0)),
-      pl.BlockSpec((None, lq, None, g, dv), lambda j, bi, hi: (bi, 0, hi, 0, 0)),
-      pl.BlockSpec((None, None, g, lq), lambda j, bi, hi: (bi, hi, 0, 0)),
-      pl.BlockSpec((None, None, g, lq), lambda j, bi, hi: (bi, hi, 0, 0)),
+      pl.BlockSpec((None, lq, None, None, gs, d), lambda j, bi, hs: (bi, 0, hs // s, hs % s, 0, 0)),
+      pl.BlockSpec((None, bk, None, d), lambda j, bi, hs: (bi, j, hs // s, 0)),
+      pl.BlockSpec((None, bk, None, dv), lambda j, bi, hs: (bi, j, hs // s, 0)),
+      pl.BlockSpec((None, lq, None, None, gs, dv),
+                   lambda j, bi, hs: (bi, 0, hs // s, hs % s, 0, 0)),
+      pl.BlockSpec((None, None, None, gs, lq), lambda j, bi, hs: (bi, hs // s, hs % s, 0, 0)),
+      pl.BlockSpec((None, None, None, gs, lq), lambda j, bi, hs: (bi, hs // s, hs % s, 0, 0)),
   ]
   if mask.has_segments:
-    in_specs += [pl.BlockSpec((None, lq), lambda j, bi, hi: (bi, 0)),
-                 pl.BlockSpec((None, bk), lambda j, bi, hi: (bi, j))]
+    in_specs += [pl.BlockSpec((None, lq), lambda j, bi, hs: (bi, 0)),
+                 pl.BlockSpec((None, bk), lambda j, bi, hs: (bi, j))]
   if mask.has_valid:
-    in_specs.append(pl.BlockSpec((None, bk), lambda j, bi, hi: (bi, j)))
+    in_specs.append(pl.BlockSpec((None, bk), lambda j, bi, hs: (bi, j)))
+  # one group slice writes the result directly; several write f32 partials summed below
+  part_dtype = lambda dt: dt if s == 1 else jnp.float32
   dk, dv_ = pl.pallas_call(
       functools.partial(_dkv_kernel, mask=mask, scale=scale, soft_cap=soft_cap, block_q=bq,
-                        block_kv=bk, group=g),
-      grid=(lk // bk, b, hk),
+                        block_kv=bk, group=gs),
+      grid=(lk // bk, b, hk * s),
       in_specs=in_specs,
-      out_specs=[pl.BlockSpec((None, bk, None, d), lambda j, bi, hi: (bi, j, hi, 0)),
-                 pl.BlockSpec((None, bk, None, dv), lambda j, bi, hi: (bi, j, hi, 0))],
-      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
-                 jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      out_specs=[pl.BlockSpec((None, bk, None, None, d), lambda j, bi, hs: (bi, j, hs // s, hs % s, 0)),
+                 pl.BlockSpec((None, bk, None, None, dv),
+                              lambda j, bi, hs: (bi, j, hs // s, hs % s, 0))],
+      out_shape=[jax.ShapeDtypeStruct((b, lk, hk, s, d), part_dtype(k.dtype)),
+                 jax.ShapeDtypeStruct((b, lk, hk, s, dv), part_dtype(v.dtype))],
       compiler_params=params,
       interpret=interpret,
       name="flash_attention_dkv",
-  )(q5, k, v, do5, lse4, delta4, *extra)
+  )(q6, k, v, do6, lse5, delta5, *extra)
+  dk = dk.sum(3).astype(k.dtype) if s > 1 else dk[:, :, :, 0]
+  dv_ = dv_.sum(3).astype(v.dtype) if s > 1 else dv_[:, :, :, 0]
   return dq, dk, dv_
 
 
@@ -377,6 +386,15 @@ class _Static(tuple):
 class _FrozenDict(dict):
   def __hash__(self):
     return hash(tuple(sorted(self.items())))
+
+
+def group_split(group: int, programs: int, min_programs: int) -> int:
+  """Slices of a GQA group for the dk/dv grid: the smallest divisor s of `group` with
+  programs * s >= min_programs (the whole group when none reaches it; 1 when min_programs <= 0)."""
+  for s in range(1, group + 1):
+    if group % s == 0 and programs * s >= min_programs:
+      return s
+  return group
 
 
 def attention(q, k, v, *, causal, window, sinks, q_segment_ids, kv_segment_ids, kv_valid, scale,
@@ -423,7 +441,9 @@ def attention(q, k, v, *, causal, window, sinks, q_segment_ids, kv_segment_ids, 
     valid = jnp.pad(kv_valid.astype(jnp.int32), ((0, 0), (0, lk_p - lk)))
   cfg_d = _FrozenDict(block_q=bq, block_kv=bk, num_warps=cfg.num_warps,
                       num_stages=cfg.num_stages, bwd_block_q=bbq, bwd_block_kv=bbk,
-                      bwd_num_warps=cfg.bwd_num_warps, bwd_num_stages=cfg.bwd_num_stages)
+                      bwd_num_warps=cfg.bwd_num_warps, bwd_num_stages=cfg.bwd_num_stages,
+                      bwd_group_split=group_split(h // k.shape[2], (lk_p // bbk) * b * k.shape[2],
+                                                  cfg.bwd_min_programs))
   static = _Static(mask=mask, scale=scale, soft_cap=soft_cap, cfg=cfg_d, interpret=interpret)
   o, lse = _flash(qp, kp, vp, qseg, kvseg, valid, static)
   return o[:, :lq, :, :dv], lse[:, :, :lq]

@@ -248,6 +248,26 @@ class TestPallasTritonInterpret(AttentionTestBase):
   CONFIG = AttentionBlockConfig.small()
 
 
+class TestPallasTritonInterpretGroupSplit(AttentionTestBase):
+  """dk/dv with the GQA group split over programs (f32 partials summed): every group slice
+  count from 1 head per program (gqa4_mqa: 4 slices; gqa16_segments: 16)."""
+  IMPLEMENTATION = "pallas_triton"
+  INTERPRET = True
+  CONFIG = AttentionBlockConfig.small().replace(bwd_min_programs=1 << 20)
+  CASE_NAMES = ("gqa2", "gqa4_mqa", "gqa16_segments")
+  test_decode = None
+
+
+def test_group_split_picks_the_smallest_divisor_that_fills_the_grid():
+  from ops.attention.pallas_triton import group_split
+  assert group_split(256, 64, 528) == 16      # NSA compressed branch at 16k: 64 programs
+  assert group_split(256, 256, 528) == 4
+  assert group_split(8, 1000, 528) == 1       # big grid: no split
+  assert group_split(6, 10, 528) == 6         # never more slices than heads
+  assert group_split(6, 100, 250) == 3        # divisors only
+  assert group_split(16, 1, 0) == 1           # 0 disables
+
+
 class TestPallasTpuInterpret(AttentionTestBase):
   IMPLEMENTATION = "pallas_tpu"
   INTERPRET = True
@@ -265,6 +285,16 @@ class TestPallasTritonGpu(AttentionTestBase):
   IMPLEMENTATION = "pallas_triton"
   INTERPRET = False
   F32_TOL = ot.GPU_F32
+
+
+@pytest.mark.gpu
+class TestPallasTritonGpuGroupSplit(AttentionTestBase):
+  IMPLEMENTATION = "pallas_triton"
+  INTERPRET = False
+  CONFIG = AttentionBlockConfig.for_device("NVIDIA H100").replace(bwd_min_programs=1 << 20)
+  CASE_NAMES = ("gqa2", "gqa4_mqa", "gqa16_segments", "multi_block")
+  F32_TOL = ot.GPU_F32
+  test_decode = None
 
 
 @pytest.mark.gpu

@@ -45,13 +45,20 @@ def test_attention_dkv_kernel_does_not_grow_with_the_gqa_group():
   """NSA's packed compressed branch runs ops.attention with GQA groups of 256 heads. Unrolled
   over the group, the dk/dv module reached 169k lines of MLIR and the NSA backward took minutes
   to compile on the H100; past the unroll limit it must stay the size of a small group's."""
-  from ops.attention import attention
-  fn = functools.partial(attention, causal=True, implementation="pallas_triton")
+  from ops.attention import AttentionBlockConfig, attention
   kv = sds((1, 512, 1, 128), BF16)
-  sizes = {h: ot.triton_module_sizes(_grad(fn, (0, 1, 2)), sds((1, 512, h, 128), BF16), kv, kv)
-           for h in (16, 256)}
-  assert len(sizes[256]) == 3                       # fwd, dq, dkv
-  assert max(sizes[256]) <= max(sizes[16]) < 5000, sizes
+  h100 = AttentionBlockConfig.for_device("NVIDIA H100 80GB HBM3")
+
+  def sizes(h, config):
+    fn = functools.partial(attention, causal=True, implementation="pallas_triton", config=config)
+    return ot.triton_module_sizes(_grad(fn, (0, 1, 2)), sds((1, 512, h, 128), BF16), kv, kv)
+
+  whole = {h: sizes(h, h100.replace(bwd_min_programs=0)) for h in (16, 256)}   # one program
+  assert len(whole[256]) == 3                                                   # fwd, dq, dkv
+  assert max(whole[256]) <= max(whole[16]) < 5000, whole
+  # the default splits the group over programs (8 kv blocks here): slices stay small too
+  split = sizes(256, h100)
+  assert len(split) == 3 and max(split) < 5000, split
 
 
 def test_gmm_fwd_bwd():
