@@ -1,11 +1,10 @@
-"""Stack identical NNX modules into one whose params have a leading "layers" axis,
-and run them with lax.scan (one compiled block regardless of depth)."""
+"""Identical NNX modules as one module whose params have a leading "layers" axis, initialised
+and run with one traced layer (vmap for init, lax.scan for apply) regardless of depth."""
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 REMAT_POLICIES = {
@@ -15,10 +14,18 @@ REMAT_POLICIES = {
 }
 
 
-def stack_modules(modules: Sequence[nnx.Module]) -> nnx.Module:
-  graphdef, first = nnx.split(modules[0])
-  states = [first] + [nnx.split(m)[1] for m in modules[1:]]
-  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+def init_stacked(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs) -> nnx.Module:
+  """n modules `make(rngs)` as one module whose params have a leading "layers" axis.
+
+  The layers are initialised by one vmapped call over n keys split from one draw of
+  `rngs.params()`, so the traced init holds one layer's initialisers whatever the depth
+  (building n modules and stacking them made `jit(init)` compile time grow with n: 18 NSA
+  layers took over a minute on an H200). Every param gets "layers" prepended to its
+  logical axes.
+  """
+  keys = jax.random.split(rngs.params(), n)
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: make(nnx.Rngs(params=0))))
+  stacked = jax.vmap(lambda k: nnx.split(make(nnx.Rngs(params=k)))[1])(keys)
   for var in jax.tree.leaves(stacked, is_leaf=lambda x: isinstance(x, nnx.Variable)):
     axes = var.get_metadata().get("logical_axes")
     if axes is not None:

@@ -48,7 +48,7 @@ from jaxlm.layers.attention import implementation_arg, sharded_attention, write_
 from jaxlm.layers.embed import Embed, apply_rope
 from jaxlm.layers.params import param
 from jaxlm.layers.spiking import LayerNorm, const_param, heaviside, topk_mask
-from jaxlm.models.stacking import maybe_remat, scan_blocks, stack_modules
+from jaxlm.models.stacking import init_stacked, maybe_remat, scan_blocks
 from jaxlm.sharding import constrain
 
 ACT = ("batch", "seq", "embed")
@@ -203,8 +203,10 @@ class SymbolicLight(nnx.Module):
     d, vocab = cfg.d_model, cfg.vocab_size
     self.embed = Embed(vocab, d, std=std, rngs=rngs, param_dtype=pd)
     self.encoder_norm = LayerNorm(d, eps=cfg.norm_eps, rngs=rngs, param_dtype=pd)
-    blocks = [Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)]
-    self.blocks = stack_modules(blocks) if cfg.scan_layers else nnx.List(blocks)
+    if cfg.scan_layers:
+      self.blocks = init_stacked(lambda r: Block(cfg, rngs=r), cfg.n_layers, rngs)
+    else:
+      self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
     if not cfg.tie_embeddings:
       self.head = param(rngs, (d, vocab), ("embed", "vocab"), std=std, dtype=pd)
     if sp.head == "dynamic_prior":

@@ -27,7 +27,7 @@ from jaxlm.layers.moe_losses import model_aux
 from jaxlm.layers.norms import RMSNorm
 from jaxlm.layers import nsa as nsa_layer
 from jaxlm.layers.params import param
-from jaxlm.models.stacking import maybe_remat, scan_blocks, stack_modules
+from jaxlm.models.stacking import init_stacked, maybe_remat, scan_blocks
 from jaxlm.sharding import constrain
 
 ACT = ("batch", "seq", "embed")
@@ -74,8 +74,10 @@ class Transformer(nnx.Module):
     self.cfg = cfg
     pd = cfg.param_dtype
     self.embed = Embed(cfg.vocab_size, cfg.d_model, std=cfg.init_std, rngs=rngs, param_dtype=pd)
-    blocks = [Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)]
-    self.blocks = stack_modules(blocks) if cfg.scan_layers else nnx.List(blocks)
+    if cfg.scan_layers:
+      self.blocks = init_stacked(lambda r: Block(cfg, rngs=r), cfg.n_layers, rngs)
+    else:
+      self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
     self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs, param_dtype=pd)
     if cfg.moe.kind != "none":
       self.pool = ExpertPool(cfg, cfg.n_pools, rngs=rngs)
