@@ -3,14 +3,11 @@
 GPU (pallas_triton): one program owns `block_c` channels of one batch row and walks time in
 registers. Forward keeps `time_chunk` rows of x in flight (prefetch ring, unrolled) and writes
 the membrane state every `ckpt_every` steps (a [batch, ceil(T/ckpt_every), channels] f32
-checkpoint, 1/ckpt_every of the spike traffic); its loop runs over the full time_chunk chunks
-unmasked and the T % time_chunk remaining steps are unrolled after it (up to time_chunk - 1
-more steps of code to compile). Backward walks chunks of `ckpt_every` steps from the last to the
-first: it recomputes the chunk's pre-clip potentials from the checkpoint and x (held in
-registers), then runs the chunk backwards; x and the spike cotangent of the next chunk are
-prefetched while the current one is processed; a partial last chunk is peeled off before the
-loop. `time_chunk` must be a multiple of `ckpt_every`. Channel masks are used only when
-`block_c` / `bwd_block_c` do not divide the channels.
+checkpoint, 1/ckpt_every of the spike traffic). Backward walks chunks of `ckpt_every` steps from
+the last to the first: it recomputes the chunk's pre-clip potentials from the checkpoint and x
+(held in registers), then runs the chunk backwards; x and the spike cotangent of the next chunk
+are prefetched while the current one is processed. `time_chunk` must be a multiple of
+`ckpt_every`.
 TPU (pallas_tpu): blocks of (tpu_block_t time steps, tpu_block_c channels on lanes); the
 checkpoint is taken at every time block.
 """

@@ -4,10 +4,7 @@ GPU (pallas_triton): one program owns `block_c` channels of one batch row and wa
 inside the kernel carrying h in registers. The op is memory-bound and has little parallelism
 besides batch*channels, so the kernel keeps `time_chunk` rows of every input in flight
 (a ring of prefetched rows, fully unrolled): bytes in flight ~ inputs * time_chunk * B * C *
-itemsize, which must cover HBM latency * bandwidth (~2 MB on an H100). The loop runs over the
-full chunks with no masks; the steps left over (T % time_chunk forward, (T - 1) %
-bwd_time_chunk backward, plus the step that reads h0) are unrolled after it, so up to one more
-chunk of code is compiled. Channel masks are used only when block_c does not divide channels.
+itemsize, which must cover HBM latency * bandwidth (~2 MB on an H100).
 TPU (pallas_tpu): blocks of (tpu_block_t time steps, tpu_block_c channels on lanes).
 """
 from __future__ import annotations

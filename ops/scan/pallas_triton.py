@@ -2,29 +2,17 @@
 
 Design (memory-bound; batch*channels is the only cheap parallelism):
   * grid = (batch, cdiv(channels, block_c)); each program walks all of time for its channels,
-    carrying h in float32 registers. Channels past the end are masked (never padded in HBM);
-    when block_c divides channels (static) no load or store carries a mask at all.
-  * Time runs through a prefetch ring of `time_chunk` register slots, fully unrolled: step s
-    consumes the row prefetched one chunk earlier and immediately issues the load of a later
-    row into the same slot, so ~time_chunk rows per input are always in flight and HBM latency
-    is hidden without shared memory.
-  * With only ~2 warps per SM the GPU cannot hide per-step overhead, so the steps are split by
-    what they need: the main loop runs over the T // time_chunk FULL chunks with no time mask,
-    no select and no index clipping. During full chunk k the ring is refilled with steps
-    base_k .. base_k + time_chunk - 1, base_k = min((k+1) * time_chunk, T - time_chunk): one
-    clamp per chunk keeps every prefetch in range (the last full chunk reloads the final
-    time_chunk steps; the rows before the tail are loaded but never used). The T % time_chunk
-    remaining steps run in a tail after the loop; T is static, so these steps are static and
-    in range and need no mask either: they read their rows from the ring (at slot
-    time_chunk - tail + j after a full chunk, slot j when T < time_chunk). The main loop and
-    the tail share one per-step helper.
+    carrying h in float32 registers. Channels past the end are masked (never padded in HBM).
+  * Time runs in chunks of `time_chunk` fully unrolled steps. Every input row is loaded
+    `time_chunk` steps before it is used: step s consumes the row prefetched one chunk earlier
+    and immediately issues the load of row s + time_chunk into the same register slot, so
+    ~time_chunk rows per input are always in flight and HBM latency is hidden without shared
+    memory. Rows past the end of time are masked loads (no traffic); T need not be a multiple
+    of anything.
   * Backward is a second kernel walking time the other way: with lam_t = dL/dh_t (total),
     lam_t = g_t + a_next * lam_next, db_t = lam_t, da_t = lam_t * h_prev(t), dh0 = a_first *
     lam_first. It reads a, g, h (the forward output, in b.dtype) and writes da, db; for a
-    per-channel a, da is accumulated in registers and only [batch, channels] is written. Its
-    last step (the forward's first) reads h0 instead of h: that step is kept out of the ring
-    (its g and a rows are loaded up front), so the ring holds T - 1 alike steps, split into
-    full chunks and a tail as above.
+    per-channel a, da is accumulated in registers and only [batch, channels] is written.
 Traffic: forward reads a, b and writes h; backward reads a, g, h and writes da, db.
 """
 from __future__ import annotations
@@ -49,118 +37,106 @@ def _compiler_params(num_warps, num_stages):
   return cls(num_warps=num_warps, num_stages=num_stages)
 
 
-def _channel_mask(C, BC):
-  """This program's in-range channels, or None when block_c divides channels (static): then
-  every block is full and loads and stores carry no mask."""
-  if C % BC == 0:
-    return None
-  j = pl.program_id(1)
-  return (j * BC + lax.broadcasted_iota(jnp.int32, (BC,), 0)) < C
+def _time_index(s, T, reverse):
+  """Time index of scan step s (clamped into range; callers mask with s < T)."""
+  t = (T - 1 - s) if reverse else s
+  return jnp.clip(t, 0, T - 1)
 
 
-def _view(ref, t):
-  # A static row index is made an int32 scalar: interpret mode cannot discharge a Python int.
-  return ref.at[:] if t is None else ref.at[jnp.asarray(t, jnp.int32), :]
-
-
-def _load(ref, t, cmask):
-  """Row t of a [T, block_c] ref (t None: the whole [block_c] ref) as f32."""
-  return plgpu.load(_view(ref, t), mask=cmask,
-                    other=None if cmask is None else 0).astype(jnp.float32)
-
-
-def _store(ref, t, val, cmask):
-  plgpu.store(_view(ref, t), val.astype(ref.dtype), mask=cmask)
-
-
-def _ring(n, TT, load_step, step, carry):
-  """Runs carry = step(carry, row, k, i) for steps s = k*TT + i = 0..n-1, row being what
-  load_step(s) returned, loaded TT steps ahead through a ring of TT register slots.
-
-  The n // TT full chunks run in a loop (k traced, i static) whose only index work is one clamp
-  per chunk; the n % TT remaining steps are unrolled after it (k and i static) and read the
-  rows that the last full chunk (or the prologue, when n < TT) left in the ring."""
-  n_full, tail = divmod(n, TT)
-  ring = tuple(load_step(i) for i in range(min(TT, n)))
-
-  def body(k, state):
-    carry, ring = state
-    # Refill with steps base..base+TT-1. For k < n_full - 1 base = (k+1)*TT; the last full
-    # chunk clamps to n - TT so no prefetch leaves [0, n) (rows before the tail are unused).
-    base = jnp.minimum((k + 1) * TT, n - TT)
-    new = []
-    for i in range(TT):
-      new.append(load_step(base + i))
-      carry = step(carry, ring[i], k, i)
-    return carry, tuple(new)
-
-  if n_full:
-    carry, ring = lax.fori_loop(0, n_full, body, (carry, ring))
-  first = TT - tail if n_full else 0        # slot of the tail's first step
-  for j in range(tail):
-    carry = step(carry, ring[first + j], n_full, j)
-  return carry
+def _load_row(ref, t, mask):
+  return plgpu.load(ref.at[t, :], mask=mask, other=0).astype(jnp.float32)
 
 
 def _fwd_kernel(a_ref, b_ref, h0_ref, h_ref, hlast_ref, *, T, C, BC, TT, reverse, a_const):
-  cmask = _channel_mask(C, BC)
-  h = _load(h0_ref, None, cmask)
-  a_c = _load(a_ref, None, cmask) if a_const else None
+  j = pl.program_id(1)
+  cmask = (j * BC + lax.broadcasted_iota(jnp.int32, (BC,), 0)) < C
+  n_chunks = pl.cdiv(T, TT)
 
-  def time(s):                              # time index of scan step s
-    return T - 1 - s if reverse else s
+  def load(ref, s):
+    return _load_row(ref, _time_index(s, T, reverse), cmask & (s < T))
 
-  def load_step(s):
-    a = None if a_const else _load(a_ref, time(s), cmask)
-    return a, _load(b_ref, time(s), cmask)
+  h = plgpu.load(h0_ref.at[:], mask=cmask, other=0).astype(jnp.float32)
+  a_c = plgpu.load(a_ref.at[:], mask=cmask, other=0).astype(jnp.float32) if a_const else None
+  abuf = () if a_const else tuple(load(a_ref, jnp.int32(i)) for i in range(TT))
+  bbuf = tuple(load(b_ref, jnp.int32(i)) for i in range(TT))
 
-  def step(h, row, k, i):
-    a_s, b_s = row
-    h = (a_c if a_const else a_s) * h + b_s
-    _store(h_ref, time(k * TT + i), h, cmask)
-    return h
+  def body(k, carry):
+    h, abuf, bbuf = carry
+    new_a, new_b = [], []
+    for i in range(TT):
+      s = k * TT + i
+      a_i = a_c if a_const else abuf[i]
+      b_i = bbuf[i]
+      if not a_const:
+        new_a.append(load(a_ref, s + TT))
+      new_b.append(load(b_ref, s + TT))
+      valid = s < T
+      h_new = a_i * h + b_i
+      plgpu.store(h_ref.at[_time_index(s, T, reverse), :], h_new.astype(h_ref.dtype),
+                  mask=cmask & valid)
+      h = jnp.where(valid, h_new, h)
+    return h, tuple(new_a), tuple(new_b)
 
-  h = _ring(T, TT, load_step, step, h)
-  _store(hlast_ref, None, h, cmask)
+  h, _, _ = lax.fori_loop(0, n_chunks, body, (h, abuf, bbuf))
+  plgpu.store(hlast_ref.at[:], h, mask=cmask)
 
 
 def _bwd_kernel(a_ref, h_ref, h0_ref, g_ref, glast_ref, da_ref, db_ref, dh0_ref, *, T, C, BC,
                 TT, reverse, a_const):
-  """Walks the forward steps backwards: r = 0..T-1 is forward step T-1-r."""
-  cmask = _channel_mask(C, BC)
-  h0 = _load(h0_ref, None, cmask)
-  c = _load(glast_ref, None, cmask)
-  a_c = _load(a_ref, None, cmask) if a_const else None
+  """Walks the forward steps backwards: r = 0..T-1 is forward step s = T-1-r."""
+  j = pl.program_id(1)
+  cmask = (j * BC + lax.broadcasted_iota(jnp.int32, (BC,), 0)) < C
+  n_chunks = pl.cdiv(T, TT)
 
-  def time(r):                              # time index of backward step r
-    return r if reverse else T - 1 - r
+  def rows(r):
+    s = T - 1 - r
+    valid = r < T
+    t = _time_index(s, T, reverse)
+    tp = _time_index(s - 1, T, reverse)   # time of the previous forward step
+    g = _load_row(g_ref, t, cmask & valid)
+    hp = _load_row(h_ref, tp, cmask & valid & (s >= 1))
+    a = None if a_const else _load_row(a_ref, t, cmask & valid)
+    return a, g, hp
 
-  def load_step(r):
-    # h at the previous forward step, i.e. at the time of backward step r + 1.
-    a = None if a_const else _load(a_ref, time(r), cmask)
-    return a, _load(g_ref, time(r), cmask), _load(h_ref, time(r + 1), cmask)
+  h0 = plgpu.load(h0_ref.at[:], mask=cmask, other=0).astype(jnp.float32)
+  c = plgpu.load(glast_ref.at[:], mask=cmask, other=0).astype(jnp.float32)
+  a_c = plgpu.load(a_ref.at[:], mask=cmask, other=0).astype(jnp.float32) if a_const else None
+  first = [rows(jnp.int32(i)) for i in range(TT)]
+  gbuf = tuple(x[1] for x in first)
+  hbuf = tuple(x[2] for x in first)
+  abuf = () if a_const else tuple(x[0] for x in first)
+  da_acc = jnp.zeros((BC,), jnp.float32)
 
-  def step(carry, row, k, i):
-    c, da_acc = carry
-    a_r, g_r, hp_r = row
-    r = k * TT + i
-    lam = g_r + c
-    _store(db_ref, time(r), lam, cmask)
-    if a_const:
-      da_acc = da_acc + lam * hp_r
-    else:
-      _store(da_ref, time(r), lam * hp_r, cmask)
-    return (a_c if a_const else a_r) * lam, da_acc
+  def body(k, carry):
+    c, da_acc, abuf, gbuf, hbuf = carry
+    new_a, new_g, new_h = [], [], []
+    for i in range(TT):
+      r = k * TT + i
+      s = T - 1 - r
+      valid = r < T
+      a_i = a_c if a_const else abuf[i]
+      g_i, hp_i = gbuf[i], hbuf[i]
+      na, ng, nh = rows(r + TT)
+      if not a_const:
+        new_a.append(na)
+      new_g.append(ng)
+      new_h.append(nh)
+      hp_i = jnp.where(s == 0, h0, hp_i)
+      lam = g_i + c
+      t = _time_index(s, T, reverse)
+      m = cmask & valid
+      plgpu.store(db_ref.at[t, :], lam.astype(db_ref.dtype), mask=m)
+      if a_const:
+        da_acc = da_acc + jnp.where(valid, lam * hp_i, 0.0)
+      else:
+        plgpu.store(da_ref.at[t, :], (lam * hp_i).astype(da_ref.dtype), mask=m)
+      c = jnp.where(valid, a_i * lam, c)
+    return c, da_acc, tuple(new_a), tuple(new_g), tuple(new_h)
 
-  # The last step (forward step 0) reads h0, not h: it stays out of the ring so that the ring's
-  # T - 1 steps are alike; its rows are loaded now, long before they are used.
-  n = T - 1
-  last = (None if a_const else _load(a_ref, time(n), cmask), _load(g_ref, time(n), cmask), h0)
-  carry = _ring(n, TT, load_step, step, (c, jnp.zeros((BC,), jnp.float32)))
-  c, da_acc = step(carry, last, n // TT, n % TT)        # r = n
-  _store(dh0_ref, None, c, cmask)
+  c, da_acc, *_ = lax.fori_loop(0, n_chunks, body, (c, da_acc, abuf, gbuf, hbuf))
+  plgpu.store(dh0_ref.at[:], c, mask=cmask)
   if a_const:
-    _store(da_ref, None, da_acc, cmask)
+    plgpu.store(da_ref.at[:], da_acc, mask=cmask)
 
 
 def _specs(B, T, C, BC, a_const):

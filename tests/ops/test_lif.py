@@ -113,39 +113,7 @@ class TestLifXla(LifTestBase):
   IMPL = "xla"
 
 
-class TritonPathsMixin:
-  """Every path of the Triton kernels' structure, sized from CONFIG: forward main loop over full
-  time_chunk chunks + unrolled tail; backward peeled partial last checkpoint chunk + loop over
-  full ones; channel blocks unmasked (channels % block_c == 0) or masked (ragged)."""
-
-  @pytest.mark.parametrize("case,ragged,reset,detach", [
-      ("exact", False, "hard", True),       # T % time_chunk == 0 == T % ckpt_every
-      ("exact", True, "subtract", False),
-      ("tail", False, "subtract", False),   # forward tail; backward peels a partial chunk
-      ("tail", True, "hard", False),
-      ("short", False, "hard", True),       # T < time_chunk: tail only; backward peels
-      ("short", True, "subtract", True),
-      ("one", False, "subtract", True),     # T == 1
-  ])
-  def test_kernel_paths(self, case, ragged, reset, detach):
-    cfg = self.CONFIG
-    TT, K = cfg.time_chunk, cfg.ckpt_every
-    assert cfg.block_c == cfg.bwd_block_c
-    T = {"exact": 2 * TT, "tail": 2 * TT + K + 1, "short": TT - 1, "one": 1}[case]
-    C = cfg.block_c + 8 if ragged else 2 * cfg.block_c
-    x, v0, g, gv = _inputs(2, T, C, jnp.float32, seed=3)
-    kw = dict(reset=reset, detach_reset=detach)
-    s, v_last = self.lif(x, v0, **kw)
-    s_ref, v_ref = _ref(x, v0, **kw)
-    np.testing.assert_array_equal(s, s_ref)
-    op_testing.assert_close(v_last, v_ref, jnp.float32, name="v_last")
-    got = _grads(functools.partial(self.lif, **kw), x, v0, g, gv)
-    want = _grads(functools.partial(_ref, **kw), x, v0, g, gv)
-    for name, a, b in zip(("dx", "dv0"), got, want):
-      op_testing.assert_close(a, b, jnp.float32, grad=True, name=name)
-
-
-class TestLifTritonInterpret(TritonPathsMixin, LifTestBase):
+class TestLifTritonInterpret(LifTestBase):
   IMPL = "pallas_triton"
   INTERPRET = True
   CONFIG = SMALL
@@ -158,7 +126,7 @@ class TestLifTpuInterpret(LifTestBase):
 
 
 @pytest.mark.gpu
-class TestLifTritonGpu(TritonPathsMixin, LifTestBase):
+class TestLifTritonGpu(LifTestBase):
   IMPL = "pallas_triton"
   INTERPRET = False
   CONFIG = GPU_SMALL

@@ -132,42 +132,7 @@ class TestScanXla(ScanTestBase):
   IMPL = "xla"
 
 
-class TritonPathsMixin:
-  """Every path of the Triton kernels' structure, sized from CONFIG: main loop over full chunks
-  + unrolled tail (forward over T steps with time_chunk, backward over T - 1 ring steps with
-  bwd_time_chunk, then the step that reads h0); channel blocks unmasked (channels % block_c ==
-  0) or masked (ragged); both directions; per-step and constant decay."""
-
-  @pytest.mark.parametrize("case,ragged,reverse,a_const", [
-      ("fwd_exact", False, False, False),   # T % time_chunk == 0; backward has a tail
-      ("fwd_exact", True, True, True),
-      ("bwd_exact", False, True, False),    # (T - 1) % bwd_time_chunk == 0; forward tail
-      ("bwd_exact", True, False, True),
-      ("short", False, True, False),        # shorter than both chunks: tails only
-      ("short", True, False, False),
-      ("one", False, False, True),          # T == 1: no backward ring
-      ("one", True, True, False),
-  ])
-  def test_kernel_paths(self, case, ragged, reverse, a_const):
-    cfg = self.CONFIG
-    TT, TB = cfg.time_chunk, cfg.bwd_time_chunk
-    assert cfg.block_c == cfg.bwd_block_c
-    T = {"fwd_exact": 2 * TT, "bwd_exact": 2 * TB + 1, "short": min(TT - 1, TB), "one": 1}[case]
-    C = cfg.block_c + 8 if ragged else 2 * cfg.block_c
-    a, b, h0, g, g_last = _inputs(2, T, C, jnp.float32, a_const=a_const, seed=3)
-    h, h_last = self.scan(a, b, h0, reverse=reverse)
-    h_ref, h_last_ref = _ref(a, b, h0, reverse)
-    op_testing.assert_close(h, h_ref, jnp.float32, tol=self.tol(jnp.float32), name="h")
-    op_testing.assert_close(h_last, h_last_ref, jnp.float32, tol=self.tol(jnp.float32),
-                            name="h_last")
-    got = _grads(functools.partial(self.scan, reverse=reverse), a, b, h0, g, g_last)
-    want = _grads(lambda a, b, h0: _ref(a, b, h0, reverse), a, b, h0, g, g_last)
-    for name, x, y in zip(("da", "db", "dh0"), got, want):
-      op_testing.assert_close(x, y, jnp.float32, tol=self.tol(jnp.float32, grad=True),
-                              name=name)
-
-
-class TestScanTritonInterpret(TritonPathsMixin, ScanTestBase):
+class TestScanTritonInterpret(ScanTestBase):
   IMPL = "pallas_triton"
   INTERPRET = True
   CONFIG = SMALL
@@ -180,7 +145,7 @@ class TestScanTpuInterpret(ScanTestBase):
 
 
 @pytest.mark.gpu
-class TestScanTritonGpu(TritonPathsMixin, ScanTestBase):
+class TestScanTritonGpu(ScanTestBase):
   IMPL = "pallas_triton"
   INTERPRET = False
   CONFIG = GPU_SMALL
