@@ -317,7 +317,8 @@ def _bwd(q, k, v, qseg, kvseg, valid, o, lse, do, dlse, *, mask, scale, soft_cap
   lse5 = lse2.reshape(b, hk, s, gs, lq)
   delta5 = delta.reshape(b, hk, s, gs, lq)
   in_specs = [
-      pl.BlockSpec((None, lq, None, None, gs, d), lambda j, bi, hs: (bi, 0, hs // s, hs % s, 0, 0)),
+      pl.BlockSpec((None, lq, None, None, gs, d),
+                   lambda j, bi, hs: (bi, 0, hs // s, hs % s, 0, 0)),
       pl.BlockSpec((None, bk, None, d), lambda j, bi, hs: (bi, j, hs // s, 0)),
       pl.BlockSpec((None, bk, None, dv), lambda j, bi, hs: (bi, j, hs // s, 0)),
       pl.BlockSpec((None, lq, None, None, gs, dv),
@@ -337,7 +338,8 @@ def _bwd(q, k, v, qseg, kvseg, valid, o, lse, do, dlse, *, mask, scale, soft_cap
                         block_kv=bk, group=gs),
       grid=(lk // bk, b, hk * s),
       in_specs=in_specs,
-      out_specs=[pl.BlockSpec((None, bk, None, None, d), lambda j, bi, hs: (bi, j, hs // s, hs % s, 0)),
+      out_specs=[pl.BlockSpec((None, bk, None, None, d),
+                              lambda j, bi, hs: (bi, j, hs // s, hs % s, 0)),
                  pl.BlockSpec((None, bk, None, None, dv),
                               lambda j, bi, hs: (bi, j, hs // s, hs % s, 0))],
       out_shape=[jax.ShapeDtypeStruct((b, lk, hk, s, d), part_dtype(k.dtype)),
