@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import sys
-import types
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
@@ -23,24 +22,7 @@ from ops import _backend
 from ops import gmm as gmm_op
 from ops.gmm import shapes as gmm_shapes
 from ops.gmm.config import GmmBlockConfig
-
-
-def _tokamax():
-  """tokamax.ragged_dot or None (it is only a baseline; its profiler import is optional)."""
-  try:
-    import xprof.cli.tools  # noqa: F401
-  except ImportError:
-    # tokamax imports xprof's kernel-stats tool at import time for its own benchmarking
-    # helpers only; the ragged_dot op does not use it.
-    for name in ("xprof", "xprof.cli", "xprof.cli.tools"):
-      sys.modules.setdefault(name, types.ModuleType(name))
-    sys.modules["xprof.cli.tools"].get_kernel_stats_tool = None
-  try:
-    import tokamax
-    return tokamax.ragged_dot
-  except Exception as e:  # any import failure just drops the baseline
-    print(f"tokamax unavailable: {type(e).__name__}: {e}", flush=True)
-    return None
+from third_party import tokamax
 
 
 def _inputs(m, k, n, e, routing, dtype):
@@ -82,7 +64,7 @@ def _candidates(tokamax_rd):
 def run(shapes="bench", dtype="bfloat16", ceilings=None):
   dtype = jnp.dtype(dtype)
   rows = []
-  impls = _candidates(_tokamax())
+  impls = _candidates(tokamax.ragged_dot())
   for name, m, k, n, e, routing in gmm_shapes.SETS[shapes]:
     lhs, rhs, dout, gs = _inputs(m, k, n, e, routing, dtype)
     label = f"m={m} k={k} n={n} e={e} {routing}"
