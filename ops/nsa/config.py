@@ -117,8 +117,10 @@ class NSABlockConfig:
       # score kernel (paper GQA shape, H100): head loop with 16-query tiles 0.53 ms at 8k /
       # 14.8 ms at 64k (32-query tiles 0.66 / 20.5 ms) vs 5.3 ms at 8k and 65.9 ms at 32k for
       # the (query x head)-row kernel; 64-query tiles exceed shared memory.
+      # top-n kernel (H200, 64k, sorting-network output): 2048 entries on 1 warp 2.19 ms vs
+      # 8192 on 4 warps 4.63 ms (the old ascending-output rounds: 7.97 ms)
       return cls(sel_num_warps=4, sel_num_stages=2, score_block_q=16, score_head_loop=True,
-                 score_num_warps=4,
+                 score_num_warps=4, topn_tile_elems=2048, topn_num_warps=1,
                  bwd_chunk=64, bwd_num_warps=4, decode_cmp_block_k=64, decode_cmp_splits=16,
                  decode_entries=2, decode_num_warps=4, decode_num_stages=2)
     return cls()

@@ -6,8 +6,9 @@ One program owns `rows` query positions of one kv head and their whole score row
 [rows, n_cols] in registers (n_cols = pow2(n_slc), read from the scores' padded width). It
 builds the candidate scores exactly as select_from_scores does (forced blocks +inf, blocks that
 are not allowed -inf), then takes n rounds of "largest score, lowest index among equals" (the
-tie rule of lax.top_k), stopping when only -inf is left, and finally emits the chosen block
-indices in ascending order with n more rounds of "smallest chosen index above the last one".
+tie rule of lax.top_k), each round two row reductions; a round that finds only -inf picks
+nothing. The n picks (one [rows] vector each) are put in ascending order by a static sorting
+network on those vectors, not by n more full-width reductions (which took a third of the time).
 """
 from __future__ import annotations
 
@@ -24,6 +25,30 @@ from ops.nsa.kernel_common import pow2, triton_compiler
 _BIG = 2 ** 30
 
 
+def sorting_network(n: int) -> list[tuple[int, int]]:
+  """Compare-exchange pairs (i, j), i < j, of Batcher's odd-even merge sort for n elements (n a
+  power of two): applying them in order sorts any n values ascending."""
+  pairs = []
+
+  def merge(lo, m, r):
+    step = r * 2
+    if step < m:
+      merge(lo, m, step)
+      merge(lo + r, m, step)
+      pairs.extend((i, i + r) for i in range(lo + r, lo + m - r, step))
+    else:
+      pairs.append((lo, lo + r))
+
+  def sort(lo, m):
+    if m > 1:
+      sort(lo, m // 2)
+      sort(lo + m // 2, m // 2)
+      merge(lo, m, 1)
+
+  sort(0, n)
+  return pairs
+
+
 def _topn_kernel(p_ref, pos_ref, first_ref, out_ref, *, n, n_pad, n_slc, ls, n_first, n_local):
   p = p_ref[...]
   rows, cols = p.shape
@@ -33,20 +58,21 @@ def _topn_kernel(p_ref, pos_ref, first_ref, out_ref, *, n, n_pad, n_slc, ls, n_f
   allowed = (s <= cur) & (s >= first) & (s < n_slc)
   forced = (s < first + n_first) | (s > cur - n_local)
   score = jnp.where(allowed, jnp.where(forced, jnp.inf, p), -jnp.inf)
-  chosen = jnp.zeros((rows, cols), jnp.bool_)
+  picks = []
   for _ in range(n):
     m = jnp.max(score, axis=1)
     j = jnp.min(jnp.where(score == m[:, None], s, _BIG), axis=1)
-    hit = (s == j[:, None]) & (m > -jnp.inf)[:, None]
-    chosen = chosen | hit
+    j = jnp.where(m > -jnp.inf, j, _BIG)          # nothing left: an empty slot
+    picks.append(j)
     score = jnp.where(s == j[:, None], -jnp.inf, score)
+  picks += [jnp.full((rows,), _BIG, jnp.int32)] * (n_pad - n)
+  for a, b in sorting_network(n_pad):
+    lo, hi = jnp.minimum(picks[a], picks[b]), jnp.maximum(picks[a], picks[b])
+    picks[a], picks[b] = lo, hi
   slot = lax.broadcasted_iota(jnp.int32, (rows, n_pad), 1)
   out = jnp.full((rows, n_pad), -1, jnp.int32)
-  prev = jnp.full((rows,), -1, jnp.int32)
   for r in range(n):
-    j = jnp.min(jnp.where(chosen & (s > prev[:, None]), s, _BIG), axis=1)
-    out = jnp.where(slot == r, jnp.where(j == _BIG, -1, j)[:, None], out)
-    prev = jnp.where(j == _BIG, _BIG, j)
+    out = jnp.where(slot == r, jnp.where(picks[r] == _BIG, -1, picks[r])[:, None], out)
   out_ref[...] = out
 
 

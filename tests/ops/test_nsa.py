@@ -344,6 +344,18 @@ class TritonScoreKernels:
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
+@pytest.mark.parametrize("n", [1, 2, 4, 8, 16])
+def test_topn_sorting_network_sorts_every_zero_one_input(n):
+  """0-1 principle: a comparator network that sorts all 2**n zero-one inputs sorts anything."""
+  from ops.nsa.topn_triton import sorting_network
+  bits = (np.arange(2 ** n)[:, None] >> np.arange(n)[None, :]) & 1
+  v = bits.copy()
+  for a, b in sorting_network(n):
+    lo, hi = np.minimum(v[:, a], v[:, b]), np.maximum(v[:, a], v[:, b])
+    v[:, a], v[:, b] = lo, hi
+  np.testing.assert_array_equal(v, np.sort(bits, axis=1))
+
+
 class TestNSATritonInterpret(NSATestBase, TritonScoreKernels):
   IMPL = "pallas_triton"
   INTERPRET = True
