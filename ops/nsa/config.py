@@ -60,7 +60,8 @@ class NSABlockConfig:
   score_block_k: compressed keys per inner step (a multiple of 16*select_len/stride so each step
   covers whole selection blocks). score_head_loop: the score kernel's rows are score_block_q
   query positions and it loops over the GQA group's heads, summing probabilities as it goes
-  (False: rows are (query, head) pairs and the group sum is a matmul). topn_kernel: top-n
+  (False: rows are (query, head) pairs, one matmul per tile, and the group sum reduces the
+  head axis). topn_kernel: top-n
   selection by the Triton kernel of ops/nsa/topn_triton.py (False: XLA top_k + sort);
   topn_tile_elems: score entries per program of it (rows x padded blocks); topn_num_warps: its
   Triton warps. bwd_chunk: queries per work item of the dk/dv kernel (a block
@@ -114,13 +115,15 @@ class NSABlockConfig:
       return cls(score_block_q=8, bwd_chunk=128, tpu_block_q=16, tpu_prefetch_max=1 << 15,
                  tpu_score_block_k=128)
     if any(s in kind for s in ("h100", "h200", "h800", "gh200")):
-      # score kernel (paper GQA shape, H100): head loop with 16-query tiles 0.53 ms at 8k /
-      # 14.8 ms at 64k (32-query tiles 0.66 / 20.5 ms) vs 5.3 ms at 8k and 65.9 ms at 32k for
-      # the (query x head)-row kernel; 64-query tiles exceed shared memory.
+      # score kernel (paper GQA shape, H100, session 4): head loop with 16-query tiles 0.53 ms
+      # at 8k / 14.8 ms at 64k (32-query tiles 0.66 / 20.5 ms); the row kernel then summed the
+      # group by an f32 matmul (5.3 ms at 8k). 64-query tiles exceed shared memory.
       # top-n kernel (H200, 64k, sorting-network output): 2048 entries on 1 warp 2.19 ms vs
-      # 8192 on 4 warps 4.63 ms (the old ascending-output rounds: 7.97 ms)
-      return cls(sel_num_warps=4, sel_num_stages=2, score_block_q=16, score_head_loop=True,
-                 score_num_warps=4, topn_tile_elems=2048, topn_num_warps=1,
+      # 8192 on 4 warps 4.63 ms (the old ascending-output rounds: 7.97 ms). Score kernel
+      # (H200, 64k): the row kernel with its head reduction 12.6 ms on 8 warps (12.9 on 4) vs
+      # the head loop 14.3 ms.
+      return cls(sel_num_warps=4, sel_num_stages=2, score_block_q=16, score_head_loop=False,
+                 score_num_warps=8, topn_tile_elems=2048, topn_num_warps=1,
                  bwd_chunk=64, bwd_num_warps=4, decode_cmp_block_k=64, decode_cmp_splits=16,
                  decode_entries=2, decode_num_warps=4, decode_num_stages=2)
     return cls()

@@ -24,6 +24,19 @@ def dot(a, b, precision, ta=False, tb=False):
   return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=F32)
 
 
+def dot_f32_bf16_exact(a, b_bf16):
+  """a [m,k] f32 @ b [k,n] on bf16 tensor cores at f32 accuracy, for a b whose every value is
+  exact in bf16 (callers check): a is split into three bf16 parts (8 significand bits each,
+  24 in all, as many as f32 holds), each part times b is exact in f32, and the three products
+  accumulate in f32. Precision.HIGHEST would lower to scalar FMAs on the GPU."""
+  hi = a.astype(jnp.bfloat16)
+  r = a - hi.astype(F32)
+  mid = r.astype(jnp.bfloat16)
+  lo = (r - mid.astype(F32)).astype(jnp.bfloat16)
+  d = lax.Precision.DEFAULT
+  return dot(hi, b_bf16, d) + dot(mid, b_bf16, d) + dot(lo, b_bf16, d)
+
+
 def dot_nt(a, b, precision):
   """a [m,k] @ b [n,k]^T, f32 accumulation."""
   return dot(a, b, precision, tb=True)
