@@ -2,6 +2,7 @@
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxlm.layers.logits import logits_einsum
 from jaxlm.layers.params import param
 
 
@@ -15,8 +16,7 @@ class Embed(nnx.Module):
 
   def attend(self, x):
     """Tied output head. x: [batch, seq, dim] → logits [batch, seq, vocab] (float32)."""
-    return jnp.einsum("bsd,vd->bsv", x, self.embedding.value.astype(x.dtype),
-                      preferred_element_type=jnp.float32)
+    return logits_einsum("bsd,vd->bsv", x, self.embedding.value.astype(x.dtype))
 
 
 def apply_rope(x, positions, base: float):

@@ -46,6 +46,7 @@ from jaxlm.config import ModelConfig
 from jaxlm import sharding
 from jaxlm.layers.attention import implementation_arg, sharded_attention, write_cache
 from jaxlm.layers.embed import Embed, apply_rope
+from jaxlm.layers.logits import logits_einsum
 from jaxlm.layers.params import param
 from jaxlm.layers.spiking import LayerNorm, const_param, heaviside, topk_mask
 from jaxlm.models.stacking import init_stacked, maybe_remat, scan_blocks
@@ -239,13 +240,11 @@ class SymbolicLight(nnx.Module):
     if self.cfg.tie_embeddings:
       out = self.embed.attend(x)
     else:
-      out = jnp.einsum("bsd,dv->bsv", x, self.head.value.astype(x.dtype),
-                       preferred_element_type=jnp.float32)
+      out = logits_einsum("bsd,dv->bsv", x, self.head.value.astype(x.dtype))
     if self.cfg.spiking.head == "dynamic_prior":
       hid = jax.nn.gelu(jnp.einsum("bsd,dr->bsr", x, self.prior_w1.value.astype(x.dtype)),
                         approximate=False)
-      prior = jnp.einsum("bsr,rv->bsv", hid, self.prior_w2.value.astype(x.dtype),
-                         preferred_element_type=jnp.float32)
+      prior = logits_einsum("bsr,rv->bsv", hid, self.prior_w2.value.astype(x.dtype))
       out = out + self.prior_weight.value.astype(jnp.float32) * prior
     else:
       out = out + self.prior_bias.value.astype(jnp.float32)

@@ -20,6 +20,7 @@ from flax import nnx
 from jaxlm.config import ModelConfig
 from jaxlm.layers.attention import Attention
 from jaxlm.layers.embed import Embed
+from jaxlm.layers.logits import logits_einsum
 from jaxlm.layers.expert_pool import ExpertPool, pool_of_layer
 from jaxlm.layers.mlp import SwiGLU, out_proj_std
 from jaxlm.layers.moe import MoEFFN
@@ -142,8 +143,7 @@ class Transformer(nnx.Module):
     if self.cfg.tie_embeddings:
       logits = self.embed.attend(x)
     else:
-      logits = jnp.einsum("bsd,dv->bsv", x, self.head.value.astype(x.dtype),
-                          preferred_element_type=jnp.float32)
+      logits = logits_einsum("bsd,dv->bsv", x, self.head.value.astype(x.dtype))
     return constrain(logits, ("batch", "seq", "vocab"))
 
   def _moe_forward(self, tokens, positions, segment_ids, cache, route_override=None):
