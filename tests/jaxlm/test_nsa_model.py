@@ -167,7 +167,10 @@ def test_nsa_needs_transformer_and_presets_validate():
   assert (tiny.train.seq_len - a.nsa_block_len) // a.nsa_stride + 1 >= 8
   big = apply_overrides(configs.get_preset("nsa_1b"), [])
   dense = configs.get_preset("dense_1b")
-  assert big.model == dataclasses.replace(dense.model, attention=big.model.attention)
+  # dense_1b with the paper's GQA group of 16 query heads per kv head
+  assert big.model == dataclasses.replace(dense.model, n_kv_heads=1,
+                                          attention=big.model.attention)
+  assert big.model.n_heads // big.model.n_kv_heads == 16
   assert (big.model.attention.nsa_block_len, big.model.attention.nsa_stride,
           big.model.attention.nsa_select_len, big.model.attention.nsa_top_n,
           big.model.attention.nsa_window) == (32, 16, 64, 16, 512)
