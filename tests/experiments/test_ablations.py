@@ -117,6 +117,8 @@ def test_active_fractions_known_case():
 
 # ----------------------------------------------------------------------------- scripts
 
+# slow: each runs an ablation script end to end in a subprocess (80-100 s of a CI run on 2
+# cores); the ablation logic itself is covered by the unit tests above
 @pytest.fixture(scope="module")
 def unipool_run(tmp_path_factory):
   out = str(tmp_path_factory.mktemp("ablate_unipool"))
@@ -124,6 +126,7 @@ def unipool_run(tmp_path_factory):
   return out, data, md
 
 
+@pytest.mark.slow
 def test_ablate_unipool_tiny(unipool_run):
   out, data, md = unipool_run
   curves = {c["name"]: c for c in data["curves"]}
@@ -138,6 +141,7 @@ def test_ablate_unipool_tiny(unipool_run):
   check_pngs(out, ["loss_curves.png", "pool_sweep.png"])
 
 
+@pytest.mark.slow
 def test_ablate_routing_probe_tiny(unipool_run, tmp_path):
   runs = os.path.join(unipool_run[0], "runs", "vanilla")
   data, md = run_script("ablate_routing_probe", str(tmp_path), f"--run_dirs={runs}",
@@ -152,6 +156,7 @@ def test_ablate_routing_probe_tiny(unipool_run, tmp_path):
   check_pngs(str(tmp_path), ["routing_probe.png"])
 
 
+@pytest.mark.slow
 def test_ablate_symboliclight_tiny(tmp_path):
   data, md = run_script("ablate_symboliclight", str(tmp_path), *FAST, "--only=topk_matched")
   curves = {c["name"]: c for c in data["curves"]}
@@ -168,6 +173,7 @@ def test_ablate_symboliclight_tiny(tmp_path):
   check_pngs(str(tmp_path), ["loss_curves.png", "ppl.png"])
 
 
+@pytest.mark.slow
 def test_ablate_moe_options_tiny(tmp_path):
   data, md = run_script("ablate_moe_options", str(tmp_path), *FAST, "--only=moepp,blockffn")
   sp = data["sparsity"]

@@ -228,6 +228,7 @@ def _ablation(tmp_path, **kw):
   return text
 
 
+@pytest.mark.slow  # the ablation script end to end: ~70 s of a 2-core CI run
 def test_ablation_script_end_to_end_small(tmp_path):
   """experiments/ablate_nsa.py, 2 steps of the tiny pair shrunk to one narrow layer."""
   text = _ablation(tmp_path, overrides=("model.n_layers=1", "model.d_model=64", "model.d_ff=128"))
