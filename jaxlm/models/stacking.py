@@ -7,9 +7,23 @@ from typing import Callable
 import jax
 from flax import nnx
 
+# Primitives of JAX's cuDNN fused attention forward (jax.nn.dot_product_attention with
+# implementation="cudnn"): their outputs are the attention output and its softmax statistics,
+# which is what the cuDNN backward reads.
+CUDNN_ATTENTION_FWD = frozenset({"dot_product_attention_fwd", "dot_product_attention_fwd_wrapper"})
+
+
+def save_fused_attention(prim, *_, **__) -> bool:
+  return prim.name in CUDNN_ATTENTION_FWD
+
+
 REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole block
-    "dots": jax.checkpoint_policies.checkpoint_dots,
+    # matmul outputs, and the cuDNN attention forward's: left out, the backward re-ran every
+    # layer's attention forward (dense_1b 8x4096 on an H200: 36 cuDNN forwards per step for 18
+    # layers, 39.4 ms of a 450 ms step)
+    "dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.checkpoint_dots, save_fused_attention),
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
 

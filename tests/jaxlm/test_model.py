@@ -245,3 +245,22 @@ def test_bf16_compute_stays_close_to_f32():
   b = build(tiny_model(dtype="bfloat16")).apply(p32, tokens)[0]
   assert b.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=5e-2)
+
+
+def test_dots_remat_saves_the_cudnn_attention_forward():
+  """remat="dots" keeps cuDNN attention's forward outputs (else every layer's attention forward
+  runs again in the backward); the primitive names are the installed JAX's."""
+  from jax._src.cudnn import fused_attention_stablehlo as fa
+  from jaxlm.models.stacking import CUDNN_ATTENTION_FWD, REMAT_POLICIES, save_fused_attention
+  assert {fa._dot_product_attention_fwd_p.name,
+          fa._dot_product_attention_fwd_p_wrapper.name} <= CUDNN_ATTENTION_FWD
+  assert save_fused_attention(fa._dot_product_attention_fwd_p_wrapper)
+  assert not save_fused_attention(fa._dot_product_attention_bwd_p)
+  assert not save_fused_attention(jax.lax.exp_p)
+  policy = REMAT_POLICIES["dots"]
+  assert policy(fa._dot_product_attention_fwd_p_wrapper) is True
+  f32 = jax.core.ShapedArray((4, 4), jnp.float32)
+  dims = (((1,), (0,)), ((), ()))
+  assert policy(jax.lax.dot_general_p, f32, f32, dimension_numbers=dims, precision=None,
+                preferred_element_type=None)
+  assert not policy(jax.lax.exp_p, f32)
