@@ -3,9 +3,10 @@ and `select_blocks` (scores, then the top-n kernel of ops/nsa/topn_triton.py).
 
 Scores p_slc[t, s] = sum over the GQA group's heads and the compression blocks j overlapping
 selection block s of overlap(j, s) * exp(q_t . k_cmp_j * scale - lse_t), for visible j only. Two
-kernels: rows = (query, head) pairs with the group sum as a reduction over heads, or rows = queries with a
-static loop over the group's heads (NSABlockConfig.score_head_loop, the H100 default). No
-[t, n_cmp] tensor is materialised; each program walks the compressed keys its last query sees.
+kernels: rows = (query, head) pairs with the group sum as a reduction over heads (the H100/H200
+default), or rows = queries with a static loop over the group's heads
+(NSABlockConfig.score_head_loop). No [t, n_cmp] tensor is materialised; each program walks the
+compressed keys its last query sees.
 """
 from __future__ import annotations
 
@@ -128,8 +129,8 @@ def selection_scores(q, k_cmp, lse_cmp, *, cfg: NSAConfig, q_segment_ids=None, i
   """Group-summed selection scores [b, kvh, t, n_slc] f32 (kernel; no [t, n_cmp] tensor).
 
   Two kernels (NSABlockConfig.score_head_loop): rows = (query, head) pairs of score_block_q
-  queries with the group sum as a reduction over heads, or rows = score_block_q queries with a static loop
-  over the group's heads (smaller live tiles; the H100 default).
+  queries with the group sum as a reduction over heads, or rows = score_block_q queries with a
+  static loop over the group's heads (smaller live tiles).
   """
   interpret = resolve_interpret(interpret, GPU)
   bcfg = config or (NSABlockConfig() if interpret else default_block_config())
