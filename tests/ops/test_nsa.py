@@ -84,12 +84,13 @@ class NSATestBase:
     ref = lambda q, k, v: reference.selected_attention(q, k, v, idx, select_len=cfg.select_len)
     got = lambda q, k, v: nsa_op.selected_attention(q, k, v, idx, select_len=cfg.select_len,
                                                     **self.kw())
-    o1, l1 = ref(q, k, v)
-    o2, l2 = got(q, k, v)
+    # jitted: op-by-op dispatch compiled ~200 one-op programs per test on the CPU
+    o1, l1 = jax.jit(ref)(q, k, v)
+    o2, l2 = jax.jit(got)(q, k, v)
     ot.assert_close(o2, o1, dtype, tol=self.tol(dtype))
     ot.assert_close(l2, l1, dtype, tol=self.tol(dtype), name="lse")
-    g1 = jax.grad(functools.partial(loss, ref), argnums=(0, 1, 2))(q, k, v)
-    g2 = jax.grad(functools.partial(loss, got), argnums=(0, 1, 2))(q, k, v)
+    g1 = jax.jit(jax.grad(functools.partial(loss, ref), argnums=(0, 1, 2)))(q, k, v)
+    g2 = jax.jit(jax.grad(functools.partial(loss, got), argnums=(0, 1, 2)))(q, k, v)
     for a, b_, n in zip(g2, g1, "qkv"):
       ot.assert_close(a, b_, dtype, tol=2 * self.tol(dtype), name=f"d{n}")
 
@@ -114,9 +115,10 @@ class NSATestBase:
 
     ref = lambda *a: reference.nsa(*a, cfg=cfg, q_segment_ids=sid, block_idx=idx)[0]
     got = lambda *a: nsa_op.nsa(*a, cfg=cfg, q_segment_ids=sid, block_idx=idx, **self.kw())
-    ot.assert_close(got(*args), ref(*args), dtype, tol=self.tol(dtype))
-    g1 = jax.grad(functools.partial(loss, ref), argnums=tuple(range(8)))(*args)
-    g2 = jax.grad(functools.partial(loss, got), argnums=tuple(range(8)))(*args)
+    # jitted: op-by-op dispatch compiled ~200 one-op programs per test on the CPU
+    ot.assert_close(jax.jit(got)(*args), jax.jit(ref)(*args), dtype, tol=self.tol(dtype))
+    g1 = jax.jit(jax.grad(functools.partial(loss, ref), argnums=tuple(range(8))))(*args)
+    g2 = jax.jit(jax.grad(functools.partial(loss, got), argnums=tuple(range(8))))(*args)
     names = ["q", "k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win", "gates"]
     # t=33 has one compressed key: a softmax over one key has exactly zero gradient, which the
     # GPU's tf32 dots return as ~3e-5 noise; judge such a gradient against the largest one's scale
