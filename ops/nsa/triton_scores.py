@@ -38,7 +38,7 @@ _SCORE_ROWS = 256
 
 
 def _write_scores(out_ref, mm_ref, ms_ref, tile_probs, *, i0, bt, bk, bs, l, d, n_cmp,
-                  n_out_tiles, split_map):
+                  n_out_tiles):
   """Shared loop of both score kernels: for each tile of bk compressed keys visible to the
   program's last query, tile_probs(j0) -> group-summed, masked probabilities [bt, bk]; mapped
   onto selection blocks by the overlap matrices (mm: this tile's bs blocks, ms: the spill into
@@ -47,10 +47,10 @@ def _write_scores(out_ref, mm_ref, ms_ref, tile_probs, *, i0, bt, bk, bs, l, d, 
   ms = ms_ref[...]
   n_vis = jnp.clip((i0 + bt - 1 - (l - 1)) // d + 1, 0, n_cmp)
   n_tiles = (n_vis + bk - 1) // bk
-  if split_map:       # overlap weights exact in bf16: three bf16 tensor-core dots
+  if mm.dtype == jnp.bfloat16:       # overlap weights exact in bf16: three tensor-core dots
     wdot = _dot_bf16_exact
   else:
-    wdot = lambda a, w: _dot(a, w.astype(_F32), lax.Precision.HIGHEST)
+    wdot = lambda a, w: _dot(a, w, lax.Precision.HIGHEST)
 
   def body(j, carry):
     pg = tile_probs(j * bk)
@@ -95,9 +95,8 @@ def _score_kernel(q_ref, lse_ref, k_ref, qseg_ref, cseg_ref, mm_ref, ms_ref, out
     vis = _visible(j0, rows_t, cseg_ref, qs, bk=bk, l=l, d=d, n_cmp=n_cmp)
     return jnp.where(vis, pg, 0.0)
 
-  # H200, 64k paper shape: the three bf16 dots 12.6 ms; the f32 map is FMA work (HIGHEST)
   _write_scores(out_ref, mm_ref, ms_ref, tile_probs, i0=i0, bt=bt, bk=bk, bs=bs, l=l, d=d,
-                n_cmp=n_cmp, n_out_tiles=n_out_tiles, split_map=mm_ref.dtype == jnp.bfloat16)
+                n_cmp=n_cmp, n_out_tiles=n_out_tiles)
 
 
 def _score_heads_kernel(q_ref, lse_ref, k_ref, qseg_ref, cseg_ref, mm_ref, ms_ref, out_ref, *,
@@ -118,10 +117,8 @@ def _score_heads_kernel(q_ref, lse_ref, k_ref, qseg_ref, cseg_ref, mm_ref, ms_re
     vis = _visible(j0, rows_t, cseg_ref, qs, bk=bk, l=l, d=d, n_cmp=n_cmp)
     return jnp.where(vis, pg, 0.0)
 
-  # the f32 (FMA) map: with the three bf16 dots this kernel took 39.8 ms instead of 14.3 ms
-  # (H200, 64k paper shape; [16, bk] tiles)
   _write_scores(out_ref, mm_ref, ms_ref, tile_probs, i0=i0, bt=bt, bk=bk, bs=bs, l=l, d=d,
-                n_cmp=n_cmp, n_out_tiles=n_out_tiles, split_map=False)
+                n_cmp=n_cmp, n_out_tiles=n_out_tiles)
 
 
 def selection_scores(q, k_cmp, lse_cmp, *, cfg: NSAConfig, q_segment_ids=None, interpret=None,
@@ -185,8 +182,11 @@ def _padded_scores(q, k_cmp, lse_cmp, cfg, q_segment_ids, interpret, bcfg):
     qseg = jnp.zeros((b, tq), jnp.int32)
     cseg = jnp.zeros((b, ncp), jnp.int32)
   w = compress.overlap_matrix(2 * bk, 2 * bs, l, st, ls)
-  if np.array_equal(w, w.astype(jnp.bfloat16).astype(np.float32)):
-    w = w.astype(jnp.bfloat16)       # the kernels then map on tensor cores (dot_f32_bf16_exact)
+  # The row kernel maps with three bf16 tensor-core dots when the weights are exact in bf16
+  # (H200, 64k paper shape: 12.6 ms; the f32 map is scalar FMA work). The head loop keeps the
+  # f32 map: with the bf16 dots it took 39.8 ms instead of 14.3 ms ([16, bk] tiles).
+  if not head_loop and np.array_equal(w, w.astype(jnp.bfloat16).astype(np.float32)):
+    w = w.astype(jnp.bfloat16)
   mm, ms = jnp.asarray(w[:bk, :bs]), jnp.asarray(w[:bk, bs:])
   # a power of two >= both: the top-n kernel reads the first pow2(n_slc) columns as one block
   width = _pow2(max((n_tiles_total + 1) * bs, n_slc), bs)
