@@ -310,6 +310,8 @@ def _bwd(q, k, v, qseg, kvseg, valid, o, lse, do, dlse, *, mask, scale, soft_cap
   )(q, k, v, do, lse2, delta, *extra)
 
   # grid axis 2 enumerates (kv head, slice of its group): s slices of gs query heads each
+  bq, bk = cfg["dkv_block_q"], cfg["dkv_block_kv"]
+  params = _CompilerParams(num_warps=cfg["dkv_num_warps"], num_stages=cfg["dkv_num_stages"])
   s = cfg["bwd_group_split"]
   gs = g // s
   q6 = q.reshape(b, lq, hk, s, gs, d)
@@ -424,9 +426,11 @@ def attention(q, k, v, *, causal, window, sinks, q_segment_ids, kv_segment_ids, 
 
   bq, bk = fit(cfg.block_q, lq), fit(cfg.block_kv, lk)
   bbq, bbk = fit(cfg.bwd_block_q, lq), fit(cfg.bwd_block_kv, lk)
+  dkv_q, dkv_kv, dkv_warps, dkv_stages = cfg.dkv_tiles
+  dbq, dbk = fit(dkv_q, lq), fit(dkv_kv, lk)
   # One padded length serves forward and backward tiles.
-  lq_p = _blocks.pad_len(lq, max(bq, bbq))
-  lk_p = _blocks.pad_len(lk, max(bk, bbk))
+  lq_p = _blocks.pad_len(lq, max(bq, bbq, dbq))
+  lk_p = _blocks.pad_len(lk, max(bk, bbk, dbk))
   mask = Mask(causal=causal, window=window, sinks=sinks if window is not None else 0,
               q_offset=q_offset, q_len=lq, kv_len=lk,
               has_segments=q_segment_ids is not None, has_valid=kv_valid is not None)
@@ -444,7 +448,9 @@ def attention(q, k, v, *, causal, window, sinks, q_segment_ids, kv_segment_ids, 
   cfg_d = _FrozenDict(block_q=bq, block_kv=bk, num_warps=cfg.num_warps,
                       num_stages=cfg.num_stages, bwd_block_q=bbq, bwd_block_kv=bbk,
                       bwd_num_warps=cfg.bwd_num_warps, bwd_num_stages=cfg.bwd_num_stages,
-                      bwd_group_split=group_split(h // k.shape[2], (lk_p // bbk) * b * k.shape[2],
+                      dkv_block_q=dbq, dkv_block_kv=dbk, dkv_num_warps=dkv_warps,
+                      dkv_num_stages=dkv_stages,
+                      bwd_group_split=group_split(h // k.shape[2], (lk_p // dbk) * b * k.shape[2],
                                                   cfg.bwd_min_programs))
   static = _Static(mask=mask, scale=scale, soft_cap=soft_cap, cfg=cfg_d, interpret=interpret)
   o, lse = _flash(qp, kp, vp, qseg, kvseg, valid, static)

@@ -250,10 +250,11 @@ class TestPallasTritonInterpret(AttentionTestBase):
 
 class TestPallasTritonInterpretGroupSplit(AttentionTestBase):
   """dk/dv with the GQA group split over programs (f32 partials summed): every group slice
-  count from 1 head per program (gqa4_mqa: 4 slices; gqa16_segments: 16)."""
+  count from 1 head per program (gqa4_mqa: 4 slices; gqa16_segments: 16); the dk/dv kernel
+  on its own tile (taller kv than the dq kernel's)."""
   IMPLEMENTATION = "pallas_triton"
   INTERPRET = True
-  CONFIG = AttentionBlockConfig.small().replace(bwd_min_programs=1 << 20)
+  CONFIG = AttentionBlockConfig.small().replace(bwd_min_programs=1 << 20, dkv_block_kv=32)
   CASE_NAMES = ("gqa2", "gqa4_mqa", "gqa16_segments")
   test_decode = None
 
@@ -303,6 +304,7 @@ class TestPallasTritonGpuSmallBlocks(AttentionTestBase):
   IMPLEMENTATION = "pallas_triton"
   INTERPRET = False
   CONFIG = AttentionBlockConfig(block_q=32, block_kv=16, bwd_block_q=16, bwd_block_kv=32,
+                                dkv_block_q=32, dkv_block_kv=16, dkv_num_warps=2,
                                 decode_block_kv=16, decode_splits=3)
   F32_TOL = ot.GPU_F32
 
@@ -366,6 +368,9 @@ def test_config_for_device():
   assert c.block_q >= 64 and c.num_warps >= 4
   assert AttentionBlockConfig.for_device("TPU v5p").block_kv % 128 == 0
   assert AttentionBlockConfig.for_device("cpu").replace(block_q=32).block_q == 32
+  base = AttentionBlockConfig(bwd_block_q=32, bwd_block_kv=64, bwd_num_warps=4, bwd_num_stages=2)
+  assert base.dkv_tiles == (32, 64, 4, 2)      # unset dk/dv fields follow the bwd_* ones
+  assert base.replace(dkv_block_kv=128, dkv_num_stages=3).dkv_tiles == (32, 128, 4, 3)
 
 
 SPLASH_CASES = {
