@@ -40,6 +40,19 @@ class AttentionBlockConfig:
   dkv_num_warps: int | None = None
   dkv_num_stages: int | None = None
 
+  def __post_init__(self):
+    # the Triton wrapper pads each length once to the largest tile, so every tile must divide it
+    for f in ("block_q", "block_kv", "bwd_block_q", "bwd_block_kv", "dkv_block_q",
+              "dkv_block_kv", "decode_block_kv"):
+      v = getattr(self, f)
+      if v is not None and (v < 1 or v & (v - 1)):
+        raise ValueError(f"AttentionBlockConfig.{f} must be a power of two, got {v}")
+    for f in ("num_warps", "bwd_num_warps", "dkv_num_warps", "decode_num_warps", "num_stages",
+              "bwd_num_stages", "dkv_num_stages", "decode_num_stages", "decode_splits"):
+      v = getattr(self, f)
+      if v is not None and v < 1:
+        raise ValueError(f"AttentionBlockConfig.{f} must be positive, got {v}")
+
   @property
   def dkv_tiles(self) -> tuple[int, int, int, int]:
     """(block_q, block_kv, num_warps, num_stages) of the dk/dv kernel."""

@@ -371,6 +371,10 @@ def test_config_for_device():
   base = AttentionBlockConfig(bwd_block_q=32, bwd_block_kv=64, bwd_num_warps=4, bwd_num_stages=2)
   assert base.dkv_tiles == (32, 64, 4, 2)      # unset dk/dv fields follow the bwd_* ones
   assert base.replace(dkv_block_kv=128, dkv_num_stages=3).dkv_tiles == (32, 128, 4, 3)
+  with pytest.raises(ValueError, match="dkv_block_kv must be a power of two, got 96"):
+    base.replace(dkv_block_kv=96)
+  with pytest.raises(ValueError, match="bwd_num_warps must be positive"):
+    base.replace(bwd_num_warps=0)
 
 
 SPLASH_CASES = {
