@@ -80,7 +80,8 @@ class AttentionBlockConfig:
       # and late kv blocks evens out over several waves. Backward tiles from a sweep on an
       # H200 (bf16 causal, B1 H16 D128 32k): dq 128x64 on 8 warps / 3 stages 11.2 ms vs
       # 12.3 ms for 64x64 / 4 / 2; dk/dv 64 queries x 128 keys on 8 warps / 3 stages 15.6 ms
-      # vs 16.9 ms (32 or 16 queries x 128 keys on 4 warps: 59-94 ms, register spills).
+      # vs 16.9 ms (32 or 16 queries x 128 keys on 4 warps: 59-94 ms, probably register
+      # spills; not checked).
       return cls(block_q=128, block_kv=64, num_warps=8, num_stages=3, bwd_block_q=128,
                  bwd_block_kv=64, bwd_num_warps=8, bwd_num_stages=3, bwd_min_programs=528,
                  dkv_block_q=64, dkv_block_kv=128, dkv_num_warps=8, dkv_num_stages=3)
