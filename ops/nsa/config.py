@@ -79,7 +79,8 @@ class NSABlockConfig:
   selected/window decode kernel (a power of two >= 16 dividing select_len; None = min(select_len,
   64)). decode_entries: entries per program of that kernel (the selected blocks and the window
   are cut into programs of this many entries). decode_num_warps / decode_num_stages: Triton
-  launch parameters of both decode kernels.
+  launch parameters of those two decode kernels; decode_select_num_warps: of the decode's
+  selection kernel and its branch-combining kernel (one program per batch row and kv head).
   """
   sel_block_k: int | None = None
   sel_num_warps: int = 4
@@ -104,6 +105,7 @@ class NSABlockConfig:
   decode_entries: int = 2
   decode_num_warps: int = 4
   decode_num_stages: int = 2
+  decode_select_num_warps: int = 4
 
   def replace(self, **kw) -> "NSABlockConfig":
     return dataclasses.replace(self, **kw)

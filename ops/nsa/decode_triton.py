@@ -1,20 +1,25 @@
 """NSA one-token decode on GPU (Pallas, Triton lowering): the "pallas_triton" implementation of
 ops.nsa.decode.nsa_decode.
 
-Two kernels, each program owning ALL query heads of one GQA group (padded to >= 16 rows for
-the tensor cores) so every key is read once per kv head:
+Four kernels, each program owning ALL query heads of one GQA group (padded to >= 16 rows for
+the tensor cores) so every key is read once per kv head; between them XLA only reshapes (a
+decode step is a few tens of microseconds, so every extra XLA fusion is a visible share):
 
 1. Compressed branch, flash-decoding style: grid (decode_cmp_splits, b, kvh); a program takes
    one chunk of the compressed cache (up to the row's valid entries), writes its partial
-   (o, lse) and its scaled logits s [g, chunk] (the selection needs p = exp(s - lse) with the
-   FINAL lse, so the logits are kept instead of reading k_cmp a second time). XLA merges the
-   partials by logsumexp and selects with ops.nsa.decode.select_from_cmp, the code the "xla"
-   implementation uses (same scores -> same blocks).
-2. Selected blocks + window: the selected blocks (select_len tokens each) and the window are cut
-   into entries of decode_block_k tokens, given as (load offset, first, last position) int32
-   triples; grid (programs, b, kvh) with decode_entries entries per program, the first programs
-   reading k_slc / v_slc, the rest k_win / v_win. Partials are merged per branch by
-   logsumexp and the three branches gated as the "xla" path does.
+   (o, lse) and its scaled logits s (the selection needs p = exp(s - lse) with the FINAL lse,
+   so the logits are kept instead of reading k_cmp a second time).
+2. Selection, grid (b, kvh): merges the partial lse of each head, sums p over the group's heads
+   straight into selection-block scores (the overlap mapping of ops.nsa.compress.slc_from_cmp
+   as a few strided loads of the logits), then top-n as ops/nsa/topn_triton.py does for
+   training (same candidates, forced blocks and tie rule as select_from_scores).
+3. Selected blocks + window: the selected blocks (select_len tokens each) and the window are cut
+   into entries of decode_block_k tokens, each program computing its entries' (load offset,
+   first, last position) from the block indices and the row's length; grid (programs, b, kvh)
+   with decode_entries entries per program, the first programs reading k_slc / v_slc, the rest
+   k_win / v_win.
+4. Combine, grid (b, kvh): merges each branch's partials by logsumexp and gates the three
+   branches as the "xla" path does.
 
 The raw caches are never copied or padded (a copy would cost more than the decode): an entry
 near the end of a cache loads the last decode_block_k rows (offset clamped) and masks by
@@ -30,7 +35,6 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from ops._backend import GPU, UnsupportedError, resolve_interpret
-from ops.nsa import decode as _dec
 from ops.nsa.config import NSABlockConfig, NSAConfig, default_block_config
 from ops.nsa.kernel_common import dot_nt as _dot_nt
 from ops.nsa.kernel_common import iota as _iota
@@ -39,6 +43,7 @@ from ops.nsa.kernel_common import pad_axis as _pad_axis
 from ops.nsa.kernel_common import pow2 as _pow2
 from ops.nsa.kernel_common import prec as _prec
 from ops.nsa.kernel_common import triton_compiler as _compiler
+from ops.nsa.topn_triton import _BIG, sorting_network
 
 _F32 = jnp.float32
 _DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -64,9 +69,18 @@ def _init(rows, dv):
 
 
 # ------------------------------------------------------------------------ compressed branch
-def _cmp_kernel(nv_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, s_ref, *, scale, bk, steps, prec):
+def _n_valid(len_ref, cfg: NSAConfig, n_cmp: int):
+  """Complete compressed entries of this row (ops.nsa.decode.n_valid_cmp, as a scalar)."""
+  # floor((len - l) / d) + 1 = floor((len - l + d) / d); clamped at 0 first because lax.div
+  # truncates toward zero
+  above = jnp.maximum(len_ref[()] - cfg.block_len + cfg.stride, 0)
+  return jnp.minimum(lax.div(above, jnp.int32(cfg.stride)), n_cmp)
+
+
+def _cmp_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, s_ref, *, cfg, n_cmp, scale, bk,
+                steps, s_off, prec):
   split = pl.program_id(0)
-  nv = nv_ref[()]
+  nv = _n_valid(len_ref, cfg, n_cmp)
   n_max = k_ref.shape[0]
   q = q_ref[...]
   j_lo = split * (steps * bk)
@@ -80,7 +94,7 @@ def _cmp_kernel(nv_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, s_ref, *, scale, bk
     jpos = jc + _iota(bk)
     s = _dot_nt(q, k, prec) * scale
     s = jnp.where((jpos < nv)[None, :], s, -jnp.inf)
-    s_ref[:, pl.ds(jc, bk)] = s
+    s_ref[:, pl.ds(jc + s_off, bk)] = s
     s = jnp.where((jpos >= j0)[None, :], s, -jnp.inf)
     return _online(s, v, carry, prec)
 
@@ -88,10 +102,39 @@ def _cmp_kernel(nv_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, s_ref, *, scale, bk
   _finish(carry, o_ref, lse_ref)
 
 
-def _compressed(q4, k_cmp, v_cmp, nv, *, scale, bc: NSABlockConfig, interpret):
-  """-> o [S,b,kvh,gp,dv] f32, lse [S,b,kvh,gp], s [b,kvh,gp,n] f32 (valid where j < nv)."""
+def _map_taps(cfg: NSAConfig):
+  """Compression -> selection mapping as taps: p_slc[j] = sum over (delta, weight) of
+  weight * p_cmp[j*per + delta] (the overlap weights of ops.nsa.compress.slc_from_cmp: entry c
+  feeds sub-blocks c .. c+r-1, each with weight stride/block_len)."""
+  r, per = cfg.block_len // cfg.stride, cfg.select_len // cfg.stride
+  w = cfg.stride / cfg.block_len
+  taps = []
+  for delta in range(-(r - 1), per):
+    cnt = sum(1 for n in range(r) if 0 <= delta + n < per)
+    taps.append((delta, cnt * w))
+  return taps
+
+
+def _layout(cfg: NSAConfig, n: int, max_len: int):
+  """Logit buffer geometry: (rows R (pow2 >= n_slc), front rows F, total width). The
+  compressed branch writes logit j at column F*per + j of a [gp, width] row; the selection
+  kernel reads it as [gp, width/per, per] so selection block j's taps are strided loads."""
+  per = cfg.select_len // cfg.stride
+  r = cfg.block_len // cfg.stride
+  n_slc = cfg.n_slc(max_len)
+  rows = _pow2(n_slc, 1)
+  front = -(-(r - 1) // per)
+  width = front * per + max(rows * per, -(-n // per) * per)
+  return rows, front, width
+
+
+def _compressed(q4, k_cmp, v_cmp, lengths, *, cfg: NSAConfig, max_len, scale,
+                bc: NSABlockConfig, interpret):
+  """-> o [Sp,b,kvh,gp,dv] f32, lse [Sp,b,kvh,gp] (rows >= S unwritten), s [b,kvh,gp,width]
+  f32 (logit j at column F*per + j, valid where j < n_valid), S."""
   b, hk, gp, d = q4.shape
   dv = v_cmp.shape[-1]
+  n_cmp = k_cmp.shape[1]
   bk = bc.decode_cmp_block_k
   kc = _pad_axis(k_cmp, 1, bk)          # only a cache shorter than one block is copied
   vc = _pad_axis(v_cmp, 1, bk)
@@ -99,8 +142,11 @@ def _compressed(q4, k_cmp, v_cmp, nv, *, scale, bc: NSABlockConfig, interpret):
   n_blocks = -(-n // bk)
   steps = -(-n_blocks // max(1, bc.decode_cmp_splits))
   splits = -(-n_blocks // steps)
-  kern = functools.partial(_cmp_kernel, scale=scale, bk=bk, steps=steps, prec=_prec(q4.dtype))
-  return pl.pallas_call(
+  sp = _pow2(splits, 1)
+  _, front, width = _layout(cfg, n, max_len)
+  kern = functools.partial(_cmp_kernel, cfg=cfg, n_cmp=n_cmp, scale=scale, bk=bk, steps=steps,
+                           s_off=front * (cfg.select_len // cfg.stride), prec=_prec(q4.dtype))
+  o, lse, s = pl.pallas_call(
       kern, grid=(splits, b, hk),
       in_specs=[
           pl.BlockSpec((None,), lambda s, i, j: (i,)),
@@ -111,114 +157,224 @@ def _compressed(q4, k_cmp, v_cmp, nv, *, scale, bc: NSABlockConfig, interpret):
       out_specs=[
           pl.BlockSpec((None, None, None, gp, dv), lambda s, i, j: (s, i, j, 0, 0)),
           pl.BlockSpec((None, None, None, gp), lambda s, i, j: (s, i, j, 0)),
-          pl.BlockSpec((None, None, gp, n), lambda s, i, j: (i, j, 0, 0)),
+          pl.BlockSpec((None, None, gp, width), lambda s, i, j: (i, j, 0, 0)),
       ],
-      out_shape=[jax.ShapeDtypeStruct((splits, b, hk, gp, dv), _F32),
-                 jax.ShapeDtypeStruct((splits, b, hk, gp), _F32),
-                 jax.ShapeDtypeStruct((b, hk, gp, n), _F32)],
+      out_shape=[jax.ShapeDtypeStruct((sp, b, hk, gp, dv), _F32),
+                 jax.ShapeDtypeStruct((sp, b, hk, gp), _F32),
+                 jax.ShapeDtypeStruct((b, hk, gp, width), _F32)],
       interpret=interpret, name="nsa_decode_cmp",
       **_compiler(interpret, bc.decode_num_warps, bc.decode_num_stages),
-  )(nv, q4, kc, vc)
+  )(lengths, q4, kc, vc)
+  return o, lse, s, splits
 
 
+# ------------------------------------------------------------------------------- selection
+def _merged_lse(x, valid):
+  """Logsumexp of the valid entries of x [S] (-inf when none is finite)."""
+  x = jnp.where(valid, x, -jnp.inf)
+  m = jnp.max(x)
+  m_safe = jnp.where(m == -jnp.inf, 0.0, m)
+  tot = jnp.sum(jnp.exp(x - m_safe))
+  return jnp.where(tot > 0, m_safe + jnp.log(jnp.where(tot > 0, tot, 1.0)), -jnp.inf)
+
+
+def _select_kernel(len_ref, lse_ref, s_ref, idx_ref, *, cfg: NSAConfig, g, splits, n_cmp,
+                   n_slc, front, taps):
+  """Selection of one (batch row, kv head): final lse of each head from the split partials,
+  p = exp(s - lse) summed over the group's heads and mapped onto selection blocks by the taps,
+  then n rounds of (largest score, lowest index) and a sorting network, as
+  ops.nsa.topn_triton does for the training path."""
+  nv = _n_valid(len_ref, cfg, n_cmp)
+  pos = len_ref[()] - 1
+  rows, per = _pow2(n_slc, 1), s_ref.shape[2]
+  sp = lse_ref.shape[0]
+  part_ok = _iota(sp) < splits
+  j = _iota(rows)
+
+  def head(h, acc):
+    lse_h = _merged_lse(lse_ref[:, h], part_ok)
+    for delta, wt in taps:
+      e = j * per + delta
+      x = s_ref[h, pl.ds(front + delta // per, rows), delta % per]
+      ok = (e >= 0) & (e < nv)
+      acc = acc + jnp.where(ok, jnp.exp(x - lse_h), 0.0) * wt
+    return acc
+
+  p = lax.fori_loop(0, g, head, jnp.zeros((rows,), _F32))
+  cur = lax.div(pos, jnp.int32(cfg.select_len))
+  allowed = (j <= cur) & (j < n_slc)
+  forced = (j < cfg.n_always_first) | (j > cur - cfg.n_local)
+  score = jnp.where(allowed, jnp.where(forced, jnp.inf, p), -jnp.inf)
+  n, n_pad = cfg.n_select, idx_ref.shape[0]
+  picks = []
+  for _ in range(n):
+    m = jnp.max(score)
+    pick = jnp.min(jnp.where(score == m, j, _BIG))
+    pick = jnp.where(m > -jnp.inf, pick, _BIG)    # nothing left: an empty slot
+    picks.append(pick)
+    score = jnp.where(j == pick, -jnp.inf, score)
+  picks += [jnp.int32(_BIG)] * (n_pad - n)
+  for a, c in sorting_network(n_pad):
+    picks[a], picks[c] = jnp.minimum(picks[a], picks[c]), jnp.maximum(picks[a], picks[c])
+  slot = _iota(n_pad)
+  out = jnp.full((n_pad,), -1, jnp.int32)
+  for r in range(n):
+    out = jnp.where(slot == r, jnp.where(picks[r] == _BIG, -1, picks[r]), out)
+  idx_ref[...] = out
+
+
+def _select(lse_c, s, lengths, splits, *, g, cfg: NSAConfig, n_cmp, max_len, bc, interpret):
+  """-> block_idx [b, kvh, pow2(n_select)] int32 (ascending, -1 padding; the first n_select
+  columns are the selection)."""
+  sp, b, hk, gp = lse_c.shape
+  _, front, _ = _layout(cfg, 0, max_len)
+  width = s.shape[-1]
+  per = cfg.select_len // cfg.stride
+  s5 = s.reshape(b, hk, gp, width // per, per)
+  n_pad = _pow2(cfg.n_select, 1)
+  kern = functools.partial(_select_kernel, cfg=cfg, g=g, splits=splits,
+                           n_cmp=n_cmp, n_slc=cfg.n_slc(max_len), front=front,
+                           taps=_map_taps(cfg))
+  return pl.pallas_call(
+      kern, grid=(b, hk),
+      in_specs=[pl.BlockSpec((None,), lambda i, j: (i,)),
+                pl.BlockSpec((sp, None, None, gp), lambda i, j: (0, i, j, 0)),
+                pl.BlockSpec((None, None, gp, width // per, per), lambda i, j: (i, j, 0, 0, 0))],
+      out_specs=pl.BlockSpec((None, None, n_pad), lambda i, j: (i, j, 0)),
+      out_shape=jax.ShapeDtypeStruct((b, hk, n_pad), jnp.int32),
+      interpret=interpret, name="nsa_decode_select",
+      **_compiler(interpret, bc.decode_select_num_warps, 1),
+  )(lengths, lse_c, s5)
 # ------------------------------------------------------------------- selected + window branch
-def _sw_kernel(off_ref, lo_ref, hi_ref, q_ref, ks_ref, vs_ref, kw_ref, vw_ref, o_ref, lse_ref, *,
-               scale, bk, per, n_sel_prog, prec):
+def _sw_kernel(len_ref, idx_ref, q_ref, ks_ref, vs_ref, kw_ref, vw_ref, o_ref, lse_ref, *,
+               cfg: NSAConfig, scale, bk, per, n_sel_prog, len_s, len_w, prec):
+  """Program p < n_sel_prog: entries [p*per, (p+1)*per) of the selected blocks (block slot
+  e // (select_len/bk), sub-block e % (select_len/bk)); the other programs: entries of the
+  window. An entry is bk raw tokens loaded from a clamped offset and masked by position."""
   q = q_ref[...]
+  pos = len_ref[()] - 1
+  p = pl.program_id(0)
+  subs = cfg.select_len // bk
+  w = min(cfg.window, len_w)
+  n_win = -(-w // bk)
+  n_idx = idx_ref.shape[0]
 
-  def run(k_ref, v_ref):
-    def body(e, carry):
-      off = off_ref[e]
+  def sel_entry(e):
+    slot = lax.div(e, jnp.int32(subs))
+    blk = idx_ref[jnp.minimum(slot, n_idx - 1)]
+    real = (blk >= 0) & (slot < cfg.n_select)
+    start = jnp.maximum(blk, 0) * cfg.select_len + lax.rem(e, jnp.int32(subs)) * bk
+    hi = jnp.minimum(jnp.minimum(pos, start + bk - 1), len_s - 1)
+    return start, jnp.where(real, start, 1), jnp.where(real, hi, 0)
+
+  def win_entry(e):
+    start = jnp.maximum(0, pos - w + 1) + e * bk
+    real = e < n_win
+    hi = jnp.minimum(jnp.minimum(pos, start + bk - 1), len_w - 1)
+    return start, jnp.where(real, start, 1), jnp.where(real, hi, 0)
+
+  def run(k_ref, v_ref, entry, first):
+    n_rows = k_ref.shape[0]
+
+    def body(i, carry):
+      start, lo, hi = entry(first + i)
+      off = jnp.clip(start, 0, n_rows - bk)
       k = k_ref[pl.ds(off, bk), :]
       v = v_ref[pl.ds(off, bk), :]
       kpos = off + _iota(bk)
-      ok = (kpos >= lo_ref[e]) & (kpos <= hi_ref[e])
+      ok = (kpos >= lo) & (kpos <= hi)
       s = jnp.where(ok[None, :], _dot_nt(q, k, prec) * scale, -jnp.inf)
       return _online(s, v, carry, prec)
     return lax.fori_loop(0, per, body, _init(q.shape[0], v_ref.shape[-1]))
 
-  # A program holds `per` entries of one branch: the first n_sel_prog programs read the
-  # selected blocks, the rest the window (static loop bounds: a traced lower bound failed
-  # Triton's scf.for verifier on the H100).
-  carry = lax.cond(pl.program_id(0) < n_sel_prog, lambda: run(ks_ref, vs_ref),
-                   lambda: run(kw_ref, vw_ref))
+  # Static loop bounds: a traced lower bound failed Triton's scf.for verifier on the H100.
+  carry = lax.cond(p < n_sel_prog, lambda: run(ks_ref, vs_ref, sel_entry, p * per),
+                   lambda: run(kw_ref, vw_ref, win_entry, (p - n_sel_prog) * per))
   _finish(carry, o_ref, lse_ref)
 
 
-def _entries(lo, hi, off, per):
-  """Pads [b,kvh,E] entry arrays to a multiple of `per` with empty entries."""
-  e = lo.shape[-1]
-  ep = -(-e // per) * per
-  return (_pad_axis(off, 2, ep, 0), _pad_axis(lo, 2, ep, 1), _pad_axis(hi, 2, ep, 0))
-
-
-def _selected_window(q4, k_slc, v_slc, k_win, v_win, idx, pos, *, cfg: NSAConfig, scale, bk,
-                     bc: NSABlockConfig, interpret):
-  """-> o_slc, o_win [b,kvh,gp,dv] f32 (each normalised over its own keys)."""
+def _selected_window(q4, k_slc, v_slc, k_win, v_win, idx, lengths, *, cfg: NSAConfig, scale,
+                     bk, bc: NSABlockConfig, interpret):
+  """-> o [Pp,b,kvh,gp,dv] f32 and lse [Pp,b,kvh,gp] partials (rows >= P unwritten; the first
+  n_sel_prog rows are the selected branch's, the next the window's), n_sel_prog, P."""
   b, hk, gp, d = q4.shape
   dv = v_slc.shape[-1]
   per = bc.decode_entries
-  ls = cfg.select_len
   len_s, len_w = k_slc.shape[1], k_win.shape[1]
   ks, vs = _pad_axis(k_slc, 1, bk), _pad_axis(v_slc, 1, bk)
   kw, vw = _pad_axis(k_win, 1, bk), _pad_axis(v_win, 1, bk)
-  pos3 = pos[:, None, None]
-
-  # selected: block i, sub-block c -> tokens [idx*ls + c*bk, +bk) up to the query
-  start = (jnp.maximum(idx, 0)[..., None] * ls + jnp.arange(0, ls, bk, dtype=jnp.int32))
-  start = start.reshape(b, hk, -1)
-  real = jnp.repeat(idx >= 0, ls // bk, axis=-1)
-  s_lo = jnp.where(real, start, 1)
-  s_hi = jnp.where(real, jnp.minimum(jnp.minimum(pos3, start + bk - 1), len_s - 1), 0)
-  s_off = jnp.clip(start, 0, ks.shape[1] - bk)
-  s_off, s_lo, s_hi = _entries(s_lo, s_hi, s_off, per)
-  n_sel_prog = s_lo.shape[-1] // per
-
-  # window: positions [max(0, pos-w+1), pos]
-  w = min(cfg.window, len_w)
-  wstart = jnp.maximum(0, pos - w + 1)[:, None] + jnp.arange(0, w, bk, dtype=jnp.int32)[None]
-  w_lo = jnp.broadcast_to(wstart[:, None], (b, hk, wstart.shape[-1]))
-  w_hi = jnp.minimum(jnp.minimum(pos3, w_lo + bk - 1), len_w - 1)
-  w_off = jnp.clip(w_lo, 0, kw.shape[1] - bk)
-  w_off, w_lo, w_hi = _entries(w_lo, w_hi, w_off, per)
-
-  off = jnp.concatenate([s_off, w_off], -1).astype(jnp.int32)
-  lo = jnp.concatenate([s_lo, w_lo], -1).astype(jnp.int32)
-  hi = jnp.concatenate([s_hi, w_hi], -1).astype(jnp.int32)
-  progs = off.shape[-1] // per
-  kern = functools.partial(_sw_kernel, scale=scale, bk=bk, per=per, n_sel_prog=n_sel_prog,
+  n_sel_prog = -(-cfg.n_select * (cfg.select_len // bk) // per)
+  n_win_prog = -(-(-(-min(cfg.window, len_w) // bk)) // per)
+  progs = n_sel_prog + n_win_prog
+  pp = _pow2(progs, 1)
+  kern = functools.partial(_sw_kernel, cfg=cfg, scale=scale, bk=bk, per=per,
+                           n_sel_prog=n_sel_prog, len_s=len_s, len_w=len_w,
                            prec=_prec(q4.dtype))
-  ent = pl.BlockSpec((None, None, per), lambda p, i, j: (i, j, p))
   cache = lambda x: pl.BlockSpec((None, x.shape[1], None, x.shape[3]),
                                  lambda p, i, j: (i, 0, j, 0))
   o, lse = pl.pallas_call(
       kern, grid=(progs, b, hk),
-      in_specs=[ent, ent, ent,
+      in_specs=[pl.BlockSpec((None,), lambda p, i, j: (i,)),
+                pl.BlockSpec((None, None, idx.shape[-1]), lambda p, i, j: (i, j, 0)),
                 pl.BlockSpec((None, None, gp, d), lambda p, i, j: (i, j, 0, 0)),
                 cache(ks), cache(vs), cache(kw), cache(vw)],
       out_specs=[
           pl.BlockSpec((None, None, None, gp, dv), lambda p, i, j: (p, i, j, 0, 0)),
           pl.BlockSpec((None, None, None, gp), lambda p, i, j: (p, i, j, 0)),
       ],
-      out_shape=[jax.ShapeDtypeStruct((progs, b, hk, gp, dv), _F32),
-                 jax.ShapeDtypeStruct((progs, b, hk, gp), _F32)],
+      out_shape=[jax.ShapeDtypeStruct((pp, b, hk, gp, dv), _F32),
+                 jax.ShapeDtypeStruct((pp, b, hk, gp), _F32)],
       interpret=interpret, name="nsa_decode_slc_win",
       **_compiler(interpret, bc.decode_num_warps, bc.decode_num_stages),
-  )(off, lo, hi, q4, ks, vs, kw, vw)
-  o_slc, _ = _merge(o[:n_sel_prog], lse[:n_sel_prog])
-  o_win, _ = _merge(o[n_sel_prog:], lse[n_sel_prog:])
-  return o_slc, o_win
+  )(lengths, idx, q4, ks, vs, kw, vw)
+  return o, lse, n_sel_prog, progs
 
 
-def _merge(o, lse):
-  """Logsumexp merge of partials along axis 0: o [P,...,dv] (normalised), lse [P,...]."""
+# --------------------------------------------------------------------------------- combine
+def _merge_rows(o_ref, lse_ref, lo, hi):
+  """Logsumexp merge of partial rows [lo, hi) of o_ref [P, gp, dv] / lse_ref [P, gp] (each
+  partial normalised over its own keys) -> [gp, dv] f32 (0 where no partial has a key)."""
+  lse = lse_ref[...]
+  rows = lax.broadcasted_iota(jnp.int32, lse.shape, 0)
+  lse = jnp.where((rows >= lo) & (rows < hi), lse, -jnp.inf)
   m = jnp.max(lse, axis=0)
-  m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
-  w = jnp.exp(lse - m_safe[None])          # 0 for empty partials
-  tot = jnp.sum(w, axis=0)
-  tot_safe = jnp.where(tot > 0, tot, 1.0)
-  out = jnp.sum(w[..., None] * o, axis=0) / tot_safe[..., None]
-  return out, jnp.where(tot > 0, m_safe + jnp.log(tot_safe), -jnp.inf)
+  m_safe = jnp.where(m == -jnp.inf, 0.0, m)
+  wts = jnp.exp(lse - m_safe[None, :])              # 0 for empty or unused partials
+  tot = jnp.sum(wts, axis=0)
+  o = jnp.where(wts[:, :, None] > 0, o_ref[...], 0.0)   # unused rows may hold garbage
+  o = jnp.sum(wts[:, :, None] * o, axis=0)
+  return o / jnp.where(tot > 0, tot, 1.0)[:, None]
+
+
+def _combine_kernel(oc_ref, lc_ref, osw_ref, lsw_ref, g_ref, out_ref, *, splits, n_sel_prog,
+                    progs):
+  gates = g_ref[...].astype(_F32)                  # [4, gp]: cmp, slc, win, unused
+  rows = lax.broadcasted_iota(jnp.int32, gates.shape, 0)
+  gate = lambda r: jnp.sum(jnp.where(rows == r, gates, 0.0), axis=0)[:, None]
+  o = (gate(0) * _merge_rows(oc_ref, lc_ref, 0, splits)
+       + gate(1) * _merge_rows(osw_ref, lsw_ref, 0, n_sel_prog)
+       + gate(2) * _merge_rows(osw_ref, lsw_ref, n_sel_prog, progs))
+  out_ref[...] = o.astype(out_ref.dtype)
+
+
+def _combine(o_c, lse_c, o_sw, lse_sw, gates4, *, splits, n_sel_prog, progs, dtype, bc,
+             interpret):
+  """Branch partials and gates [b,kvh,4,gp] -> o [b,kvh,gp,dv] in dtype."""
+  sp, b, hk, gp, dv = o_c.shape
+  pp = o_sw.shape[0]
+  kern = functools.partial(_combine_kernel, splits=splits, n_sel_prog=n_sel_prog, progs=progs)
+  return pl.pallas_call(
+      kern, grid=(b, hk),
+      in_specs=[pl.BlockSpec((sp, None, None, gp, dv), lambda i, j: (0, i, j, 0, 0)),
+                pl.BlockSpec((sp, None, None, gp), lambda i, j: (0, i, j, 0)),
+                pl.BlockSpec((pp, None, None, gp, dv), lambda i, j: (0, i, j, 0, 0)),
+                pl.BlockSpec((pp, None, None, gp), lambda i, j: (0, i, j, 0)),
+                pl.BlockSpec((None, None, 4, gp), lambda i, j: (i, j, 0, 0))],
+      out_specs=pl.BlockSpec((None, None, gp, dv), lambda i, j: (i, j, 0, 0)),
+      out_shape=jax.ShapeDtypeStruct((b, hk, gp, dv), dtype),
+      interpret=interpret, name="nsa_decode_combine",
+      **_compiler(interpret, bc.decode_select_num_warps, 1),
+  )(o_c, lse_c, o_sw, lse_sw, gates4)
 
 
 # ------------------------------------------------------------------------------------ entry
@@ -269,19 +425,17 @@ def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths, *, c
   gp = _pow2(g)
   scale = float(d ** -0.5 if cfg.scale is None else cfg.scale)
   lengths = lengths.astype(jnp.int32)
-  pos = lengths - 1
   q4 = _pad_axis(q.reshape(b, hk, g, d), 2, gp)
-
-  n_cmp = k_cmp.shape[1]
-  nv = _dec.n_valid_cmp(lengths, cfg, n_cmp)
-  o_c, lse_c, s_c = _compressed(q4, k_cmp, v_cmp, nv, scale=scale, bc=bc, interpret=interpret)
-  o_cmp, lse_cmp = _merge(o_c, lse_c)
-  cmask = jnp.broadcast_to((jnp.arange(n_cmp) < nv[:, None])[:, None], (b, hk, n_cmp))
-  idx = _dec.select_from_cmp(s_c[:, :, :g, :n_cmp], lse_cmp[:, :, :g], cmask, pos, cfg,
-                             k_slc.shape[1])
-  idx = lax.stop_gradient(idx)
-
-  o_slc, o_win = _selected_window(q4, k_slc, v_slc, k_win, v_win, idx, pos, cfg=cfg,
-                                  scale=scale, bk=bk, bc=bc, interpret=interpret)
-  o = _dec.gate_combine(gates, o_cmp[:, :, :g], o_slc[:, :, :g], o_win[:, :, :g], q.dtype)
-  return o, idx
+  # gates [b,h,3] -> [b,kvh,4,gp]: one row per branch, heads on the columns
+  gates4 = _pad_axis(_pad_axis(gates.reshape(b, hk, g, 3).transpose(0, 1, 3, 2), 2, 4), 3, gp)
+  max_len = k_slc.shape[1]
+  o_c, lse_c, s_c, splits = _compressed(q4, k_cmp, v_cmp, lengths, cfg=cfg, max_len=max_len,
+                                        scale=scale, bc=bc, interpret=interpret)
+  idx = _select(lse_c, s_c, lengths, splits, g=g, cfg=cfg, n_cmp=k_cmp.shape[1],
+                max_len=max_len, bc=bc, interpret=interpret)
+  o_sw, lse_sw, n_sel_prog, progs = _selected_window(
+      q4, k_slc, v_slc, k_win, v_win, idx, lengths, cfg=cfg, scale=scale, bk=bk, bc=bc,
+      interpret=interpret)
+  o = _combine(o_c, lse_c, o_sw, lse_sw, gates4, splits=splits, n_sel_prog=n_sel_prog,
+               progs=progs, dtype=q.dtype, bc=bc, interpret=interpret)
+  return o[:, :, :g].reshape(b, h, -1), idx[..., :cfg.n_select]
