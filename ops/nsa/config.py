@@ -79,8 +79,11 @@ class NSABlockConfig:
   selected/window decode kernel (a power of two >= 16 dividing select_len; None = min(select_len,
   64)). decode_entries: entries per program of that kernel (the selected blocks and the window
   are cut into programs of this many entries). decode_num_warps / decode_num_stages: Triton
-  launch parameters of those two decode kernels; decode_select_num_warps: of the decode's
-  selection kernel and its branch-combining kernel (one program per batch row and kv head).
+  launch parameters of those two decode kernels. decode_select_block: selection blocks per
+  program of the decode's score kernel (a power of two); decode_select_num_warps: Triton warps
+  of that kernel and of the branch-combining kernel; decode_topn_num_warps: of the decode's
+  top-n kernel (one program per batch row and kv head); decode_combine_dv: value columns per
+  program of the combining kernel (a power of two).
   """
   sel_block_k: int | None = None
   sel_num_warps: int = 4
@@ -105,7 +108,10 @@ class NSABlockConfig:
   decode_entries: int = 2
   decode_num_warps: int = 4
   decode_num_stages: int = 2
+  decode_select_block: int = 128
   decode_select_num_warps: int = 4
+  decode_topn_num_warps: int = 4
+  decode_combine_dv: int = 32
 
   def replace(self, **kw) -> "NSABlockConfig":
     return dataclasses.replace(self, **kw)
@@ -134,7 +140,8 @@ class NSABlockConfig:
   def small(cls) -> "NSABlockConfig":
     """Small items so interpret tests split blocks over several bwd work items."""
     return cls(score_block_q=4, bwd_chunk=8, tpu_block_q=16, tpu_prefetch_max=256,
-               decode_cmp_block_k=16, decode_cmp_splits=3, decode_entries=2)
+               decode_cmp_block_k=16, decode_cmp_splits=3, decode_entries=2,
+               decode_select_block=2, decode_combine_dv=8)
 
 
 def default_block_config() -> NSABlockConfig:

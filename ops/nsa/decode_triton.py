@@ -1,7 +1,7 @@
 """NSA one-token decode on GPU (Pallas, Triton lowering): the "pallas_triton" implementation of
 ops.nsa.decode.nsa_decode.
 
-Four kernels, each program owning ALL query heads of one GQA group (padded to >= 16 rows for
+Five kernels, each program owning ALL query heads of one GQA group (padded to >= 16 rows for
 the tensor cores) so every key is read once per kv head; between them XLA only reshapes (a
 decode step is a few tens of microseconds, so every extra XLA fusion is a visible share):
 
@@ -9,16 +9,17 @@ decode step is a few tens of microseconds, so every extra XLA fusion is a visibl
    one chunk of the compressed cache (up to the row's valid entries), writes its partial
    (o, lse) and its scaled logits s (the selection needs p = exp(s - lse) with the FINAL lse,
    so the logits are kept instead of reading k_cmp a second time).
-2. Selection, grid (b, kvh): merges the partial lse of each head, sums p over the group's heads
-   straight into selection-block scores (the overlap mapping of ops.nsa.compress.slc_from_cmp
-   as a few strided loads of the logits), then top-n as ops/nsa/topn_triton.py does for
-   training (same candidates, forced blocks and tie rule as select_from_scores).
+2. Selection scores, grid (selection-block chunks, b, kvh): merges the partial lse of each
+   head and sums p over the group's heads straight into selection-block scores (the overlap
+   mapping of ops.nsa.compress.slc_from_cmp as row-shifted tile loads of the logits); then
+   top-n, grid (b, kvh), as ops/nsa/topn_triton.py does for training (same candidates, forced
+   blocks and tie rule as select_from_scores).
 3. Selected blocks + window: the selected blocks (select_len tokens each) and the window are cut
    into entries of decode_block_k tokens, each program computing its entries' (load offset,
    first, last position) from the block indices and the row's length; grid (programs, b, kvh)
    with decode_entries entries per program, the first programs reading k_slc / v_slc, the rest
    k_win / v_win.
-4. Combine, grid (b, kvh): merges each branch's partials by logsumexp and gates the three
+4. Combine, grid (value-column chunks, b, kvh): merges each branch's partials by logsumexp and gates the three
    branches as the "xla" path does.
 
 The raw caches are never copied or padded (a copy would cost more than the decode): an entry
@@ -169,38 +170,52 @@ def _compressed(q4, k_cmp, v_cmp, lengths, *, cfg: NSAConfig, max_len, scale,
 
 
 # ------------------------------------------------------------------------------- selection
-def _merged_lse(x, valid):
-  """Logsumexp of the valid entries of x [S] (-inf when none is finite)."""
-  x = jnp.where(valid, x, -jnp.inf)
-  m = jnp.max(x)
+def _merged_lse(lse, valid):
+  """Logsumexp over axis 0 of the valid rows of lse [S, gp] -> [gp] (-inf where none is)."""
+  lse = jnp.where(valid, lse, -jnp.inf)
+  m = jnp.max(lse, axis=0)
   m_safe = jnp.where(m == -jnp.inf, 0.0, m)
-  tot = jnp.sum(jnp.exp(x - m_safe))
+  tot = jnp.sum(jnp.exp(lse - m_safe[None, :]), axis=0)
   return jnp.where(tot > 0, m_safe + jnp.log(jnp.where(tot > 0, tot, 1.0)), -jnp.inf)
 
 
-def _select_kernel(len_ref, lse_ref, s_ref, idx_ref, *, cfg: NSAConfig, g, splits, n_cmp,
-                   n_slc, front, taps):
-  """Selection of one (batch row, kv head): final lse of each head from the split partials,
-  p = exp(s - lse) summed over the group's heads and mapped onto selection blocks by the taps,
-  then n rounds of (largest score, lowest index) and a sorting network, as
-  ops.nsa.topn_triton does for the training path."""
+def _scores_kernel(len_ref, lse_ref, s_ref, p_ref, *, cfg: NSAConfig, g, splits, n_cmp, front,
+                   taps):
+  """Selection-block scores of rows [c*rc, (c+1)*rc) of one (batch row, kv head): the final
+  lse of each head from the split partials, p = exp(s - lse) summed over the group's heads
+  and mapped onto selection blocks by the taps. A tap delta of block j reads logit
+  j*per + delta, i.e. row j + delta // per, column delta % per of the [gp, rows, per] view, so
+  each row shift is one [gp, rc, per] tile load."""
   nv = _n_valid(len_ref, cfg, n_cmp)
+  gp, rc, per = s_ref.shape[0], p_ref.shape[0], s_ref.shape[2]
+  c = pl.program_id(0)
+  lse = lse_ref[...]
+  lse = _merged_lse(lse, lax.broadcasted_iota(jnp.int32, lse.shape, 0) < splits)
+  shape = (gp, rc, per)
+  head = lax.broadcasted_iota(jnp.int32, shape, 0)
+  row = c * rc + lax.broadcasted_iota(jnp.int32, shape, 1)
+  col = lax.broadcasted_iota(jnp.int32, (rc, per), 1)
+  acc = jnp.zeros((rc,), _F32)
+  for shift in sorted({delta // per for delta, _ in taps}):
+    x = s_ref[:, pl.ds(front + shift + c * rc, rc), :]
+    e = (row + shift) * per + lax.broadcasted_iota(jnp.int32, shape, 2)
+    ok = (head < g) & (e >= 0) & (e < nv)
+    p = jnp.sum(jnp.where(ok, jnp.exp(x - lse[:, None, None]), 0.0), axis=0)   # [rc, per]
+    wt = jnp.zeros((rc, per), _F32)
+    for delta, w in taps:
+      if delta // per == shift:
+        wt = jnp.where(col == delta % per, w, wt)
+    acc = acc + jnp.sum(p * wt, axis=1)
+  p_ref[...] = acc
+
+
+def _topn_kernel(len_ref, p_ref, idx_ref, *, cfg: NSAConfig, n_slc):
+  """Top-n of one (batch row, kv head) as ops/nsa/topn_triton.py does for training: the
+  candidates, forced blocks and tie rule of select_from_scores; n rounds of (largest score,
+  lowest index), then a sorting network."""
   pos = len_ref[()] - 1
-  rows, per = _pow2(n_slc, 1), s_ref.shape[2]
-  sp = lse_ref.shape[0]
-  part_ok = _iota(sp) < splits
-  j = _iota(rows)
-
-  def head(h, acc):
-    lse_h = _merged_lse(lse_ref[:, h], part_ok)
-    for delta, wt in taps:
-      e = j * per + delta
-      x = s_ref[h, pl.ds(front + delta // per, rows), delta % per]
-      ok = (e >= 0) & (e < nv)
-      acc = acc + jnp.where(ok, jnp.exp(x - lse_h), 0.0) * wt
-    return acc
-
-  p = lax.fori_loop(0, g, head, jnp.zeros((rows,), _F32))
+  p = p_ref[...]
+  j = _iota(p.shape[0])
   cur = lax.div(pos, jnp.int32(cfg.select_len))
   allowed = (j <= cur) & (j < n_slc)
   forced = (j < cfg.n_always_first) | (j > cur - cfg.n_local)
@@ -227,24 +242,37 @@ def _select(lse_c, s, lengths, splits, *, g, cfg: NSAConfig, n_cmp, max_len, bc,
   """-> block_idx [b, kvh, pow2(n_select)] int32 (ascending, -1 padding; the first n_select
   columns are the selection)."""
   sp, b, hk, gp = lse_c.shape
-  _, front, _ = _layout(cfg, 0, max_len)
+  rows, front, _ = _layout(cfg, 0, max_len)
   width = s.shape[-1]
   per = cfg.select_len // cfg.stride
   s5 = s.reshape(b, hk, gp, width // per, per)
+  rc = min(rows, bc.decode_select_block)
+  kern = functools.partial(_scores_kernel, cfg=cfg, g=g, splits=splits, n_cmp=n_cmp,
+                           front=front, taps=_map_taps(cfg))
+  p = pl.pallas_call(
+      kern, grid=(rows // rc, b, hk),
+      in_specs=[pl.BlockSpec((None,), lambda c, i, j: (i,)),
+                pl.BlockSpec((sp, None, None, gp), lambda c, i, j: (0, i, j, 0)),
+                pl.BlockSpec((None, None, gp, width // per, per),
+                             lambda c, i, j: (i, j, 0, 0, 0))],
+      out_specs=pl.BlockSpec((None, None, rc), lambda c, i, j: (i, j, c)),
+      out_shape=jax.ShapeDtypeStruct((b, hk, rows), _F32),
+      interpret=interpret, name="nsa_decode_scores",
+      **_compiler(interpret, bc.decode_select_num_warps, 1),
+  )(lengths, lse_c, s5)
   n_pad = _pow2(cfg.n_select, 1)
-  kern = functools.partial(_select_kernel, cfg=cfg, g=g, splits=splits,
-                           n_cmp=n_cmp, n_slc=cfg.n_slc(max_len), front=front,
-                           taps=_map_taps(cfg))
+  kern = functools.partial(_topn_kernel, cfg=cfg, n_slc=cfg.n_slc(max_len))
   return pl.pallas_call(
       kern, grid=(b, hk),
       in_specs=[pl.BlockSpec((None,), lambda i, j: (i,)),
-                pl.BlockSpec((sp, None, None, gp), lambda i, j: (0, i, j, 0)),
-                pl.BlockSpec((None, None, gp, width // per, per), lambda i, j: (i, j, 0, 0, 0))],
+                pl.BlockSpec((None, None, rows), lambda i, j: (i, j, 0))],
       out_specs=pl.BlockSpec((None, None, n_pad), lambda i, j: (i, j, 0)),
       out_shape=jax.ShapeDtypeStruct((b, hk, n_pad), jnp.int32),
-      interpret=interpret, name="nsa_decode_select",
-      **_compiler(interpret, bc.decode_select_num_warps, 1),
-  )(lengths, lse_c, s5)
+      interpret=interpret, name="nsa_decode_topn",
+      **_compiler(interpret, bc.decode_topn_num_warps, 1),
+  )(lengths, p)
+
+
 # ------------------------------------------------------------------- selected + window branch
 def _sw_kernel(len_ref, idx_ref, q_ref, ks_ref, vs_ref, kw_ref, vw_ref, o_ref, lse_ref, *,
                cfg: NSAConfig, scale, bk, per, n_sel_prog, len_s, len_w, prec):
@@ -331,19 +359,17 @@ def _selected_window(q4, k_slc, v_slc, k_win, v_win, idx, lengths, *, cfg: NSACo
 
 
 # --------------------------------------------------------------------------------- combine
-def _merge_rows(o_ref, lse_ref, lo, hi):
-  """Logsumexp merge of partial rows [lo, hi) of o_ref [P, gp, dv] / lse_ref [P, gp] (each
-  partial normalised over its own keys) -> [gp, dv] f32 (0 where no partial has a key)."""
-  lse = lse_ref[...]
+def _merge_rows(o, lse, lo, hi):
+  """Logsumexp merge of partial rows [lo, hi) of o [P, gp, dvc] / lse [P, gp] (each partial
+  normalised over its own keys) -> [gp, dvc] f32 (0 where no partial has a key)."""
   rows = lax.broadcasted_iota(jnp.int32, lse.shape, 0)
   lse = jnp.where((rows >= lo) & (rows < hi), lse, -jnp.inf)
   m = jnp.max(lse, axis=0)
   m_safe = jnp.where(m == -jnp.inf, 0.0, m)
-  wts = jnp.exp(lse - m_safe[None, :])              # 0 for empty or unused partials
+  wts = jnp.exp(lse - m_safe[None, :])[:, :, None]      # 0 for empty or unused partials
   tot = jnp.sum(wts, axis=0)
-  o = jnp.where(wts[:, :, None] > 0, o_ref[...], 0.0)   # unused rows may hold garbage
-  o = jnp.sum(wts[:, :, None] * o, axis=0)
-  return o / jnp.where(tot > 0, tot, 1.0)[:, None]
+  o = jnp.sum(wts * jnp.where(wts > 0, o, 0.0), axis=0)   # unused rows may hold garbage
+  return o / jnp.where(tot > 0, tot, 1.0)
 
 
 def _combine_kernel(oc_ref, lc_ref, osw_ref, lsw_ref, g_ref, out_ref, *, splits, n_sel_prog,
@@ -351,26 +377,29 @@ def _combine_kernel(oc_ref, lc_ref, osw_ref, lsw_ref, g_ref, out_ref, *, splits,
   gates = g_ref[...].astype(_F32)                  # [4, gp]: cmp, slc, win, unused
   rows = lax.broadcasted_iota(jnp.int32, gates.shape, 0)
   gate = lambda r: jnp.sum(jnp.where(rows == r, gates, 0.0), axis=0)[:, None]
-  o = (gate(0) * _merge_rows(oc_ref, lc_ref, 0, splits)
-       + gate(1) * _merge_rows(osw_ref, lsw_ref, 0, n_sel_prog)
-       + gate(2) * _merge_rows(osw_ref, lsw_ref, n_sel_prog, progs))
+  osw, lsw = osw_ref[...], lsw_ref[...]
+  o = (gate(0) * _merge_rows(oc_ref[...], lc_ref[...], 0, splits)
+       + gate(1) * _merge_rows(osw, lsw, 0, n_sel_prog)
+       + gate(2) * _merge_rows(osw, lsw, n_sel_prog, progs))
   out_ref[...] = o.astype(out_ref.dtype)
 
 
 def _combine(o_c, lse_c, o_sw, lse_sw, gates4, *, splits, n_sel_prog, progs, dtype, bc,
              interpret):
-  """Branch partials and gates [b,kvh,4,gp] -> o [b,kvh,gp,dv] in dtype."""
+  """Branch partials and gates [b,kvh,4,gp] -> o [b,kvh,gp,dv] in dtype. The value dim is
+  split over programs (decode_combine_dv columns each) to keep the partial tiles small."""
   sp, b, hk, gp, dv = o_c.shape
   pp = o_sw.shape[0]
+  dc = min(dv, bc.decode_combine_dv)
   kern = functools.partial(_combine_kernel, splits=splits, n_sel_prog=n_sel_prog, progs=progs)
   return pl.pallas_call(
-      kern, grid=(b, hk),
-      in_specs=[pl.BlockSpec((sp, None, None, gp, dv), lambda i, j: (0, i, j, 0, 0)),
-                pl.BlockSpec((sp, None, None, gp), lambda i, j: (0, i, j, 0)),
-                pl.BlockSpec((pp, None, None, gp, dv), lambda i, j: (0, i, j, 0, 0)),
-                pl.BlockSpec((pp, None, None, gp), lambda i, j: (0, i, j, 0)),
-                pl.BlockSpec((None, None, 4, gp), lambda i, j: (i, j, 0, 0))],
-      out_specs=pl.BlockSpec((None, None, gp, dv), lambda i, j: (i, j, 0, 0)),
+      kern, grid=(dv // dc, b, hk),
+      in_specs=[pl.BlockSpec((sp, None, None, gp, dc), lambda c, i, j: (0, i, j, 0, c)),
+                pl.BlockSpec((sp, None, None, gp), lambda c, i, j: (0, i, j, 0)),
+                pl.BlockSpec((pp, None, None, gp, dc), lambda c, i, j: (0, i, j, 0, c)),
+                pl.BlockSpec((pp, None, None, gp), lambda c, i, j: (0, i, j, 0)),
+                pl.BlockSpec((None, None, 4, gp), lambda c, i, j: (i, j, 0, 0))],
+      out_specs=pl.BlockSpec((None, None, gp, dc), lambda c, i, j: (i, j, 0, c)),
       out_shape=jax.ShapeDtypeStruct((b, hk, gp, dv), dtype),
       interpret=interpret, name="nsa_decode_combine",
       **_compiler(interpret, bc.decode_select_num_warps, 1),
@@ -406,6 +435,10 @@ def _check(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, cfg: NSAConfig, bc):
                            ">= 16")
   if bc.decode_entries < 1 or bc.decode_cmp_splits < 1:
     raise UnsupportedError("decode_entries and decode_cmp_splits must be >= 1")
+  for f in ("decode_select_block", "decode_combine_dv"):
+    v = getattr(bc, f)
+    if v < 1 or v & (v - 1):
+      raise UnsupportedError(f"{f} {v} must be a power of two")
   return bk
 
 

@@ -138,7 +138,7 @@ class TestNSADecodeTritonInterpret(NSADecodeTestBase):
 
   def test_lowers_for_cuda(self):
     """The kernels lower to Triton for an H100 at the benchmark shape (64k cache, batch 8,
-    64/4 heads, D128, bf16): four Triton calls. With jaxlib <= 0.10.2 lowering only emits the
+    64/4 heads, D128, bf16): five Triton calls. With jaxlib <= 0.10.2 lowering only emits the
     Triton IR (no GPU needed); newer jaxlib compiles it in-process, which needs the GPU."""
     import jaxlib
     newer = tuple(int(re.match(r"\d+", x).group()) for x in
@@ -155,7 +155,7 @@ class TestNSADecodeTritonInterpret(NSADecodeTestBase):
                            interpret=False)
     with _backend.target("gpu", "NVIDIA H100 80GB HBM3"):
       text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("triton") >= 4, "expected the four Triton kernels in the lowered module"
+    assert text.count("triton") >= 5, "expected the five Triton kernels in the lowered module"
 
 
 # Paper block sizes at short caches; the same 5 slots as SMALL_CASES (test parametrisation).
