@@ -21,6 +21,8 @@ class AttentionBlockConfig:
     over the query heads of the GQA group; when that grid is smaller than this, the group is
     split over more programs (f32 partial dK/dV summed afterwards) so the GPU is filled. 0 never
     splits. NSA's packed compressed branch (group 256, ~1k keys at 16k tokens) is the case.
+  heavy_first: with a causal mask (no window) the forward and dq grids run the last query
+    blocks (the most keys) first, so the short programs fill the tail of the launch.
   """
   block_q: int = 128
   block_kv: int = 64
@@ -39,6 +41,7 @@ class AttentionBlockConfig:
   dkv_block_kv: int | None = None
   dkv_num_warps: int | None = None
   dkv_num_stages: int | None = None
+  heavy_first: bool = True
 
   def __post_init__(self):
     # the Triton wrapper pads each length once to the largest tile, so every tile must divide it

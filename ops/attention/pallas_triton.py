@@ -64,7 +64,18 @@ def _logits(raw, scale, soft_cap):
 # ----------------------------------------------------------------------------- forward
 
 
-def _fwd_kernel(*refs, mask: Mask, scale, soft_cap, block_q, block_kv):
+def _q_block(nq: int, reverse: bool):
+  """Query block of this program: grid axis 0 walks the blocks last-first when `reverse`, so
+  a causal grid launches its longest programs first instead of leaving them for the tail."""
+  i = pl.program_id(0)
+  return nq - 1 - i if reverse else i
+
+
+def _q_map(nq: int, reverse: bool):
+  return (lambda i: nq - 1 - i) if reverse else (lambda i: i)
+
+
+def _fwd_kernel(*refs, mask: Mask, scale, soft_cap, block_q, block_kv, nq, reverse):
   it = iter(refs)
   q_ref, k_ref, v_ref = next(it), next(it), next(it)
   qseg_ref = kvseg_ref = valid_ref = None
@@ -74,7 +85,7 @@ def _fwd_kernel(*refs, mask: Mask, scale, soft_cap, block_q, block_kv):
     valid_ref = next(it)
   o_ref, lse_ref = next(it), next(it)
 
-  q_start = pl.program_id(0) * block_q
+  q_start = _q_block(nq, reverse) * block_q
   q = q_ref[...]
   q_pos = (q_start + mask.q_offset + lax.broadcasted_iota(jnp.int32, (block_q, 1), 0))
   qseg = qseg_ref[...][:, None] if mask.has_segments else None
@@ -133,24 +144,26 @@ def _fwd(q, k, v, qseg, kvseg, valid, *, mask, scale, soft_cap, cfg, interpret):
   g = h // hk
   bq, bk = cfg["block_q"], cfg["block_kv"]
   nq = lq // bq
+  rev = cfg["heavy_first"] and mask.causal and mask.window is None
+  qm = _q_map(nq, rev)
   in_specs = [
-      pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
+      pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, qm(i), hi, 0)),
       pl.BlockSpec((None, lk, None, d), lambda i, bi, hi: (bi, 0, hi // g, 0)),
       pl.BlockSpec((None, lk, None, dv), lambda i, bi, hi: (bi, 0, hi // g, 0)),
   ]
   if mask.has_segments:
-    in_specs += [pl.BlockSpec((None, bq), lambda i, bi, hi: (bi, i)),
+    in_specs += [pl.BlockSpec((None, bq), lambda i, bi, hi: (bi, qm(i))),
                  pl.BlockSpec((None, lk), lambda i, bi, hi: (bi, 0))]
   if mask.has_valid:
     in_specs.append(pl.BlockSpec((None, lk), lambda i, bi, hi: (bi, 0)))
   kernel = functools.partial(_fwd_kernel, mask=mask, scale=scale, soft_cap=soft_cap,
-                             block_q=bq, block_kv=bk)
+                             block_q=bq, block_kv=bk, nq=nq, reverse=rev)
   return pl.pallas_call(
       kernel,
       grid=(nq, b, h),
       in_specs=in_specs,
-      out_specs=[pl.BlockSpec((None, bq, None, dv), lambda i, bi, hi: (bi, i, hi, 0)),
-                 pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, i))],
+      out_specs=[pl.BlockSpec((None, bq, None, dv), lambda i, bi, hi: (bi, qm(i), hi, 0)),
+                 pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, qm(i)))],
       out_shape=[jax.ShapeDtypeStruct((b, lq, h, dv), q.dtype),
                  jax.ShapeDtypeStruct((b, h, lq), jnp.float32)],
       compiler_params=_CompilerParams(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]),
@@ -162,7 +175,7 @@ def _fwd(q, k, v, qseg, kvseg, valid, *, mask, scale, soft_cap, cfg, interpret):
 # ----------------------------------------------------------------------------- backward
 
 
-def _dq_kernel(*refs, mask: Mask, scale, soft_cap, block_q, block_kv):
+def _dq_kernel(*refs, mask: Mask, scale, soft_cap, block_q, block_kv, nq, reverse):
   it = iter(refs)
   q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = (next(it) for _ in range(6))
   qseg_ref = kvseg_ref = valid_ref = None
@@ -172,7 +185,7 @@ def _dq_kernel(*refs, mask: Mask, scale, soft_cap, block_q, block_kv):
     valid_ref = next(it)
   dq_ref = next(it)
 
-  q_start = pl.program_id(0) * block_q
+  q_start = _q_block(nq, reverse) * block_q
   q = q_ref[...]
   do = do_ref[...]
   lse2 = lse_ref[...][:, None]
@@ -284,25 +297,28 @@ def _bwd(q, k, v, qseg, kvseg, valid, o, lse, do, dlse, *, mask, scale, soft_cap
   params = _CompilerParams(num_warps=cfg["bwd_num_warps"], num_stages=cfg["bwd_num_stages"])
 
   bq, bk = cfg["bwd_block_q"], cfg["bwd_block_kv"]
+  nq = lq // bq
+  rev = cfg["heavy_first"] and mask.causal and mask.window is None
+  qm = _q_map(nq, rev)
   in_specs = [
-      pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
+      pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, qm(i), hi, 0)),
       pl.BlockSpec((None, lk, None, d), lambda i, bi, hi: (bi, 0, hi // g, 0)),
       pl.BlockSpec((None, lk, None, dv), lambda i, bi, hi: (bi, 0, hi // g, 0)),
-      pl.BlockSpec((None, bq, None, dv), lambda i, bi, hi: (bi, i, hi, 0)),
-      pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, i)),
-      pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, i)),
+      pl.BlockSpec((None, bq, None, dv), lambda i, bi, hi: (bi, qm(i), hi, 0)),
+      pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, qm(i))),
+      pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, qm(i))),
   ]
   if mask.has_segments:
-    in_specs += [pl.BlockSpec((None, bq), lambda i, bi, hi: (bi, i)),
+    in_specs += [pl.BlockSpec((None, bq), lambda i, bi, hi: (bi, qm(i))),
                  pl.BlockSpec((None, lk), lambda i, bi, hi: (bi, 0))]
   if mask.has_valid:
     in_specs.append(pl.BlockSpec((None, lk), lambda i, bi, hi: (bi, 0)))
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, mask=mask, scale=scale, soft_cap=soft_cap, block_q=bq,
-                        block_kv=bk),
-      grid=(lq // bq, b, h),
+                        block_kv=bk, nq=nq, reverse=rev),
+      grid=(nq, b, h),
       in_specs=in_specs,
-      out_specs=pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
+      out_specs=pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, qm(i), hi, 0)),
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       compiler_params=params,
       interpret=interpret,
@@ -449,7 +465,7 @@ def attention(q, k, v, *, causal, window, sinks, q_segment_ids, kv_segment_ids, 
                       num_stages=cfg.num_stages, bwd_block_q=bbq, bwd_block_kv=bbk,
                       bwd_num_warps=cfg.bwd_num_warps, bwd_num_stages=cfg.bwd_num_stages,
                       dkv_block_q=dbq, dkv_block_kv=dbk, dkv_num_warps=dkv_warps,
-                      dkv_num_stages=dkv_stages,
+                      dkv_num_stages=dkv_stages, heavy_first=cfg.heavy_first,
                       bwd_group_split=group_split(h // k.shape[2], (lk_p // dbk) * b * k.shape[2],
                                                   cfg.bwd_min_programs))
   static = _Static(mask=mask, scale=scale, soft_cap=soft_cap, cfg=cfg_d, interpret=interpret)

@@ -75,11 +75,13 @@ class NSABlockConfig:
   2**16 compile). tpu_score_block_k: compressed keys per step of the TPU score kernel (lanes).
   decode_cmp_block_k: compressed entries per inner step of the Triton decode kernel (a power of
   two >= 16). decode_cmp_splits: programs per (batch row, kv head) over the compressed cache
-  (flash-decoding split, merged by logsumexp). decode_block_k: raw tokens per entry of the
+  (flash-decoding split, merged by logsumexp); decode_cmp_num_stages: its Triton pipeline
+  depth. decode_block_k: raw tokens per entry of the
   selected/window decode kernel (a power of two >= 16 dividing select_len; None = min(select_len,
   64)). decode_entries: entries per program of that kernel (the selected blocks and the window
   are cut into programs of this many entries). decode_num_warps / decode_num_stages: Triton
-  launch parameters of those two decode kernels. decode_select_block: selection blocks per
+  launch parameters of the selected/window kernel (the warps also of the compressed one).
+  decode_select_block: selection blocks per
   program of the decode's score kernel (a power of two); decode_select_num_warps: Triton warps
   of that kernel and of the branch-combining kernel; decode_topn_num_warps: of the decode's
   top-n kernel (one program per batch row and kv head); decode_combine_dv: value columns per
@@ -104,6 +106,7 @@ class NSABlockConfig:
   tpu_score_block_k: int = 128
   decode_cmp_block_k: int = 64
   decode_cmp_splits: int = 16
+  decode_cmp_num_stages: int = 2
   decode_block_k: int | None = None
   decode_entries: int = 2
   decode_num_warps: int = 4
@@ -130,10 +133,15 @@ class NSABlockConfig:
       # 8192 on 4 warps 4.63 ms (the old ascending-output rounds: 7.97 ms). Score kernel
       # (H200, 64k): the row kernel with its head reduction 12.6 ms on 8 warps (12.9 on 4) vs
       # the head loop 14.3 ms.
+      # Decode compressed kernel (H200, batch 8, 64k cache, 64/4 heads, device time): 8 splits
+      # of 64-entry steps on 3 stages 21.8 us (16 splits / 2 stages: 26.4 us; 67 MB of k/v at
+      # ~3.5 TB/s with the logits). Selected/window kernel: 2 entries, 4 warps, 2 stages 7.6 us
+      # (3 stages 11.3 us).
       return cls(sel_num_warps=4, sel_num_stages=2, score_block_q=16, score_head_loop=False,
                  score_num_warps=8, topn_tile_elems=2048, topn_num_warps=1,
-                 bwd_chunk=64, bwd_num_warps=4, decode_cmp_block_k=64, decode_cmp_splits=16,
-                 decode_entries=2, decode_num_warps=4, decode_num_stages=2)
+                 bwd_chunk=64, bwd_num_warps=4, decode_cmp_block_k=64, decode_cmp_splits=8,
+                 decode_cmp_num_stages=3, decode_entries=2, decode_num_warps=4,
+                 decode_num_stages=2)
     return cls()
 
   @classmethod

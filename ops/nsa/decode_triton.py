@@ -164,7 +164,7 @@ def _compressed(q4, k_cmp, v_cmp, lengths, *, cfg: NSAConfig, max_len, scale,
                  jax.ShapeDtypeStruct((sp, b, hk, gp), _F32),
                  jax.ShapeDtypeStruct((b, hk, gp, width), _F32)],
       interpret=interpret, name="nsa_decode_cmp",
-      **_compiler(interpret, bc.decode_num_warps, bc.decode_num_stages),
+      **_compiler(interpret, bc.decode_num_warps, bc.decode_cmp_num_stages),
   )(lengths, q4, kc, vc)
   return o, lse, s, splits
 
@@ -374,9 +374,7 @@ def _merge_rows(o, lse, lo, hi):
 
 def _combine_kernel(oc_ref, lc_ref, osw_ref, lsw_ref, g_ref, out_ref, *, splits, n_sel_prog,
                     progs):
-  gates = g_ref[...].astype(_F32)                  # [4, gp]: cmp, slc, win, unused
-  rows = lax.broadcasted_iota(jnp.int32, gates.shape, 0)
-  gate = lambda r: jnp.sum(jnp.where(rows == r, gates, 0.0), axis=0)[:, None]
+  gate = lambda r: g_ref[:, r].astype(_F32)[:, None]   # g_ref [gp, 3]: cmp, slc, win
   osw, lsw = osw_ref[...], lsw_ref[...]
   o = (gate(0) * _merge_rows(oc_ref[...], lc_ref[...], 0, splits)
        + gate(1) * _merge_rows(osw, lsw, 0, n_sel_prog)
@@ -384,9 +382,9 @@ def _combine_kernel(oc_ref, lc_ref, osw_ref, lsw_ref, g_ref, out_ref, *, splits,
   out_ref[...] = o.astype(out_ref.dtype)
 
 
-def _combine(o_c, lse_c, o_sw, lse_sw, gates4, *, splits, n_sel_prog, progs, dtype, bc,
+def _combine(o_c, lse_c, o_sw, lse_sw, gates3, *, splits, n_sel_prog, progs, dtype, bc,
              interpret):
-  """Branch partials and gates [b,kvh,4,gp] -> o [b,kvh,gp,dv] in dtype. The value dim is
+  """Branch partials and gates [b,kvh,gp,3] -> o [b,kvh,gp,dv] in dtype. The value dim is
   split over programs (decode_combine_dv columns each) to keep the partial tiles small."""
   sp, b, hk, gp, dv = o_c.shape
   pp = o_sw.shape[0]
@@ -398,12 +396,12 @@ def _combine(o_c, lse_c, o_sw, lse_sw, gates4, *, splits, n_sel_prog, progs, dty
                 pl.BlockSpec((sp, None, None, gp), lambda c, i, j: (0, i, j, 0)),
                 pl.BlockSpec((pp, None, None, gp, dc), lambda c, i, j: (0, i, j, 0, c)),
                 pl.BlockSpec((pp, None, None, gp), lambda c, i, j: (0, i, j, 0)),
-                pl.BlockSpec((None, None, 4, gp), lambda c, i, j: (i, j, 0, 0))],
+                pl.BlockSpec((None, None, gp, 3), lambda c, i, j: (i, j, 0, 0))],
       out_specs=pl.BlockSpec((None, None, gp, dc), lambda c, i, j: (i, j, 0, c)),
       out_shape=jax.ShapeDtypeStruct((b, hk, gp, dv), dtype),
       interpret=interpret, name="nsa_decode_combine",
       **_compiler(interpret, bc.decode_select_num_warps, 1),
-  )(o_c, lse_c, o_sw, lse_sw, gates4)
+  )(o_c, lse_c, o_sw, lse_sw, gates3)
 
 
 # ------------------------------------------------------------------------------------ entry
@@ -459,8 +457,7 @@ def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths, *, c
   scale = float(d ** -0.5 if cfg.scale is None else cfg.scale)
   lengths = lengths.astype(jnp.int32)
   q4 = _pad_axis(q.reshape(b, hk, g, d), 2, gp)
-  # gates [b,h,3] -> [b,kvh,4,gp]: one row per branch, heads on the columns
-  gates4 = _pad_axis(_pad_axis(gates.reshape(b, hk, g, 3).transpose(0, 1, 3, 2), 2, 4), 3, gp)
+  gates3 = _pad_axis(gates.reshape(b, hk, g, 3), 2, gp)     # a free reshape when g == gp
   max_len = k_slc.shape[1]
   o_c, lse_c, s_c, splits = _compressed(q4, k_cmp, v_cmp, lengths, cfg=cfg, max_len=max_len,
                                         scale=scale, bc=bc, interpret=interpret)
@@ -469,6 +466,6 @@ def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths, *, c
   o_sw, lse_sw, n_sel_prog, progs = _selected_window(
       q4, k_slc, v_slc, k_win, v_win, idx, lengths, cfg=cfg, scale=scale, bk=bk, bc=bc,
       interpret=interpret)
-  o = _combine(o_c, lse_c, o_sw, lse_sw, gates4, splits=splits, n_sel_prog=n_sel_prog,
+  o = _combine(o_c, lse_c, o_sw, lse_sw, gates3, splits=splits, n_sel_prog=n_sel_prog,
                progs=progs, dtype=q.dtype, bc=bc, interpret=interpret)
   return o[:, :, :g].reshape(b, h, -1), idx[..., :cfg.n_select]
