@@ -44,7 +44,7 @@ from ops.nsa.kernel_common import pad_axis as _pad_axis
 from ops.nsa.kernel_common import pow2 as _pow2
 from ops.nsa.kernel_common import prec as _prec
 from ops.nsa.kernel_common import triton_compiler as _compiler
-from ops.nsa.topn_triton import _BIG, sorting_network
+from ops.nsa.topn_triton import candidate_scores, top_n_sorted
 
 _F32 = jnp.float32
 _DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -210,32 +210,13 @@ def _scores_kernel(len_ref, lse_ref, s_ref, p_ref, *, cfg: NSAConfig, g, splits,
 
 
 def _topn_kernel(len_ref, p_ref, idx_ref, *, cfg: NSAConfig, n_slc):
-  """Top-n of one (batch row, kv head) as ops/nsa/topn_triton.py does for training: the
-  candidates, forced blocks and tie rule of select_from_scores; n rounds of (largest score,
-  lowest index), then a sorting network."""
-  pos = len_ref[()] - 1
+  """Top-n of one (batch row, kv head) with the training path's helpers (candidates, forced
+  blocks and tie rule of select_from_scores)."""
   p = p_ref[...]
   j = _iota(p.shape[0])
-  cur = lax.div(pos, jnp.int32(cfg.select_len))
-  allowed = (j <= cur) & (j < n_slc)
-  forced = (j < cfg.n_always_first) | (j > cur - cfg.n_local)
-  score = jnp.where(allowed, jnp.where(forced, jnp.inf, p), -jnp.inf)
-  n, n_pad = cfg.n_select, idx_ref.shape[0]
-  picks = []
-  for _ in range(n):
-    m = jnp.max(score)
-    pick = jnp.min(jnp.where(score == m, j, _BIG))
-    pick = jnp.where(m > -jnp.inf, pick, _BIG)    # nothing left: an empty slot
-    picks.append(pick)
-    score = jnp.where(j == pick, -jnp.inf, score)
-  picks += [jnp.int32(_BIG)] * (n_pad - n)
-  for a, c in sorting_network(n_pad):
-    picks[a], picks[c] = jnp.minimum(picks[a], picks[c]), jnp.maximum(picks[a], picks[c])
-  slot = _iota(n_pad)
-  out = jnp.full((n_pad,), -1, jnp.int32)
-  for r in range(n):
-    out = jnp.where(slot == r, jnp.where(picks[r] == _BIG, -1, picks[r]), out)
-  idx_ref[...] = out
+  cur = lax.div(len_ref[()] - 1, jnp.int32(cfg.select_len))
+  score = candidate_scores(p, j, cur, 0, n_slc, cfg)
+  idx_ref[...] = top_n_sorted(score, j, cfg.n_select, idx_ref.shape[0])
 
 
 def _select(lse_c, s, lengths, splits, *, g, cfg: NSAConfig, n_cmp, max_len, bc, interpret):

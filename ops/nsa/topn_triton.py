@@ -49,31 +49,45 @@ def sorting_network(n: int) -> list[tuple[int, int]]:
   return pairs
 
 
-def _topn_kernel(p_ref, pos_ref, first_ref, out_ref, *, n, n_pad, n_slc, ls, n_first, n_local):
-  p = p_ref[...]
-  rows, cols = p.shape
-  s = lax.broadcasted_iota(jnp.int32, (rows, cols), 1)
-  cur = (pos_ref[...] // ls)[:, None]
-  first = first_ref[...][:, None]
+def candidate_scores(p, s, cur, first, n_slc: int, cfg: NSAConfig):
+  """Scores as select_from_scores ranks them: forced blocks +inf, blocks that are not allowed
+  -inf. p, s (block index): [..., cols]; cur, first: query block and segment's first block,
+  broadcastable to p."""
   allowed = (s <= cur) & (s >= first) & (s < n_slc)
-  forced = (s < first + n_first) | (s > cur - n_local)
-  score = jnp.where(allowed, jnp.where(forced, jnp.inf, p), -jnp.inf)
+  forced = (s < first + cfg.n_always_first) | (s > cur - cfg.n_local)
+  return jnp.where(allowed, jnp.where(forced, jnp.inf, p), -jnp.inf)
+
+
+def top_n_sorted(score, s, n: int, n_pad: int):
+  """n rounds of (largest score, lowest index among equals: the tie rule of lax.top_k) over
+  the last axis, then ascending order by a sorting network. score, s: [..., cols] -> [...,
+  n_pad] int32, -1 for empty slots (a round that finds only -inf picks nothing)."""
   picks = []
   for _ in range(n):
-    m = jnp.max(score, axis=1)
-    j = jnp.min(jnp.where(score == m[:, None], s, _BIG), axis=1)
-    j = jnp.where(m > -jnp.inf, j, _BIG)          # nothing left: an empty slot
+    m = jnp.max(score, axis=-1)
+    j = jnp.min(jnp.where(score == m[..., None], s, _BIG), axis=-1)
+    j = jnp.where(m > -jnp.inf, j, _BIG)
     picks.append(j)
-    score = jnp.where(s == j[:, None], -jnp.inf, score)
-  picks += [jnp.full((rows,), _BIG, jnp.int32)] * (n_pad - n)
+    score = jnp.where(s == j[..., None], -jnp.inf, score)
+  picks += [jnp.full(picks[0].shape, _BIG, jnp.int32)] * (n_pad - n)
   for a, b in sorting_network(n_pad):
     lo, hi = jnp.minimum(picks[a], picks[b]), jnp.maximum(picks[a], picks[b])
     picks[a], picks[b] = lo, hi
-  slot = lax.broadcasted_iota(jnp.int32, (rows, n_pad), 1)
-  out = jnp.full((rows, n_pad), -1, jnp.int32)
+  shape = picks[0].shape + (n_pad,)
+  slot = lax.broadcasted_iota(jnp.int32, shape, len(shape) - 1)
+  out = jnp.full(shape, -1, jnp.int32)
   for r in range(n):
-    out = jnp.where(slot == r, jnp.where(picks[r] == _BIG, -1, picks[r])[:, None], out)
-  out_ref[...] = out
+    out = jnp.where(slot == r, jnp.where(picks[r] == _BIG, -1, picks[r])[..., None], out)
+  return out
+
+
+def _topn_kernel(p_ref, pos_ref, first_ref, out_ref, *, cfg, n_pad, n_slc, ls):
+  p = p_ref[...]
+  rows, cols = p.shape
+  s = lax.broadcasted_iota(jnp.int32, (rows, cols), 1)
+  score = candidate_scores(p, s, (pos_ref[...] // ls)[:, None], first_ref[...][:, None], n_slc,
+                           cfg)
+  out_ref[...] = top_n_sorted(score, s, cfg.n_select, n_pad)
 
 
 def topn_from_padded_scores(p, t, cfg: NSAConfig, seg_start=None, *, tile_elems: int,
@@ -86,8 +100,7 @@ def topn_from_padded_scores(p, t, cfg: NSAConfig, seg_start=None, *, tile_elems:
   n_cols = pow2(n_slc, 1)               # columns read: one power-of-two block from column 0
   if width % n_cols:
     raise ValueError(f"score width {width} must be a multiple of pow2(n_slc) = {n_cols}")
-  n = cfg.n_select
-  n_pad = pow2(n, 1)
+  n_pad = pow2(cfg.n_select, 1)
   rows = max(1, min(16, tile_elems // n_cols))
   rows = 1 << (rows.bit_length() - 1)
   tr = -(-tq // rows) * rows
@@ -96,8 +109,7 @@ def topn_from_padded_scores(p, t, cfg: NSAConfig, seg_start=None, *, tile_elems:
            jnp.pad(seg_start.astype(jnp.int32) // cfg.select_len, ((0, 0), (0, tr - t))))
   if tr != tq:
     p = jnp.pad(p, ((0, 0), (0, 0), (0, tr - tq), (0, 0)))
-  kern = functools.partial(_topn_kernel, n=n, n_pad=n_pad, n_slc=n_slc, ls=cfg.select_len,
-                           n_first=cfg.n_always_first, n_local=cfg.n_local)
+  kern = functools.partial(_topn_kernel, cfg=cfg, n_pad=n_pad, n_slc=n_slc, ls=cfg.select_len)
   out = pl.pallas_call(
       kern, grid=(tr // rows, hk, b),
       in_specs=[pl.BlockSpec((None, None, rows, n_cols), lambda i, j, z: (z, j, i, 0)),
@@ -107,4 +119,4 @@ def topn_from_padded_scores(p, t, cfg: NSAConfig, seg_start=None, *, tile_elems:
       out_shape=jax.ShapeDtypeStruct((b, hk, tr, n_pad), jnp.int32),
       interpret=interpret, name="nsa_topn", **triton_compiler(interpret, num_warps, 1),
   )(p, pos, first)
-  return out[:, :, :t, :n].transpose(0, 2, 1, 3)
+  return out[:, :, :t, :cfg.n_select].transpose(0, 2, 1, 3)
