@@ -100,6 +100,19 @@ class TestNSADecodeTritonInterpret(NSADecodeTestBase):
     np.testing.assert_array_equal(idx, idx_ref)
     ot.assert_close(o, o_ref, F32)
 
+  @pytest.mark.parametrize("over", [
+      {"block_len": 16, "stride": 16, "select_len": 32},   # r = 1: no logit of a previous row
+      {"block_len": 64, "stride": 16, "select_len": 16},   # r - 1 = 3 rows back (per = 1)
+      {"block_len": 24, "stride": 8, "select_len": 16},    # r = 3, per = 2
+  ])
+  def test_mapping_geometries(self, over):
+    """The selection kernels' overlap taps for block/stride/select-length ratios other than the
+    paper's (32/16/64): same blocks and output as the "xla" path."""
+    case = ("geom", 2, 8, 2, 16, 16, 200, (200, 97), over, 0)
+    o, idx, o_ref, idx_ref = self.run_case(case, F32)
+    np.testing.assert_array_equal(idx, idx_ref)
+    ot.assert_close(o, o_ref, F32)
+
   def test_block_indices_match_training(self):
     """Token by token, the kernel's selection and output equal the training path's."""
     cfg, b, t, h, hk, d = self.CFG, 2, 40, 4, 2, 16
