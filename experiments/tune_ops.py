@@ -1,16 +1,21 @@
-"""Block-size sweep of an op's Pallas GPU kernels (ops.lif, ops.scan, ops.nsa).
+"""Block-size sweep of an op's Pallas GPU kernels (ops.lif, ops.scan, ops.nsa, ops.nsa decode).
 
   python experiments/tune_ops.py --op=lif --shape=1,8192,8192,float32 \
       --grid=time_chunk=64,128 --grid=block_c=32,64 --grid=num_warps=1,2
   python experiments/tune_ops.py --op=nsa --shape=1,65536,64,4,128,bfloat16 \
       --grid=sel_num_warps=4,8 --grid=sel_num_stages=1,2,3 --grid=bwd_chunk=32,64,128
+  python experiments/tune_ops.py --op=nsa_decode --shape=8,65536,64,4,128,bfloat16 \
+      --grid=decode_cmp_splits=4,8,16 --grid=decode_cmp_num_stages=2,3
 
 Every combination of the --grid values (fields of the op's config dataclass, the rest from
 `Config.for_device`; booleans as 0/1) is timed forward and forward+backward on one shape, next
 to a baseline measured in the same process: the HBM copy bandwidth for the memory-bound lif and
 scan (shape batch,time,channels,dtype), cuDNN full causal attention for nsa (shape
-batch,time,heads,kv_heads,head_dim,dtype; the paper's NSAConfig). The table is sorted by
-forward+backward time. A combination the config rejects (e.g. time_chunk not a multiple of
+batch,time,heads,kv_heads,head_dim,dtype; the paper's NSAConfig). nsa_decode (shape
+batch,cache,heads,kv_heads,head_dim,dtype; one token per row against full caches) has no
+backward: its rows are the decode time per call of back-to-back calls
+(timing.time_pipelined) against full-attention decode (ops.attention's default) on the same
+raw cache, and the table is sorted by it. Other tables are sorted by forward+backward time. A combination the config rejects (e.g. time_chunk not a multiple of
 ckpt_every) is listed as skipped with the reason. The chosen values belong in the op's
 `for_device` defaults.
 """
@@ -24,10 +29,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags
 
-_OP = flags.DEFINE_enum("op", "lif", ["lif", "scan", "nsa"], "op whose Triton config is swept")
+_OP = flags.DEFINE_enum("op", "lif", ["lif", "scan", "nsa", "nsa_decode"],
+                        "op whose Triton config is swept")
 _SHAPE = flags.DEFINE_string("shape", "1,8192,8192,float32",
                              "lif/scan: batch,time,channels,dtype; "
-                             "nsa: batch,time,heads,kv_heads,head_dim,dtype")
+                             "nsa: batch,time,heads,kv_heads,head_dim,dtype; "
+                             "nsa_decode: batch,cache,heads,kv_heads,head_dim,dtype")
 _GRID = flags.DEFINE_multi_string("grid", [], "field=v1,v2,... (ints); repeat per field")
 _BUDGET = flags.DEFINE_float("budget_s", 240.0, "stop starting new configs after this long")
 _OUT = flags.DEFINE_string("out", "", "also write the markdown table here")
@@ -50,8 +57,9 @@ def parse_grid(items: list[str], fields: set[str]) -> dict[str, list[int]]:
 
 
 def parse_shape(text: str, op: str = "lif"):
-  names = (["batch", "time", "heads", "kv_heads", "head_dim"] if op == "nsa"
-           else ["batch", "time", "channels"])
+  names = {"nsa": ["batch", "time", "heads", "kv_heads", "head_dim"],
+           "nsa_decode": ["batch", "cache", "heads", "kv_heads", "head_dim"]}.get(
+               op, ["batch", "time", "channels"])
   parts = text.split(",")
   if len(parts) != len(names) + 1:
     raise app.UsageError(f"--shape {text!r}: expected {','.join(names)},dtype for {op}")
@@ -61,7 +69,7 @@ def parse_shape(text: str, op: str = "lif"):
     raise app.UsageError(f"--shape {text!r}: {', '.join(names)} must be integers") from None
   if min(dims) < 1:
     raise app.UsageError(f"--shape {text!r}: sizes must be positive")
-  if op == "nsa" and dims[2] % dims[3]:
+  if op in ("nsa", "nsa_decode") and dims[2] % dims[3]:
     raise app.UsageError(f"--shape {text!r}: heads {dims[2]} not a multiple of kv_heads {dims[3]}")
   if parts[-1] not in ("float32", "bfloat16", "float16"):
     raise app.UsageError(f"--shape {text!r}: dtype must be float32, bfloat16 or float16")
@@ -76,7 +84,7 @@ def _config_class(op: str):
     from ops.scan import ScanConfig
     return ScanConfig
   from ops.nsa.config import NSABlockConfig
-  return NSABlockConfig
+  return NSABlockConfig          # nsa and nsa_decode
 
 
 def _vjp_fns(f):
@@ -119,6 +127,34 @@ def _nsa_workload(shape):
   return make_fns, args, args + (do,), ("cuDNN" if base_impl == "cudnn" else "XLA", ms_f, ms_fb)
 
 
+def _nsa_decode_workload(shape):
+  """(make_fns, args, baseline) for ops.nsa's decode: make_fns(config) -> (decode, None);
+  baseline = ("full decode", ms per call) of ops.attention's default decode on the raw cache."""
+  import jax
+  import jax.numpy as jnp
+  from experiments.bench import timing
+  from ops.attention import decode_attention
+  from ops.nsa import decode as nsa_decode
+  from ops.nsa.config import NSAConfig
+  b, t, h, hk, d, dt = shape
+  cfg = NSAConfig()
+  ks = jax.random.split(jax.random.key(1), 6)
+  n = lambda k, s: jax.random.normal(k, s, jnp.float32).astype(jnp.dtype(dt))
+  q = n(ks[0], (b, h, d))
+  kc, vc = n(ks[1], (b, cfg.n_cmp(t), hk, d)), n(ks[2], (b, cfg.n_cmp(t), hk, d))
+  kraw, vraw = n(ks[3], (b, t, hk, d)), n(ks[4], (b, t, hk, d))
+  gates = jax.nn.sigmoid(jax.random.normal(ks[5], (b, h, 3))).astype(jnp.dtype(dt))
+  lengths = jnp.full((b,), t, jnp.int32)
+  full = jax.jit(lambda q, k, v, l: decode_attention(q[:, None], k, v, l))
+  ms_full = timing.time_pipelined(full, q, kraw, vraw, lengths)
+
+  def make_fns(config):
+    return jax.jit(lambda *a: nsa_decode.nsa_decode(
+        *a, cfg=cfg, implementation="pallas_triton", config=config)), None
+
+  return make_fns, (q, kc, vc, kraw, vraw, kraw, vraw, gates, lengths), ("full decode", ms_full)
+
+
 def _workload(op, shape):
   """(make_fns(config) -> (fwd, fwd_bwd), fwd args, fwd+bwd args, fwd bytes, total bytes); the
   inputs are made once and shared by every config."""
@@ -158,7 +194,14 @@ def main(argv):
   if jax.default_backend() != "gpu":
     raise app.UsageError("tune_ops times the Pallas Triton kernels: it needs a GPU")
   base = Config.for_device(jax.devices()[0].device_kind)
-  if op == "nsa":
+  if op == "nsa_decode":
+    make_fns, a_f, (base_name, base_f) = _nsa_decode_workload(shape)
+    a_fb = None
+    ref = f"{base_name} {base_f * 1e3:.1f} us per call"
+    ratio = lambda ms_f, ms_fb: (base_f / ms_f, None)
+    cols = f"decode x {base_name} speed", "-"
+    fmt = "{:.2f}x"
+  elif op == "nsa":
     make_fns, a_f, a_fb, (base_name, base_f, base_fb) = _nsa_workload(shape)
     ref = f"{base_name} fwd {base_f:.3f} ms, fwd+bwd {base_fb:.3f} ms"
     ratio = lambda ms_f, ms_fb: (base_f / ms_f, base_fb / ms_fb)
@@ -186,17 +229,25 @@ def main(argv):
       continue
     fwd, fwd_bwd = make_fns(cfg)
     try:
-      ms_f = timing.time_fn(fwd, *a_f, warmup=2, iters=10)
-      ms_fb = timing.time_fn(fwd_bwd, *a_fb, warmup=2, iters=10)
+      if fwd_bwd is None:          # decode: per call of back-to-back calls, no backward
+        ms_f, ms_fb = timing.time_pipelined(fwd, *a_f), None
+      else:
+        ms_f = timing.time_fn(fwd, *a_f, warmup=2, iters=10)
+        ms_fb = timing.time_fn(fwd_bwd, *a_fb, warmup=2, iters=10)
     except Exception as e:  # a config Triton cannot compile: report it and go on
       rows.append((float("inf"), f"| {label} | | | | | failed: {type(e).__name__}: "
                    f"{str(e)[:80]} |"))
       continue
     r_f, r_fb = ratio(ms_f, ms_fb)
-    line = f"| {label} | {ms_f:.3f} | {fmt.format(r_f)} | {ms_fb:.3f} | {fmt.format(r_fb)} | |"
+    if ms_fb is None:
+      line = f"| {label} | {ms_f:.4f} | {fmt.format(r_f)} | - | - | |"
+    else:
+      line = (f"| {label} | {ms_f:.3f} | {fmt.format(r_f)} | {ms_fb:.3f} | {fmt.format(r_fb)} "
+              "| |")
     print(line, flush=True)
-    rows.append((ms_fb, line))
-  head = (f"### {op} {_SHAPE.value} ({ref})\n| config | fwd ms | {cols[0]} | fwd+bwd ms | "
+    rows.append((ms_f if ms_fb is None else ms_fb, line))
+  first = "decode ms" if op == "nsa_decode" else "fwd ms"
+  head = (f"### {op} {_SHAPE.value} ({ref})\n| config | {first} | {cols[0]} | fwd+bwd ms | "
           f"{cols[1]} | note |\n|---|---|---|---|---|---|")
   table = head + "\n" + "\n".join(line for _, line in sorted(rows, key=lambda r: r[0]))
   print(table)

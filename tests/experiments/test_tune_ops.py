@@ -45,3 +45,22 @@ def test_nsa_workload_runs_the_configured_kernels():
   np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=2e-4, atol=2e-4)
   _, grads = fwd_bwd(*a_fb)
   assert len(grads) == 8 and all(bool(jnp.all(jnp.isfinite(g))) for g in grads)
+
+
+def test_nsa_decode_workload_runs_the_configured_kernels():
+  """The decode sweep: shape parsing, the full-decode baseline, and the swept config reaching
+  the Triton decode kernels (interpret mode on CPU), whose output equals the "xla" decode."""
+  from ops.nsa import decode as nsa_decode
+  assert tune_ops.parse_shape("8,65536,64,4,128,bfloat16", "nsa_decode") == (
+      8, 65536, 64, 4, 128, "bfloat16")
+  with pytest.raises(app.UsageError, match="batch,cache,heads,kv_heads,head_dim,dtype"):
+    tune_ops.parse_shape("1,8192,8192,float32", "nsa_decode")
+  make_fns, args, (name, ms_full) = tune_ops._nsa_decode_workload((2, 160, 8, 2, 16, "float32"))
+  assert name == "full decode" and ms_full > 0
+  cfg = tune_ops._config_class("nsa_decode")().replace(decode_cmp_splits=2,
+                                                       decode_cmp_block_k=16,
+                                                       decode_select_block=1)
+  dec, none = make_fns(cfg)
+  assert none is None
+  want = nsa_decode.nsa_decode(*args, cfg=NSAConfig(), implementation="xla")
+  np.testing.assert_allclose(np.asarray(dec(*args)), np.asarray(want), rtol=2e-4, atol=2e-4)
