@@ -1,11 +1,12 @@
 """NSA decoding: one new token per batch row against the caches.
 
 Reads only the compressed cache, the selected blocks and the window slice, never the whole raw
-cache. Uses the training path's selection code (select.select_from_scores) and the same overlap
-mapping, so it equals `nsa` token by token (pinned by a test). Implementations (ops._backend
-registry "nsa.decode"): "xla" (below: gathers + f32 einsums) and "pallas_triton"
-(ops/nsa/decode_triton.py, registered in ops/nsa/api.py). Both share `select_from_cmp` and
-`gate_combine`, so for the same compressed scores they select the same blocks.
+cache. Implementations (ops._backend registry "nsa.decode"): "xla" (below: gathers + f32
+einsums, selecting with the training path's code, select.select_from_scores, and the same
+overlap mapping, so it equals `nsa` token by token) and "pallas_triton"
+(ops/nsa/decode_triton.py, registered in ops/nsa/api.py: the same candidates, overlap weights
+and tie rule in Triton kernels). Tests pin both to the training path token by token and the
+kernels' block indices to the "xla" path's exactly.
 """
 from __future__ import annotations
 
