@@ -64,15 +64,14 @@ def _logits(raw, scale, soft_cap):
 # ----------------------------------------------------------------------------- forward
 
 
-def _q_block(nq: int, reverse: bool):
-  """Query block of this program: grid axis 0 walks the blocks last-first when `reverse`, so
-  a causal grid launches its longest programs first instead of leaving them for the tail."""
-  i = pl.program_id(0)
-  return nq - 1 - i if reverse else i
-
-
 def _q_map(nq: int, reverse: bool):
+  """Query block of grid index i (grid axis 0): last-first when `reverse`, so a causal grid
+  launches its longest programs first instead of leaving them for the tail."""
   return (lambda i: nq - 1 - i) if reverse else (lambda i: i)
+
+
+def _heavy_first(cfg, mask: Mask) -> bool:
+  return cfg["heavy_first"] and mask.causal and mask.window is None
 
 
 def _fwd_kernel(*refs, mask: Mask, scale, soft_cap, block_q, block_kv, nq, reverse):
@@ -85,7 +84,7 @@ def _fwd_kernel(*refs, mask: Mask, scale, soft_cap, block_q, block_kv, nq, rever
     valid_ref = next(it)
   o_ref, lse_ref = next(it), next(it)
 
-  q_start = _q_block(nq, reverse) * block_q
+  q_start = _q_map(nq, reverse)(pl.program_id(0)) * block_q
   q = q_ref[...]
   q_pos = (q_start + mask.q_offset + lax.broadcasted_iota(jnp.int32, (block_q, 1), 0))
   qseg = qseg_ref[...][:, None] if mask.has_segments else None
@@ -144,7 +143,7 @@ def _fwd(q, k, v, qseg, kvseg, valid, *, mask, scale, soft_cap, cfg, interpret):
   g = h // hk
   bq, bk = cfg["block_q"], cfg["block_kv"]
   nq = lq // bq
-  rev = cfg["heavy_first"] and mask.causal and mask.window is None
+  rev = _heavy_first(cfg, mask)
   qm = _q_map(nq, rev)
   in_specs = [
       pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, qm(i), hi, 0)),
@@ -185,7 +184,7 @@ def _dq_kernel(*refs, mask: Mask, scale, soft_cap, block_q, block_kv, nq, revers
     valid_ref = next(it)
   dq_ref = next(it)
 
-  q_start = _q_block(nq, reverse) * block_q
+  q_start = _q_map(nq, reverse)(pl.program_id(0)) * block_q
   q = q_ref[...]
   do = do_ref[...]
   lse2 = lse_ref[...][:, None]
@@ -298,7 +297,7 @@ def _bwd(q, k, v, qseg, kvseg, valid, o, lse, do, dlse, *, mask, scale, soft_cap
 
   bq, bk = cfg["bwd_block_q"], cfg["bwd_block_kv"]
   nq = lq // bq
-  rev = cfg["heavy_first"] and mask.causal and mask.window is None
+  rev = _heavy_first(cfg, mask)
   qm = _q_map(nq, rev)
   in_specs = [
       pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, qm(i), hi, 0)),
