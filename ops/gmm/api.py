@@ -85,6 +85,11 @@ try:
 except ImportError:
   pass
 try:
+  from ops.gmm import pallas_mosaic_gpu as _pallas_mosaic_gpu
+  _GMM.register("pallas_mosaic_gpu", _pallas_mosaic_gpu.gmm, platforms=(GPU,))
+except ImportError:
+  pass
+try:
   from ops.gmm import pallas_tpu as _pallas_tpu
   _GMM.register("pallas_tpu", _pallas_tpu.gmm, platforms=(TPU,))
   _TGMM.register("pallas_tpu", _pallas_tpu.tgmm, platforms=(TPU,))
@@ -128,12 +133,22 @@ def _gmm_bwd(out_dtype, implementation, interpret, config, res, dout):
   dout = dout.astype(lhs.dtype)
   dlhs = _GMM(implementation, dout, rhs, group_sizes, out_dtype=lhs.dtype, transpose_rhs=True,
               interpret=interpret, config=config)
-  drhs = _TGMM(implementation, lhs, dout, group_sizes, out_dtype=rhs.dtype,
-               interpret=interpret, config=config)
+  drhs = _TGMM(_tgmm_implementation(implementation), lhs, dout, group_sizes,
+               out_dtype=rhs.dtype, interpret=interpret, config=config)
   return dlhs, drhs, None
 
 
 _gmm_core.defvjp(_gmm_fwd, _gmm_bwd)
+
+
+def _tgmm_implementation(implementation):
+  """gmm implementations without a tgmm kernel (pallas_mosaic_gpu) leave d rhs to the
+  platform's default tgmm list; names tgmm has are kept, in order."""
+  if implementation is None:
+    return None
+  names = (implementation,) if isinstance(implementation, str) else tuple(implementation)
+  kept = tuple(n for n in names if n in _TGMM.names)
+  return kept or None
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))

@@ -13,6 +13,13 @@ class GmmBlockConfig:
   tgmm (d rhs): one program per (group, k tile, n tile) output block of
     tgmm_block_k x tgmm_block_n, looping over that group's rows tgmm_block_m at a time.
   num_warps / num_stages are Triton launch parameters (ignored by the TPU kernel).
+  mgpu_*: the Mosaic GPU gmm (Hopper): block_m rows (a multiple of 64: one warpgroup's
+    wgmma rows), block_n columns (a multiple of 16 up to 256; n must be a multiple of it),
+    block_k contraction chunk (32 / 64 / 128 bytes of a row: 64 for bf16), stages
+    shared-memory slots of the TMA pipeline, compute_wgs: 1 = one warpgroup issues both the
+    TMA loads and the wgmma; 2 = two compute warpgroups share a CTA tile of
+    block_m x (2 * block_n) fed by a third warpgroup that only issues loads (n must be a
+    multiple of 2 * block_n).
   """
   block_m: int = 128
   block_n: int = 128
@@ -24,6 +31,11 @@ class GmmBlockConfig:
   tgmm_block_n: int = 128
   tgmm_num_warps: int = 8
   tgmm_num_stages: int = 3
+  mgpu_block_m: int = 128
+  mgpu_block_n: int = 128
+  mgpu_block_k: int = 64
+  mgpu_stages: int = 4
+  mgpu_compute_wgs: int = 1
 
   def __post_init__(self):
     for f in dataclasses.fields(self):

@@ -160,6 +160,118 @@ class TestGmmRaggedDotGpu(GmmTestBase):
   F32_TOL = op_testing.GPU_F32
 
 
+# ---------------------------------------------------------------- Mosaic GPU gmm
+# Tiles small enough that the cases span several m tiles and straddle group boundaries. The
+# kernel needs n to be a multiple of block_n (>= 16 for 32-byte swizzled rows; x 2 for two
+# compute warpgroups): the cases with n rounded up to 32; k (40, 136, 32, 16) stays ragged.
+_MGPU_SMALL = GmmBlockConfig(mgpu_block_m=64, mgpu_block_n=16, mgpu_block_k=32, mgpu_stages=2)
+
+
+def _mgpu_inputs(case, dtype, round_k=False):
+  """The case with n (and k for gradients: d lhs's n is k) rounded up to a multiple of 32,
+  two warpgroups' columns."""
+  m, k, n, sizes = CASES[case]
+  n = -(-n // 32) * 32
+  k = -(-k // 32) * 32 if round_k else k
+  k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+  lhs = op_testing.normal(k1, (m, k), dtype)
+  rhs = op_testing.normal(k2, (len(sizes), k, n), dtype, scale=k ** -0.5)
+  dout = op_testing.normal(k3, (m, n), dtype)
+  return lhs, rhs, dout, jnp.asarray(sizes, jnp.int32)
+
+
+class MosaicGpuGmmBase:
+  """gmm forward and both gradients (d lhs through the kernel's transposed-rhs form, d rhs
+  through the default tgmm list: there is no Mosaic GPU tgmm). bf16 only: the kernel takes
+  16-bit inputs, f32 falls through (test_f32_falls_through)."""
+  INTERPRET = None
+  CONFIG = None
+  ONLY_CASES = None   # interpret mode of the 4-warpgroup kernel is slow: a subset in CI
+
+  def _kw(self, implementation="pallas_mosaic_gpu"):
+    return dict(implementation=implementation, interpret=self.INTERPRET, config=self.CONFIG)
+
+  @pytest.mark.parametrize("case", sorted(CASES))
+  def test_forward(self, case):
+    if self.ONLY_CASES and case not in self.ONLY_CASES:
+      pytest.skip(f"{type(self).__name__} runs {self.ONLY_CASES} only")
+    lhs, rhs, _, gs = _mgpu_inputs(case, jnp.bfloat16)
+    out = jax.jit(lambda a, b, c: gmm_op.gmm(a, b, c, **self._kw()))(lhs, rhs, gs)
+    assert out.dtype == jnp.bfloat16 and out.shape == (lhs.shape[0], rhs.shape[2])
+    ref = reference.gmm(*_f32(lhs, rhs), gs, precision=HIGHEST)
+    op_testing.assert_close(out, ref, jnp.bfloat16)
+    tail = int(np.sum(np.asarray(gs)))
+    np.testing.assert_array_equal(np.asarray(out[tail:], np.float32), 0.0)
+
+  @pytest.mark.parametrize("case", ["odd_empty_one_partial", "straddle_full"])
+  def test_grads(self, case):
+    if self.ONLY_CASES and case not in self.ONLY_CASES[:1]:
+      pytest.skip(f"{type(self).__name__} runs {self.ONLY_CASES[:1]} only")
+    lhs, rhs, dout, gs = _mgpu_inputs(case, jnp.bfloat16, round_k=True)
+    loss = lambda a, b: jnp.sum(gmm_op.gmm(a, b, gs, preferred_element_type=jnp.float32,
+                                           **self._kw()) * dout.astype(jnp.float32))
+    ref_loss = lambda a, b: jnp.sum(reference.gmm(a, b, gs, precision=HIGHEST) *
+                                    dout.astype(jnp.float32))
+    dl, dr = jax.jit(jax.grad(loss, (0, 1)))(lhs, rhs)
+    rl, rr = jax.grad(ref_loss, (0, 1))(*_f32(lhs, rhs))
+    op_testing.assert_close(dl, rl, jnp.bfloat16, grad=True, name="d lhs")
+    op_testing.assert_close(dr, rr, jnp.bfloat16, grad=True, name="d rhs")
+
+  def test_f32_falls_through(self):
+    lhs, rhs, _, gs = _mgpu_inputs("one_group", jnp.float32)
+    with pytest.raises(NotImplementedError, match="bf16 or f16"):
+      gmm_op.gmm(lhs, rhs, gs, **self._kw())
+    out = gmm_op.gmm(lhs, rhs, gs, **self._kw(("pallas_mosaic_gpu", "xla")))
+    ref = reference.gmm(lhs, rhs, gs, precision=HIGHEST)
+    op_testing.assert_close(out, ref, jnp.float32)
+
+
+@pytest.mark.skipif("pallas_mosaic_gpu" not in gmm_op.implementations(),
+                    reason="pallas_mosaic_gpu not registered (no jax Mosaic GPU)")
+class TestGmmMosaicGpuInterpret(MosaicGpuGmmBase):
+  INTERPRET = True
+  CONFIG = _MGPU_SMALL
+
+
+@pytest.mark.skipif("pallas_mosaic_gpu" not in gmm_op.implementations(),
+                    reason="pallas_mosaic_gpu not registered (no jax Mosaic GPU)")
+class TestGmmMosaicGpuWarpSpecializedInterpret(MosaicGpuGmmBase):
+  INTERPRET = True
+  CONFIG = _MGPU_SMALL.replace(mgpu_compute_wgs=2)
+  ONLY_CASES = ("straddle_full", "odd_empty_one_partial")
+
+
+@pytest.mark.gpu
+class TestGmmMosaicGpuSmallTilesGpu(MosaicGpuGmmBase):
+  INTERPRET = False
+  CONFIG = _MGPU_SMALL
+
+
+@pytest.mark.gpu
+class TestGmmMosaicGpuWarpSpecializedGpu(MosaicGpuGmmBase):
+  INTERPRET = False
+  CONFIG = _MGPU_SMALL.replace(mgpu_compute_wgs=2)
+
+
+@pytest.mark.gpu
+def test_mosaic_gpu_gmm_default_tiles_ragged_groups_gpu():
+  """The device-default tiles on a MoE-sized problem with uneven groups, an empty group and
+  rows past the sum; both orientations of rhs."""
+  m, k, n, e = 3000, 256, 384, 7
+  sizes = jnp.asarray([0, 700, 1, 513, 1000, 300, 386], jnp.int32)       # sum 2900 < m
+  k1, k2 = jax.random.split(jax.random.key(3))
+  lhs = op_testing.normal(k1, (m, k), jnp.bfloat16)
+  rhs = op_testing.normal(k2, (e, k, n), jnp.bfloat16, scale=k ** -0.5)
+  ref = reference.gmm(*_f32(lhs, rhs), sizes, precision=HIGHEST)
+  out = gmm_op.gmm(lhs, rhs, sizes, implementation="pallas_mosaic_gpu")
+  op_testing.assert_close(out, ref, jnp.bfloat16)
+  from ops.gmm import pallas_mosaic_gpu
+  cfg = GmmBlockConfig.for_device(jax.devices()[0].device_kind)
+  out_t = pallas_mosaic_gpu.gmm(lhs, jnp.swapaxes(rhs, 1, 2), sizes, out_dtype=jnp.bfloat16,
+                                transpose_rhs=True, interpret=False, config=cfg)
+  op_testing.assert_close(out_t, ref, jnp.bfloat16)
+
+
 # ---------------------------------------------------------------- dispatch
 def test_default_dispatch_and_unknown_name():
   lhs, rhs, _, gs = _inputs("odd_empty_one_partial", jnp.float32)

@@ -1,0 +1,253 @@
+"""Grouped matmul in Pallas Mosaic GPU (Hopper: TMA loads into swizzled shared memory, wgmma).
+
+gmm only (the forward product and the d lhs product, transpose_rhs=True); tgmm has no Mosaic
+GPU kernel and dispatch takes the next implementation for it.
+
+The kernel is persistent: one CTA per SM walks the (visit, n tile) pairs of
+metadata.tile_visits. A visit is one (m tile, group) pair; its K loop is an emit_pipeline of
+TMA copies (lhs rows of the tile, the group's rhs block) into `stages` shared-memory slots
+feeding one warpgroup's wgmma. The accumulator goes out through shared memory with TMA
+stores. A tile that straddles group boundaries is visited once per group, and each visit
+stores only its group's rows: TMA boxes have static shapes, so the row range is written as
+a ladder of power-of-two boxes (at most log2(block_m) + 1 stores).
+
+Partial tiles: rows past m and contraction columns past k are TMA zero-fills; n must be a
+multiple of block_n (else UnsupportedError), since the last column tile's clipped store is
+not emulated by interpret mode and so would go untested on CPU.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from ops import _backend
+from ops._backend import UnsupportedError
+from ops.gmm import metadata
+
+_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def _interpret_params():
+  """Mosaic GPU interpret mode (CPU) with TMA's zero fill for out-of-bounds reads."""
+  cls = getattr(plgpu, "InterpretParams", None)
+  if cls is None:
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams as cls
+  return cls(out_of_bounds_reads="uninitialized", uninitialized_memory="zero")
+
+
+def _num_ctas(interpret: bool) -> int:
+  """One CTA per SM (persistent kernel); a few in interpret mode."""
+  if interpret:
+    return 4
+  return getattr(jax.local_devices()[0], "core_count", None) or 132
+
+
+def _swizzled(cols: int, dtype) -> tuple:
+  """Shared-memory transforms for a tile whose rows hold `cols` elements of dtype."""
+  swizzle = plgpu.find_swizzle(cols * jnp.dtype(dtype).itemsize * 8)
+  return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
+          plgpu.SwizzleTransform(swizzle))
+
+
+def _check(lhs, rhs, n, bm, bn, bk, out_dtype):
+  dtype = jnp.dtype(lhs.dtype)
+  if dtype not in _DTYPES or jnp.dtype(rhs.dtype) != dtype:
+    raise UnsupportedError(f"dtypes {lhs.dtype}/{rhs.dtype} (Mosaic GPU gmm: bf16 or f16)")
+  if jnp.dtype(out_dtype) not in _DTYPES + (jnp.dtype(jnp.float32),):
+    raise UnsupportedError(f"output dtype {out_dtype}")
+  if bm % 64:
+    raise UnsupportedError(f"mgpu_block_m {bm} must be a multiple of 64 (one warpgroup's rows)")
+  if bk * dtype.itemsize not in (32, 64, 128) or bn % 16 or bn > 256:
+    raise UnsupportedError(f"mgpu tiles k={bk} n={bn}: need k * itemsize in (32, 64, 128) bytes "
+                           "and n a multiple of 16 up to 256 (32-byte swizzled rows at least)")
+  if n % bn:
+    raise UnsupportedError(f"n={n} is not a multiple of mgpu_block_n={bn}")
+  k = lhs.shape[1]
+  row_bytes = [k * dtype.itemsize, n * dtype.itemsize, n * jnp.dtype(out_dtype).itemsize]
+  if any(b % 16 for b in row_bytes):
+    raise UnsupportedError(f"TMA needs 16-byte row strides: k={k}, n={n}")
+
+
+def _store_rows(acc, o_smem, out_gmem, row0, r0, r1, cols):
+  """acc [bm, bn] f32 -> out_gmem rows [r0, r1) (inside the tile starting at row0), columns
+  `cols`, through o_smem [bm, bn] (untiled). TMA boxes are static: the row range goes out as
+  a ladder of power-of-two boxes, largest first."""
+  bm = o_smem.shape[0]
+  o_smem[...] = acc.astype(o_smem.dtype)
+  plgpu.commit_smem()
+  start = r0 - row0
+  size = r1 - r0
+  rows = bm
+  while rows >= 1:
+    @pl.when((size & rows) != 0)
+    def _():
+      plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(start, rows)],
+                              out_gmem.at[pl.ds(row0 + start, rows), cols])
+    start = start + (size & rows)
+    rows //= 2
+  plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def gmm(lhs, rhs, group_sizes, *, out_dtype, transpose_rhs, interpret, config):
+  """lhs [m, k] (rows sorted by group), rhs [g, k, n] ([g, n, k] when transpose_rhs),
+  group_sizes [g] -> [m, n]; rows past sum(group_sizes) are zero."""
+  interpret = _backend.resolve_interpret(interpret, _backend.GPU)
+  m, k = lhs.shape
+  num_groups = rhs.shape[0]
+  n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+  bm, bn, bk = config.mgpu_block_m, config.mgpu_block_n, config.mgpu_block_k
+  _check(lhs, rhs, n, bm, bn, bk, out_dtype)
+  if m == 0 or n == 0:
+    return jnp.zeros((m, n), out_dtype)
+  if interpret and transpose_rhs:
+    # interpret mode cannot run wgmma on a transposed shared-memory view: same product
+    rhs, transpose_rhs = jnp.swapaxes(rhs, 1, 2), False
+  visits = jnp.stack(metadata.tile_visits(group_sizes, m, bm), axis=1)   # [V, 4]
+  if config.mgpu_compute_wgs > 1:
+    return _gmm_warp_specialized(visits, lhs, rhs, out_dtype=out_dtype, n=n,
+                                 transpose_rhs=transpose_rhs, interpret=interpret, config=config)
+  num_visits = visits.shape[0]
+  n_tiles = n // bn
+  k_steps = -(-k // bk)
+  lhs_transforms = _swizzled(bk, lhs.dtype)
+  rhs_transforms = _swizzled(bk if transpose_rhs else bn, rhs.dtype)   # its tile's row length
+
+  def rhs_spec(j):
+    if transpose_rhs:
+      return plgpu.BlockSpec((bn, bk), lambda kk: (j, kk), transforms=rhs_transforms,
+                             delay_release=1)
+    return plgpu.BlockSpec((bk, bn), lambda kk: (kk, j), transforms=rhs_transforms,
+                           delay_release=1)
+
+  def body(visits_gmem, lhs_gmem, rhs_gmem, out_gmem):
+    @plgpu.nd_loop((num_visits * n_tiles,), collective_axes="sm")
+    def _visit_tile(info):
+      (lin,) = info.index
+      v, j = lin // n_tiles, lin % n_tiles
+      g, tile = visits_gmem[v, 0], visits_gmem[v, 1]
+      r0, r1 = visits_gmem[v, 2], visits_gmem[v, 3]
+
+      @pl.when(r0 < r1)
+      def _():
+        def accumulate(acc_ref):
+          @pl.when(g < num_groups)     # the rows past the sum (pseudo-group) stay zero
+          def _():
+            def step(_, a_smem, b_smem):
+              b = plgpu.transpose_ref(b_smem, (1, 0)) if transpose_rhs else b_smem
+              plgpu.wgmma(acc_ref, a_smem, b)
+
+            plgpu.emit_pipeline(
+                step, grid=(k_steps,),
+                in_specs=[
+                    plgpu.BlockSpec((bm, bk), lambda kk: (tile, kk), transforms=lhs_transforms,
+                                    delay_release=1),
+                    rhs_spec(j),
+                ],
+                max_concurrent_steps=config.mgpu_stages,
+            )(lhs_gmem, rhs_gmem.at[jnp.minimum(g, num_groups - 1)])
+          return acc_ref[...]
+
+        acc = pl.run_scoped(accumulate, plgpu.ACC((bm, bn)))
+
+        # untiled: the store ladder slices single rows, below the 8-row tiles of a swizzle
+        @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((bm, bn), out_dtype))
+        def _store(o_smem):
+          _store_rows(acc, o_smem, out_gmem, tile * bm, r0, r1, pl.ds(j * bn, bn))
+
+  kernel = plgpu.kernel(
+      body, out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
+      grid=(_num_ctas(interpret),), grid_names=("sm",),
+      interpret=_interpret_params() if interpret else False,
+      compiler_params=plgpu.CompilerParams(
+          lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
+  return kernel(visits, lhs, rhs)
+
+
+
+def _gmm_warp_specialized(visits, lhs, rhs, *, out_dtype, n, transpose_rhs, interpret, config):
+  """The same visits with mgpu_compute_wgs compute warpgroups, each owning block_n of a
+  CTA tile of block_m x (wgs * block_n), and one warpgroup issuing the TMA loads."""
+  m, k = lhs.shape
+  num_groups = rhs.shape[0]
+  bm, bn, bk = config.mgpu_block_m, config.mgpu_block_n, config.mgpu_block_k
+  wgs = config.mgpu_compute_wgs
+  cta_n = wgs * bn
+  if n % cta_n:
+    raise UnsupportedError(f"n={n} is not a multiple of {wgs} warpgroups x {bn} columns")
+  num_visits = visits.shape[0]
+  n_tiles = n // cta_n
+  k_steps = -(-k // bk)
+  lhs_spec = plgpu.BlockSpec((bm, bk), lambda kk: (0, kk), transforms=_swizzled(bk, lhs.dtype))
+  if transpose_rhs:
+    rhs_spec = plgpu.BlockSpec((cta_n, bk), lambda kk: (0, kk),
+                               transforms=_swizzled(bk, rhs.dtype))
+  else:
+    rhs_spec = plgpu.BlockSpec((bk, cta_n), lambda kk: (kk, 0),
+                               transforms=_swizzled(cta_n, rhs.dtype))
+
+  def pipeline(step, compute_context):
+    return plgpu.emit_pipeline_warp_specialized(
+        step, grid=(k_steps,), memory_registers=40, in_specs=[lhs_spec, rhs_spec],
+        wg_axis="wg", num_compute_wgs=wgs, max_concurrent_steps=config.mgpu_stages,
+        compute_context=compute_context)
+
+  def rhs_tile(rhs_gmem, g, j):
+    if transpose_rhs:
+      return rhs_gmem.at[g, pl.ds(j * cta_n, cta_n), :]
+    return rhs_gmem.at[g, :, pl.ds(j * cta_n, cta_n)]
+
+  def body(visits_gmem, lhs_gmem, rhs_gmem, out_gmem):
+    ignore = lambda *_, **__: None
+    allocs = pipeline(ignore, ignore).get_allocations(lhs_gmem.at[pl.ds(0, bm), :],
+                                                      rhs_tile(rhs_gmem, 0, 0))
+
+    @functools.partial(pl.run_scoped, allocs=allocs,
+                       o_smem=plgpu.SMEM((wgs, bm, bn), out_dtype), collective_axes="wg")
+    def _scope(allocs, o_smem):
+      wg = jax.lax.axis_index("wg")
+
+      @plgpu.nd_loop((num_visits * n_tiles,), collective_axes="sm")
+      def _visit_tile(info):
+        (lin,) = info.index
+        v, j = lin // n_tiles, lin % n_tiles
+        g, tile = visits_gmem[v, 0], visits_gmem[v, 1]
+        r0, r1 = visits_gmem[v, 2], visits_gmem[v, 3]
+        cols = pl.ds(j * cta_n + wg * bn, bn)
+
+        def step(_, a_smem, b_smem, acc_ref):
+          if transpose_rhs:
+            b = plgpu.transpose_ref(b_smem.at[pl.ds(wg * bn, bn), :], (1, 0))
+          else:
+            b = b_smem.at[:, pl.ds(wg * bn, bn)]
+          plgpu.wgmma(acc_ref, a_smem, b)
+          plgpu.wgmma_wait(0)
+          return acc_ref
+
+        def compute_context(run):
+          @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((bm, bn), jnp.float32))
+          def _(acc_ref):
+            run(acc_ref)
+            _store_rows(acc_ref[...], o_smem.at[wg], out_gmem, tile * bm, r0, r1, cols)
+
+        @pl.when((r0 < r1) & (g < num_groups))
+        def _():
+          pipeline(step, compute_context)(
+              lhs_gmem.at[pl.ds(tile * bm, bm), :], rhs_tile(rhs_gmem, g, j),
+              allocations=allocs)
+
+        @pl.when((r0 < r1) & (g >= num_groups) & (wg < wgs))   # rows past the sum: zeros
+        def _():
+          _store_rows(jnp.zeros((bm, bn), jnp.float32), o_smem.at[wg], out_gmem, tile * bm,
+                      r0, r1, cols)
+
+  kernel = plgpu.kernel(
+      body, out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
+      grid=(_num_ctas(interpret),), grid_names=("sm",), num_threads=wgs + 1, thread_name="wg",
+      interpret=_interpret_params() if interpret else False,
+      compiler_params=plgpu.CompilerParams(
+          lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
+  return kernel(visits, lhs, rhs)
