@@ -27,11 +27,19 @@ def time_fn(fn: Callable, *args, warmup: int = 3, iters: int = 20) -> float:
   return float(np.median(times) * 1e3)
 
 
-def time_pipelined(fn: Callable, *args, calls: int = 200, repeats: int = 3) -> float:
+def time_pipelined(fn: Callable, *args, calls: int = 200, repeats: int = 3,
+                   max_batch_s: float | None = None) -> float:
   """Milliseconds per call of `calls` back-to-back calls synchronised once at the end (best of
   `repeats`): device throughput, as in a generation loop that dispatches asynchronously. For
-  calls of tens of microseconds, time_fn mostly measures the host's dispatch and the sync."""
+  calls of tens of microseconds, time_fn mostly measures the host's dispatch and the sync.
+  max_batch_s: fewer calls (at least 3) when one synchronised call says `calls` of them would
+  take longer than this (slow baselines in a sweep)."""
   jax.block_until_ready(fn(*args))
+  if max_batch_s is not None:
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    one = time.perf_counter() - t0
+    calls = int(max(3, min(calls, max_batch_s / max(one, 1e-9))))
   best = float("inf")
   for _ in range(repeats):
     t0 = time.perf_counter()

@@ -14,12 +14,12 @@ class GmmBlockConfig:
     tgmm_block_k x tgmm_block_n, looping over that group's rows tgmm_block_m at a time.
   num_warps / num_stages are Triton launch parameters (ignored by the TPU kernel).
   mgpu_*: the Mosaic GPU gmm (Hopper): block_m rows (a multiple of 64: one warpgroup's
-    wgmma rows), block_n columns (a multiple of 16 up to 256; n must be a multiple of it),
-    block_k contraction chunk (32 / 64 / 128 bytes of a row: 64 for bf16), stages
-    shared-memory slots of the TMA pipeline, compute_wgs: 1 = one warpgroup issues both the
-    TMA loads and the wgmma; 2 = two compute warpgroups share a CTA tile of
-    block_m x (2 * block_n) fed by a third warpgroup that only issues loads (n must be a
-    multiple of 2 * block_n).
+    wgmma rows), block_n columns (whole 128-byte rows, up to 256: 64/128/192/256 for bf16;
+    n must be a multiple of it), block_k contraction chunk (128 bytes: 64 for bf16), stages
+    shared-memory slots of the TMA pipeline (0 = as many as fit), compute_wgs: 1 = one
+    warpgroup issues both the TMA loads and the wgmma; 2 = two compute warpgroups share a
+    CTA tile of block_m x (2 * block_n) fed by a third warpgroup that only issues loads.
+    block_n is halved (down to 128-byte rows) while compute_wgs x block_n does not divide n.
   """
   block_m: int = 128
   block_n: int = 128
@@ -40,8 +40,9 @@ class GmmBlockConfig:
   def __post_init__(self):
     for f in dataclasses.fields(self):
       v = getattr(self, f.name)
-      if not isinstance(v, int) or v < 1:
-        raise ValueError(f"GmmBlockConfig.{f.name} must be a positive int, got {v!r}")
+      if not isinstance(v, int) or v < (0 if f.name == "mgpu_stages" else 1):
+        raise ValueError(f"GmmBlockConfig.{f.name} must be a positive int (mgpu_stages may "
+                         f"be 0), got {v!r}")
 
   def replace(self, **kw) -> "GmmBlockConfig":
     return dataclasses.replace(self, **kw)
@@ -58,9 +59,15 @@ class GmmBlockConfig:
       # Sweeps on H100 (m=32768 k=2048 n=1408 e=64, bf16, experiments/bench/gmm.py --sweep):
       # gmm 128x128x64 w4 s4 263 TFLOP/s fwd / 305 for d lhs (the most even of the tiles
       # tried); tgmm 32x128x128 w4 s4 319-342 TFLOP/s.
+      # Mosaic GPU gmm (H200, back-to-back calls, jax 0.11.2; einsum of the same FLOPs
+      # 0.252 / 0.469 ms): e64 n=1408 fwd 128 x (2 x 64) on 5-6 stages 0.339-0.344 ms (one
+      # warpgroup 128 x 128: 0.338-0.359); d lhs (n=2048) 128 x (2 x 128) on 3 stages
+      # 0.352 ms; e8 n=5632 fwd 0.563 ms / d lhs 0.520 ms with 128 x (2 x 128) on 3 stages
+      # (2 x 64: 0.594-0.616). 64-row tiles: 0.48-0.53 ms at e64. stages=0 picks 6 and 3.
       return cls(block_m=128, block_n=128, block_k=64, num_warps=4, num_stages=4,
                  tgmm_block_m=32, tgmm_block_k=128, tgmm_block_n=128, tgmm_num_warps=4,
-                 tgmm_num_stages=4)
+                 tgmm_num_stages=4, mgpu_block_m=128, mgpu_block_n=128, mgpu_block_k=64,
+                 mgpu_stages=0, mgpu_compute_wgs=2)
     if "a100" in kind or "a10" in kind or "l4" in kind:
       return cls(block_m=128, block_n=128, block_k=32, num_warps=4, num_stages=3,
                  tgmm_block_m=32, tgmm_block_k=128, tgmm_block_n=128, tgmm_num_warps=4,

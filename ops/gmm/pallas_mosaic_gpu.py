@@ -7,13 +7,15 @@ The kernel is persistent: one CTA per SM walks the (visit, n tile) pairs of
 metadata.tile_visits. A visit is one (m tile, group) pair; its K loop is an emit_pipeline of
 TMA copies (lhs rows of the tile, the group's rhs block) into `stages` shared-memory slots
 feeding one warpgroup's wgmma. The accumulator goes out through shared memory with TMA
-stores. A tile that straddles group boundaries is visited once per group, and each visit
+stores, which finish under the next tile's main loop (waited for before the buffer is
+rewritten). A tile that straddles group boundaries is visited once per group, and each visit
 stores only its group's rows: TMA boxes have static shapes, so the row range is written as
 a ladder of power-of-two boxes (at most log2(block_m) + 1 stores).
 
-Partial tiles: rows past m and contraction columns past k are TMA zero-fills; n must be a
-multiple of block_n (else UnsupportedError), since the last column tile's clipped store is
-not emulated by interpret mode and so would go untested on CPU.
+Partial tiles: rows past m are TMA zero-fills (loads) and clipped (stores); k must be a
+multiple of block_k and n of block_n (else UnsupportedError and dispatch moves on): Mosaic GPU
+refuses TMA descriptors over a ragged k, and the last column tile's clipped store is not
+emulated by interpret mode, so it would go untested on CPU.
 """
 from __future__ import annotations
 
@@ -53,6 +55,28 @@ def _swizzled(cols: int, dtype) -> tuple:
           plgpu.SwizzleTransform(swizzle))
 
 
+# Shared memory one block may take on Hopper (227 KiB; jax 0.11.2 reports 232448 bytes), less
+# room for the pipeline's barriers.
+_SMEM_BYTES = 225 * 1024
+
+
+def _resolve_tiles(config, n, in_itemsize, out_itemsize):
+  """(bm, bn, bk, stages, wgs) for this n: block_n halves (down to 128-byte rows) until the
+  CTA's wgs x block_n columns divide n; stages 0 = as many as fit in shared memory next to
+  the output buffers (2..8). H200, session 9: these give 128 x (2 x 64) on 6 stages for
+  n = 1408 and 128 x (2 x 128) on 3 stages for n = 2048 / 5632, the best of the sweep."""
+  bm, bn, bk = config.mgpu_block_m, config.mgpu_block_n, config.mgpu_block_k
+  wgs = config.mgpu_compute_wgs
+  while n % (wgs * bn) and bn % 2 == 0 and (bn // 2 * in_itemsize) % 128 == 0:
+    bn //= 2
+  stages = config.mgpu_stages
+  if stages == 0:
+    stage_bytes = (bm * bk + bk * wgs * bn) * in_itemsize
+    stages = (_SMEM_BYTES - wgs * bm * bn * out_itemsize) // stage_bytes
+    stages = int(max(2, min(8, stages)))
+  return bm, bn, bk, stages, wgs
+
+
 def _check(lhs, rhs, n, bm, bn, bk, out_dtype):
   dtype = jnp.dtype(lhs.dtype)
   if dtype not in _DTYPES or jnp.dtype(rhs.dtype) != dtype:
@@ -61,12 +85,21 @@ def _check(lhs, rhs, n, bm, bn, bk, out_dtype):
     raise UnsupportedError(f"output dtype {out_dtype}")
   if bm % 64:
     raise UnsupportedError(f"mgpu_block_m {bm} must be a multiple of 64 (one warpgroup's rows)")
-  if bk * dtype.itemsize not in (32, 64, 128) or bn % 16 or bn > 256:
-    raise UnsupportedError(f"mgpu tiles k={bk} n={bn}: need k * itemsize in (32, 64, 128) bytes "
-                           "and n a multiple of 16 up to 256 (32-byte swizzled rows at least)")
+  # Tiles whose rows are whole 128-byte swizzle spans; narrower ones (32/64-byte swizzles, as
+  # block_n 16 or 176 give) failed Mosaic GPU's layout inference under jax 0.11.2.
+  if bk * dtype.itemsize != 128 or (bn * dtype.itemsize) % 128 or bn > 256:
+    raise UnsupportedError(f"mgpu tiles k={bk} n={bn}: need k * itemsize == 128 bytes and "
+                           "n * itemsize a multiple of 128 bytes, n <= 256")
   if n % bn:
     raise UnsupportedError(f"n={n} is not a multiple of mgpu_block_n={bn}")
-  k = lhs.shape[1]
+  m, k = lhs.shape
+  if m % 8 and m > 8:
+    # the lhs TMA descriptor is tiled by 8 rows (compile-time refusal under jax 0.11.2)
+    raise UnsupportedError(f"m={m} rows is not a multiple of 8")
+  if k % bk:
+    # TMA descriptors over a k that is not a multiple of the tile are refused at compile time
+    # (jax 0.11.2); interpret mode would accept them, so the check is here for both
+    raise UnsupportedError(f"k={k} is not a multiple of mgpu_block_k={bk}")
   row_bytes = [k * dtype.itemsize, n * dtype.itemsize, n * jnp.dtype(out_dtype).itemsize]
   if any(b % 16 for b in row_bytes):
     raise UnsupportedError(f"TMA needs 16-byte row strides: k={k}, n={n}")
@@ -77,11 +110,13 @@ def _store_rows(acc, o_smem, out_gmem, row0, r0, r1, cols):
   `cols`, through o_smem [bm, bn] (untiled). TMA boxes are static: the row range goes out as
   a ladder of power-of-two boxes, largest first."""
   bm = o_smem.shape[0]
+  # the previous tile's stores must have read o_smem; they ran under this tile's main loop
+  plgpu.wait_smem_to_gmem(0, wait_read_only=True)
   o_smem[...] = acc.astype(o_smem.dtype)
   plgpu.commit_smem()
   start = r0 - row0
   size = r1 - r0
-  rows = bm
+  rows = 1 << (bm.bit_length() - 1)     # size < 2 * rows: its bits from here down
   while rows >= 1:
     @pl.when((size & rows) != 0)
     def _():
@@ -89,7 +124,6 @@ def _store_rows(acc, o_smem, out_gmem, row0, r0, r1, cols):
                               out_gmem.at[pl.ds(row0 + start, rows), cols])
     start = start + (size & rows)
     rows //= 2
-  plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
 def gmm(lhs, rhs, group_sizes, *, out_dtype, transpose_rhs, interpret, config):
@@ -99,7 +133,8 @@ def gmm(lhs, rhs, group_sizes, *, out_dtype, transpose_rhs, interpret, config):
   m, k = lhs.shape
   num_groups = rhs.shape[0]
   n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-  bm, bn, bk = config.mgpu_block_m, config.mgpu_block_n, config.mgpu_block_k
+  bm, bn, bk, stages, wgs = _resolve_tiles(config, n, jnp.dtype(lhs.dtype).itemsize,
+                                           jnp.dtype(out_dtype).itemsize)
   _check(lhs, rhs, n, bm, bn, bk, out_dtype)
   if m == 0 or n == 0:
     return jnp.zeros((m, n), out_dtype)
@@ -107,12 +142,13 @@ def gmm(lhs, rhs, group_sizes, *, out_dtype, transpose_rhs, interpret, config):
     # interpret mode cannot run wgmma on a transposed shared-memory view: same product
     rhs, transpose_rhs = jnp.swapaxes(rhs, 1, 2), False
   visits = jnp.stack(metadata.tile_visits(group_sizes, m, bm), axis=1)   # [V, 4]
-  if config.mgpu_compute_wgs > 1:
+  if wgs > 1:
     return _gmm_warp_specialized(visits, lhs, rhs, out_dtype=out_dtype, n=n,
-                                 transpose_rhs=transpose_rhs, interpret=interpret, config=config)
+                                 transpose_rhs=transpose_rhs, interpret=interpret,
+                                 tiles=(bm, bn, bk, stages, wgs))
   num_visits = visits.shape[0]
   n_tiles = n // bn
-  k_steps = -(-k // bk)
+  k_steps = k // bk
   lhs_transforms = _swizzled(bk, lhs.dtype)
   rhs_transforms = _swizzled(bk if transpose_rhs else bn, rhs.dtype)   # its tile's row length
 
@@ -124,6 +160,13 @@ def gmm(lhs, rhs, group_sizes, *, out_dtype, transpose_rhs, interpret, config):
                            delay_release=1)
 
   def body(visits_gmem, lhs_gmem, rhs_gmem, out_gmem):
+    # untiled (the store ladder slices single rows, below the 8-row tiles of a swizzle) and
+    # allocated around the loop, so no later scope reuses it while a TMA store reads it
+    pl.run_scoped(functools.partial(tiles, visits_gmem, lhs_gmem, rhs_gmem, out_gmem),
+                  plgpu.SMEM((bm, bn), out_dtype))
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+  def tiles(visits_gmem, lhs_gmem, rhs_gmem, out_gmem, o_smem):
     @plgpu.nd_loop((num_visits * n_tiles,), collective_axes="sm")
     def _visit_tile(info):
       (lin,) = info.index
@@ -147,16 +190,12 @@ def gmm(lhs, rhs, group_sizes, *, out_dtype, transpose_rhs, interpret, config):
                                     delay_release=1),
                     rhs_spec(j),
                 ],
-                max_concurrent_steps=config.mgpu_stages,
+                max_concurrent_steps=stages,
             )(lhs_gmem, rhs_gmem.at[jnp.minimum(g, num_groups - 1)])
           return acc_ref[...]
 
         acc = pl.run_scoped(accumulate, plgpu.ACC((bm, bn)))
-
-        # untiled: the store ladder slices single rows, below the 8-row tiles of a swizzle
-        @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((bm, bn), out_dtype))
-        def _store(o_smem):
-          _store_rows(acc, o_smem, out_gmem, tile * bm, r0, r1, pl.ds(j * bn, bn))
+        _store_rows(acc, o_smem, out_gmem, tile * bm, r0, r1, pl.ds(j * bn, bn))
 
   kernel = plgpu.kernel(
       body, out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
@@ -168,19 +207,18 @@ def gmm(lhs, rhs, group_sizes, *, out_dtype, transpose_rhs, interpret, config):
 
 
 
-def _gmm_warp_specialized(visits, lhs, rhs, *, out_dtype, n, transpose_rhs, interpret, config):
-  """The same visits with mgpu_compute_wgs compute warpgroups, each owning block_n of a
-  CTA tile of block_m x (wgs * block_n), and one warpgroup issuing the TMA loads."""
+def _gmm_warp_specialized(visits, lhs, rhs, *, out_dtype, n, transpose_rhs, interpret, tiles):
+  """The same visits with wgs compute warpgroups, each owning block_n of a CTA tile of
+  block_m x (wgs * block_n), and one warpgroup issuing the TMA loads."""
   m, k = lhs.shape
   num_groups = rhs.shape[0]
-  bm, bn, bk = config.mgpu_block_m, config.mgpu_block_n, config.mgpu_block_k
-  wgs = config.mgpu_compute_wgs
+  bm, bn, bk, stages, wgs = tiles
   cta_n = wgs * bn
   if n % cta_n:
     raise UnsupportedError(f"n={n} is not a multiple of {wgs} warpgroups x {bn} columns")
   num_visits = visits.shape[0]
   n_tiles = n // cta_n
-  k_steps = -(-k // bk)
+  k_steps = k // bk
   lhs_spec = plgpu.BlockSpec((bm, bk), lambda kk: (0, kk), transforms=_swizzled(bk, lhs.dtype))
   if transpose_rhs:
     rhs_spec = plgpu.BlockSpec((cta_n, bk), lambda kk: (0, kk),
@@ -192,7 +230,7 @@ def _gmm_warp_specialized(visits, lhs, rhs, *, out_dtype, n, transpose_rhs, inte
   def pipeline(step, compute_context):
     return plgpu.emit_pipeline_warp_specialized(
         step, grid=(k_steps,), memory_registers=40, in_specs=[lhs_spec, rhs_spec],
-        wg_axis="wg", num_compute_wgs=wgs, max_concurrent_steps=config.mgpu_stages,
+        wg_axis="wg", num_compute_wgs=wgs, max_concurrent_steps=stages,
         compute_context=compute_context)
 
   def rhs_tile(rhs_gmem, g, j):
@@ -243,6 +281,8 @@ def _gmm_warp_specialized(visits, lhs, rhs, *, out_dtype, n, transpose_rhs, inte
         def _():
           _store_rows(jnp.zeros((bm, bn), jnp.float32), o_smem.at[wg], out_gmem, tile * bm,
                       r0, r1, cols)
+
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
   kernel = plgpu.kernel(
       body, out_type=jax.ShapeDtypeStruct((m, n), out_dtype),

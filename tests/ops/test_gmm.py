@@ -161,18 +161,23 @@ class TestGmmRaggedDotGpu(GmmTestBase):
 
 
 # ---------------------------------------------------------------- Mosaic GPU gmm
-# Tiles small enough that the cases span several m tiles and straddle group boundaries. The
-# kernel needs n to be a multiple of block_n (>= 16 for 32-byte swizzled rows; x 2 for two
-# compute warpgroups): the cases with n rounded up to 32; k (40, 136, 32, 16) stays ragged.
-_MGPU_SMALL = GmmBlockConfig(mgpu_block_m=64, mgpu_block_n=16, mgpu_block_k=32, mgpu_stages=2)
+# The smallest tiles the kernel takes (64 rows, 128-byte rows of k and n). The kernel needs k
+# and n to be multiples of block_k / block_n (x 2 for two compute warpgroups): the cases with
+# k rounded up to 64 and n to 128; m stays ragged (multi_tile: four row tiles).
+_MGPU_SMALL = GmmBlockConfig(mgpu_block_m=64, mgpu_block_n=64, mgpu_block_k=64, mgpu_stages=2)
+
+
+# plus row tiles 1..3 (several visits per tile, rows past the sum in the last tile)
+_MGPU_CASES = dict(CASES, multi_tile=(200, 72, 128, (30, 0, 90, 1, 60)))
 
 
 def _mgpu_inputs(case, dtype, round_k=False):
-  """The case with n (and k for gradients: d lhs's n is k) rounded up to a multiple of 32,
-  two warpgroups' columns."""
-  m, k, n, sizes = CASES[case]
-  n = -(-n // 32) * 32
-  k = -(-k // 32) * 32 if round_k else k
+  """The case with k rounded up to a multiple of 64 (of 128 with round_k: d lhs's n is k)
+  and n to a multiple of 128."""
+  m, k, n, sizes = _MGPU_CASES[case]
+  m = -(-m // 8) * 8          # the lhs TMA descriptor is tiled by 8 rows
+  n = -(-n // 128) * 128
+  k = -(-k // 128) * 128 if round_k else -(-k // 64) * 64
   k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
   lhs = op_testing.normal(k1, (m, k), dtype)
   rhs = op_testing.normal(k2, (len(sizes), k, n), dtype, scale=k ** -0.5)
@@ -191,7 +196,7 @@ class MosaicGpuGmmBase:
   def _kw(self, implementation="pallas_mosaic_gpu"):
     return dict(implementation=implementation, interpret=self.INTERPRET, config=self.CONFIG)
 
-  @pytest.mark.parametrize("case", sorted(CASES))
+  @pytest.mark.parametrize("case", sorted(_MGPU_CASES))
   def test_forward(self, case):
     if self.ONLY_CASES and case not in self.ONLY_CASES:
       pytest.skip(f"{type(self).__name__} runs {self.ONLY_CASES} only")
@@ -203,7 +208,7 @@ class MosaicGpuGmmBase:
     tail = int(np.sum(np.asarray(gs)))
     np.testing.assert_array_equal(np.asarray(out[tail:], np.float32), 0.0)
 
-  @pytest.mark.parametrize("case", ["odd_empty_one_partial", "straddle_full"])
+  @pytest.mark.parametrize("case", ["multi_tile", "straddle_full"])
   def test_grads(self, case):
     if self.ONLY_CASES and case not in self.ONLY_CASES[:1]:
       pytest.skip(f"{type(self).__name__} runs {self.ONLY_CASES[:1]} only")
@@ -216,6 +221,13 @@ class MosaicGpuGmmBase:
     rl, rr = jax.grad(ref_loss, (0, 1))(*_f32(lhs, rhs))
     op_testing.assert_close(dl, rl, jnp.bfloat16, grad=True, name="d lhs")
     op_testing.assert_close(dr, rr, jnp.bfloat16, grad=True, name="d rhs")
+
+  def test_ragged_k_or_m_falls_through(self):
+    lhs, rhs, _, gs = _mgpu_inputs("one_group", jnp.bfloat16)
+    with pytest.raises(NotImplementedError, match="k=40 is not a multiple"):
+      gmm_op.gmm(lhs[:, :40], rhs[:, :40], gs, **self._kw())
+    with pytest.raises(NotImplementedError, match="m=61 rows is not a multiple of 8"):
+      gmm_op.gmm(lhs[:61], rhs, jnp.asarray([0, 61, 0], jnp.int32), **self._kw())
 
   def test_f32_falls_through(self):
     lhs, rhs, _, gs = _mgpu_inputs("one_group", jnp.float32)
@@ -238,7 +250,7 @@ class TestGmmMosaicGpuInterpret(MosaicGpuGmmBase):
 class TestGmmMosaicGpuWarpSpecializedInterpret(MosaicGpuGmmBase):
   INTERPRET = True
   CONFIG = _MGPU_SMALL.replace(mgpu_compute_wgs=2)
-  ONLY_CASES = ("straddle_full", "odd_empty_one_partial")
+  ONLY_CASES = ("multi_tile", "odd_empty_one_partial")
 
 
 @pytest.mark.gpu
@@ -251,6 +263,24 @@ class TestGmmMosaicGpuSmallTilesGpu(MosaicGpuGmmBase):
 class TestGmmMosaicGpuWarpSpecializedGpu(MosaicGpuGmmBase):
   INTERPRET = False
   CONFIG = _MGPU_SMALL.replace(mgpu_compute_wgs=2)
+
+
+def test_mosaic_gpu_tiles_follow_n_and_shared_memory():
+  """The H100/H200 defaults resolve to the tiles the session-9 sweep found best."""
+  pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
+  from ops.gmm import pallas_mosaic_gpu
+  cfg = GmmBlockConfig.for_device("NVIDIA H200")
+  resolve = lambda n: pallas_mosaic_gpu._resolve_tiles(cfg, n, 2, 2)
+  assert resolve(1408) == (128, 64, 64, 6, 2)      # 1408 = 11 x 128: two 64-column halves
+  assert resolve(2048) == (128, 128, 64, 3, 2)
+  assert resolve(5632) == (128, 128, 64, 3, 2)
+  assert resolve(1400)[1] == 64                    # no 128-byte split divides: kernel refuses
+  one_wg = cfg.replace(mgpu_compute_wgs=1, mgpu_block_n=128)
+  assert pallas_mosaic_gpu._resolve_tiles(one_wg, 1408, 2, 2) == (128, 128, 64, 6, 1)
+  fixed = cfg.replace(mgpu_stages=4)
+  assert pallas_mosaic_gpu._resolve_tiles(fixed, 2048, 2, 2)[3] == 4
+  with pytest.raises(ValueError, match="positive int"):
+    GmmBlockConfig(mgpu_stages=-1)
 
 
 @pytest.mark.gpu
