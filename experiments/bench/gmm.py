@@ -47,6 +47,8 @@ def _candidates(tokamax_rd):
     if name == "xla" or (name.startswith("pallas_tpu") and _backend.platform() != "tpu"):
       continue  # "xla" loops over all groups: e x the FLOPs, not a contender
     impls[name] = (lambda nm: lambda a, b, gs: gmm_op.gmm(a, b, gs, implementation=nm))(name)
+  # what models get: the platform's default lists for gmm and (in the backward) tgmm
+  impls["default"] = lambda a, b, gs: gmm_op.gmm(a, b, gs)
   tuned = os.environ.get("GMM_TUNED_CONFIG")
   if tuned and os.path.exists(tuned) and "pallas_triton" in impls:
     import json

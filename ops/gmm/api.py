@@ -90,6 +90,9 @@ except ImportError:
 try:
   from ops.gmm import pallas_mosaic_gpu as _pallas_mosaic_gpu
   _GMM.register("pallas_mosaic_gpu", _pallas_mosaic_gpu.gmm, platforms=(GPU,))
+  # not in the GPU default list of tgmm: compiled on no GPU yet (session 9 ran out of device
+  # time); gmm's backward uses it when pallas_mosaic_gpu is asked for by name
+  _TGMM.register("pallas_mosaic_gpu", _pallas_mosaic_gpu.tgmm, platforms=(GPU,))
 except ImportError:
   pass
 try:
@@ -145,8 +148,8 @@ _gmm_core.defvjp(_gmm_fwd, _gmm_bwd)
 
 
 def _tgmm_implementation(implementation):
-  """gmm implementations without a tgmm kernel (pallas_mosaic_gpu) leave d rhs to the
-  platform's default tgmm list; names tgmm has are kept, in order."""
+  """gmm implementations without a tgmm kernel leave d rhs to the platform's default tgmm
+  list; names tgmm has are kept, in order."""
   if implementation is None:
     return None
   names = (implementation,) if isinstance(implementation, str) else tuple(implementation)

@@ -20,6 +20,8 @@ class GmmBlockConfig:
     warpgroup issues both the TMA loads and the wgmma; 2 = two compute warpgroups share a
     CTA tile of block_m x (2 * block_n) fed by a third warpgroup that only issues loads.
     block_n is halved (down to 128-byte rows) while compute_wgs x block_n does not divide n.
+  mgpu_tgmm_*: the Mosaic GPU tgmm: block_k x block_n output tiles (wgmma rows / columns),
+    block_m rows of a group per contraction step (128 bytes: 64 for bf16), stages slots.
   """
   block_m: int = 128
   block_n: int = 128
@@ -36,6 +38,10 @@ class GmmBlockConfig:
   mgpu_block_k: int = 64
   mgpu_stages: int = 4
   mgpu_compute_wgs: int = 1
+  mgpu_tgmm_block_m: int = 64
+  mgpu_tgmm_block_k: int = 128
+  mgpu_tgmm_block_n: int = 128
+  mgpu_tgmm_stages: int = 4
 
   def __post_init__(self):
     for f in dataclasses.fields(self):

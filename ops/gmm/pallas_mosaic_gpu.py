@@ -1,7 +1,7 @@
 """Grouped matmul in Pallas Mosaic GPU (Hopper: TMA loads into swizzled shared memory, wgmma).
 
-gmm only (the forward product and the d lhs product, transpose_rhs=True); tgmm has no Mosaic
-GPU kernel and dispatch takes the next implementation for it.
+gmm (the forward product and the d lhs product, transpose_rhs=True) and tgmm (the d rhs
+product, at the end of the file).
 
 The kernel is persistent: one CTA per SM walks the (visit, n tile) pairs of
 metadata.tile_visits. A visit is one (m tile, group) pair; its K loop is an emit_pipeline of
@@ -291,3 +291,113 @@ def _gmm_warp_specialized(visits, lhs, rhs, *, out_dtype, n, transpose_rhs, inte
       compiler_params=plgpu.CompilerParams(
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
   return kernel(visits, lhs, rhs)
+
+
+# ---------------------------------------------------------------------------------- tgmm
+def _zero_rows_from(ref, limit, axis):
+  """ref[...] with the entries at index >= limit along `axis` set to zero (in place)."""
+  val = ref[...]
+  pos = jax.lax.broadcasted_iota(jnp.int32, val.shape, axis)
+  ref[...] = jnp.where(pos < limit, val, jnp.zeros_like(val))
+  plgpu.commit_smem()     # ordinary stores, read next by the tensor cores
+
+
+def tgmm(lhs, rhs, group_sizes, *, out_dtype, interpret, config):
+  """out[g] = lhs[rows of g]^T @ rhs[rows of g]: lhs [m, k], rhs [m, n] -> [g, k, n].
+
+  One output tile (group, k tile, n tile) per step of a persistent loop; its contraction runs
+  over the group's rows in chunks of mgpu_tgmm_block_m starting at the group's first row (TMA
+  boxes start at any row), so a chunk may run into the next group's rows: the last chunk's
+  rows at or past the group end are zeroed in shared memory before its wgmma. lhs chunks are
+  read [rows, k tile] and fed transposed; interpret mode (no transposed wgmma operand) reads a
+  transposed copy of lhs instead. Empty groups give zeros.
+  """
+  interpret = _backend.resolve_interpret(interpret, _backend.GPU)
+  m, k = lhs.shape
+  n = rhs.shape[1]
+  num_groups = group_sizes.shape[0]
+  tk, bn, br = config.mgpu_tgmm_block_k, config.mgpu_tgmm_block_n, config.mgpu_tgmm_block_m
+  dtype = jnp.dtype(lhs.dtype)
+  if dtype not in _DTYPES or jnp.dtype(rhs.dtype) != dtype:
+    raise UnsupportedError(f"dtypes {lhs.dtype}/{rhs.dtype} (Mosaic GPU tgmm: bf16 or f16)")
+  if jnp.dtype(out_dtype) not in _DTYPES + (jnp.dtype(jnp.float32),):
+    raise UnsupportedError(f"output dtype {out_dtype}")
+  if tk % 64 or (tk * dtype.itemsize) % 128 or (bn * dtype.itemsize) % 128 or bn > 256:
+    raise UnsupportedError(f"mgpu tgmm tiles k={tk} n={bn}: k a multiple of 64 and both "
+                           "whole 128-byte rows (n <= 256)")
+  if br * dtype.itemsize != 128:
+    raise UnsupportedError(f"mgpu_tgmm_block_m {br}: one 128-byte row of rows (64 for bf16)")
+  if k % tk or n % bn or (m % 8 and m > 8):
+    raise UnsupportedError(f"tgmm shapes m={m} k={k} n={n}: need m % 8, k % {tk}, n % {bn}")
+  if num_groups == 0 or m == 0:
+    return jnp.zeros((num_groups, k, n), out_dtype)
+  starts, ends = metadata.group_bounds(group_sizes)
+  ends = jnp.minimum(ends, m)
+  bounds = jnp.stack([jnp.minimum(starts, ends), ends], axis=1)     # [g, 2]
+  k_tiles, n_tiles = k // tk, n // bn
+  transposed_copy = interpret
+  src = lhs.T if transposed_copy else lhs                           # [k, m] / [m, k]
+  a_block = (tk, br) if transposed_copy else (br, tk)
+  a_transforms = _swizzled(a_block[1], dtype)
+  b_transforms = _swizzled(bn, dtype)
+  stages = config.mgpu_tgmm_stages
+
+  def body(bounds_gmem, lhs_gmem, rhs_gmem, out_gmem):
+    pl.run_scoped(functools.partial(tiles, bounds_gmem, lhs_gmem, rhs_gmem, out_gmem),
+                  plgpu.SMEM((tk, bn), out_dtype, transforms=_swizzled(bn, out_dtype)))
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+  def tiles(bounds_gmem, lhs_gmem, rhs_gmem, out_gmem, o_smem):
+    @plgpu.nd_loop((num_groups * k_tiles * n_tiles,), collective_axes="sm")
+    def _tile(info):
+      (lin,) = info.index
+      g = lin // (k_tiles * n_tiles)
+      i = (lin // n_tiles) % k_tiles
+      j = lin % n_tiles
+      start, end = bounds_gmem[g, 0], bounds_gmem[g, 1]
+      n_chunks = (end - start + br - 1) // br
+      # the group's rows from its first one: chunk c is rows start + c * br ...
+      if transposed_copy:
+        a_src = lhs_gmem.at[:, pl.ds(start, m)]
+      else:
+        a_src = lhs_gmem.at[pl.ds(start, m), :]
+      b_src = rhs_gmem.at[pl.ds(start, m), :]
+
+      def accumulate(acc_ref):
+        def step(idx, a_smem, b_smem):
+          (c,) = idx
+          valid = end - (start + c * br)      # rows of this chunk inside the group
+
+          @pl.when(valid < br)
+          def _():
+            _zero_rows_from(a_smem, valid, 1 if transposed_copy else 0)
+            _zero_rows_from(b_smem, valid, 0)
+
+          a = a_smem if transposed_copy else plgpu.transpose_ref(a_smem, (1, 0))
+          plgpu.wgmma(acc_ref, a, b_smem)
+
+        plgpu.emit_pipeline(
+            step, grid=(n_chunks,),
+            in_specs=[
+                plgpu.BlockSpec(a_block,
+                                (lambda c: (i, c)) if transposed_copy else (lambda c: (c, i)),
+                                transforms=a_transforms),
+                plgpu.BlockSpec((br, bn), lambda c: (c, j), transforms=b_transforms),
+            ],
+            max_concurrent_steps=stages,
+        )(a_src, b_src)
+        return acc_ref[...]
+
+      acc = pl.run_scoped(accumulate, plgpu.ACC((tk, bn)))
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the previous tile's store read o_smem
+      o_smem[...] = acc.astype(out_dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(o_smem, out_gmem.at[g, pl.ds(i * tk, tk), pl.ds(j * bn, bn)])
+
+  kernel = plgpu.kernel(
+      body, out_type=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype),
+      grid=(_num_ctas(interpret),), grid_names=("sm",),
+      interpret=_interpret_params() if interpret else False,
+      compiler_params=plgpu.CompilerParams(
+          lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
+  return kernel(bounds, src, rhs)

@@ -8,6 +8,8 @@ the last to the first: it recomputes the chunk's pre-clip potentials from the ch
 (held in registers), then runs the chunk backwards; x and the spike cotangent of the next chunk
 are prefetched while the current one is processed. `time_chunk` must be a multiple of
 `ckpt_every`.
+Mosaic GPU forward (pallas_mosaic_gpu): one CTA per (batch row, mgpu_block_c channels);
+tiles of mgpu_time_chunk steps x block_c stream through shared memory, mgpu_stages in flight.
 TPU (pallas_tpu): blocks of (tpu_block_t time steps, tpu_block_c channels on lanes); the
 checkpoint is taken at every time block.
 """
@@ -27,6 +29,9 @@ class LifConfig:
   bwd_num_warps: int = 2
   tpu_block_c: int = 512
   tpu_block_t: int = 64
+  mgpu_block_c: int = 128
+  mgpu_time_chunk: int = 64
+  mgpu_stages: int = 4
 
   def __post_init__(self):
     for f in ("block_c", "bwd_block_c"):

@@ -186,12 +186,13 @@ def _mgpu_inputs(case, dtype, round_k=False):
 
 
 class MosaicGpuGmmBase:
-  """gmm forward and both gradients (d lhs through the kernel's transposed-rhs form, d rhs
-  through the default tgmm list: there is no Mosaic GPU tgmm). bf16 only: the kernel takes
-  16-bit inputs, f32 falls through (test_f32_falls_through)."""
+  """gmm forward, tgmm, and both gradients of gmm (d lhs through the kernel's transposed-rhs
+  form, d rhs through the Mosaic GPU tgmm). bf16 only: the kernels take 16-bit inputs, f32
+  falls through (test_f32_falls_through)."""
   INTERPRET = None
   CONFIG = None
-  ONLY_CASES = None   # interpret mode of the 4-warpgroup kernel is slow: a subset in CI
+  ONLY_CASES = None   # interpret mode of the 3-warpgroup kernel is slow: a subset in CI
+  OTHER_TESTS = True  # grads and tgmm (tgmm has one kernel: the tile config does not reach it)
 
   def _kw(self, implementation="pallas_mosaic_gpu"):
     return dict(implementation=implementation, interpret=self.INTERPRET, config=self.CONFIG)
@@ -210,8 +211,8 @@ class MosaicGpuGmmBase:
 
   @pytest.mark.parametrize("case", ["multi_tile", "straddle_full"])
   def test_grads(self, case):
-    if self.ONLY_CASES and case not in self.ONLY_CASES[:1]:
-      pytest.skip(f"{type(self).__name__} runs {self.ONLY_CASES[:1]} only")
+    if not self.OTHER_TESTS:
+      pytest.skip(f"{type(self).__name__}: forward only (interpret mode is slow)")
     lhs, rhs, dout, gs = _mgpu_inputs(case, jnp.bfloat16, round_k=True)
     loss = lambda a, b: jnp.sum(gmm_op.gmm(a, b, gs, preferred_element_type=jnp.float32,
                                            **self._kw()) * dout.astype(jnp.float32))
@@ -221,6 +222,19 @@ class MosaicGpuGmmBase:
     rl, rr = jax.grad(ref_loss, (0, 1))(*_f32(lhs, rhs))
     op_testing.assert_close(dl, rl, jnp.bfloat16, grad=True, name="d lhs")
     op_testing.assert_close(dr, rr, jnp.bfloat16, grad=True, name="d rhs")
+
+  @pytest.mark.parametrize("case", sorted(_MGPU_CASES))
+  def test_tgmm(self, case):
+    if not self.OTHER_TESTS:
+      pytest.skip(f"{type(self).__name__}: forward only (interpret mode is slow)")
+    lhs, _, dout, gs = _mgpu_inputs(case, jnp.bfloat16, round_k=True)
+    out = jax.jit(lambda a, b, c: gmm_op.tgmm(a, b, c, **self._kw()))(lhs, dout, gs)
+    assert out.shape == (len(gs), lhs.shape[1], dout.shape[1]) and out.dtype == jnp.bfloat16
+    ref = reference.tgmm(*_f32(lhs, dout), gs, precision=HIGHEST)
+    empty = np.asarray(gs) == 0
+    np.testing.assert_array_equal(np.asarray(out, np.float32)[empty], 0.0)
+    if (~empty).any():
+      op_testing.assert_close(out, ref, jnp.bfloat16)
 
   def test_ragged_k_or_m_falls_through(self):
     lhs, rhs, _, gs = _mgpu_inputs("one_group", jnp.bfloat16)
@@ -251,6 +265,7 @@ class TestGmmMosaicGpuWarpSpecializedInterpret(MosaicGpuGmmBase):
   INTERPRET = True
   CONFIG = _MGPU_SMALL.replace(mgpu_compute_wgs=2)
   ONLY_CASES = ("multi_tile", "odd_empty_one_partial")
+  OTHER_TESTS = False
 
 
 @pytest.mark.gpu
@@ -286,7 +301,7 @@ def test_mosaic_gpu_tiles_follow_n_and_shared_memory():
 @pytest.mark.gpu
 def test_mosaic_gpu_gmm_default_tiles_ragged_groups_gpu():
   """The device-default tiles on a MoE-sized problem with uneven groups, an empty group and
-  rows past the sum; both orientations of rhs."""
+  rows past the sum; both orientations of rhs, and tgmm."""
   m, k, n, e = 3000, 256, 384, 7
   sizes = jnp.asarray([0, 700, 1, 513, 1000, 300, 386], jnp.int32)       # sum 2900 < m
   k1, k2 = jax.random.split(jax.random.key(3))
@@ -300,6 +315,12 @@ def test_mosaic_gpu_gmm_default_tiles_ragged_groups_gpu():
   out_t = pallas_mosaic_gpu.gmm(lhs, jnp.swapaxes(rhs, 1, 2), sizes, out_dtype=jnp.bfloat16,
                                 transpose_rhs=True, interpret=False, config=cfg)
   op_testing.assert_close(out_t, ref, jnp.bfloat16)
+  dout = op_testing.normal(jax.random.key(4), (m, n), jnp.bfloat16)
+  got = pallas_mosaic_gpu.tgmm(lhs, dout, sizes, out_dtype=jnp.float32, interpret=False,
+                               config=cfg)
+  want = reference.tgmm(*_f32(lhs, dout), sizes, precision=HIGHEST)
+  op_testing.assert_close(got, want, jnp.bfloat16)
+  np.testing.assert_array_equal(np.asarray(got[0]), 0.0)          # the empty group
 
 
 # ---------------------------------------------------------------- dispatch

@@ -1,4 +1,5 @@
 """ops.lif.lif: every implementation against the lax.scan + custom_jvp reference (f32)."""
+import dataclasses
 import functools
 
 import jax
@@ -6,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ops.lif import LifConfig, lif, reference
+from ops.lif import LifConfig, implementations, lif, reference
 from tests.ops import op_testing
 
 SMALL = LifConfig(block_c=32, time_chunk=4, ckpt_every=2, num_warps=1, bwd_block_c=32,
@@ -176,3 +177,69 @@ def test_bad_arguments():
     lif(x, surrogate="relu")
   with pytest.raises(ValueError, match="unknown implementation"):
     lif(x, implementation="cuda")
+
+
+# ---------------------------------------------------------------- Mosaic GPU forward
+# Shapes the Mosaic GPU forward takes (T a multiple of mgpu_time_chunk, C of mgpu_block_c);
+# its backward is the Triton kernel's (run interpreted on CPU here).
+MGPU_SMALL = dataclasses.replace(SMALL, mgpu_block_c=64, mgpu_time_chunk=8, mgpu_stages=2)
+
+
+class LifMosaicGpuBase:
+  INTERPRET = None
+  CONFIG = MGPU_SMALL
+
+  def lif(self, x, v0=None, **kw):
+    return lif(x, v0, implementation="pallas_mosaic_gpu", interpret=self.INTERPRET,
+               config=self.CONFIG, **kw)
+
+  @pytest.mark.parametrize("B,T,C,dtype,reset", [
+      (1, 8, 64, jnp.float32, "hard"),
+      (2, 24, 128, jnp.float32, "subtract"),
+      (1, 16, 128, jnp.bfloat16, "hard"),
+  ])
+  def test_forward(self, B, T, C, dtype, reset):
+    x, v0, _, _ = _inputs(B, T, C, dtype)
+    s, v_last = jax.jit(functools.partial(self.lif, reset=reset))(x, v0)
+    s_ref, v_ref = _ref(x, v0, reset=reset)
+    assert s.dtype == x.dtype and v_last.shape == (B, C)
+    assert 0.02 < float(jnp.mean(s_ref.astype(jnp.float32))) < 0.5
+    np.testing.assert_array_equal(np.asarray(s, np.float32), np.asarray(s_ref, np.float32))
+    op_testing.assert_close(v_last, v_ref, jnp.float32, name="v_last")
+
+  @pytest.mark.parametrize("surrogate,reset,detach", [
+      ("atan", "hard", True), ("sigmoid", "subtract", False)])
+  def test_grads(self, surrogate, reset, detach):
+    x, v0, g, gv = _inputs(2, 16, 64, jnp.float32, seed=1)
+    kw = dict(surrogate=surrogate, reset=reset, detach_reset=detach)
+    got = jax.jit(lambda *a: _grads(functools.partial(self.lif, **kw), *a))(x, v0, g, gv)
+    want = _grads(functools.partial(_ref, **kw), x, v0, g, gv)
+    for name, a, b in zip(("dx", "dv0"), got, want):
+      op_testing.assert_close(a, b, jnp.float32, grad=True, name=name)
+
+  def test_chunked_equals_unchunked(self):
+    x, v0, _, _ = _inputs(1, 32, 64, jnp.float32)
+    s, v_last = self.lif(x, v0)
+    s1, v1 = self.lif(x[:, :16], v0)
+    s2, v2 = self.lif(x[:, 16:], v1)
+    np.testing.assert_array_equal(s, jnp.concatenate([s1, s2], 1))
+    np.testing.assert_allclose(v_last, v2, rtol=1e-6, atol=1e-6)
+
+  def test_other_shapes_fall_through(self):
+    x, v0, _, _ = _inputs(1, 12, 64, jnp.float32)
+    with pytest.raises(NotImplementedError, match="T % 8 == 0"):
+      self.lif(x, v0)
+    s, _ = lif(x, v0, implementation=("pallas_mosaic_gpu", "xla"), interpret=self.INTERPRET,
+               config=self.CONFIG)
+    np.testing.assert_array_equal(s, _ref(x, v0)[0])
+
+
+@pytest.mark.skipif("pallas_mosaic_gpu" not in implementations(), reason="no jax Mosaic GPU")
+class TestLifMosaicGpuInterpret(LifMosaicGpuBase):
+  INTERPRET = True
+
+
+@pytest.mark.gpu
+class TestLifMosaicGpuGpu(LifMosaicGpuBase):
+  INTERPRET = False
+  CONFIG = dataclasses.replace(GPU_SMALL, mgpu_block_c=128, mgpu_time_chunk=8, mgpu_stages=2)

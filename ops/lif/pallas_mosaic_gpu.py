@@ -1,0 +1,139 @@
+"""LIF forward in Pallas Mosaic GPU (Hopper); the backward is the Triton kernel's.
+
+Why a second GPU forward: the Triton kernel keeps each program's next rows of x in flight as a
+register ring, and at 8192 channels (256 programs of 32) it reaches ~36% of the copy bandwidth
+on an H200 (session 6). Here each CTA owns `mgpu_block_c` channels of one batch row and an
+emit_pipeline streams [mgpu_time_chunk, block_c] tiles of x into shared memory by TMA, with
+`mgpu_stages` tiles in flight, while the warpgroup walks the resident tile row by row with v
+in registers; spikes and the membrane checkpoints go out as TMA stores of whole tiles,
+double-buffered so a tile's store overlaps the next tile's walk.
+
+Same outputs as the Triton forward (spikes, v_last, and with a gradient the f32 membrane every
+ckpt_every steps, which the Triton backward consumes), so the two share one custom_vjp shape.
+T must be a multiple of mgpu_time_chunk (itself a multiple of ckpt_every) and C of
+mgpu_block_c; other shapes raise UnsupportedError and dispatch moves on.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from ops import _backend
+from ops._backend import UnsupportedError
+from ops.lif import pallas_triton
+from ops.lif.config import LifConfig
+
+_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+
+
+def _interpret_params():
+  cls = getattr(plgpu, "InterpretParams", None)
+  if cls is None:
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams as cls
+  return cls()
+
+
+def _forward(x, v0, p, save_ckpt, interpret, config):
+  """x [B, T, C], v0 [B, C] f32 -> spikes [B, T, C] (x.dtype), v_last [B, C] f32, and
+  the checkpoint [B, T / ckpt_every, C] f32 (v before steps 0, K, 2K, ...) if save_ckpt."""
+  B, T, C = x.shape
+  bc, tt, K = config.mgpu_block_c, config.mgpu_time_chunk, config.ckpt_every
+  n_ck = T // K
+  outs = [jax.ShapeDtypeStruct((B, T, C), x.dtype), jax.ShapeDtypeStruct((B, C), jnp.float32)]
+  if save_ckpt:
+    outs.append(jax.ShapeDtypeStruct((B, n_ck, C), jnp.float32))
+
+  def body(x_gmem, v0_gmem, s_gmem, vlast_gmem, *ck_gmem):
+    b = jax.lax.axis_index("b")
+    j = jax.lax.axis_index("c")
+    cols = pl.ds(j * bc, bc)
+
+    n_out = 2 if save_ckpt else 1
+
+    # Outputs leave through two shared-memory slots each (the store of step t - 1 may still
+    # run while step t writes the other slot), issued by hand: the pipeline's own output
+    # stores are predicated copies, which interpret mode does not run.
+    @functools.partial(pl.run_scoped, v_smem=plgpu.SMEM((bc,), jnp.float32),
+                       s_buf=plgpu.SMEM((2, tt, bc), x.dtype),
+                       ck_buf=plgpu.SMEM((2, tt // K, bc), jnp.float32),
+                       bar=plgpu.Barrier(num_arrivals=1))
+    def _(v_smem, s_buf, ck_buf, bar):
+      plgpu.copy_gmem_to_smem(v0_gmem.at[b, cols], v_smem, bar)
+      plgpu.barrier_wait(bar)
+      v = v_smem[...]
+
+      def chunk(idx, x_smem, v):
+        (t,) = idx
+        slot = t % 2
+        plgpu.wait_smem_to_gmem(n_out, wait_read_only=True)    # step t - 2 left this slot
+        s_out, ck_out = s_buf.at[slot], ck_buf.at[slot]
+        for i in range(tt):                 # static rows: the tile is resident
+          if save_ckpt and i % K == 0:
+            ck_out[i // K] = v
+          _, v, spk = pallas_triton.step_forward(v, x_smem[i].astype(jnp.float32), p)
+          s_out[i] = jnp.where(spk, 1.0, 0.0).astype(s_out.dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(s_out, s_gmem.at[b, pl.ds(t * tt, tt), cols])
+        if save_ckpt:
+          plgpu.copy_smem_to_gmem(ck_out, ck_gmem[0].at[b, pl.ds(t * (tt // K), tt // K), cols])
+        return v
+
+      v = plgpu.emit_pipeline(
+          chunk, grid=(T // tt,),
+          in_specs=[plgpu.BlockSpec((tt, bc), lambda t: (t, j))],
+          max_concurrent_steps=config.mgpu_stages, init_carry=v,
+      )(x_gmem.at[b])
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+      v_smem[...] = v
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(v_smem, vlast_gmem.at[b, cols])
+      plgpu.wait_smem_to_gmem(0)
+
+  kernel = plgpu.kernel(
+      body, out_type=tuple(outs), grid=(B, C // bc), grid_names=("b", "c"),
+      interpret=_interpret_params() if interpret else False,
+      compiler_params=plgpu.CompilerParams(
+          lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
+  return kernel(x, v0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _lif(x, v0, pt, interpret, config):
+  s, v_last = _forward(x, v0, dict(pt), False, interpret, config)
+  return s, v_last
+
+
+def _lif_fwd(x, v0, pt, interpret, config):
+  s, v_last, ckpt = _forward(x, v0, dict(pt), True, interpret, config)
+  return (s, v_last), (x, ckpt)
+
+
+def _lif_bwd(pt, interpret, config, res, cts):
+  x, ckpt = res
+  ds, gv = cts
+  return pallas_triton._backward(x, ckpt, ds.astype(x.dtype), gv.astype(jnp.float32),
+                                 dict(pt), interpret, config)
+
+
+_lif.defvjp(_lif_fwd, _lif_bwd)
+
+
+def lif(x, v0, *, params, interpret, config):
+  """Implementation 'pallas_mosaic_gpu'; `params` is a sorted tuple of (name, value) pairs."""
+  interpret = _backend.resolve_interpret(interpret, _backend.GPU)
+  if jnp.dtype(x.dtype) not in _DTYPES:
+    raise UnsupportedError(f"dtype {x.dtype} (Mosaic GPU LIF: f32, bf16)")
+  if config is None:
+    config = LifConfig.for_device(None if interpret else _backend.device_kind())
+  B, T, C = x.shape
+  bc, tt, K = config.mgpu_block_c, config.mgpu_time_chunk, config.ckpt_every
+  if T % tt or tt % K or C % bc:
+    raise UnsupportedError(f"Mosaic GPU LIF needs T % {tt} == 0 (a multiple of ckpt_every "
+                           f"{K}) and C % {bc} == 0; got T={T}, C={C}")
+  if bc * jnp.dtype(x.dtype).itemsize % 128:
+    raise UnsupportedError(f"mgpu_block_c {bc}: rows of x must be whole 128-byte lines")
+  return _lif(x, v0, params, interpret, config)
