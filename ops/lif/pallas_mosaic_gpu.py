@@ -1,4 +1,4 @@
-"""LIF forward in Pallas Mosaic GPU (Hopper); the backward is the Triton kernel's.
+"""LIF forward and backward in Pallas Mosaic GPU (Hopper).
 
 Why a second GPU forward: the Triton kernel keeps each program's next rows of x in flight as a
 register ring, and at 8192 channels (256 programs of 32) it reaches ~36% of the copy bandwidth
@@ -9,7 +9,8 @@ in registers; spikes and the membrane checkpoints go out as TMA stores of whole 
 double-buffered so a tile's store overlaps the next tile's walk.
 
 Same outputs as the Triton forward (spikes, v_last, and with a gradient the f32 membrane every
-ckpt_every steps, which the Triton backward consumes), so the two share one custom_vjp shape.
+ckpt_every steps); the backward is the Triton one's recompute-from-checkpoint scheme (see
+ops/lif/pallas_triton.py) over the same resident tiles, time tiles last to first.
 T must be a multiple of mgpu_time_chunk (itself a multiple of ckpt_every) and C of
 mgpu_block_c; other shapes raise UnsupportedError and dispatch moves on.
 """
@@ -112,11 +113,80 @@ def _lif_fwd(x, v0, pt, interpret, config):
   return (s, v_last), (x, ckpt)
 
 
+def _backward(x, ckpt, ds, gv, p, interpret, config):
+  """x, ds [B, T, C]; ckpt [B, T / K, C] f32; gv [B, C] f32 -> dx [B, T, C] (x.dtype), dv0.
+
+  The pipeline walks time tiles last to first (its index map reverses the step), streaming
+  x, ds and the tile's checkpoint rows in; inside a tile each K-step segment, last first, is
+  recomputed forward from its checkpoint (the pre-clip potentials stay in registers) and then
+  walked backwards, writing dx rows to a shared-memory slot that a TMA store takes out.
+  """
+  B, T, C = x.shape
+  bc, tt, K = config.mgpu_block_c, config.mgpu_time_chunk, config.ckpt_every
+  n_t = T // tt
+
+  def body(x_gmem, ck_gmem, ds_gmem, gv_gmem, dx_gmem, dv0_gmem):
+    b = jax.lax.axis_index("b")
+    j = jax.lax.axis_index("c")
+    cols = pl.ds(j * bc, bc)
+
+    @functools.partial(pl.run_scoped, dv_smem=plgpu.SMEM((bc,), jnp.float32),
+                       dx_buf=plgpu.SMEM((2, tt, bc), dx_gmem.dtype),
+                       bar=plgpu.Barrier(num_arrivals=1))
+    def _(dv_smem, dx_buf, bar):
+      plgpu.copy_gmem_to_smem(gv_gmem.at[b, cols], dv_smem, bar)
+      plgpu.barrier_wait(bar)
+      dv = dv_smem[...]
+
+      def chunk(idx, x_smem, ds_smem, ck_smem, dv):
+        (r,) = idx
+        t = n_t - 1 - r                     # the time tile this step holds
+        slot = r % 2
+        plgpu.wait_smem_to_gmem(1, wait_read_only=True)        # step r - 2 left this slot
+        dx_out = dx_buf.at[slot]
+        for seg in reversed(range(tt // K)):
+          v = ck_smem[seg]
+          us = []
+          for i in range(seg * K, seg * K + K):             # recompute the segment forward
+            u, v, _ = pallas_triton.step_forward(v, x_smem[i].astype(jnp.float32), p)
+            us.append(u)
+          for i in reversed(range(seg * K, seg * K + K)):   # and walk it backwards
+            du = pallas_triton.step_backward(us[i - seg * K], ds_smem[i].astype(jnp.float32),
+                                             dv, p)
+            dx_out[i] = du.astype(dx_out.dtype)
+            dv = p["beta"] * du
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(dx_out, dx_gmem.at[b, pl.ds(t * tt, tt), cols])
+        return dv
+
+      rev = lambda r: (n_t - 1 - r, j)
+      dv = plgpu.emit_pipeline(
+          chunk, grid=(n_t,),
+          in_specs=[plgpu.BlockSpec((tt, bc), rev), plgpu.BlockSpec((tt, bc), rev),
+                    plgpu.BlockSpec((tt // K, bc), rev)],
+          max_concurrent_steps=config.mgpu_stages, init_carry=dv,
+      )(x_gmem.at[b], ds_gmem.at[b], ck_gmem.at[b])
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+      dv_smem[...] = dv
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(dv_smem, dv0_gmem.at[b, cols])
+      plgpu.wait_smem_to_gmem(0)
+
+  kernel = plgpu.kernel(
+      body, out_type=(jax.ShapeDtypeStruct((B, T, C), x.dtype),
+                      jax.ShapeDtypeStruct((B, C), jnp.float32)),
+      grid=(B, C // bc), grid_names=("b", "c"),
+      interpret=_interpret_params() if interpret else False,
+      compiler_params=plgpu.CompilerParams(
+          lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
+  return kernel(x, ckpt, ds, gv)
+
+
 def _lif_bwd(pt, interpret, config, res, cts):
   x, ckpt = res
   ds, gv = cts
-  return pallas_triton._backward(x, ckpt, ds.astype(x.dtype), gv.astype(jnp.float32),
-                                 dict(pt), interpret, config)
+  return _backward(x, ckpt, ds.astype(x.dtype), gv.astype(jnp.float32), dict(pt), interpret,
+                   config)
 
 
 _lif.defvjp(_lif_fwd, _lif_bwd)

@@ -180,8 +180,8 @@ def test_bad_arguments():
 
 
 # ---------------------------------------------------------------- Mosaic GPU forward
-# Shapes the Mosaic GPU forward takes (T a multiple of mgpu_time_chunk, C of mgpu_block_c);
-# its backward is the Triton kernel's (run interpreted on CPU here).
+# Shapes the Mosaic GPU kernels take (T a multiple of mgpu_time_chunk, C of mgpu_block_c):
+# 2-3 time tiles of 4 checkpoint segments, 1-2 channel blocks.
 MGPU_SMALL = dataclasses.replace(SMALL, mgpu_block_c=64, mgpu_time_chunk=8, mgpu_stages=2)
 
 
@@ -207,15 +207,17 @@ class LifMosaicGpuBase:
     np.testing.assert_array_equal(np.asarray(s, np.float32), np.asarray(s_ref, np.float32))
     op_testing.assert_close(v_last, v_ref, jnp.float32, name="v_last")
 
-  @pytest.mark.parametrize("surrogate,reset,detach", [
-      ("atan", "hard", True), ("sigmoid", "subtract", False)])
-  def test_grads(self, surrogate, reset, detach):
-    x, v0, g, gv = _inputs(2, 16, 64, jnp.float32, seed=1)
+  @pytest.mark.parametrize("surrogate,reset,detach,dtype", [
+      ("atan", "hard", True, jnp.float32), ("sigmoid", "subtract", False, jnp.float32),
+      ("triangle", "hard", False, jnp.bfloat16)])
+  def test_grads(self, surrogate, reset, detach, dtype):
+    x, v0, g, gv = _inputs(2, 16, 64, dtype, seed=1)
     kw = dict(surrogate=surrogate, reset=reset, detach_reset=detach)
     got = jax.jit(lambda *a: _grads(functools.partial(self.lif, **kw), *a))(x, v0, g, gv)
     want = _grads(functools.partial(_ref, **kw), x, v0, g, gv)
-    for name, a, b in zip(("dx", "dv0"), got, want):
-      op_testing.assert_close(a, b, jnp.float32, grad=True, name=name)
+    for name, a, b, primal in zip(("dx", "dv0"), got, want, (x, v0)):
+      assert a.dtype == primal.dtype, name
+      op_testing.assert_close(a, b, dtype, grad=True, name=name)
 
   def test_chunked_equals_unchunked(self):
     x, v0, _, _ = _inputs(1, 32, 64, jnp.float32)
