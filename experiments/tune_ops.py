@@ -2,6 +2,8 @@
 
   python experiments/tune_ops.py --op=lif --shape=1,8192,8192,float32 \
       --grid=time_chunk=64,128 --grid=block_c=32,64 --grid=num_warps=1,2
+  python experiments/tune_ops.py --op=lif --implementation=pallas_mosaic_gpu \
+      --grid=mgpu_time_chunk=32,64 --grid=mgpu_block_c=128,256 --grid=mgpu_stages=2,4
   python experiments/tune_ops.py --op=nsa --shape=1,65536,64,4,128,bfloat16 \
       --grid=sel_num_warps=4,8 --grid=sel_num_stages=1,2,3 --grid=bwd_chunk=32,64,128
   python experiments/tune_ops.py --op=nsa_decode --shape=8,65536,64,4,128,bfloat16 \
@@ -38,6 +40,10 @@ _SHAPE = flags.DEFINE_string("shape", "1,8192,8192,float32",
 _GRID = flags.DEFINE_multi_string("grid", [], "field=v1,v2,... (ints); repeat per field")
 _BUDGET = flags.DEFINE_float("budget_s", 240.0, "stop starting new configs after this long")
 _OUT = flags.DEFINE_string("out", "", "also write the markdown table here")
+_IMPL = flags.DEFINE_enum("implementation", "pallas_triton",
+                          ["pallas_triton", "pallas_mosaic_gpu"],
+                          "lif only: which GPU kernels to sweep (the Mosaic GPU ones read the "
+                          "config's mgpu_* fields)")
 
 
 def parse_grid(items: list[str], fields: set[str]) -> dict[str, list[int]]:
@@ -155,7 +161,7 @@ def _nsa_decode_workload(shape):
   return make_fns, (q, kc, vc, kraw, vraw, kraw, vraw, gates, lengths), ("full decode", ms_full)
 
 
-def _workload(op, shape):
+def _workload(op, shape, lif_impl="pallas_triton"):
   """(make_fns(config) -> (fwd, fwd_bwd), fwd args, fwd+bwd args, fwd bytes, total bytes); the
   inputs are made once and shared by every config."""
   import jax
@@ -169,7 +175,7 @@ def _workload(op, shape):
   if op == "lif":
     from ops.lif import lif
     x = (1.2 * x).astype(dt)        # spikes on a fair share of steps
-    op_fn = lambda cfg: lambda x: lif(x, implementation="pallas_triton", config=cfg)[0]
+    op_fn = lambda cfg: lambda x: lif(x, implementation=lif_impl, config=cfg)[0]
     args, fwd_bytes, bwd_bytes = (x,), 2 * big + 2 * small, 3 * big + 2 * small
   else:
     from ops.scan import linear_scan
@@ -209,7 +215,7 @@ def main(argv):
     fmt = "{:.2f}x"
   else:
     copy = timing.copy_bandwidth_gbs()
-    make_fns, a_f, a_fb, nb_f, nb_fb = _workload(op, shape)
+    make_fns, a_f, a_fb, nb_f, nb_fb = _workload(op, shape, _IMPL.value)
     ref = f"copy {copy:.0f} GB/s"
     ratio = lambda ms_f, ms_fb: (nb_f / ms_f / 1e6 / copy, nb_fb / ms_fb / 1e6 / copy)
     cols = "fwd / copy", "fwd+bwd / copy"
