@@ -21,9 +21,9 @@ from ops._backend import CPU, GPU, TPU, UnsupportedError
 from ops.gmm import reference
 from ops.gmm.config import GmmBlockConfig
 
-# GPU: the Mosaic GPU kernel first (H200, back-to-back timing, session 9: 1.13-1.16x the
-# Triton kernel fwd and 1.08-1.09x fwd+bwd on the three bench shapes); it refuses f32 and
-# k / n that are not multiples of its tiles, which then go to Triton.
+# GPU: the Mosaic GPU kernel first (H200, back-to-back timing, session 9: 1.14-1.15x the
+# Triton kernel fwd and 1.07-1.10x fwd+bwd on the three bench shapes); it refuses f32, m not
+# a multiple of 8 and k / n not multiples of its tiles, which then go to Triton.
 _GMM = _backend.Op("gmm", {
     GPU: ("pallas_mosaic_gpu", "pallas_triton", "ragged_dot", "xla"),
     TPU: ("pallas_tpu", "ragged_dot", "xla"),
