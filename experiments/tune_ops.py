@@ -42,8 +42,8 @@ _BUDGET = flags.DEFINE_float("budget_s", 240.0, "stop starting new configs after
 _OUT = flags.DEFINE_string("out", "", "also write the markdown table here")
 _IMPL = flags.DEFINE_enum("implementation", "pallas_triton",
                           ["pallas_triton", "pallas_mosaic_gpu"],
-                          "lif only: which GPU kernels to sweep (the Mosaic GPU ones read the "
-                          "config's mgpu_* fields)")
+                          "lif / scan: which GPU kernels to sweep (the Mosaic GPU ones read "
+                          "the config's mgpu_* fields)")
 
 
 def parse_grid(items: list[str], fields: set[str]) -> dict[str, list[int]]:
@@ -162,6 +162,7 @@ def _nsa_decode_workload(shape):
 
 
 def _workload(op, shape, lif_impl="pallas_triton"):
+  # lif_impl: the --implementation flag (lif and scan)
   """(make_fns(config) -> (fwd, fwd_bwd), fwd args, fwd+bwd args, fwd bytes, total bytes); the
   inputs are made once and shared by every config."""
   import jax
@@ -180,7 +181,7 @@ def _workload(op, shape, lif_impl="pallas_triton"):
   else:
     from ops.scan import linear_scan
     a = jax.random.uniform(k[2], (b, t, c), jnp.float32, 0.9, 1.0).astype(dt)
-    op_fn = lambda cfg: lambda a, x: linear_scan(a, x, implementation="pallas_triton",
+    op_fn = lambda cfg: lambda a, x: linear_scan(a, x, implementation=lif_impl,
                                                  config=cfg)[0]
     args, fwd_bytes, bwd_bytes = (a, x), 3 * big + 2 * small, 5 * big + 2 * small
 

@@ -67,7 +67,8 @@ def run(shapes: str = "bench", dtype: str = "float32", ceilings=None) -> list[ti
     fwd_bytes = a_bytes + 2 * big + 2 * small
     bwd_bytes = 2 * a_bytes + 3 * big + 2 * small
     shape = f"B{B} T{T} C{C} {dt.name}" + (" a[C]" if a_const else "")
-    impls = [("pallas_triton", None)] if "pallas_triton" in implementations() and on_gpu else []
+    impls = [(nm, None) for nm in ("pallas_triton", "pallas_mosaic_gpu")
+             if nm in implementations() and on_gpu]
     if n == 0 and on_gpu:
       impls += [(f"pallas_triton{tuple(s.values())}", ScanConfig(**s)) for s in SWEEP]
     impls += [("xla", None), ("lax.scan", None)]
@@ -76,13 +77,12 @@ def run(shapes: str = "bench", dtype: str = "float32", ceilings=None) -> list[ti
       if cfg is not None and time.perf_counter() - t_start > SWEEP_BUDGET_S:
         continue
       impl = name.split("(")[0]
-      slow = impl == "lax.scan"
-      it = dict(warmup=1, iters=3) if slow else dict(warmup=2, iters=10)
       fwd, fwd_bwd = _fns(impl, cfg)
       for kind, fn, args, nbytes in (("fwd", fwd, (a, b), fwd_bytes),
                                      ("fwd+bwd", fwd_bwd, (a, b, g), fwd_bytes + bwd_bytes)):
         try:
-          ms = timing.time_fn(fn, *args, **it)
+          # back-to-back calls, as in bench gmm / lif
+          ms = timing.time_pipelined(fn, *args, calls=50, max_batch_s=0.3)
         except Exception as e:  # report, keep benchmarking the rest
           rows.append(timing.Row("scan", f"{shape} {kind}", name, float("nan"),
                                  note=f"failed: {type(e).__name__}: {str(e)[:80]}"))

@@ -6,6 +6,8 @@ besides batch*channels, so the kernel keeps `time_chunk` rows of every input in 
 (a ring of prefetched rows, fully unrolled): bytes in flight ~ inputs * time_chunk * B * C *
 itemsize, which must cover HBM latency * bandwidth (~2 MB on an H100).
 TPU (pallas_tpu): blocks of (tpu_block_t time steps, tpu_block_c channels on lanes).
+Mosaic GPU (pallas_mosaic_gpu): one CTA per (batch row, mgpu_block_c channels); tiles of
+mgpu_time_chunk steps stream through shared memory, mgpu_stages in flight.
 """
 from __future__ import annotations
 
@@ -26,6 +28,11 @@ class ScanConfig:
   # pallas_tpu
   tpu_block_c: int = 512
   tpu_block_t: int = 64
+  # pallas_mosaic_gpu (fwd and bwd): channels per CTA, time steps per shared-memory tile,
+  # tiles in flight
+  mgpu_block_c: int = 128
+  mgpu_time_chunk: int = 64
+  mgpu_stages: int = 4
 
   def __post_init__(self):
     for f in ("block_c", "bwd_block_c"):

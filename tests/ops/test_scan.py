@@ -1,4 +1,5 @@
 """ops.scan.linear_scan: every implementation against the sequential lax.scan reference (f32)."""
+import dataclasses
 import functools
 
 import jax
@@ -6,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ops.scan import ScanConfig, linear_scan, reference
+from ops.scan import ScanConfig, implementations, linear_scan, reference
 from tests.ops import op_testing
 
 # Small blocks so that CPU-interpreted shapes still span several channel blocks and chunks.
@@ -184,3 +185,55 @@ def test_dispatch_errors():
       linear_scan(a, b, implementation="pallas_triton", interpret=False)
     h, _ = linear_scan(a, b, implementation=("pallas_triton", "xla"), interpret=False)
     np.testing.assert_allclose(h, _ref(a, b, None, False)[0], rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- Mosaic GPU kernels
+# Shapes they take: T a multiple of mgpu_time_chunk (8 here: 2-3 tiles), C of mgpu_block_c.
+MGPU_SMALL = dataclasses.replace(SMALL, mgpu_block_c=64, mgpu_time_chunk=8, mgpu_stages=2)
+
+
+class ScanMosaicGpuBase:
+  INTERPRET = None
+  CONFIG = MGPU_SMALL
+
+  def scan(self, a, b, h0=None, reverse=False, implementation="pallas_mosaic_gpu"):
+    return linear_scan(a, b, h0, reverse=reverse, implementation=implementation,
+                       interpret=self.INTERPRET, config=self.CONFIG)
+
+  @pytest.mark.parametrize("B,T,C,dtype,reverse,a_const", [
+      (2, 24, 64, jnp.float32, False, False),
+      (1, 16, 128, jnp.float32, True, False),
+      (2, 16, 64, jnp.float32, True, True),
+      (1, 24, 128, jnp.bfloat16, False, True),
+  ])
+  def test_forward_and_grads(self, B, T, C, dtype, reverse, a_const):
+    a, b, h0, g, g_last = _inputs(B, T, C, dtype, a_const=a_const)
+    h, h_last = jax.jit(functools.partial(self.scan, reverse=reverse))(a, b, h0)
+    h_ref, h_last_ref = _ref(a, b, h0, reverse)
+    tol = op_testing.TOL[jnp.dtype(dtype).type]
+    op_testing.assert_close(h, h_ref, dtype, tol=tol, name="h")
+    op_testing.assert_close(h_last, h_last_ref, dtype, tol=tol, name="h_last")
+    got = jax.jit(lambda *x: _grads(functools.partial(self.scan, reverse=reverse), *x))(
+        a, b, h0, g, g_last)
+    want = _grads(lambda a, b, h0: _ref(a, b, h0, reverse), a, b, h0, g, g_last)
+    for name, x, y, primal in zip(("da", "db", "dh0"), got, want, (a, b, h0)):
+      assert x.dtype == primal.dtype and x.shape == primal.shape, name
+      op_testing.assert_close(x, y, dtype, grad=True, name=name)
+
+  def test_other_shapes_fall_through(self):
+    a, b, h0, _, _ = _inputs(1, 12, 64, jnp.float32)
+    with pytest.raises(NotImplementedError, match="T % 8 == 0"):
+      self.scan(a, b, h0)
+    h, _ = self.scan(a, b, h0, implementation=("pallas_mosaic_gpu", "xla"))
+    op_testing.assert_close(h, _ref(a, b, h0, False)[0], jnp.float32)
+
+
+@pytest.mark.skipif("pallas_mosaic_gpu" not in implementations(), reason="no jax Mosaic GPU")
+class TestScanMosaicGpuInterpret(ScanMosaicGpuBase):
+  INTERPRET = True
+
+
+@pytest.mark.gpu
+class TestScanMosaicGpuGpu(ScanMosaicGpuBase):
+  INTERPRET = False
+  CONFIG = dataclasses.replace(GPU_SMALL, mgpu_block_c=128, mgpu_time_chunk=8, mgpu_stages=2)
