@@ -28,17 +28,10 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ops import _backend
 from ops._backend import UnsupportedError
+from ops._mosaic_gpu import warpgroup_kernel
 from ops.gmm import metadata
 
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-
-
-def _interpret_params():
-  """Mosaic GPU interpret mode (CPU) with TMA's zero fill for out-of-bounds reads."""
-  cls = getattr(plgpu, "InterpretParams", None)
-  if cls is None:
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams as cls
-  return cls(out_of_bounds_reads="uninitialized", uninitialized_memory="zero")
 
 
 def _num_ctas(interpret: bool) -> int:
@@ -197,12 +190,9 @@ def gmm(lhs, rhs, group_sizes, *, out_dtype, transpose_rhs, interpret, config):
         acc = pl.run_scoped(accumulate, plgpu.ACC((bm, bn)))
         _store_rows(acc, o_smem, out_gmem, tile * bm, r0, r1, pl.ds(j * bn, bn))
 
-  kernel = plgpu.kernel(
-      body, out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
-      grid=(_num_ctas(interpret),), grid_names=("sm",),
-      interpret=_interpret_params() if interpret else False,
-      compiler_params=plgpu.CompilerParams(
-          lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
+  kernel = warpgroup_kernel(body, jax.ShapeDtypeStruct((m, n), out_dtype),
+                            grid=(_num_ctas(interpret),), grid_names=("sm",),
+                            interpret=interpret, zero_fill_oob=True)
   return kernel(visits, lhs, rhs)
 
 
@@ -284,12 +274,10 @@ def _gmm_warp_specialized(visits, lhs, rhs, *, out_dtype, n, transpose_rhs, inte
 
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-  kernel = plgpu.kernel(
-      body, out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
-      grid=(_num_ctas(interpret),), grid_names=("sm",), num_threads=wgs + 1, thread_name="wg",
-      interpret=_interpret_params() if interpret else False,
-      compiler_params=plgpu.CompilerParams(
-          lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
+  kernel = warpgroup_kernel(body, jax.ShapeDtypeStruct((m, n), out_dtype),
+                            grid=(_num_ctas(interpret),), grid_names=("sm",),
+                            interpret=interpret, zero_fill_oob=True,
+                            num_threads=wgs + 1, thread_name="wg")
   return kernel(visits, lhs, rhs)
 
 
@@ -394,10 +382,7 @@ def tgmm(lhs, rhs, group_sizes, *, out_dtype, interpret, config):
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(o_smem, out_gmem.at[g, pl.ds(i * tk, tk), pl.ds(j * bn, bn)])
 
-  kernel = plgpu.kernel(
-      body, out_type=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype),
-      grid=(_num_ctas(interpret),), grid_names=("sm",),
-      interpret=_interpret_params() if interpret else False,
-      compiler_params=plgpu.CompilerParams(
-          lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
+  kernel = warpgroup_kernel(body, jax.ShapeDtypeStruct((num_groups, k, n), out_dtype),
+                            grid=(_num_ctas(interpret),), grid_names=("sm",),
+                            interpret=interpret, zero_fill_oob=True)
   return kernel(bounds, src, rhs)

@@ -25,17 +25,12 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ops import _backend
 from ops._backend import UnsupportedError
+from ops._mosaic_gpu import warpgroup_kernel
 from ops.lif import pallas_triton
 from ops.lif.config import LifConfig
+from ops.lif.vjp import with_vjp
 
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
-
-
-def _interpret_params():
-  cls = getattr(plgpu, "InterpretParams", None)
-  if cls is None:
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams as cls
-  return cls()
 
 
 def _forward(x, v0, p, save_ckpt, interpret, config):
@@ -94,23 +89,9 @@ def _forward(x, v0, p, save_ckpt, interpret, config):
       plgpu.copy_smem_to_gmem(v_smem, vlast_gmem.at[b, cols])
       plgpu.wait_smem_to_gmem(0)
 
-  kernel = plgpu.kernel(
-      body, out_type=tuple(outs), grid=(B, C // bc), grid_names=("b", "c"),
-      interpret=_interpret_params() if interpret else False,
-      compiler_params=plgpu.CompilerParams(
-          lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
+  kernel = warpgroup_kernel(body, tuple(outs), grid=(B, C // bc), grid_names=("b", "c"),
+                            interpret=interpret)
   return kernel(x, v0)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _lif(x, v0, pt, interpret, config):
-  s, v_last = _forward(x, v0, dict(pt), False, interpret, config)
-  return s, v_last
-
-
-def _lif_fwd(x, v0, pt, interpret, config):
-  s, v_last, ckpt = _forward(x, v0, dict(pt), True, interpret, config)
-  return (s, v_last), (x, ckpt)
 
 
 def _backward(x, ckpt, ds, gv, p, interpret, config):
@@ -172,24 +153,13 @@ def _backward(x, ckpt, ds, gv, p, interpret, config):
       plgpu.copy_smem_to_gmem(dv_smem, dv0_gmem.at[b, cols])
       plgpu.wait_smem_to_gmem(0)
 
-  kernel = plgpu.kernel(
-      body, out_type=(jax.ShapeDtypeStruct((B, T, C), x.dtype),
-                      jax.ShapeDtypeStruct((B, C), jnp.float32)),
-      grid=(B, C // bc), grid_names=("b", "c"),
-      interpret=_interpret_params() if interpret else False,
-      compiler_params=plgpu.CompilerParams(
-          lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
+  outs = (jax.ShapeDtypeStruct((B, T, C), x.dtype), jax.ShapeDtypeStruct((B, C), jnp.float32))
+  kernel = warpgroup_kernel(body, outs, grid=(B, C // bc), grid_names=("b", "c"),
+                            interpret=interpret)
   return kernel(x, ckpt, ds, gv)
 
 
-def _lif_bwd(pt, interpret, config, res, cts):
-  x, ckpt = res
-  ds, gv = cts
-  return _backward(x, ckpt, ds.astype(x.dtype), gv.astype(jnp.float32), dict(pt), interpret,
-                   config)
-
-
-_lif.defvjp(_lif_fwd, _lif_bwd)
+_lif = with_vjp(_forward, _backward)
 
 
 def lif(x, v0, *, params, interpret, config):

@@ -20,6 +20,7 @@ from jax.experimental.pallas import tpu as pltpu
 from ops import _backend
 from ops._backend import UnsupportedError
 from ops.lif.config import LifConfig
+from ops.lif.vjp import with_vjp
 from ops.lif.pallas_triton import step_backward, step_forward
 
 _DTYPES = (jnp.float32, jnp.bfloat16)
@@ -125,24 +126,7 @@ def _backward(x, ckpt, ds, gv, p, interpret, config):
   return dx, dv0.reshape(B, C)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _lif(x, v0, pt, interpret, config):
-  return _forward(x, v0, dict(pt), False, interpret, config)
-
-
-def _lif_fwd(x, v0, pt, interpret, config):
-  s, v_last, ckpt = _forward(x, v0, dict(pt), True, interpret, config)
-  return (s, v_last), (x, ckpt)
-
-
-def _lif_bwd(pt, interpret, config, res, cts):
-  x, ckpt = res
-  ds, gv = cts
-  return _backward(x, ckpt, ds.astype(x.dtype), gv.astype(jnp.float32), dict(pt), interpret,
-                   config)
-
-
-_lif.defvjp(_lif_fwd, _lif_bwd)
+_lif = with_vjp(_forward, _backward)
 
 
 def lif(x, v0, *, params, interpret, config):

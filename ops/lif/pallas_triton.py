@@ -31,6 +31,7 @@ from ops import _backend
 from ops._backend import UnsupportedError
 from ops.lif import reference
 from ops.lif.config import LifConfig
+from ops.lif.vjp import with_vjp
 
 _DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
@@ -183,30 +184,7 @@ def _backward(x, ckpt, ds, gv, p, interpret, config):
       name="lif_bwd")(x, ckpt, ds, gv)
 
 
-def _params(pt):
-  return dict(pt)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _lif(x, v0, pt, interpret, config):
-  s, v_last = _forward(x, v0, _params(pt), False, interpret, config)
-  return s, v_last
-
-
-def _lif_fwd(x, v0, pt, interpret, config):
-  s, v_last, ckpt = _forward(x, v0, _params(pt), True, interpret, config)
-  return (s, v_last), (x, ckpt)
-
-
-def _lif_bwd(pt, interpret, config, res, cts):
-  x, ckpt = res
-  ds, gv = cts
-  dx, dv0 = _backward(x, ckpt, ds.astype(x.dtype), gv.astype(jnp.float32), _params(pt),
-                      interpret, config)
-  return dx, dv0
-
-
-_lif.defvjp(_lif_fwd, _lif_bwd)
+_lif = with_vjp(_forward, _backward)
 
 
 def lif(x, v0, *, params, interpret, config):

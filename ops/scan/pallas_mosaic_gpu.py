@@ -24,25 +24,17 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ops import _backend
 from ops._backend import UnsupportedError
+from ops._mosaic_gpu import warpgroup_kernel
 from ops.scan.config import ScanConfig
+from ops.scan.vjp import with_vjp
 
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 _PREV = 8     # rows of the side block that holds the previous tile's last step
 
 
-def _interpret_params():
-  cls = getattr(plgpu, "InterpretParams", None)
-  if cls is None:
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams as cls
-  return cls()
-
-
 def _kernel(body, outs, B, C, bc, interpret):
-  return plgpu.kernel(
-      body, out_type=outs, grid=(B, C // bc), grid_names=("b", "c"),
-      interpret=_interpret_params() if interpret else False,
-      compiler_params=plgpu.CompilerParams(
-          lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
+  return warpgroup_kernel(body, outs, grid=(B, C // bc), grid_names=("b", "c"),
+                          interpret=interpret)
 
 
 def _load_rows(pairs):
@@ -202,25 +194,7 @@ def _backward(a, h, h0, g, g_last, reverse, interpret, config):
   return da, db, dh0
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _scan(a, b, h0, reverse, interpret, config):
-  return _forward(a, b, h0, reverse, interpret, config)
-
-
-def _scan_fwd(a, b, h0, reverse, interpret, config):
-  h, h_last = _forward(a, b, h0, reverse, interpret, config)
-  return (h, h_last), (a, h, h0)
-
-
-def _scan_bwd(reverse, interpret, config, res, cts):
-  a, h, h0 = res
-  g, g_last = cts
-  da, db, dh0 = _backward(a, h, h0, g.astype(h.dtype), g_last.astype(jnp.float32), reverse,
-                          interpret, config)
-  return da, db.astype(h.dtype), dh0
-
-
-_scan.defvjp(_scan_fwd, _scan_bwd)
+_scan = with_vjp(_forward, _backward)
 
 
 def linear_scan(a, b, h0, *, reverse, interpret, config):

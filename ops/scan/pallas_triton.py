@@ -28,6 +28,7 @@ from jax.experimental.pallas import triton as plgpu
 from ops import _backend
 from ops._backend import UnsupportedError
 from ops.scan.config import ScanConfig
+from ops.scan.vjp import with_vjp
 
 _DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
@@ -191,25 +192,7 @@ def _backward(a, h, h0, g, g_last, reverse, interpret, config):
   return da, db, dh0
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _scan(a, b, h0, reverse, interpret, config):
-  return _forward(a, b, h0, reverse, interpret, config)
-
-
-def _scan_fwd(a, b, h0, reverse, interpret, config):
-  h, h_last = _forward(a, b, h0, reverse, interpret, config)
-  return (h, h_last), (a, h, h0)
-
-
-def _scan_bwd(reverse, interpret, config, res, cts):
-  a, h, h0 = res
-  g, g_last = cts
-  da, db, dh0 = _backward(a, h, h0, g.astype(h.dtype), g_last.astype(jnp.float32), reverse,
-                          interpret, config)
-  return da, db.astype(h.dtype), dh0
-
-
-_scan.defvjp(_scan_fwd, _scan_bwd)
+_scan = with_vjp(_forward, _backward)
 
 
 def linear_scan(a, b, h0, *, reverse, interpret, config):

@@ -1,0 +1,27 @@
+"""Helpers shared by the Pallas Mosaic GPU kernels of every op."""
+from __future__ import annotations
+
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+
+def interpret_params(zero_fill_oob: bool = False):
+  """Mosaic GPU interpret mode (CPU). zero_fill_oob: out-of-bounds reads return zeros, as TMA
+  loads do on the GPU (kernels that rely on it); otherwise they raise, which catches bugs."""
+  cls = getattr(plgpu, "InterpretParams", None)
+  if cls is None:       # jax <= 0.10: only under its private name
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams as cls
+  if zero_fill_oob:
+    return cls(out_of_bounds_reads="uninitialized", uninitialized_memory="zero")
+  return cls()
+
+
+def warpgroup_kernel(body, out_type, *, grid, grid_names, interpret: bool,
+                     zero_fill_oob: bool = False, **kwargs):
+  """plgpu.kernel with warpgroup lowering semantics (array ops are per warpgroup), compiled
+  for the GPU or run in interpret mode; kwargs: num_threads / thread_name and the like."""
+  return plgpu.kernel(
+      body, out_type=out_type, grid=grid, grid_names=grid_names,
+      interpret=interpret_params(zero_fill_oob) if interpret else False,
+      compiler_params=plgpu.CompilerParams(
+          lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+      **kwargs)
