@@ -98,6 +98,13 @@ def _check(lhs, rhs, n, bm, bn, bk, out_dtype):
     raise UnsupportedError(f"TMA needs 16-byte row strides: k={k}, n={n}")
 
 
+def _visit(visits_gmem, info, n_tiles):
+  """The persistent loop's step -> (group, row tile, row range [r0, r1), column tile j)."""
+  (lin,) = info.index
+  v, j = lin // n_tiles, lin % n_tiles
+  return visits_gmem[v, 0], visits_gmem[v, 1], visits_gmem[v, 2], visits_gmem[v, 3], j
+
+
 def _store_rows(acc, o_smem, out_gmem, row0, r0, r1, cols):
   """acc [bm, bn] f32 -> out_gmem rows [r0, r1) (inside the tile starting at row0), columns
   `cols`, through o_smem [bm, bn] (untiled). TMA boxes are static: the row range goes out as
@@ -162,10 +169,7 @@ def gmm(lhs, rhs, group_sizes, *, out_dtype, transpose_rhs, interpret, config):
   def tiles(visits_gmem, lhs_gmem, rhs_gmem, out_gmem, o_smem):
     @plgpu.nd_loop((num_visits * n_tiles,), collective_axes="sm")
     def _visit_tile(info):
-      (lin,) = info.index
-      v, j = lin // n_tiles, lin % n_tiles
-      g, tile = visits_gmem[v, 0], visits_gmem[v, 1]
-      r0, r1 = visits_gmem[v, 2], visits_gmem[v, 3]
+      g, tile, r0, r1, j = _visit(visits_gmem, info, n_tiles)
 
       @pl.when(r0 < r1)
       def _():
@@ -240,10 +244,7 @@ def _gmm_warp_specialized(visits, lhs, rhs, *, out_dtype, n, transpose_rhs, inte
 
       @plgpu.nd_loop((num_visits * n_tiles,), collective_axes="sm")
       def _visit_tile(info):
-        (lin,) = info.index
-        v, j = lin // n_tiles, lin % n_tiles
-        g, tile = visits_gmem[v, 0], visits_gmem[v, 1]
-        r0, r1 = visits_gmem[v, 2], visits_gmem[v, 3]
+        g, tile, r0, r1, j = _visit(visits_gmem, info, n_tiles)
         cols = pl.ds(j * cta_n + wg * bn, bn)
 
         def step(_, a_smem, b_smem, acc_ref):
