@@ -25,3 +25,19 @@ def warpgroup_kernel(body, out_type, *, grid, grid_names, interpret: bool,
       compiler_params=plgpu.CompilerParams(
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
       **kwargs)
+
+
+def require_hopper(interpret: bool) -> None:
+  """UnsupportedError (dispatch moves on) unless the kernels can compile here: they use wgmma
+  and TMA as Hopper (compute capability 9.x) has them; Ampere lacks both and Blackwell's
+  tensor cores take other instructions. Interpret mode runs anywhere. Without a local GPU
+  (lowering for a target device kind on a CPU host) the device kind decides."""
+  if interpret:
+    return
+  import jax
+  from ops._backend import UnsupportedError, device_kind
+  cc = str(getattr(jax.local_devices()[0], "compute_capability", "") or "")
+  if cc and not cc.startswith("9."):
+    raise UnsupportedError(f"Mosaic GPU kernels here need Hopper (sm_90); this GPU is sm_{cc}")
+  if not cc and not any(s in device_kind().lower() for s in ("h100", "h200", "h800", "gh200")):
+    raise UnsupportedError(f"Mosaic GPU kernels here need Hopper; device kind {device_kind()!r}")

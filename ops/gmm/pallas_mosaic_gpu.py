@@ -28,7 +28,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ops import _backend
 from ops._backend import UnsupportedError
-from ops._mosaic_gpu import warpgroup_kernel
+from ops._mosaic_gpu import require_hopper, warpgroup_kernel
 from ops.gmm import metadata
 
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -136,6 +136,7 @@ def gmm(lhs, rhs, group_sizes, *, out_dtype, transpose_rhs, interpret, config):
   bm, bn, bk, stages, wgs = _resolve_tiles(config, n, jnp.dtype(lhs.dtype).itemsize,
                                            jnp.dtype(out_dtype).itemsize)
   _check(lhs, rhs, n, bm, bn, bk, out_dtype)
+  require_hopper(interpret)
   if m == 0 or n == 0:
     return jnp.zeros((m, n), out_dtype)
   if interpret and transpose_rhs:
@@ -307,6 +308,7 @@ def tgmm(lhs, rhs, group_sizes, *, out_dtype, interpret, config):
   num_groups = group_sizes.shape[0]
   tk, bn, br = config.mgpu_tgmm_block_k, config.mgpu_tgmm_block_n, config.mgpu_tgmm_block_m
   dtype = jnp.dtype(lhs.dtype)
+  require_hopper(interpret)
   if dtype not in _DTYPES or jnp.dtype(rhs.dtype) != dtype:
     raise UnsupportedError(f"dtypes {lhs.dtype}/{rhs.dtype} (Mosaic GPU tgmm: bf16 or f16)")
   if jnp.dtype(out_dtype) not in _DTYPES + (jnp.dtype(jnp.float32),):

@@ -25,7 +25,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ops import _backend
 from ops._backend import UnsupportedError
-from ops._mosaic_gpu import warpgroup_kernel
+from ops._mosaic_gpu import require_hopper, warpgroup_kernel
 from ops.lif import pallas_triton
 from ops.lif.config import LifConfig
 from ops.lif.vjp import with_vjp
@@ -167,6 +167,7 @@ def lif(x, v0, *, params, interpret, config):
   interpret = _backend.resolve_interpret(interpret, _backend.GPU)
   if jnp.dtype(x.dtype) not in _DTYPES:
     raise UnsupportedError(f"dtype {x.dtype} (Mosaic GPU LIF: f32, bf16)")
+  require_hopper(interpret)
   if config is None:
     config = LifConfig.for_device(None if interpret else _backend.device_kind())
   B, T, C = x.shape

@@ -24,7 +24,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ops import _backend
 from ops._backend import UnsupportedError
-from ops._mosaic_gpu import warpgroup_kernel
+from ops._mosaic_gpu import require_hopper, warpgroup_kernel
 from ops.scan.config import ScanConfig
 from ops.scan.vjp import with_vjp
 
@@ -202,6 +202,7 @@ def linear_scan(a, b, h0, *, reverse, interpret, config):
   interpret = _backend.resolve_interpret(interpret, _backend.GPU)
   if jnp.dtype(b.dtype) not in _DTYPES or jnp.dtype(a.dtype) not in _DTYPES:
     raise UnsupportedError(f"dtypes {a.dtype}/{b.dtype} (Mosaic GPU scan: f32, bf16)")
+  require_hopper(interpret)
   if config is None:
     config = ScanConfig.for_device(None if interpret else _backend.device_kind())
   B, T, C = b.shape

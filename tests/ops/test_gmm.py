@@ -436,3 +436,16 @@ def test_moe_pipeline_matches_dense_with_grads(impl):
       x, w, experts)
   for g, r in zip(got, want):
     op_testing.assert_close(g, r, jnp.float32, grad=True)
+
+
+def test_mosaic_gpu_kernels_refuse_non_hopper_gpus():
+  """On an A100 (or any non-sm_90 GPU) the Mosaic GPU kernels step aside for dispatch."""
+  pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
+  from ops import _backend
+  from ops._mosaic_gpu import require_hopper
+  require_hopper(interpret=True)
+  with _backend.target("gpu", "NVIDIA A100-SXM4-80GB"):
+    with pytest.raises(NotImplementedError, match="need Hopper"):
+      require_hopper(interpret=False)
+  with _backend.target("gpu", "NVIDIA H100 80GB HBM3"):
+    require_hopper(interpret=False)
