@@ -41,3 +41,28 @@ def require_hopper(interpret: bool) -> None:
     raise UnsupportedError(f"Mosaic GPU kernels here need Hopper (sm_90); this GPU is sm_{cc}")
   if not cc and not any(s in device_kind().lower() for s in ("h100", "h200", "h800", "gh200")):
     raise UnsupportedError(f"Mosaic GPU kernels here need Hopper; device kind {device_kind()!r}")
+
+
+def load_rows(pairs) -> None:
+  """TMA-copies each (gmem ref, smem ref) pair and waits for all: small per-CTA vectors such
+  as an initial state. One barrier, one arrival per copy."""
+  import functools
+  from jax.experimental import pallas as pl
+
+  @functools.partial(pl.run_scoped, bar=plgpu.Barrier(num_arrivals=len(pairs)))
+  def _(bar):
+    for src, dst in pairs:
+      plgpu.copy_gmem_to_smem(src, dst, bar)
+    plgpu.barrier_wait(bar)
+
+
+def store_rows(pairs) -> None:
+  """Writes each (value, smem ref, gmem ref) through shared memory to global memory by TMA and
+  waits until the stores are done (a kernel's last outputs)."""
+  plgpu.wait_smem_to_gmem(0, wait_read_only=True)    # earlier stores may still read smem
+  for value, smem, _ in pairs:
+    smem[...] = value
+  plgpu.commit_smem()
+  for _, smem, dst in pairs:
+    plgpu.copy_smem_to_gmem(smem, dst)
+  plgpu.wait_smem_to_gmem(0)

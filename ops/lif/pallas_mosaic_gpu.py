@@ -25,7 +25,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ops import _backend
 from ops._backend import UnsupportedError
-from ops._mosaic_gpu import require_hopper, warpgroup_kernel
+from ops._mosaic_gpu import load_rows, require_hopper, store_rows, warpgroup_kernel
 from ops.lif import pallas_triton
 from ops.lif.config import LifConfig
 from ops.lif.vjp import with_vjp
@@ -55,11 +55,9 @@ def _forward(x, v0, p, save_ckpt, interpret, config):
     # stores are predicated copies, which interpret mode does not run.
     @functools.partial(pl.run_scoped, v_smem=plgpu.SMEM((bc,), jnp.float32),
                        s_buf=plgpu.SMEM((2, tt, bc), x.dtype),
-                       ck_buf=plgpu.SMEM((2, tt // K, bc), jnp.float32),
-                       bar=plgpu.Barrier(num_arrivals=1))
-    def _(v_smem, s_buf, ck_buf, bar):
-      plgpu.copy_gmem_to_smem(v0_gmem.at[b, cols], v_smem, bar)
-      plgpu.barrier_wait(bar)
+                       ck_buf=plgpu.SMEM((2, tt // K, bc), jnp.float32))
+    def _(v_smem, s_buf, ck_buf):
+      load_rows([(v0_gmem.at[b, cols], v_smem)])
       v = v_smem[...]
 
       def chunk(idx, x_smem, v):
@@ -83,11 +81,7 @@ def _forward(x, v0, p, save_ckpt, interpret, config):
           in_specs=[plgpu.BlockSpec((tt, bc), lambda t: (t, j))],
           max_concurrent_steps=config.mgpu_stages, init_carry=v,
       )(x_gmem.at[b])
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-      v_smem[...] = v
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(v_smem, vlast_gmem.at[b, cols])
-      plgpu.wait_smem_to_gmem(0)
+      store_rows([(v, v_smem, vlast_gmem.at[b, cols])])
 
   kernel = warpgroup_kernel(body, tuple(outs), grid=(B, C // bc), grid_names=("b", "c"),
                             interpret=interpret)
@@ -112,11 +106,9 @@ def _backward(x, ckpt, ds, gv, p, interpret, config):
     cols = pl.ds(j * bc, bc)
 
     @functools.partial(pl.run_scoped, dv_smem=plgpu.SMEM((bc,), jnp.float32),
-                       dx_buf=plgpu.SMEM((2, tt, bc), dx_gmem.dtype),
-                       bar=plgpu.Barrier(num_arrivals=1))
-    def _(dv_smem, dx_buf, bar):
-      plgpu.copy_gmem_to_smem(gv_gmem.at[b, cols], dv_smem, bar)
-      plgpu.barrier_wait(bar)
+                       dx_buf=plgpu.SMEM((2, tt, bc), dx_gmem.dtype))
+    def _(dv_smem, dx_buf):
+      load_rows([(gv_gmem.at[b, cols], dv_smem)])
       dv = dv_smem[...]
 
       def chunk(idx, x_smem, ds_smem, ck_smem, dv):
@@ -147,11 +139,7 @@ def _backward(x, ckpt, ds, gv, p, interpret, config):
                     plgpu.BlockSpec((tt // K, bc), rev)],
           max_concurrent_steps=config.mgpu_stages, init_carry=dv,
       )(x_gmem.at[b], ds_gmem.at[b], ck_gmem.at[b])
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-      dv_smem[...] = dv
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(dv_smem, dv0_gmem.at[b, cols])
-      plgpu.wait_smem_to_gmem(0)
+      store_rows([(dv, dv_smem, dv0_gmem.at[b, cols])])
 
   outs = (jax.ShapeDtypeStruct((B, T, C), x.dtype), jax.ShapeDtypeStruct((B, C), jnp.float32))
   kernel = warpgroup_kernel(body, outs, grid=(B, C // bc), grid_names=("b", "c"),

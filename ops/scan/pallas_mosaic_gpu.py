@@ -24,7 +24,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ops import _backend
 from ops._backend import UnsupportedError
-from ops._mosaic_gpu import require_hopper, warpgroup_kernel
+from ops._mosaic_gpu import load_rows, require_hopper, store_rows, warpgroup_kernel
 from ops.scan.config import ScanConfig
 from ops.scan.vjp import with_vjp
 
@@ -35,15 +35,6 @@ _PREV = 8     # rows of the side block that holds the previous tile's last step
 def _kernel(body, outs, B, C, bc, interpret):
   return warpgroup_kernel(body, outs, grid=(B, C // bc), grid_names=("b", "c"),
                           interpret=interpret)
-
-
-def _load_rows(pairs):
-  """Copies each (gmem row, smem row) pair by TMA and waits: small per-CTA vectors."""
-  @functools.partial(pl.run_scoped, bar=plgpu.Barrier(num_arrivals=len(pairs)))
-  def _(bar):
-    for src, dst in pairs:
-      plgpu.copy_gmem_to_smem(src, dst, bar)
-    plgpu.barrier_wait(bar)
 
 
 def _forward(a, b, h0, reverse, interpret, config):
@@ -67,7 +58,7 @@ def _forward(a, b, h0, reverse, interpret, config):
       pairs = [(h0_gmem.at[bi, cols], h_smem)]
       if a_const:
         pairs.append((a_gmem.at[cols], a_smem))
-      _load_rows(pairs)
+      load_rows(pairs)
       h = h_smem[...]
       a_c = a_smem[...].astype(jnp.float32) if a_const else None
 
@@ -91,11 +82,7 @@ def _forward(a, b, h0, reverse, interpret, config):
       srcs = ([] if a_const else [a_gmem.at[bi]]) + [b_gmem.at[bi]]
       h = plgpu.emit_pipeline(step, grid=(n_t,), in_specs=[spec] * len(srcs),
                               max_concurrent_steps=config.mgpu_stages, init_carry=h)(*srcs)
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-      h_smem[...] = h
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(h_smem, hlast_gmem.at[bi, cols])
-      plgpu.wait_smem_to_gmem(0)
+      store_rows([(h, h_smem, hlast_gmem.at[bi, cols])])
 
   outs = (jax.ShapeDtypeStruct((B, T, C), b.dtype), jax.ShapeDtypeStruct((B, C), jnp.float32))
   return _kernel(body, outs, B, C, bc, interpret)(a, b, h0)
@@ -132,7 +119,7 @@ def _backward(a, h, h0, g, g_last, reverse, interpret, config):
       pairs = [(glast_gmem.at[bi, cols], c_smem), (h0_gmem.at[bi, cols], h0_smem)]
       if a_const:
         pairs.append((a_gmem.at[cols], a_smem))
-      _load_rows(pairs)
+      load_rows(pairs)
       a_c = a_smem[...].astype(jnp.float32) if a_const else None
       h0 = h0_smem[...]
       init = (c_smem[...], jnp.zeros((bc,), jnp.float32))
@@ -174,15 +161,10 @@ def _backward(a, h, h0, g, g_last, reverse, interpret, config):
       c, da_acc = plgpu.emit_pipeline(step, grid=(n_t,), in_specs=specs,
                                       max_concurrent_steps=config.mgpu_stages,
                                       init_carry=init)(*srcs)
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-      c_smem[...] = c
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(c_smem, dh0_gmem.at[bi, cols])
-      if a_const:
-        h0_smem[...] = da_acc               # reused: the per-channel da of this batch row
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(h0_smem, da_gmem.at[bi, cols])
-      plgpu.wait_smem_to_gmem(0)
+      last = [(c, c_smem, dh0_gmem.at[bi, cols])]
+      if a_const:                           # h0_smem reused: this batch row's per-channel da
+        last.append((da_acc, h0_smem, da_gmem.at[bi, cols]))
+      store_rows(last)
 
   da_shape = (jax.ShapeDtypeStruct((B, C), jnp.float32) if a_const
               else jax.ShapeDtypeStruct((B, T, C), a.dtype))
