@@ -66,3 +66,23 @@ def store_rows(pairs) -> None:
   for _, smem, dst in pairs:
     plgpu.copy_smem_to_gmem(smem, dst)
   plgpu.wait_smem_to_gmem(0)
+
+
+# Shared memory one block may take on Hopper (227 KiB; jax 0.11.2 reports 232448 bytes), less
+# room for the pipeline's barriers and small scratch.
+SMEM_BYTES = 225 * 1024
+
+
+def fit_stages(requested: int, stage_bytes: int, fixed_bytes: int, what: str,
+               max_stages: int = 8) -> int:
+  """Pipeline depth that fits Hopper's shared memory: `requested` if > 0, else as many stages
+  of `stage_bytes` as fit beside `fixed_bytes` (2..max_stages). Interpret mode has no limit,
+  so a config that would not compile is refused here, for both, with the bytes it needs."""
+  from ops._backend import UnsupportedError
+  fit = (SMEM_BYTES - fixed_bytes) // stage_bytes
+  stages = requested if requested > 0 else min(max_stages, fit)
+  if stages < 2 or stages > fit:
+    raise UnsupportedError(
+        f"{what}: {max(stages, 2)} pipeline stages of {stage_bytes} bytes + {fixed_bytes} "
+        f"bytes of buffers exceed the {SMEM_BYTES} bytes of shared memory; use smaller tiles")
+  return stages

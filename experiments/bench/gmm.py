@@ -15,7 +15,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from experiments.bench import timing
 from ops import _backend
@@ -99,7 +98,30 @@ def run(shapes="bench", dtype="bfloat16", ceilings=None):
         rows.append(timing.Row(f"gmm {mode}", label, nm, ms, tflops=mult * flops / ms / 1e9,
                                ratios=ratios))
       results[mode] = times
+    rows += _tgmm_rows(label, lhs, dout, gs, dl, dout[: (m // e) * e].reshape(e, m // e, n),
+                       flops)
   return rows
+
+
+def _tgmm_rows(label, lhs, dout, gs, dense_lhs, dense_dout, flops):
+  """The backward's d rhs alone (tgmm: [m, k] x [m, n] -> [e, k, n]) of each GPU kernel that
+  has one, against the dense einsum of the same work."""
+  fns = {"dense_einsum": (lambda a, d, _gs: jnp.einsum("egk,egn->ekn", a, d),
+                          dense_lhs, dense_dout)}
+  for nm in ("pallas_triton", "pallas_mosaic_gpu"):
+    if nm in gmm_op.implementations():
+      fns[nm] = ((lambda impl: lambda a, d, g: gmm_op.tgmm(a, d, g, implementation=impl))(nm),
+                 lhs, dout)
+  times = {}
+  for nm, (f, a, d) in fns.items():
+    try:
+      times[nm] = timing.time_pipelined(jax.jit(f), a, d, gs, max_batch_s=0.3)
+    except Exception as err:  # report, keep benchmarking the others
+      print(f"tgmm {nm} failed: {type(err).__name__}: {str(err)[:300]}", flush=True)
+  return [timing.Row("tgmm (d rhs)", label, nm, ms, tflops=flops / ms / 1e9,
+                     ratios={"dense_einsum": times["dense_einsum"] / ms}
+                     if "dense_einsum" in times and nm != "dense_einsum" else {})
+          for nm, ms in times.items()]
 
 
 def sweep(shape_names=("moe_e64_balanced",), dtype=jnp.bfloat16, out_json=None):

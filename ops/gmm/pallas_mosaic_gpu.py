@@ -28,7 +28,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ops import _backend
 from ops._backend import UnsupportedError
-from ops._mosaic_gpu import require_hopper, warpgroup_kernel
+from ops._mosaic_gpu import fit_stages, require_hopper, warpgroup_kernel
 from ops.gmm import metadata
 
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -48,11 +48,6 @@ def _swizzled(cols: int, dtype) -> tuple:
           plgpu.SwizzleTransform(swizzle))
 
 
-# Shared memory one block may take on Hopper (227 KiB; jax 0.11.2 reports 232448 bytes), less
-# room for the pipeline's barriers.
-_SMEM_BYTES = 225 * 1024
-
-
 def _resolve_tiles(config, n, in_itemsize, out_itemsize):
   """(bm, bn, bk, stages, wgs) for this n: block_n halves (down to 128-byte rows) until the
   CTA's wgs x block_n columns divide n; stages 0 = as many as fit in shared memory next to
@@ -62,11 +57,8 @@ def _resolve_tiles(config, n, in_itemsize, out_itemsize):
   wgs = config.mgpu_compute_wgs
   while n % (wgs * bn) and bn % 2 == 0 and (bn // 2 * in_itemsize) % 128 == 0:
     bn //= 2
-  stages = config.mgpu_stages
-  if stages == 0:
-    stage_bytes = (bm * bk + bk * wgs * bn) * in_itemsize
-    stages = (_SMEM_BYTES - wgs * bm * bn * out_itemsize) // stage_bytes
-    stages = int(max(2, min(8, stages)))
+  stages = fit_stages(config.mgpu_stages, (bm * bk + bk * wgs * bn) * in_itemsize,
+                      wgs * bm * bn * out_itemsize, f"gmm tile {bm} x ({wgs} x {bn}) x {bk}")
   return bm, bn, bk, stages, wgs
 
 
@@ -284,11 +276,11 @@ def _gmm_warp_specialized(visits, lhs, rhs, *, out_dtype, n, transpose_rhs, inte
 
 
 # ---------------------------------------------------------------------------------- tgmm
-def _zero_rows_from(ref, limit, axis):
-  """ref[...] with the entries at index >= limit along `axis` set to zero (in place)."""
+def _zero_rows_outside(ref, lo, hi, axis):
+  """ref[...] with the entries at index < lo or >= hi along `axis` set to zero (in place)."""
   val = ref[...]
   pos = jax.lax.broadcasted_iota(jnp.int32, val.shape, axis)
-  ref[...] = jnp.where(pos < limit, val, jnp.zeros_like(val))
+  ref[...] = jnp.where((pos >= lo) & (pos < hi), val, jnp.zeros_like(val))
   plgpu.commit_smem()     # ordinary stores, read next by the tensor cores
 
 
@@ -296,11 +288,12 @@ def tgmm(lhs, rhs, group_sizes, *, out_dtype, interpret, config):
   """out[g] = lhs[rows of g]^T @ rhs[rows of g]: lhs [m, k], rhs [m, n] -> [g, k, n].
 
   One output tile (group, k tile, n tile) per step of a persistent loop; its contraction runs
-  over the group's rows in chunks of mgpu_tgmm_block_m starting at the group's first row (TMA
-  boxes start at any row), so a chunk may run into the next group's rows: the last chunk's
-  rows at or past the group end are zeroed in shared memory before its wgmma. lhs chunks are
-  read [rows, k tile] and fed transposed; interpret mode (no transposed wgmma operand) reads a
-  transposed copy of lhs instead. Empty groups give zeros.
+  over chunks of mgpu_tgmm_block_m rows aligned to the chunk size (the Mosaic GPU compiler must
+  prove a TMA box's start divisible, so a box cannot start at a group's first row). The first
+  and last chunks of a group may hold rows of its neighbours: those rows are zeroed in shared
+  memory before the wgmma. lhs chunks are read [rows, k tile] and fed transposed; interpret
+  mode (no transposed wgmma operand) reads a transposed copy of lhs instead. Empty groups give
+  zeros.
   """
   interpret = _backend.resolve_interpret(interpret, _backend.GPU)
   m, k = lhs.shape
@@ -331,7 +324,8 @@ def tgmm(lhs, rhs, group_sizes, *, out_dtype, interpret, config):
   a_block = (tk, br) if transposed_copy else (br, tk)
   a_transforms = _swizzled(a_block[1], dtype)
   b_transforms = _swizzled(bn, dtype)
-  stages = config.mgpu_tgmm_stages
+  stages = fit_stages(config.mgpu_tgmm_stages, (br * tk + br * bn) * dtype.itemsize,
+                      tk * bn * jnp.dtype(out_dtype).itemsize, f"tgmm tile {tk} x {bn} x {br}")
 
   def body(bounds_gmem, lhs_gmem, rhs_gmem, out_gmem):
     pl.run_scoped(functools.partial(tiles, bounds_gmem, lhs_gmem, rhs_gmem, out_gmem),
@@ -346,23 +340,22 @@ def tgmm(lhs, rhs, group_sizes, *, out_dtype, interpret, config):
       i = (lin // n_tiles) % k_tiles
       j = lin % n_tiles
       start, end = bounds_gmem[g, 0], bounds_gmem[g, 1]
-      n_chunks = (end - start + br - 1) // br
-      # the group's rows from its first one: chunk c is rows start + c * br ...
-      if transposed_copy:
-        a_src = lhs_gmem.at[:, pl.ds(start, m)]
-      else:
-        a_src = lhs_gmem.at[pl.ds(start, m), :]
-      b_src = rhs_gmem.at[pl.ds(start, m), :]
+      first = start // br
+      n_chunks = jnp.where(end > start, (end + br - 1) // br - first, 0)
+
+      def a_index(c):
+        return (i, first + c) if transposed_copy else (first + c, i)
 
       def accumulate(acc_ref):
         def step(idx, a_smem, b_smem):
           (c,) = idx
-          valid = end - (start + c * br)      # rows of this chunk inside the group
+          row0 = (first + c) * br              # the chunk's first row
+          lo, hi = start - row0, end - row0     # rows [lo, hi) of the chunk are the group's
 
-          @pl.when(valid < br)
+          @pl.when((lo > 0) | (hi < br))
           def _():
-            _zero_rows_from(a_smem, valid, 1 if transposed_copy else 0)
-            _zero_rows_from(b_smem, valid, 0)
+            _zero_rows_outside(a_smem, lo, hi, 1 if transposed_copy else 0)
+            _zero_rows_outside(b_smem, lo, hi, 0)
 
           a = a_smem if transposed_copy else plgpu.transpose_ref(a_smem, (1, 0))
           plgpu.wgmma(acc_ref, a, b_smem)
@@ -370,13 +363,11 @@ def tgmm(lhs, rhs, group_sizes, *, out_dtype, interpret, config):
         plgpu.emit_pipeline(
             step, grid=(n_chunks,),
             in_specs=[
-                plgpu.BlockSpec(a_block,
-                                (lambda c: (i, c)) if transposed_copy else (lambda c: (c, i)),
-                                transforms=a_transforms),
-                plgpu.BlockSpec((br, bn), lambda c: (c, j), transforms=b_transforms),
+                plgpu.BlockSpec(a_block, a_index, transforms=a_transforms),
+                plgpu.BlockSpec((br, bn), lambda c: (first + c, j), transforms=b_transforms),
             ],
             max_concurrent_steps=stages,
-        )(a_src, b_src)
+        )(lhs_gmem, rhs_gmem)
         return acc_ref[...]
 
       acc = pl.run_scoped(accumulate, plgpu.ACC((tk, bn)))

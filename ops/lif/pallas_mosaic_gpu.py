@@ -25,12 +25,28 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ops import _backend
 from ops._backend import UnsupportedError
-from ops._mosaic_gpu import load_rows, require_hopper, store_rows, warpgroup_kernel
+from ops._mosaic_gpu import fit_stages, load_rows, require_hopper, store_rows, warpgroup_kernel
 from ops.lif import pallas_triton
 from ops.lif.config import LifConfig
 from ops.lif.vjp import with_vjp
 
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+
+
+def _stages(config, dtype, backward: bool) -> int:
+  """Pipeline depth of the forward or backward kernel (config.mgpu_stages; 0 = as many as fit).
+
+  Forward stage: one x tile; beside it two slots of spikes and of checkpoints. Backward stage:
+  x, ds and the checkpoint rows; beside it two slots of dx."""
+  bc, tt, K = config.mgpu_block_c, config.mgpu_time_chunk, config.ckpt_every
+  tile = tt * bc * jnp.dtype(dtype).itemsize
+  ck = (tt // K) * bc * 4
+  if backward:
+    stage, fixed = 2 * tile + ck, 2 * tile + bc * 4
+  else:
+    stage, fixed = tile, 2 * tile + 2 * ck + bc * 4
+  what = f"Mosaic GPU LIF {'backward' if backward else 'forward'} ({tt} x {bc} tiles)"
+  return fit_stages(config.mgpu_stages, stage, fixed, what)
 
 
 def _forward(x, v0, p, save_ckpt, interpret, config):
@@ -79,7 +95,7 @@ def _forward(x, v0, p, save_ckpt, interpret, config):
       v = plgpu.emit_pipeline(
           chunk, grid=(T // tt,),
           in_specs=[plgpu.BlockSpec((tt, bc), lambda t: (t, j))],
-          max_concurrent_steps=config.mgpu_stages, init_carry=v,
+          max_concurrent_steps=_stages(config, x.dtype, False), init_carry=v,
       )(x_gmem.at[b])
       store_rows([(v, v_smem, vlast_gmem.at[b, cols])])
 
@@ -137,7 +153,7 @@ def _backward(x, ckpt, ds, gv, p, interpret, config):
           chunk, grid=(n_t,),
           in_specs=[plgpu.BlockSpec((tt, bc), rev), plgpu.BlockSpec((tt, bc), rev),
                     plgpu.BlockSpec((tt // K, bc), rev)],
-          max_concurrent_steps=config.mgpu_stages, init_carry=dv,
+          max_concurrent_steps=_stages(config, x.dtype, True), init_carry=dv,
       )(x_gmem.at[b], ds_gmem.at[b], ck_gmem.at[b])
       store_rows([(dv, dv_smem, dv0_gmem.at[b, cols])])
 
@@ -163,6 +179,9 @@ def lif(x, v0, *, params, interpret, config):
   if T % tt or tt % K or C % bc:
     raise UnsupportedError(f"Mosaic GPU LIF needs T % {tt} == 0 (a multiple of ckpt_every "
                            f"{K}) and C % {bc} == 0; got T={T}, C={C}")
-  if bc * jnp.dtype(x.dtype).itemsize % 128:
-    raise UnsupportedError(f"mgpu_block_c {bc}: rows of x must be whole 128-byte lines")
+  if bc % 128:
+    # one channel per thread of the warpgroup; narrower vectors (64 channels) sent jax
+    # 0.10.2's layout inference into a search that had not ended after five minutes
+    raise UnsupportedError(f"mgpu_block_c {bc}: a multiple of 128 (one warpgroup's threads)")
+  _stages(config, x.dtype, False), _stages(config, x.dtype, True)   # refuse before tracing
   return _lif(x, v0, params, interpret, config)

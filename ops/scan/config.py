@@ -31,8 +31,8 @@ class ScanConfig:
   # pallas_mosaic_gpu (fwd and bwd): channels per CTA, time steps per shared-memory tile,
   # tiles in flight
   mgpu_block_c: int = 128
-  mgpu_time_chunk: int = 64
-  mgpu_stages: int = 4
+  mgpu_time_chunk: int = 32
+  mgpu_stages: int = 0      # 0: as many as fit in shared memory (ops/_mosaic_gpu.fit_stages)
 
   def __post_init__(self):
     for f in ("block_c", "bwd_block_c"):

@@ -24,7 +24,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ops import _backend
 from ops._backend import UnsupportedError
-from ops._mosaic_gpu import load_rows, require_hopper, store_rows, warpgroup_kernel
+from ops._mosaic_gpu import fit_stages, load_rows, require_hopper, store_rows, warpgroup_kernel
 from ops.scan.config import ScanConfig
 from ops.scan.vjp import with_vjp
 
@@ -35,6 +35,24 @@ _PREV = 8     # rows of the side block that holds the previous tile's last step
 def _kernel(body, outs, B, C, bc, interpret):
   return warpgroup_kernel(body, outs, grid=(B, C // bc), grid_names=("b", "c"),
                           interpret=interpret)
+
+
+def _stages(config, a_dtype, b_dtype, a_const: bool, backward: bool) -> int:
+  """Pipeline depth of the forward or backward kernel (config.mgpu_stages; 0 = as many as fit).
+
+  Forward stage: the a (unless per-channel) and b tiles; beside it two slots of h. Backward
+  stage: a, h, the 8-row side block of h and g; beside it two slots of db and of da."""
+  bc, tt = config.mgpu_block_c, config.mgpu_time_chunk
+  a_tile = 0 if a_const else tt * bc * jnp.dtype(a_dtype).itemsize
+  b_tile = tt * bc * jnp.dtype(b_dtype).itemsize      # h, g and db have b's dtype
+  vec = 3 * bc * 4
+  if backward:
+    stage = a_tile + 2 * b_tile + _PREV * bc * jnp.dtype(b_dtype).itemsize
+    fixed = 2 * b_tile + 2 * a_tile + vec
+  else:
+    stage, fixed = a_tile + b_tile, 2 * b_tile + vec
+  what = f"Mosaic GPU scan {'backward' if backward else 'forward'} ({tt} x {bc} tiles)"
+  return fit_stages(config.mgpu_stages, stage, fixed, what)
 
 
 def _forward(a, b, h0, reverse, interpret, config):
@@ -80,8 +98,9 @@ def _forward(a, b, h0, reverse, interpret, config):
 
       spec = plgpu.BlockSpec((tt, bc), lambda s: (tile(s), j))
       srcs = ([] if a_const else [a_gmem.at[bi]]) + [b_gmem.at[bi]]
+      stages = _stages(config, a.dtype, b.dtype, a_const, False)
       h = plgpu.emit_pipeline(step, grid=(n_t,), in_specs=[spec] * len(srcs),
-                              max_concurrent_steps=config.mgpu_stages, init_carry=h)(*srcs)
+                              max_concurrent_steps=stages, init_carry=h)(*srcs)
       store_rows([(h, h_smem, hlast_gmem.at[bi, cols])])
 
   outs = (jax.ShapeDtypeStruct((B, T, C), b.dtype), jax.ShapeDtypeStruct((B, C), jnp.float32))
@@ -114,8 +133,8 @@ def _backward(a, h, h0, g, g_last, reverse, interpret, config):
                        h0_smem=plgpu.SMEM((bc,), jnp.float32),
                        a_smem=plgpu.SMEM((bc,), a.dtype),
                        db_buf=plgpu.SMEM((2, tt, bc), db_gmem.dtype),
-                       da_buf=plgpu.SMEM((2, tt, bc), a.dtype if not a_const else jnp.float32))
-    def _(c_smem, h0_smem, a_smem, db_buf, da_buf):
+                       **({} if a_const else {"da_buf": plgpu.SMEM((2, tt, bc), a.dtype)}))
+    def _(c_smem, h0_smem, a_smem, db_buf, da_buf=None):
       pairs = [(glast_gmem.at[bi, cols], c_smem), (h0_gmem.at[bi, cols], h0_smem)]
       if a_const:
         pairs.append((a_gmem.at[cols], a_smem))
@@ -133,7 +152,8 @@ def _backward(a, h, h0, g, g_last, reverse, interpret, config):
         slot = r % 2
         n_out = 1 if a_const else 2
         plgpu.wait_smem_to_gmem(n_out, wait_read_only=True)   # step r - 2 left this slot
-        db_out, da_out = db_buf.at[slot], da_buf.at[slot]
+        db_out = db_buf.at[slot]
+        da_out = None if a_const else da_buf.at[slot]
         h_before = jnp.where(s == 0, h0, hp_t[prev_row].astype(jnp.float32))
         for pos in reversed(range(tt)):     # scan order, last step first
           i = rows[pos]
@@ -158,9 +178,9 @@ def _backward(a, h, h0, g, g_last, reverse, interpret, config):
       specs = ([] if a_const else [tile_spec]) + [tile_spec, prev_spec, tile_spec]
       srcs = ([] if a_const else [a_gmem.at[bi]]) + [h_gmem.at[bi], h_gmem.at[bi],
                                                      g_gmem.at[bi]]
-      c, da_acc = plgpu.emit_pipeline(step, grid=(n_t,), in_specs=specs,
-                                      max_concurrent_steps=config.mgpu_stages,
-                                      init_carry=init)(*srcs)
+      c, da_acc = plgpu.emit_pipeline(
+          step, grid=(n_t,), in_specs=specs, init_carry=init,
+          max_concurrent_steps=_stages(config, a.dtype, h.dtype, a_const, True))(*srcs)
       last = [(c, c_smem, dh0_gmem.at[bi, cols])]
       if a_const:                           # h0_smem reused: this batch row's per-channel da
         last.append((da_acc, h0_smem, da_gmem.at[bi, cols]))
@@ -192,6 +212,10 @@ def linear_scan(a, b, h0, *, reverse, interpret, config):
   if T % tt or tt % _PREV or C % bc:
     raise UnsupportedError(f"Mosaic GPU scan needs T % {tt} == 0 ({tt} a multiple of "
                            f"{_PREV}) and C % {bc} == 0; got T={T}, C={C}")
-  if (bc * jnp.dtype(b.dtype).itemsize) % 128 or (bc * jnp.dtype(a.dtype).itemsize) % 128:
-    raise UnsupportedError(f"mgpu_block_c {bc}: rows must be whole 128-byte lines")
+  if bc % 128:
+    # one channel per thread of the warpgroup; narrower vectors (64 channels) sent jax
+    # 0.10.2's layout inference into a search that had not ended after five minutes
+    raise UnsupportedError(f"mgpu_block_c {bc}: a multiple of 128 (one warpgroup's threads)")
+  for backward in (False, True):                  # refuse before tracing
+    _stages(config, a.dtype, b.dtype, a.ndim == 1, backward)
   return _scan(a, b, h0, bool(reverse), interpret, config)

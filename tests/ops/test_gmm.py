@@ -292,8 +292,11 @@ def test_mosaic_gpu_tiles_follow_n_and_shared_memory():
   assert resolve(1400)[1] == 64                    # no 128-byte split divides: kernel refuses
   one_wg = cfg.replace(mgpu_compute_wgs=1, mgpu_block_n=128)
   assert pallas_mosaic_gpu._resolve_tiles(one_wg, 1408, 2, 2) == (128, 128, 64, 6, 1)
-  fixed = cfg.replace(mgpu_stages=4)
-  assert pallas_mosaic_gpu._resolve_tiles(fixed, 2048, 2, 2)[3] == 4
+  fixed = cfg.replace(mgpu_stages=2)
+  assert pallas_mosaic_gpu._resolve_tiles(fixed, 2048, 2, 2)[3] == 2
+  # 4 x 48 KiB stages + 64 KiB of output slots exceed shared memory: refused, not miscompiled
+  with pytest.raises(NotImplementedError, match="exceed the 230400 bytes of shared memory"):
+    pallas_mosaic_gpu._resolve_tiles(cfg.replace(mgpu_stages=4), 2048, 2, 2)
   with pytest.raises(ValueError, match="positive int"):
     GmmBlockConfig(mgpu_stages=-1)
 

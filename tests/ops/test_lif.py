@@ -182,7 +182,7 @@ def test_bad_arguments():
 # ---------------------------------------------------------------- Mosaic GPU forward
 # Shapes the Mosaic GPU kernels take (T a multiple of mgpu_time_chunk, C of mgpu_block_c):
 # 2-3 time tiles of 4 checkpoint segments, 1-2 channel blocks.
-MGPU_SMALL = dataclasses.replace(SMALL, mgpu_block_c=64, mgpu_time_chunk=8, mgpu_stages=2)
+MGPU_SMALL = dataclasses.replace(SMALL, mgpu_block_c=128, mgpu_time_chunk=8, mgpu_stages=2)
 
 
 class LifMosaicGpuBase:
@@ -194,8 +194,8 @@ class LifMosaicGpuBase:
                config=self.CONFIG, **kw)
 
   @pytest.mark.parametrize("B,T,C,dtype,reset", [
-      (1, 8, 64, jnp.float32, "hard"),
-      (2, 24, 128, jnp.float32, "subtract"),
+      (1, 8, 128, jnp.float32, "hard"),
+      (2, 24, 256, jnp.float32, "subtract"),
       (1, 16, 128, jnp.bfloat16, "hard"),
   ])
   def test_forward(self, B, T, C, dtype, reset):
@@ -211,7 +211,7 @@ class LifMosaicGpuBase:
       ("atan", "hard", True, jnp.float32), ("sigmoid", "subtract", False, jnp.float32),
       ("triangle", "hard", False, jnp.bfloat16)])
   def test_grads(self, surrogate, reset, detach, dtype):
-    x, v0, g, gv = _inputs(2, 16, 64, dtype, seed=1)
+    x, v0, g, gv = _inputs(2, 16, 128, dtype, seed=1)
     kw = dict(surrogate=surrogate, reset=reset, detach_reset=detach)
     got = jax.jit(lambda *a: _grads(functools.partial(self.lif, **kw), *a))(x, v0, g, gv)
     want = _grads(functools.partial(_ref, **kw), x, v0, g, gv)
@@ -220,7 +220,7 @@ class LifMosaicGpuBase:
       op_testing.assert_close(a, b, dtype, grad=True, name=name)
 
   def test_chunked_equals_unchunked(self):
-    x, v0, _, _ = _inputs(1, 32, 64, jnp.float32)
+    x, v0, _, _ = _inputs(1, 32, 128, jnp.float32)
     s, v_last = self.lif(x, v0)
     s1, v1 = self.lif(x[:, :16], v0)
     s2, v2 = self.lif(x[:, 16:], v1)
@@ -228,9 +228,16 @@ class LifMosaicGpuBase:
     np.testing.assert_allclose(v_last, v2, rtol=1e-6, atol=1e-6)
 
   def test_other_shapes_fall_through(self):
-    x, v0, _, _ = _inputs(1, 12, 64, jnp.float32)
+    x, v0, _, _ = _inputs(1, 12, 128, jnp.float32)
     with pytest.raises(NotImplementedError, match="T % 8 == 0"):
       self.lif(x, v0)
+    with pytest.raises(NotImplementedError, match="mgpu_block_c 64: a multiple of 128"):
+      lif(x[:, :8], v0, implementation="pallas_mosaic_gpu", interpret=self.INTERPRET,
+          config=dataclasses.replace(self.CONFIG, mgpu_block_c=64))
+    x64, _, _, _ = _inputs(1, 64, 128, jnp.float32)
+    with pytest.raises(NotImplementedError, match="exceed the 230400 bytes of shared memory"):
+      lif(x64, v0, implementation="pallas_mosaic_gpu", interpret=self.INTERPRET,
+          config=dataclasses.replace(self.CONFIG, mgpu_time_chunk=64, mgpu_stages=8))
     s, _ = lif(x, v0, implementation=("pallas_mosaic_gpu", "xla"), interpret=self.INTERPRET,
                config=self.CONFIG)
     np.testing.assert_array_equal(s, _ref(x, v0)[0])
@@ -245,3 +252,19 @@ class TestLifMosaicGpuInterpret(LifMosaicGpuBase):
 class TestLifMosaicGpuGpu(LifMosaicGpuBase):
   INTERPRET = False
   CONFIG = dataclasses.replace(GPU_SMALL, mgpu_block_c=128, mgpu_time_chunk=8, mgpu_stages=2)
+
+
+@pytest.mark.gpu
+def test_mosaic_gpu_default_tiles_gpu():
+  """The H100/H200 defaults (32-step tiles, as many stages as fit) at T a multiple of 32."""
+  lif_mgpu = functools.partial(lif, implementation="pallas_mosaic_gpu", interpret=False,
+                               config=LifConfig.for_device("NVIDIA H200"))
+  x, v0, g, gv = _inputs(2, 96, 256, jnp.float32, seed=2)
+  s, v_last = jax.jit(lif_mgpu)(x, v0)
+  s_ref, v_ref = _ref(x, v0)
+  np.testing.assert_array_equal(np.asarray(s), np.asarray(s_ref))
+  op_testing.assert_close(v_last, v_ref, jnp.float32, name="v_last")
+  got = jax.jit(lambda *a: _grads(lif_mgpu, *a))(x, v0, g, gv)
+  want = _grads(_ref, x, v0, g, gv)
+  for name, a, b in zip(("dx", "dv0"), got, want):
+    op_testing.assert_close(a, b, jnp.float32, grad=True, name=name)

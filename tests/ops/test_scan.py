@@ -189,7 +189,7 @@ def test_dispatch_errors():
 
 # ---------------------------------------------------------------- Mosaic GPU kernels
 # Shapes they take: T a multiple of mgpu_time_chunk (8 here: 2-3 tiles), C of mgpu_block_c.
-MGPU_SMALL = dataclasses.replace(SMALL, mgpu_block_c=64, mgpu_time_chunk=8, mgpu_stages=2)
+MGPU_SMALL = dataclasses.replace(SMALL, mgpu_block_c=128, mgpu_time_chunk=8, mgpu_stages=2)
 
 
 class ScanMosaicGpuBase:
@@ -201,9 +201,9 @@ class ScanMosaicGpuBase:
                        interpret=self.INTERPRET, config=self.CONFIG)
 
   @pytest.mark.parametrize("B,T,C,dtype,reverse,a_const", [
-      (2, 24, 64, jnp.float32, False, False),
-      (1, 16, 128, jnp.float32, True, False),
-      (2, 16, 64, jnp.float32, True, True),
+      (2, 24, 128, jnp.float32, False, False),
+      (1, 16, 256, jnp.float32, True, False),
+      (2, 16, 128, jnp.float32, True, True),
       (1, 24, 128, jnp.bfloat16, False, True),
   ])
   def test_forward_and_grads(self, B, T, C, dtype, reverse, a_const):
@@ -221,9 +221,19 @@ class ScanMosaicGpuBase:
       op_testing.assert_close(x, y, dtype, grad=True, name=name)
 
   def test_other_shapes_fall_through(self):
-    a, b, h0, _, _ = _inputs(1, 12, 64, jnp.float32)
+    a, b, h0, _, _ = _inputs(1, 12, 128, jnp.float32)
     with pytest.raises(NotImplementedError, match="T % 8 == 0"):
       self.scan(a, b, h0)
+    narrow = dataclasses.replace(self.CONFIG, mgpu_block_c=64)
+    with pytest.raises(NotImplementedError, match="mgpu_block_c 64: a multiple of 128"):
+      linear_scan(a[:, :8], b[:, :8], h0, implementation="pallas_mosaic_gpu",
+                  interpret=self.INTERPRET, config=narrow)
+    # the backward's 3 input tiles per stage do not fit 2 stages of 64 x 128 f32 tiles
+    a64, b64, h64, _, _ = _inputs(1, 64, 128, jnp.float32)
+    deep = dataclasses.replace(self.CONFIG, mgpu_time_chunk=64, mgpu_stages=2)
+    with pytest.raises(NotImplementedError, match="scan backward .* exceed the 230400 bytes"):
+      linear_scan(a64, b64, h64, implementation="pallas_mosaic_gpu", interpret=self.INTERPRET,
+                  config=deep)
     h, _ = self.scan(a, b, h0, implementation=("pallas_mosaic_gpu", "xla"))
     op_testing.assert_close(h, _ref(a, b, h0, False)[0], jnp.float32)
 
@@ -237,3 +247,20 @@ class TestScanMosaicGpuInterpret(ScanMosaicGpuBase):
 class TestScanMosaicGpuGpu(ScanMosaicGpuBase):
   INTERPRET = False
   CONFIG = dataclasses.replace(GPU_SMALL, mgpu_block_c=128, mgpu_time_chunk=8, mgpu_stages=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("a_const,reverse", [(False, False), (True, True)])
+def test_mosaic_gpu_default_tiles_gpu(a_const, reverse):
+  """The H100/H200 defaults (32-step tiles, as many stages as fit) at T a multiple of 32."""
+  scan = functools.partial(linear_scan, reverse=reverse, implementation="pallas_mosaic_gpu",
+                           interpret=False, config=ScanConfig.for_device("NVIDIA H200"))
+  a, b, h0, g, g_last = _inputs(2, 96, 256, jnp.float32, a_const=a_const)
+  h, h_last = jax.jit(scan)(a, b, h0)
+  h_ref, h_last_ref = _ref(a, b, h0, reverse)
+  op_testing.assert_close(h, h_ref, jnp.float32, name="h")
+  op_testing.assert_close(h_last, h_last_ref, jnp.float32, name="h_last")
+  got = jax.jit(lambda *x: _grads(scan, *x))(a, b, h0, g, g_last)
+  want = _grads(lambda a, b, h0: _ref(a, b, h0, reverse), a, b, h0, g, g_last)
+  for name, x, y in zip(("da", "db", "dh0"), got, want):
+    op_testing.assert_close(x, y, jnp.float32, grad=True, name=name)
