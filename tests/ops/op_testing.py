@@ -74,3 +74,12 @@ def triton_lowering_on_cpu() -> bool:
   import jaxlib
   version = tuple(int(re.match(r"\d+", x).group()) for x in jaxlib.__version__.split(".")[:3])
   return version <= (0, 10, 2) or any(d.platform == "gpu" for d in jax.devices())
+
+
+def lower_mosaic_gpu(fn, *args, device_kind="NVIDIA H200"):
+  """Lowers jit(fn)(*args) for CUDA on this (CPU) host as the `device_kind` GPU would: Pallas
+  Mosaic GPU kernels run their layout inference and shared-memory check during lowering, so
+  kernels that interpret mode accepts but the GPU compiler refuses fail here, in CI."""
+  from ops import _backend
+  with _backend.target("gpu", device_kind):
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))

@@ -1,4 +1,6 @@
 """Tests of ops.gmm: every implementation against the f32 HIGHEST reference, plus routing."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -278,6 +280,29 @@ class TestGmmMosaicGpuSmallTilesGpu(MosaicGpuGmmBase):
 class TestGmmMosaicGpuWarpSpecializedGpu(MosaicGpuGmmBase):
   INTERPRET = False
   CONFIG = _MGPU_SMALL.replace(mgpu_compute_wgs=2)
+
+
+@pytest.mark.parametrize("wgs,transpose_rhs", [(1, False), (2, False), (2, True)])
+def test_mosaic_gpu_gmm_and_tgmm_lower_for_the_gpu(wgs, transpose_rhs):
+  """Default H200 tiles, ragged groups: gmm (forward; transposed rhs = d lhs) and tgmm (d rhs)
+  pass Mosaic GPU's layout inference and shared-memory check. A tgmm whose TMA boxes started at
+  a group's first row ran in interpret mode and failed only on the GPU (session 10)."""
+  pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
+  cfg = GmmBlockConfig.for_device("NVIDIA H200").replace(mgpu_compute_wgs=wgs)
+  m, k, n, g = 520, 256, 384, 5
+  lhs = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
+  rhs = jax.ShapeDtypeStruct((g, n, k) if transpose_rhs else (g, k, n), jnp.bfloat16)
+  gs = jax.ShapeDtypeStruct((g,), jnp.int32)
+  from ops.gmm import pallas_mosaic_gpu
+  fwd = functools.partial(pallas_mosaic_gpu.gmm, out_dtype=jnp.bfloat16,
+                          transpose_rhs=transpose_rhs, interpret=False, config=cfg)
+  text = op_testing.lower_mosaic_gpu(fwd, lhs, rhs, gs).as_text()
+  assert "mosaic_gpu" in text
+  if wgs == 1:
+    dout = jax.ShapeDtypeStruct((m, n), jnp.bfloat16)
+    tg = functools.partial(pallas_mosaic_gpu.tgmm, out_dtype=jnp.float32, interpret=False,
+                           config=cfg)
+    op_testing.lower_mosaic_gpu(tg, lhs, dout, gs)
 
 
 def test_mosaic_gpu_tiles_follow_n_and_shared_memory():
