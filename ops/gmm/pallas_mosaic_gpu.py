@@ -55,10 +55,14 @@ def _resolve_tiles(config, n, in_itemsize, out_itemsize):
   n = 1408 and 128 x (2 x 128) on 3 stages for n = 2048 / 5632, the best of the sweep."""
   bm, bn, bk = config.mgpu_block_m, config.mgpu_block_n, config.mgpu_block_k
   wgs = config.mgpu_compute_wgs
-  while n % (wgs * bn) and bn % 2 == 0 and (bn // 2 * in_itemsize) % 128 == 0:
+  split_m = config.mgpu_split_m and wgs > 1
+  cta_m, n_wgs = (wgs * bm, 1) if split_m else (bm, wgs)   # warpgroups along rows / columns
+  while n % (n_wgs * bn) and bn % 2 == 0 and (bn // 2 * in_itemsize) % 128 == 0:
     bn //= 2
-  stages = fit_stages(config.mgpu_stages, (bm * bk + bk * wgs * bn) * in_itemsize,
-                      wgs * bm * bn * out_itemsize, f"gmm tile {bm} x ({wgs} x {bn}) x {bk}")
+  what = (f"gmm tile ({wgs} x {bm}) x {bn} x {bk}" if split_m
+          else f"gmm tile {bm} x ({wgs} x {bn}) x {bk}")
+  stages = fit_stages(config.mgpu_stages, (cta_m * bk + bk * n_wgs * bn) * in_itemsize,
+                      wgs * bm * bn * out_itemsize, what)
   return bm, bn, bk, stages, wgs
 
 
@@ -134,11 +138,13 @@ def gmm(lhs, rhs, group_sizes, *, out_dtype, transpose_rhs, interpret, config):
   if interpret and transpose_rhs:
     # interpret mode cannot run wgmma on a transposed shared-memory view: same product
     rhs, transpose_rhs = jnp.swapaxes(rhs, 1, 2), False
-  visits = jnp.stack(metadata.tile_visits(group_sizes, m, bm), axis=1)   # [V, 4]
+  split_m = bool(config.mgpu_split_m) and wgs > 1
+  cta_m = wgs * bm if split_m else bm
+  visits = jnp.stack(metadata.tile_visits(group_sizes, m, cta_m), axis=1)   # [V, 4]
   if wgs > 1:
     return _gmm_warp_specialized(visits, lhs, rhs, out_dtype=out_dtype, n=n,
                                  transpose_rhs=transpose_rhs, interpret=interpret,
-                                 tiles=(bm, bn, bk, stages, wgs))
+                                 tiles=(bm, bn, bk, stages, wgs), split_m=split_m)
   num_visits = visits.shape[0]
   n_tiles = n // bn
   k_steps = k // bk
@@ -194,19 +200,22 @@ def gmm(lhs, rhs, group_sizes, *, out_dtype, transpose_rhs, interpret, config):
 
 
 
-def _gmm_warp_specialized(visits, lhs, rhs, *, out_dtype, n, transpose_rhs, interpret, tiles):
+def _gmm_warp_specialized(visits, lhs, rhs, *, out_dtype, n, transpose_rhs, interpret, tiles,
+                          split_m=False):
   """The same visits with wgs compute warpgroups, each owning block_n of a CTA tile of
-  block_m x (wgs * block_n), and one warpgroup issuing the TMA loads."""
+  block_m x (wgs * block_n) (split_m: block_m rows of a (wgs * block_m) x block_n tile), and
+  one warpgroup issuing the TMA loads."""
   m, k = lhs.shape
   num_groups = rhs.shape[0]
   bm, bn, bk, stages, wgs = tiles
-  cta_n = wgs * bn
+  cta_m, cta_n = (wgs * bm, bn) if split_m else (bm, wgs * bn)
   if n % cta_n:
-    raise UnsupportedError(f"n={n} is not a multiple of {wgs} warpgroups x {bn} columns")
+    raise UnsupportedError(f"n={n} is not a multiple of the CTA tile's {cta_n} columns")
   num_visits = visits.shape[0]
   n_tiles = n // cta_n
   k_steps = k // bk
-  lhs_spec = plgpu.BlockSpec((bm, bk), lambda kk: (0, kk), transforms=_swizzled(bk, lhs.dtype))
+  lhs_spec = plgpu.BlockSpec((cta_m, bk), lambda kk: (0, kk),
+                             transforms=_swizzled(bk, lhs.dtype))
   if transpose_rhs:
     rhs_spec = plgpu.BlockSpec((cta_n, bk), lambda kk: (0, kk),
                                transforms=_swizzled(bk, rhs.dtype))
@@ -227,7 +236,7 @@ def _gmm_warp_specialized(visits, lhs, rhs, *, out_dtype, n, transpose_rhs, inte
 
   def body(visits_gmem, lhs_gmem, rhs_gmem, out_gmem):
     ignore = lambda *_, **__: None
-    allocs = pipeline(ignore, ignore).get_allocations(lhs_gmem.at[pl.ds(0, bm), :],
+    allocs = pipeline(ignore, ignore).get_allocations(lhs_gmem.at[pl.ds(0, cta_m), :],
                                                       rhs_tile(rhs_gmem, 0, 0))
 
     @functools.partial(pl.run_scoped, allocs=allocs,
@@ -238,14 +247,26 @@ def _gmm_warp_specialized(visits, lhs, rhs, *, out_dtype, n, transpose_rhs, inte
       @plgpu.nd_loop((num_visits * n_tiles,), collective_axes="sm")
       def _visit_tile(info):
         g, tile, r0, r1, j = _visit(visits_gmem, info, n_tiles)
-        cols = pl.ds(j * cta_n + wg * bn, bn)
+        if split_m:       # this warpgroup's rows of the visit: [w0, w1) of [row0, row0 + bm)
+          cols = pl.ds(j * cta_n, bn)
+          row0 = tile * cta_m + wg * bm
+          w0 = jnp.clip(r0, row0, row0 + bm)
+          w1 = jnp.clip(r1, row0, row0 + bm)
+        else:
+          cols = pl.ds(j * cta_n + wg * bn, bn)
+          row0, w0, w1 = tile * cta_m, r0, r1
 
         def step(_, a_smem, b_smem, acc_ref):
-          if transpose_rhs:
-            b = plgpu.transpose_ref(b_smem.at[pl.ds(wg * bn, bn), :], (1, 0))
+          if split_m:
+            a = a_smem.at[pl.ds(wg * bm, bm), :]
+            b = plgpu.transpose_ref(b_smem, (1, 0)) if transpose_rhs else b_smem
           else:
-            b = b_smem.at[:, pl.ds(wg * bn, bn)]
-          plgpu.wgmma(acc_ref, a_smem, b)
+            a = a_smem
+            if transpose_rhs:
+              b = plgpu.transpose_ref(b_smem.at[pl.ds(wg * bn, bn), :], (1, 0))
+            else:
+              b = b_smem.at[:, pl.ds(wg * bn, bn)]
+          plgpu.wgmma(acc_ref, a, b)
           plgpu.wgmma_wait(0)
           return acc_ref
 
@@ -253,18 +274,18 @@ def _gmm_warp_specialized(visits, lhs, rhs, *, out_dtype, n, transpose_rhs, inte
           @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((bm, bn), jnp.float32))
           def _(acc_ref):
             run(acc_ref)
-            _store_rows(acc_ref[...], o_smem.at[wg], out_gmem, tile * bm, r0, r1, cols)
+            _store_rows(acc_ref[...], o_smem.at[wg], out_gmem, row0, w0, w1, cols)
 
         @pl.when((r0 < r1) & (g < num_groups))
         def _():
           pipeline(step, compute_context)(
-              lhs_gmem.at[pl.ds(tile * bm, bm), :], rhs_tile(rhs_gmem, g, j),
+              lhs_gmem.at[pl.ds(tile * cta_m, cta_m), :], rhs_tile(rhs_gmem, g, j),
               allocations=allocs)
 
         @pl.when((r0 < r1) & (g >= num_groups) & (wg < wgs))   # rows past the sum: zeros
         def _():
-          _store_rows(jnp.zeros((bm, bn), jnp.float32), o_smem.at[wg], out_gmem, tile * bm,
-                      r0, r1, cols)
+          _store_rows(jnp.zeros((bm, bn), jnp.float32), o_smem.at[wg], out_gmem, row0,
+                      w0, w1, cols)
 
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 

@@ -270,6 +270,17 @@ class TestGmmMosaicGpuWarpSpecializedInterpret(MosaicGpuGmmBase):
   OTHER_TESTS = False
 
 
+@pytest.mark.skipif("pallas_mosaic_gpu" not in gmm_op.implementations(),
+                    reason="pallas_mosaic_gpu not registered (no jax Mosaic GPU)")
+class TestGmmMosaicGpuSplitMInterpret(MosaicGpuGmmBase):
+  """Two compute warpgroups on the rows of a 128-row tile (each 64 rows, one 64-column rhs
+  tile): visits whose rows lie in one warpgroup's half, both, or past the sum."""
+  INTERPRET = True
+  CONFIG = _MGPU_SMALL.replace(mgpu_compute_wgs=2, mgpu_split_m=1)
+  ONLY_CASES = ("multi_tile", "odd_empty_one_partial")
+  OTHER_TESTS = False
+
+
 @pytest.mark.gpu
 class TestGmmMosaicGpuSmallTilesGpu(MosaicGpuGmmBase):
   INTERPRET = False
@@ -282,13 +293,21 @@ class TestGmmMosaicGpuWarpSpecializedGpu(MosaicGpuGmmBase):
   CONFIG = _MGPU_SMALL.replace(mgpu_compute_wgs=2)
 
 
-@pytest.mark.parametrize("wgs,transpose_rhs", [(1, False), (2, False), (2, True)])
-def test_mosaic_gpu_gmm_and_tgmm_lower_for_the_gpu(wgs, transpose_rhs):
+@pytest.mark.gpu
+class TestGmmMosaicGpuSplitMGpu(MosaicGpuGmmBase):
+  INTERPRET = False
+  CONFIG = _MGPU_SMALL.replace(mgpu_compute_wgs=2, mgpu_split_m=1)
+
+
+@pytest.mark.parametrize("wgs,transpose_rhs,split_m", [
+    (1, False, 0), (2, False, 0), (2, True, 0), (2, False, 1), (2, True, 1)])
+def test_mosaic_gpu_gmm_and_tgmm_lower_for_the_gpu(wgs, transpose_rhs, split_m):
   """Default H200 tiles, ragged groups: gmm (forward; transposed rhs = d lhs) and tgmm (d rhs)
   pass Mosaic GPU's layout inference and shared-memory check. A tgmm whose TMA boxes started at
   a group's first row ran in interpret mode and failed only on the GPU (session 10)."""
   pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
-  cfg = GmmBlockConfig.for_device("NVIDIA H200").replace(mgpu_compute_wgs=wgs)
+  cfg = GmmBlockConfig.for_device("NVIDIA H200").replace(mgpu_compute_wgs=wgs,
+                                                         mgpu_split_m=split_m)
   m, k, n, g = 520, 256, 384, 5
   lhs = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
   rhs = jax.ShapeDtypeStruct((g, n, k) if transpose_rhs else (g, k, n), jnp.bfloat16)
