@@ -3,7 +3,7 @@
   python experiments/tune_ops.py --op=lif --shape=1,8192,8192,float32 \
       --grid=time_chunk=64,128 --grid=block_c=32,64 --grid=num_warps=1,2
   python experiments/tune_ops.py --op=lif --implementation=pallas_mosaic_gpu \
-      --grid=mgpu_time_chunk=32,64 --grid=mgpu_block_c=128,256 --grid=mgpu_stages=2,4
+      --grid=mgpu_time_chunk=16,32 --grid=mgpu_block_c=128,256 --grid=mgpu_stages=0,2,4
   python experiments/tune_ops.py --op=nsa --shape=1,65536,64,4,128,bfloat16 \
       --grid=sel_num_warps=4,8 --grid=sel_num_stages=1,2,3 --grid=bwd_chunk=32,64,128
   python experiments/tune_ops.py --op=nsa_decode --shape=8,65536,64,4,128,bfloat16 \
