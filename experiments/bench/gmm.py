@@ -46,6 +46,14 @@ def _candidates(tokamax_rd):
     if name == "xla" or (name.startswith("pallas_tpu") and _backend.platform() != "tpu"):
       continue  # "xla" loops over all groups: e x the FLOPs, not a contender
     impls[name] = (lambda nm: lambda a, b, gs: gmm_op.gmm(a, b, gs, implementation=nm))(name)
+  if "pallas_mosaic_gpu" in impls and _backend.platform() == "gpu":
+    # the compute warpgroups on the rows of a (2 x 128) x 128 tile instead of its columns
+    # (untimed when written, session 10); compare with the pallas_mosaic_gpu row, whose
+    # backward uses the same (Mosaic GPU) tgmm
+    split = GmmBlockConfig.for_device(_backend.device_kind()).replace(
+        mgpu_compute_wgs=2, mgpu_split_m=1, mgpu_block_n=128)
+    impls["pallas_mosaic_gpu_split_m"] = lambda a, b, gs: gmm_op.gmm(
+        a, b, gs, implementation="pallas_mosaic_gpu", config=split)
   # what models get: the platform's default lists for gmm and (in the backward) tgmm
   impls["default"] = lambda a, b, gs: gmm_op.gmm(a, b, gs)
   tuned = os.environ.get("GMM_TUNED_CONFIG")
