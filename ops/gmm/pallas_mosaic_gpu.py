@@ -48,6 +48,11 @@ def _swizzled(cols: int, dtype) -> tuple:
           plgpu.SwizzleTransform(swizzle))
 
 
+def _splits_rows(config) -> bool:
+  """Whether the compute warpgroups split the CTA tile's rows (mgpu_split_m; needs two)."""
+  return bool(config.mgpu_split_m) and config.mgpu_compute_wgs > 1
+
+
 def _resolve_tiles(config, n, in_itemsize, out_itemsize):
   """(bm, bn, bk, stages, wgs) for this n: block_n halves (down to 128-byte rows) until the
   CTA's wgs x block_n columns divide n; stages 0 = as many as fit in shared memory next to
@@ -55,7 +60,7 @@ def _resolve_tiles(config, n, in_itemsize, out_itemsize):
   n = 1408 and 128 x (2 x 128) on 3 stages for n = 2048 / 5632, the best of the sweep."""
   bm, bn, bk = config.mgpu_block_m, config.mgpu_block_n, config.mgpu_block_k
   wgs = config.mgpu_compute_wgs
-  split_m = config.mgpu_split_m and wgs > 1
+  split_m = _splits_rows(config)
   cta_m, n_wgs = (wgs * bm, 1) if split_m else (bm, wgs)   # warpgroups along rows / columns
   while n % (n_wgs * bn) and bn % 2 == 0 and (bn // 2 * in_itemsize) % 128 == 0:
     bn //= 2
@@ -138,7 +143,7 @@ def gmm(lhs, rhs, group_sizes, *, out_dtype, transpose_rhs, interpret, config):
   if interpret and transpose_rhs:
     # interpret mode cannot run wgmma on a transposed shared-memory view: same product
     rhs, transpose_rhs = jnp.swapaxes(rhs, 1, 2), False
-  split_m = bool(config.mgpu_split_m) and wgs > 1
+  split_m = _splits_rows(config)
   cta_m = wgs * bm if split_m else bm
   visits = jnp.stack(metadata.tile_visits(group_sizes, m, cta_m), axis=1)   # [V, 4]
   if wgs > 1:
