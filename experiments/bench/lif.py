@@ -9,6 +9,7 @@ row's time. Shape sets carry their own dtypes (the driver's --dtype flag is not 
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import jax
@@ -26,6 +27,8 @@ SWEEP = [
     dict(block_c=64, num_warps=1, time_chunk=32, ckpt_every=8, bwd_block_c=64, bwd_num_warps=1),
 ]
 SWEEP_BUDGET_S = 30.0
+# the time-segment backward (ops/lif/pallas_triton_segments.py) at these segment lengths
+SEGMENTS = (32, 64)
 
 
 def _fns(impl, config):
@@ -54,14 +57,18 @@ def run(shapes: str = "bench", dtype: str = "float32", ceilings=None) -> list[ti
     fwd_bytes = 2 * big + 2 * small
     bwd_bytes = 3 * big + 2 * small
     shape = f"B{B} T{T} C{C} {dt.name}"
-    impls = [(nm, None) for nm in ("pallas_triton", "pallas_mosaic_gpu")
+    impls = [(nm, None, False) for nm in ("pallas_triton", "pallas_mosaic_gpu")
              if nm in implementations() and on_gpu]
+    if on_gpu:
+      default = LifConfig.for_device(jax.devices()[0].device_kind)
+      impls += [(f"pallas_triton(bwd_segment={S})",
+                 dataclasses.replace(default, bwd_segment=S), False) for S in SEGMENTS]
     if n == 0 and on_gpu:
-      impls += [(f"pallas_triton{tuple(s.values())}", LifConfig(**s)) for s in SWEEP]
-    impls += [("xla", None)]
+      impls += [(f"pallas_triton{tuple(s.values())}", LifConfig(**s), True) for s in SWEEP]
+    impls += [("xla", None, False)]
     base = {}
-    for name, cfg in impls:
-      if cfg is not None and time.perf_counter() - t_start > SWEEP_BUDGET_S:
+    for name, cfg, optional in impls:
+      if optional and time.perf_counter() - t_start > SWEEP_BUDGET_S:
         continue
       impl = name.split("(")[0]
       fwd, fwd_bwd = _fns(impl, cfg)

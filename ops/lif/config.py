@@ -7,7 +7,10 @@ checkpoint, 1/ckpt_every of the spike traffic). Backward walks chunks of `ckpt_e
 the last to the first: it recomputes the chunk's pre-clip potentials from the checkpoint and x
 (held in registers), then runs the chunk backwards; x and the spike cotangent of the next chunk
 are prefetched while the current one is processed. `time_chunk` must be a multiple of
-`ckpt_every`.
+`ckpt_every`. With `bwd_segment` S > 0 the backward instead runs one program per S-step time
+segment (a multiple of ckpt_every), chained through the incoming membrane gradient
+(ops/lif/pallas_triton_segments.py): B * T / S * C / bwd_block_c programs instead of
+B * C / bwd_block_c, for small batches.
 Mosaic GPU forward (pallas_mosaic_gpu): one CTA per (batch row, mgpu_block_c channels);
 tiles of mgpu_time_chunk steps x block_c stream through shared memory, mgpu_stages in flight.
 TPU (pallas_tpu): blocks of (tpu_block_t time steps, tpu_block_c channels on lanes); the
@@ -27,6 +30,7 @@ class LifConfig:
   ckpt_every: int = 16
   bwd_block_c: int = 64
   bwd_num_warps: int = 2
+  bwd_segment: int = 0      # >0: backward in parallel time segments of this many steps
   tpu_block_c: int = 512
   tpu_block_t: int = 64
   mgpu_block_c: int = 128
@@ -41,6 +45,9 @@ class LifConfig:
     if self.ckpt_every < 1 or self.time_chunk < 1 or self.time_chunk % self.ckpt_every:
       raise ValueError(f"LifConfig.time_chunk ({self.time_chunk}) must be a positive multiple "
                        f"of ckpt_every ({self.ckpt_every})")
+    if self.bwd_segment < 0 or self.bwd_segment % self.ckpt_every:
+      raise ValueError(f"LifConfig.bwd_segment ({self.bwd_segment}) must be 0 or a positive "
+                       f"multiple of ckpt_every ({self.ckpt_every})")
     if self.tpu_block_c % 128 or self.tpu_block_t % 8:
       raise ValueError("LifConfig: tpu_block_c must be a multiple of 128 and tpu_block_t of 8")
 

@@ -26,7 +26,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from ops import _backend
 from ops._backend import UnsupportedError
 from ops._mosaic_gpu import fit_stages, load_rows, require_hopper, store_rows, warpgroup_kernel
-from ops.lif import pallas_triton
+from ops.lif import steps
 from ops.lif.config import LifConfig
 from ops.lif.vjp import with_vjp
 
@@ -84,7 +84,7 @@ def _forward(x, v0, p, save_ckpt, interpret, config):
         for i in range(tt):                 # static rows: the tile is resident
           if save_ckpt and i % K == 0:
             ck_out[i // K] = v
-          _, v, spk = pallas_triton.step_forward(v, x_smem[i].astype(jnp.float32), p)
+          _, v, spk = steps.step_forward(v, x_smem[i].astype(jnp.float32), p)
           s_out[i] = jnp.where(spk, 1.0, 0.0).astype(s_out.dtype)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(s_out, s_gmem.at[b, pl.ds(t * tt, tt), cols])
@@ -137,10 +137,10 @@ def _backward(x, ckpt, ds, gv, p, interpret, config):
           v = ck_smem[seg]
           us = []
           for i in range(seg * K, seg * K + K):             # recompute the segment forward
-            u, v, _ = pallas_triton.step_forward(v, x_smem[i].astype(jnp.float32), p)
+            u, v, _ = steps.step_forward(v, x_smem[i].astype(jnp.float32), p)
             us.append(u)
           for i in reversed(range(seg * K, seg * K + K)):   # and walk it backwards
-            du = pallas_triton.step_backward(us[i - seg * K], ds_smem[i].astype(jnp.float32),
+            du = steps.step_backward(us[i - seg * K], ds_smem[i].astype(jnp.float32),
                                              dv, p)
             dx_out[i] = du.astype(dx_out.dtype)
             dv = p["beta"] * du

@@ -21,7 +21,7 @@ from ops import _backend
 from ops._backend import UnsupportedError
 from ops.lif.config import LifConfig
 from ops.lif.vjp import with_vjp
-from ops.lif.pallas_triton import step_backward, step_forward
+from ops.lif.steps import step_backward, step_forward
 
 _DTYPES = (jnp.float32, jnp.bfloat16)
 

@@ -29,8 +29,9 @@ from jax.experimental.pallas import triton as plgpu
 
 from ops import _backend
 from ops._backend import UnsupportedError
-from ops.lif import reference
+from ops.lif import pallas_triton_segments
 from ops.lif.config import LifConfig
+from ops.lif.steps import step_backward, step_forward
 from ops.lif.vjp import with_vjp
 
 _DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -43,31 +44,6 @@ def _compiler_params(num_warps, num_stages):
 
 def _load_row(ref, t, mask, T):
   return plgpu.load(ref.at[jnp.clip(t, 0, T - 1), :], mask=mask, other=0).astype(jnp.float32)
-
-
-def step_forward(v, x, p):
-  """One LIF step in f32: returns (pre-clip u, new v, spike as bool)."""
-  u = p["beta"] * v + x
-  w = jnp.minimum(jnp.maximum(u, p["v_min"]), p["v_max"])
-  s = (w - p["threshold"]) >= 0
-  v = jnp.where(s, 0.0, w) if p["reset"] == "hard" else w - jnp.where(s, p["threshold"], 0.0)
-  return u, v, s
-
-
-def step_backward(u, ds, dv, p):
-  """Gradient of one step: given u_t, dL/ds_t and dL/dv_t (post-reset), returns dL/du_t."""
-  w = jnp.minimum(jnp.maximum(u, p["v_min"]), p["v_max"])
-  z = w - p["threshold"]
-  s = z >= 0
-  if p["reset"] == "hard":
-    dw = jnp.where(s, 0.0, dv)
-    ds_tot = ds if p["detach_reset"] else ds - w * dv
-  else:
-    dw = dv
-    ds_tot = ds if p["detach_reset"] else ds - p["threshold"] * dv
-  dw = dw + ds_tot * reference.surrogate_grad(z, p["surrogate"], p["alpha"])
-  inside = (u > p["v_min"]) & (u < p["v_max"])
-  return jnp.where(inside, dw, 0.0)
 
 
 def _fwd_kernel(x_ref, v0_ref, s_ref, vlast_ref, *ckpt, T, C, BC, TT, K, p):
@@ -167,6 +143,10 @@ def _forward(x, v0, p, save_ckpt, interpret, config):
 
 
 def _backward(x, ckpt, ds, gv, p, interpret, config):
+  if config.bwd_segment:
+    return pallas_triton_segments.backward(
+        x, ckpt, ds, gv, p, interpret, config,
+        _compiler_params(config.bwd_num_warps, config.num_stages))
   B, T, C = x.shape
   BC, K = config.bwd_block_c, config.ckpt_every
   n_ck = ckpt.shape[1]

@@ -76,10 +76,12 @@ def triton_lowering_on_cpu() -> bool:
   return version <= (0, 10, 2) or any(d.platform == "gpu" for d in jax.devices())
 
 
-def lower_mosaic_gpu(fn, *args, device_kind="NVIDIA H200"):
+def lower_for_gpu(fn, *args, device_kind="NVIDIA H200"):
   """Lowers jit(fn)(*args) for CUDA on this (CPU) host as the `device_kind` GPU would: Pallas
-  Mosaic GPU kernels run their layout inference and shared-memory check during lowering, so
-  kernels that interpret mode accepts but the GPU compiler refuses fail here, in CI."""
+  Mosaic GPU kernels run their layout inference and shared-memory check during lowering, and
+  Pallas Triton kernels are translated to Triton IR (code paths interpret mode replaces, such
+  as atomics), so kernels that interpret mode accepts but the GPU compiler refuses fail here,
+  in CI."""
   from ops import _backend
   with _backend.target("gpu", device_kind):
     return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))

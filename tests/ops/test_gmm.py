@@ -315,13 +315,13 @@ def test_mosaic_gpu_gmm_and_tgmm_lower_for_the_gpu(wgs, transpose_rhs, split_m):
   from ops.gmm import pallas_mosaic_gpu
   fwd = functools.partial(pallas_mosaic_gpu.gmm, out_dtype=jnp.bfloat16,
                           transpose_rhs=transpose_rhs, interpret=False, config=cfg)
-  text = op_testing.lower_mosaic_gpu(fwd, lhs, rhs, gs).as_text()
+  text = op_testing.lower_for_gpu(fwd, lhs, rhs, gs).as_text()
   assert "mosaic_gpu" in text
   if wgs == 1:
     dout = jax.ShapeDtypeStruct((m, n), jnp.bfloat16)
     tg = functools.partial(pallas_mosaic_gpu.tgmm, out_dtype=jnp.float32, interpret=False,
                            config=cfg)
-    op_testing.lower_mosaic_gpu(tg, lhs, dout, gs)
+    op_testing.lower_for_gpu(tg, lhs, dout, gs)
 
 
 def test_mosaic_gpu_tiles_follow_n_and_shared_memory():

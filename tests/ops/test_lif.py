@@ -144,6 +144,50 @@ class TestLifTritonGpu(LifTestBase):
       op_testing.assert_close(a, b, jnp.float32, grad=True)
 
 
+
+# The time-segment backward (bwd_segment > 0): segments of 4 / 8 steps, so T=9, 33 and 100 end
+# in a partial segment; C=72 and 130 end in a partial channel block; B=2 interleaves two chains.
+class TestLifTritonSegmentsInterpret(LifTestBase):
+  IMPL = "pallas_triton"
+  INTERPRET = True
+  CONFIG = dataclasses.replace(SMALL, bwd_segment=4)
+
+
+@pytest.mark.gpu
+class TestLifTritonSegmentsGpu(LifTestBase):
+  """Runs the atomic hand-off between programs (interpret mode uses plain loads/stores)."""
+  IMPL = "pallas_triton"
+  INTERPRET = False
+  CONFIG = dataclasses.replace(GPU_SMALL, bwd_segment=8)
+
+  def test_many_segments(self):
+    # 2 x 63 segments x 32 channel blocks: thousands of programs wait on each other.
+    cfg = dataclasses.replace(GPU_SMALL, bwd_segment=16)
+    f = functools.partial(lif, implementation="pallas_triton", interpret=False, config=cfg)
+    x, v0, g, gv = _inputs(2, 1000, 1000, jnp.float32)
+    got = jax.jit(lambda *a: _grads(f, *a))(x, v0, g, gv)
+    want = _grads(_ref, x, v0, g, gv)
+    for name, a, b in zip(("dx", "dv0"), got, want):
+      op_testing.assert_close(a, b, jnp.float32, grad=True, name=name)
+
+
+def test_segment_backward_lowers_for_the_gpu():
+  """The Triton IR of the segment backward (atomic tickets, the spin loop) at a device-sized
+  config, built on this host."""
+  cfg = dataclasses.replace(LifConfig.for_device("NVIDIA H200"), bwd_segment=32)
+  x = jax.ShapeDtypeStruct((1, 200, 300), jnp.float32)
+
+  def fwd_bwd(x):
+    s, vjp = jax.vjp(lambda x: lif(x, implementation="pallas_triton", config=cfg)[0], x)
+    return vjp(s)
+  text = op_testing.lower_for_gpu(fwd_bwd, x).as_text()
+  assert "lif_bwd_segments" in text
+
+
+def test_segment_config_is_checked():
+  with pytest.raises(ValueError, match="bwd_segment .6. must be 0 or a positive multiple"):
+    LifConfig(ckpt_every=4, time_chunk=8, bwd_segment=6)
+
 def test_reference_surrogates():
   z = jnp.array([-1.0, -0.25, 0.0, 0.25, 1.0])
   np.testing.assert_allclose(reference.surrogate_grad(z, "atan", 2.0), 1 / (1 + (2 * z) ** 2))
@@ -278,5 +322,5 @@ def test_mosaic_gpu_forward_lowers_for_the_gpu():
   pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
   x = jax.ShapeDtypeStruct((1, 256, 256), jnp.float32)
   cfg = LifConfig.for_device("NVIDIA H200")
-  op_testing.lower_mosaic_gpu(
+  op_testing.lower_for_gpu(
       lambda x: lif(x, implementation="pallas_mosaic_gpu", config=cfg)[0], x)

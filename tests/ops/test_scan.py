@@ -275,5 +275,5 @@ def test_mosaic_gpu_forward_lowers_for_the_gpu(a_const):
   b = jax.ShapeDtypeStruct((2, 256, 256), jnp.float32)
   a = jax.ShapeDtypeStruct((256,), jnp.float32) if a_const else b
   cfg = ScanConfig.for_device("NVIDIA H200")
-  op_testing.lower_mosaic_gpu(
+  op_testing.lower_for_gpu(
       lambda a, b: linear_scan(a, b, implementation="pallas_mosaic_gpu", config=cfg)[0], a, b)
