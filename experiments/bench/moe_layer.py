@@ -11,7 +11,6 @@ router, sort, permute and combine are overhead on top.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 
@@ -67,9 +66,12 @@ def run(shapes="bench", dtype="bfloat16", ceilings=None):
   rows = []
   from ops import _backend
   # our kernel first: XLA's ragged_dot can exhaust device memory on large pools
-  impls = [n for n in ("pallas_triton", "ragged_dot") if n in ops.gmm.implementations()
-           and (n != "pallas_triton" or _backend.platform() == "gpu")
-           and not (n == "ragged_dot" and shapes in _OWN_KERNEL_ONLY)] or [""]
+  on_gpu = _backend.platform() == "gpu"
+  # "" = the default order (on Hopper: the Mosaic GPU gmm first)
+  impls = ([""] if on_gpu else []) + [
+      n for n in ("pallas_triton", "ragged_dot") if n in ops.gmm.implementations()
+      and (n != "pallas_triton" or on_gpu)
+      and not (n == "ragged_dot" and shapes in _OWN_KERNEL_ONLY)] or [""]
   for name, t, d, f, kind, n_exp, router in SHAPES[shapes]:
     key = jax.random.key(0)
     kx, ke, kd, kw = jax.random.split(key, 4)

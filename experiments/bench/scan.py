@@ -9,6 +9,7 @@ this row's time (> 1 means faster than the baseline). Shape sets carry their own
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import jax
@@ -30,6 +31,8 @@ SWEEP = [
          bwd_time_chunk=12),
 ]
 SWEEP_BUDGET_S = 40.0
+# time segments chained by their carries (ops/scan/pallas_triton_segments.py)
+SEGMENTS = (32, 64)
 
 
 def _fns(impl, config, reverse=False):
@@ -67,14 +70,18 @@ def run(shapes: str = "bench", dtype: str = "float32", ceilings=None) -> list[ti
     fwd_bytes = a_bytes + 2 * big + 2 * small
     bwd_bytes = 2 * a_bytes + 3 * big + 2 * small
     shape = f"B{B} T{T} C{C} {dt.name}" + (" a[C]" if a_const else "")
-    impls = [(nm, None) for nm in ("pallas_triton", "pallas_mosaic_gpu")
+    impls = [(nm, None, False) for nm in ("pallas_triton", "pallas_mosaic_gpu")
              if nm in implementations() and on_gpu]
+    if on_gpu:
+      default = ScanConfig.for_device(jax.devices()[0].device_kind)
+      impls += [(f"pallas_triton(segment={S})", dataclasses.replace(default, segment=S), False)
+                for S in SEGMENTS]
     if n == 0 and on_gpu:
-      impls += [(f"pallas_triton{tuple(s.values())}", ScanConfig(**s)) for s in SWEEP]
-    impls += [("xla", None), ("lax.scan", None)]
+      impls += [(f"pallas_triton{tuple(s.values())}", ScanConfig(**s), True) for s in SWEEP]
+    impls += [("xla", None, False), ("lax.scan", None, False)]
     base = {}
-    for name, cfg in impls:
-      if cfg is not None and time.perf_counter() - t_start > SWEEP_BUDGET_S:
+    for name, cfg, optional in impls:
+      if optional and time.perf_counter() - t_start > SWEEP_BUDGET_S:
         continue
       impl = name.split("(")[0]
       fwd, fwd_bwd = _fns(impl, cfg)

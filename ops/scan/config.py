@@ -25,6 +25,9 @@ class ScanConfig:
   bwd_block_c: int = 64
   bwd_time_chunk: int = 24
   bwd_num_warps: int = 2
+  # pallas_triton, both directions: >0 runs time segments of this many steps as separate
+  # programs chained by their carries (ops/scan/pallas_triton_segments.py), for small batches
+  segment: int = 0
   # pallas_tpu
   tpu_block_c: int = 512
   tpu_block_t: int = 64
@@ -41,6 +44,8 @@ class ScanConfig:
         raise ValueError(f"ScanConfig.{f} must be a power of 2, got {v}")
     if self.time_chunk < 1 or self.bwd_time_chunk < 1:
       raise ValueError("ScanConfig time chunks must be >= 1")
+    if self.segment < 0:
+      raise ValueError(f"ScanConfig.segment must be >= 0, got {self.segment}")
     if self.tpu_block_c % 128 or self.tpu_block_t % 8:
       raise ValueError("ScanConfig: tpu_block_c must be a multiple of 128 and tpu_block_t of 8")
 

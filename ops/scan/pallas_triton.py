@@ -27,6 +27,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from ops import _backend
 from ops._backend import UnsupportedError
+from ops.scan import pallas_triton_segments
 from ops.scan.config import ScanConfig
 from ops.scan.vjp import with_vjp
 
@@ -148,6 +149,10 @@ def _specs(B, T, C, BC, a_const):
 
 
 def _forward(a, b, h0, reverse, interpret, config):
+  if config.segment:
+    return pallas_triton_segments.forward(
+        a, b, h0, reverse, interpret, config,
+        _compiler_params(config.num_warps, config.num_stages))
   B, T, C = b.shape
   a_const = a.ndim == 1
   BC, TT = config.block_c, config.time_chunk
@@ -168,6 +173,10 @@ def _forward(a, b, h0, reverse, interpret, config):
 
 
 def _backward(a, h, h0, g, g_last, reverse, interpret, config):
+  if config.segment:
+    return pallas_triton_segments.backward(
+        a, h, h0, g, g_last, reverse, interpret, config,
+        _compiler_params(config.bwd_num_warps, config.num_stages))
   B, T, C = h.shape
   a_const = a.ndim == 1
   BC, TT = config.bwd_block_c, config.bwd_time_chunk

@@ -6,4 +6,6 @@ SHAPES = {
     # The benchmark set (H100): the lead's reference case, a bf16 case, a batched case.
     "bench": [(1, 8192, 8192, "float32", False), (1, 8192, 8192, "bfloat16", False),
               (8, 2048, 4096, "float32", False), (1, 8192, 8192, "float32", True)],
+    # the issues' reference case alone (one device call has room for its compiles)
+    "b1": [(1, 8192, 8192, "float32", False)],
 }

@@ -382,6 +382,18 @@ def test_default_dispatch_and_unknown_name():
     gmm_op.gmm(lhs, rhs[:, :3], gs)
 
 
+def test_tgmm_default_order_by_group_size():
+  from ops import _backend
+  from ops.gmm import api
+  if "pallas_mosaic_gpu" not in gmm_op.implementations():
+    pytest.skip("no jax Mosaic GPU")
+  with _backend.target("gpu", "NVIDIA H200"):
+    assert api._tgmm_order(None, 16384, 8)[:2] == ("pallas_mosaic_gpu", "pallas_triton")
+    assert api._tgmm_order(None, 32768, 64) is None      # 512 rows per group: Triton first
+    assert api._tgmm_order("pallas_triton", 16384, 8) == "pallas_triton"
+  with _backend.target("tpu", "TPU v5 lite"):
+    assert api._tgmm_order(None, 16384, 8) is None
+
 def test_sequence_falls_through_unsupported():
   lhs, rhs, _, gs = _inputs("odd_empty_one_partial", jnp.float32)
   # pallas_triton cannot compile on CPU with interpret=False: dispatch moves to "xla".

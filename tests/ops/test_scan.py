@@ -164,6 +164,50 @@ class TestScanTritonGpu(ScanTestBase):
       op_testing.assert_close(x, y, jnp.float32, tol=self.tol(jnp.float32, grad=True))
 
 
+
+# Time segments chained by their carries (segment > 0): 4-step segments leave a partial last
+# segment at T=7, 9, 10, 13, 23, 33 and 100; B=2 interleaves two chains per channel block.
+class TestScanTritonSegmentsInterpret(ScanTestBase):
+  IMPL = "pallas_triton"
+  INTERPRET = True
+  CONFIG = dataclasses.replace(SMALL, segment=4)
+
+
+@pytest.mark.gpu
+class TestScanTritonSegmentsGpu(ScanTestBase):
+  """Runs the atomic hand-off between programs (interpret mode uses plain loads/stores)."""
+  IMPL = "pallas_triton"
+  INTERPRET = False
+  CONFIG = dataclasses.replace(GPU_SMALL, segment=8)
+
+  @pytest.mark.parametrize("a_const,reverse", [(False, False), (True, True)])
+  def test_many_segments(self, a_const, reverse):
+    self.CONFIG = dataclasses.replace(GPU_SMALL, segment=16)   # 2 x 63 segments x 32 blocks
+    a, b, h0, g, g_last = _inputs(2, 1000, 1000, jnp.float32, a_const=a_const)
+    h, _ = self.scan(a, b, h0, reverse=reverse)
+    op_testing.assert_close(h, _ref(a, b, h0, reverse)[0], jnp.float32,
+                            tol=self.tol(jnp.float32))
+    scan = functools.partial(self.scan, reverse=reverse)
+    got = jax.jit(lambda *x: _grads(scan, *x))(a, b, h0, g, g_last)
+    want = _grads(lambda a, b, h0: _ref(a, b, h0, reverse), a, b, h0, g, g_last)
+    for x, y in zip(got, want):
+      op_testing.assert_close(x, y, jnp.float32, tol=self.tol(jnp.float32, grad=True))
+
+
+@pytest.mark.parametrize("a_const", [False, True])
+def test_segments_lower_for_the_gpu(a_const):
+  """The Triton IR of both segment kernels (atomic tickets, the spin loop), built here."""
+  cfg = dataclasses.replace(ScanConfig.for_device("NVIDIA H200"), segment=32)
+  a = jax.ShapeDtypeStruct((300,) if a_const else (1, 200, 300), jnp.float32)
+  b = jax.ShapeDtypeStruct((1, 200, 300), jnp.float32)
+
+  def fwd_bwd(a, b):
+    h, vjp = jax.vjp(lambda a, b: linear_scan(a, b, implementation="pallas_triton",
+                                              config=cfg)[0], a, b)
+    return vjp(h)
+  text = op_testing.lower_for_gpu(fwd_bwd, a, b).as_text()
+  assert "linear_scan_fwd_segments" in text and "linear_scan_bwd_segments" in text
+
 def test_xla_reference_matches_sequential():
   a, b, h0, _, _ = _inputs(2, 37, 24, jnp.float32)
   for reverse in (False, True):
