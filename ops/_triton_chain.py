@@ -13,7 +13,7 @@ program works on is a function of its ticket, in chain order. The program it wai
 earlier ticket, so it is running or done, whatever order the hardware starts programs in.
 
 Hand-off: one int32 word per (segment, channel) in a buffer pre-filled with SENTINEL, written
-with an atomic exchange and read with atomic adds of 0 until no lane holds SENTINEL. The value
+with an atomic exchange and read with atomic ORs of 0 until no lane holds SENTINEL. The value
 and its "ready" flag are the same word, so no fence between a value store and a flag store is
 needed. SENTINEL is a signalling-NaN bit pattern; GPU arithmetic only produces the canonical
 quiet NaN, and `publish` canonicalises NaNs, so no real value collides with it.
@@ -56,7 +56,9 @@ def wait(buf_ref, idx, mask, interpret):
   zero = jnp.zeros(mask.shape, jnp.int32)
 
   def read(_):
-    return plgpu.atomic_add(buf_ref, idx, zero, mask=mask)
+    # an atomic OR of 0 reads without writing. Not an add of 0: Pallas lowers an add of an
+    # int32 vector as a float add, which turns the SENTINEL (a NaN pattern) into a NaN.
+    return plgpu.atomic_or(buf_ref, idx, zero, mask=mask)
 
   def pending(bits):
     return jnp.max(jnp.where(mask & (bits == SENTINEL), 1, 0)) > 0
