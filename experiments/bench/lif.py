@@ -27,8 +27,9 @@ SWEEP = [
     dict(block_c=64, num_warps=1, time_chunk=32, ckpt_every=8, bwd_block_c=64, bwd_num_warps=1),
 ]
 SWEEP_BUDGET_S = 30.0
-# the time-segment backward (ops/lif/pallas_triton_segments.py) at these segment lengths
-SEGMENTS = (32, 64)
+# the backward at these segment lengths besides the device default (0: the serial kernel;
+# ops/lif/pallas_triton_segments.py)
+SEGMENTS = (0, 64)
 
 
 def _fns(impl, config):

@@ -31,7 +31,8 @@ SWEEP = [
          bwd_time_chunk=12),
 ]
 SWEEP_BUDGET_S = 40.0
-# time segments chained by their carries (ops/scan/pallas_triton_segments.py)
+# time segments chained by their carries (ops/scan/pallas_triton_segments.py), both directions,
+# besides the device default and the serial kernels
 SEGMENTS = (32, 64)
 
 
@@ -74,8 +75,11 @@ def run(shapes: str = "bench", dtype: str = "float32", ceilings=None) -> list[ti
              if nm in implementations() and on_gpu]
     if on_gpu:
       default = ScanConfig.for_device(jax.devices()[0].device_kind)
-      impls += [(f"pallas_triton(segment={S})", dataclasses.replace(default, segment=S), False)
+      impls += [(f"pallas_triton(segment={S}, bwd_segment={S})",
+                 dataclasses.replace(default, segment=S, bwd_segment=S), False)
                 for S in SEGMENTS]
+      impls += [("pallas_triton(serial)",
+                 dataclasses.replace(default, segment=0, bwd_segment=0), False)]
     if n == 0 and on_gpu:
       impls += [(f"pallas_triton{tuple(s.values())}", ScanConfig(**s), True) for s in SWEEP]
     impls += [("xla", None, False), ("lax.scan", None, False)]

@@ -58,8 +58,10 @@ class LifConfig:
       # experiments/tune_ops.py on an H100, B1 T8192 C8192 f32 (copy 2.68 TB/s): forward
       # 0.393 ms (51% of copy) with 32 channels on 1 warp vs 0.498 ms (40%) on 2 warps;
       # forward+backward 1.242 ms with the backward on 32 channels / 1 warp vs 1.284 ms.
+      # Backward in 32-step segments (H200, session 11, same run): fwd+bwd 0.916 ms vs
+      # 0.984 ms serial; the serial hand-off between 256 segments limits it.
       return LifConfig(block_c=32, time_chunk=64, num_warps=1, ckpt_every=16, bwd_block_c=32,
-                       bwd_num_warps=1)
+                       bwd_num_warps=1, bwd_segment=32)
     if "tpu" in kind:
       return LifConfig(tpu_block_c=512, tpu_block_t=64)
     return LifConfig()

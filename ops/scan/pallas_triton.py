@@ -173,7 +173,7 @@ def _forward(a, b, h0, reverse, interpret, config):
 
 
 def _backward(a, h, h0, g, g_last, reverse, interpret, config):
-  if config.segment:
+  if config.bwd_segment:
     return pallas_triton_segments.backward(
         a, h, h0, g, g_last, reverse, interpret, config,
         _compiler_params(config.bwd_num_warps, config.num_stages))

@@ -1,8 +1,9 @@
-"""Linear scan in parallel time segments (Pallas Triton, GPU): config.segment > 0.
+"""Linear scan in parallel time segments (Pallas Triton, GPU): config.segment > 0 (forward),
+config.bwd_segment > 0 (backward).
 
 The serial kernels (pallas_triton.py) give one program all of time for its channels; at B=1
 and 8192 channels that is 128 programs for 132 SMs, too few loads in flight to fill HBM. Here
-one program owns `segment` scan steps of `bwd_block_c` / `block_c` channels:
+one program owns `segment` (`bwd_segment`) scan steps of `block_c` (`bwd_block_c`) channels:
   forward:  loads its rows of a and b, folds them into h_out = M * h_in + N (M = prod a,
             N = the segment's scan from 0), waits for h_in from the segment before it,
             publishes h_out, then rescans its rows from h_in writing h;
@@ -142,7 +143,7 @@ def backward(a, h, h0, g, g_last, reverse, interpret, config, compiler_params):
   """Cotangents of forward: (da like a, db [B, T, C] in h.dtype, dh0 [B, C] f32)."""
   B, T, C = h.shape
   a_const = a.ndim == 1
-  BC, S = config.bwd_block_c, config.segment
+  BC, S = config.bwd_block_c, config.bwd_segment
   n_seg, n_cb, full, a_spec, counter_spec, buf_spec, counter = _common(B, T, C, BC, S, a_const)
   buf = chain.carry_buffer((B, n_seg + 1, C), first=g_last, at=(slice(None), n_seg))
   h0_spec = pl.BlockSpec((B, BC), lambda j, k: (0, j))

@@ -170,7 +170,7 @@ class TestScanTritonGpu(ScanTestBase):
 class TestScanTritonSegmentsInterpret(ScanTestBase):
   IMPL = "pallas_triton"
   INTERPRET = True
-  CONFIG = dataclasses.replace(SMALL, segment=4)
+  CONFIG = dataclasses.replace(SMALL, segment=4, bwd_segment=4)
 
 
 @pytest.mark.gpu
@@ -178,11 +178,12 @@ class TestScanTritonSegmentsGpu(ScanTestBase):
   """Runs the atomic hand-off between programs (interpret mode uses plain loads/stores)."""
   IMPL = "pallas_triton"
   INTERPRET = False
-  CONFIG = dataclasses.replace(GPU_SMALL, segment=8)
+  CONFIG = dataclasses.replace(GPU_SMALL, segment=8, bwd_segment=8)
 
   @pytest.mark.parametrize("a_const,reverse", [(False, False), (True, True)])
   def test_many_segments(self, a_const, reverse):
-    self.CONFIG = dataclasses.replace(GPU_SMALL, segment=16)   # 2 x 63 segments x 32 blocks
+    # 2 x 63 segments x 32 channel blocks: thousands of programs wait on each other
+    self.CONFIG = dataclasses.replace(GPU_SMALL, segment=16, bwd_segment=16)
     a, b, h0, g, g_last = _inputs(2, 1000, 1000, jnp.float32, a_const=a_const)
     h, _ = self.scan(a, b, h0, reverse=reverse)
     op_testing.assert_close(h, _ref(a, b, h0, reverse)[0], jnp.float32,
@@ -197,7 +198,8 @@ class TestScanTritonSegmentsGpu(ScanTestBase):
 @pytest.mark.parametrize("a_const", [False, True])
 def test_segments_lower_for_the_gpu(a_const):
   """The Triton IR of both segment kernels (atomic tickets, the spin loop), built here."""
-  cfg = dataclasses.replace(ScanConfig.for_device("NVIDIA H200"), segment=32)
+  cfg = dataclasses.replace(ScanConfig.for_device("NVIDIA H200"), segment=32,
+                            bwd_segment=32)
   a = jax.ShapeDtypeStruct((300,) if a_const else (1, 200, 300), jnp.float32)
   b = jax.ShapeDtypeStruct((1, 200, 300), jnp.float32)
 
