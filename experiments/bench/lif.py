@@ -27,9 +27,10 @@ SWEEP = [
     dict(block_c=64, num_warps=1, time_chunk=32, ckpt_every=8, bwd_block_c=64, bwd_num_warps=1),
 ]
 SWEEP_BUDGET_S = 30.0
-# the backward at these segment lengths besides the device default (0: the serial kernel;
-# ops/lif/pallas_triton_segments.py)
-SEGMENTS = (0, 64)
+# besides the device default: the backward's segment length (0: the serial kernel) and hand-off
+# (ops/lif/pallas_triton_segments.py, ops/_triton_chain.py)
+VARIANTS = [dict(bwd_segment=0), dict(bwd_segment=64), dict(bwd_segment=32, lookback=True),
+            dict(bwd_segment=64, lookback=True)]
 
 
 def _fns(impl, config):
@@ -62,8 +63,8 @@ def run(shapes: str = "bench", dtype: str = "float32", ceilings=None) -> list[ti
              if nm in implementations() and on_gpu]
     if on_gpu:
       default = LifConfig.for_device(jax.devices()[0].device_kind)
-      impls += [(f"pallas_triton(bwd_segment={S})",
-                 dataclasses.replace(default, bwd_segment=S), False) for S in SEGMENTS]
+      impls += [("pallas_triton(" + ", ".join(f"{k}={v}" for k, v in var.items()) + ")",
+                 dataclasses.replace(default, **var), False) for var in VARIANTS]
     if n == 0 and on_gpu:
       impls += [(f"pallas_triton{tuple(s.values())}", LifConfig(**s), True) for s in SWEEP]
     impls += [("xla", None, False)]

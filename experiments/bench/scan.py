@@ -31,9 +31,12 @@ SWEEP = [
          bwd_time_chunk=12),
 ]
 SWEEP_BUDGET_S = 40.0
-# time segments chained by their carries (ops/scan/pallas_triton_segments.py), both directions,
-# besides the device default and the serial kernels
-SEGMENTS = (32, 64)
+# besides the device default: time segments of both directions (ops/scan/pallas_triton_segments.py)
+# chained or found by look-back (ops/_triton_chain.py), and the serial kernels (segment 0)
+VARIANTS = [dict(segment=0, bwd_segment=0), dict(segment=32, bwd_segment=32),
+            dict(segment=64, bwd_segment=64),
+            dict(segment=32, bwd_segment=32, lookback=True),
+            dict(segment=64, bwd_segment=64, lookback=True)]
 
 
 def _fns(impl, config, reverse=False):
@@ -75,11 +78,8 @@ def run(shapes: str = "bench", dtype: str = "float32", ceilings=None) -> list[ti
              if nm in implementations() and on_gpu]
     if on_gpu:
       default = ScanConfig.for_device(jax.devices()[0].device_kind)
-      impls += [(f"pallas_triton(segment={S}, bwd_segment={S})",
-                 dataclasses.replace(default, segment=S, bwd_segment=S), False)
-                for S in SEGMENTS]
-      impls += [("pallas_triton(serial)",
-                 dataclasses.replace(default, segment=0, bwd_segment=0), False)]
+      impls += [("pallas_triton(" + ", ".join(f"{k}={v}" for k, v in var.items()) + ")",
+                 dataclasses.replace(default, **var), False) for var in VARIANTS]
     if n == 0 and on_gpu:
       impls += [(f"pallas_triton{tuple(s.values())}", ScanConfig(**s), True) for s in SWEEP]
     impls += [("xla", None, False), ("lax.scan", None, False)]

@@ -30,9 +30,11 @@ from ops import _triton_chain as chain
 from ops.lif.steps import step_coefficients, step_forward
 
 
-def _kernel(x_ref, ckpt_ref, ds_ref, counter_in, buf_in, dx_ref, counter_ref, buf_ref, *, B, T, C, BC, S,
-            K, n_seg, p, interpret):
-  del counter_in, buf_in     # aliased to counter_ref, buf_ref
+def _kernel(x_ref, ckpt_ref, ds_ref, *refs, B, T, C, BC, S, K, n_seg, p, interpret, lookback):
+  n_chain = 3 if lookback else 2           # counter, carry slots (, segment maps): in, out
+  dx_ref = refs[n_chain]
+  counter_ref, buf_ref, *agg = refs[n_chain + 1:]
+  agg_ref = agg[0] if lookback else None
   j = pl.program_id(0)
   ticket = chain.take_ticket(counter_ref, j)
   b = ticket % B
@@ -62,8 +64,10 @@ def _kernel(x_ref, ckpt_ref, ds_ref, counter_in, buf_in, dx_ref, counter_ref, bu
     n = jnp.where(valid, p["beta"] * (coef_a[i] * n + coef_n[i]), n)
     m = jnp.where(valid, p["beta"] * coef_a[i] * m, m)
 
-  dv = chain.wait(buf_ref, (b, q + 1, slice(None)), cmask, interpret)
-  chain.publish(buf_ref, (b, q, slice(None)), m * dv + n, cmask, interpret)
+  dv = chain.receive(buf_ref, agg_ref, b, q, m, n, cmask, interpret, forward=False,
+                     n_seg=n_seg)
+  chain.publish(buf_ref, (b, chain.out_slot(q, False), slice(None)), m * dv + n, cmask,
+                interpret)
 
   for i in reversed(range(S)):
     t = t0 + i
@@ -80,24 +84,19 @@ def backward(x, ckpt, ds, gv, p, interpret, config, compiler_params):
   B, T, C = x.shape
   BC, S, K = config.bwd_block_c, config.bwd_segment, config.ckpt_every
   n_seg = pl.cdiv(T, S)
-  n_cb = pl.cdiv(C, BC)
   full = pl.BlockSpec((B, T, BC), lambda j, k: (0, 0, j))
-  bufspec = pl.BlockSpec((B, n_seg + 1, BC), lambda j, k: (0, 0, j))
-  buf = chain.carry_buffer((B, n_seg + 1, C), first=gv, at=(slice(None), n_seg))
-  counter = jnp.zeros((n_cb,), jnp.int32)
+  state, state_specs, state_shapes = chain.operands(B, C, BC, n_seg, gv, forward=False,
+                                                    lookback=config.lookback)
   kernel = functools.partial(_kernel, B=B, T=T, C=C, BC=BC, S=S, K=K, n_seg=n_seg, p=p,
-                             interpret=interpret)
-  counter_spec = pl.BlockSpec((n_cb,), lambda j, k: (0,))
-  dx, _, buf = pl.pallas_call(
+                             interpret=interpret, lookback=config.lookback)
+  dx, _, buf, *_ = pl.pallas_call(
       kernel,
-      out_shape=(jax.ShapeDtypeStruct((B, T, C), x.dtype),
-                 jax.ShapeDtypeStruct(counter.shape, jnp.int32),
-                 jax.ShapeDtypeStruct(buf.shape, jnp.int32)),
-      grid=(n_cb, B * n_seg),
+      out_shape=(jax.ShapeDtypeStruct((B, T, C), x.dtype), *state_shapes),
+      grid=(pl.cdiv(C, BC), B * n_seg),
       in_specs=[full, pl.BlockSpec((B, ckpt.shape[1], BC), lambda j, k: (0, 0, j)), full,
-                counter_spec, bufspec],
-      out_specs=(full, counter_spec, bufspec),
-      # the counter and the hand-off buffer are written in place (fresh arrays every call)
-      input_output_aliases={3: 1, 4: 2}, interpret=interpret,
-      compiler_params=compiler_params, name="lif_bwd_segments")(x, ckpt, ds, counter, buf)
+                *state_specs],
+      out_specs=(full, *state_specs),
+      # the chain state is updated in place (fresh arrays every call)
+      input_output_aliases={3 + i: 1 + i for i in range(len(state))}, interpret=interpret,
+      compiler_params=compiler_params, name="lif_bwd_segments")(x, ckpt, ds, *state)
   return dx, chain.as_float(buf[:, 0])

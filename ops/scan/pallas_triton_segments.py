@@ -44,9 +44,18 @@ def _program(counter_ref, B, BC, C):
   return ticket % B, ticket // B, cmask
 
 
-def _fwd_kernel(a_ref, b_ref, counter_in, buf_in, h_ref, counter_ref, buf_ref, *, B, T, C, BC,
-                S, reverse, a_const, interpret):
-  del counter_in, buf_in        # aliased to counter_ref, buf_ref
+def _chain_refs(refs, n_out, lookback):
+  """Splits a kernel's trailing refs (chain state in, outputs, chain state out) into
+  (outputs, counter ref, carry slots ref, segment maps ref or None)."""
+  n_chain = 3 if lookback else 2
+  outs = refs[n_chain:n_chain + n_out]
+  counter_ref, buf_ref, *agg = refs[n_chain + n_out:]
+  return outs, counter_ref, buf_ref, (agg[0] if lookback else None)
+
+
+def _fwd_kernel(a_ref, b_ref, *refs, B, T, C, BC, S, n_seg, reverse, a_const, interpret,
+                lookback):
+  (h_ref,), counter_ref, buf_ref, agg_ref = _chain_refs(refs, 1, lookback)
   b, q, cmask = _program(counter_ref, B, BC, C)
   s0 = q * S
   a_c = plgpu.load(a_ref.at[:], mask=cmask, other=0).astype(jnp.float32) if a_const else None
@@ -59,8 +68,8 @@ def _fwd_kernel(a_ref, b_ref, counter_in, buf_in, h_ref, counter_ref, buf_ref, *
     valid = s0 + i < T
     n = jnp.where(valid, avals[i] * n + bvals[i], n)
     m = jnp.where(valid, avals[i] * m, m)
-  h = chain.wait(buf_ref, (b, q, slice(None)), cmask, interpret)
-  chain.publish(buf_ref, (b, q + 1, slice(None)), m * h + n, cmask, interpret)
+  h = chain.receive(buf_ref, agg_ref, b, q, m, n, cmask, interpret, forward=True, n_seg=n_seg)
+  chain.publish(buf_ref, (b, chain.out_slot(q, True), slice(None)), m * h + n, cmask, interpret)
   for i in range(S):
     s = s0 + i
     h = avals[i] * h + bvals[i]
@@ -68,9 +77,9 @@ def _fwd_kernel(a_ref, b_ref, counter_in, buf_in, h_ref, counter_ref, buf_ref, *
                 mask=cmask & (s < T))
 
 
-def _bwd_kernel(a_ref, h_ref, h0_ref, g_ref, counter_in, buf_in, da_ref, db_ref, counter_ref,
-                buf_ref, *, B, T, C, BC, S, n_seg, reverse, a_const, interpret):
-  del counter_in, buf_in
+def _bwd_kernel(a_ref, h_ref, h0_ref, g_ref, *refs, B, T, C, BC, S, n_seg, reverse, a_const,
+                interpret, lookback):
+  (da_ref, db_ref), counter_ref, buf_ref, agg_ref = _chain_refs(refs, 2, lookback)
   b, rank, cmask = _program(counter_ref, B, BC, C)
   q = n_seg - 1 - rank                    # last segment first
   s0 = q * S
@@ -87,8 +96,9 @@ def _bwd_kernel(a_ref, h_ref, h0_ref, g_ref, counter_in, buf_in, da_ref, db_ref,
     valid = s0 + i < T
     n = jnp.where(valid, avals[i] * (n + gvals[i]), n)
     m = jnp.where(valid, avals[i] * m, m)
-  c = chain.wait(buf_ref, (b, q + 1, slice(None)), cmask, interpret)
-  chain.publish(buf_ref, (b, q, slice(None)), m * c + n, cmask, interpret)
+  c = chain.receive(buf_ref, agg_ref, b, q, m, n, cmask, interpret, forward=False, n_seg=n_seg)
+  chain.publish(buf_ref, (b, chain.out_slot(q, False), slice(None)), m * c + n, cmask,
+                interpret)
   da_acc = jnp.zeros((BC,), jnp.float32)
   for i in reversed(range(S)):
     s = s0 + i
@@ -105,15 +115,10 @@ def _bwd_kernel(a_ref, h_ref, h0_ref, g_ref, counter_in, buf_in, da_ref, db_ref,
     plgpu.store(da_ref.at[b, q, :], da_acc, mask=cmask)
 
 
-def _common(B, T, C, BC, S, a_const):
-  n_seg = pl.cdiv(T, S)
-  n_cb = pl.cdiv(C, BC)
+def _specs(B, T, C, BC, a_const):
   full = pl.BlockSpec((B, T, BC), lambda j, k: (0, 0, j))
   a_spec = pl.BlockSpec((BC,), lambda j, k: (j,)) if a_const else full
-  counter_spec = pl.BlockSpec((n_cb,), lambda j, k: (0,))
-  buf_spec = pl.BlockSpec((B, n_seg + 1, BC), lambda j, k: (0, 0, j))
-  counter = jnp.zeros((n_cb,), jnp.int32)
-  return n_seg, n_cb, full, a_spec, counter_spec, buf_spec, counter
+  return full, a_spec
 
 
 def forward(a, b, h0, reverse, interpret, config, compiler_params):
@@ -121,21 +126,22 @@ def forward(a, b, h0, reverse, interpret, config, compiler_params):
   B, T, C = b.shape
   a_const = a.ndim == 1
   BC, S = config.block_c, config.segment
-  n_seg, n_cb, full, a_spec, counter_spec, buf_spec, counter = _common(B, T, C, BC, S, a_const)
-  buf = chain.carry_buffer((B, n_seg + 1, C), first=h0, at=(slice(None), 0))
-  kernel = functools.partial(_fwd_kernel, B=B, T=T, C=C, BC=BC, S=S, reverse=reverse,
-                             a_const=a_const, interpret=interpret)
-  h, _, buf = pl.pallas_call(
+  n_seg = pl.cdiv(T, S)
+  full, a_spec = _specs(B, T, C, BC, a_const)
+  state, state_specs, state_shapes = chain.operands(B, C, BC, n_seg, h0, forward=True,
+                                                    lookback=config.lookback)
+  kernel = functools.partial(_fwd_kernel, B=B, T=T, C=C, BC=BC, S=S, n_seg=n_seg,
+                             reverse=reverse, a_const=a_const, interpret=interpret,
+                             lookback=config.lookback)
+  h, _, buf, *_ = pl.pallas_call(
       kernel,
-      out_shape=(jax.ShapeDtypeStruct((B, T, C), b.dtype),
-                 jax.ShapeDtypeStruct(counter.shape, jnp.int32),
-                 jax.ShapeDtypeStruct(buf.shape, jnp.int32)),
-      grid=(n_cb, B * n_seg),
-      in_specs=[a_spec, full, counter_spec, buf_spec],
-      out_specs=(full, counter_spec, buf_spec),
-      # the counter and the hand-off buffer are written in place (fresh arrays every call)
-      input_output_aliases={2: 1, 3: 2}, interpret=interpret,
-      compiler_params=compiler_params, name="linear_scan_fwd_segments")(a, b, counter, buf)
+      out_shape=(jax.ShapeDtypeStruct((B, T, C), b.dtype), *state_shapes),
+      grid=(pl.cdiv(C, BC), B * n_seg),
+      in_specs=[a_spec, full, *state_specs],
+      out_specs=(full, *state_specs),
+      # the chain state is updated in place (fresh arrays every call)
+      input_output_aliases={2 + i: 1 + i for i in range(len(state))}, interpret=interpret,
+      compiler_params=compiler_params, name="linear_scan_fwd_segments")(a, b, *state)
   return h, chain.as_float(buf[:, n_seg])
 
 
@@ -144,8 +150,10 @@ def backward(a, h, h0, g, g_last, reverse, interpret, config, compiler_params):
   B, T, C = h.shape
   a_const = a.ndim == 1
   BC, S = config.bwd_block_c, config.bwd_segment
-  n_seg, n_cb, full, a_spec, counter_spec, buf_spec, counter = _common(B, T, C, BC, S, a_const)
-  buf = chain.carry_buffer((B, n_seg + 1, C), first=g_last, at=(slice(None), n_seg))
+  n_seg = pl.cdiv(T, S)
+  full, a_spec = _specs(B, T, C, BC, a_const)
+  state, state_specs, state_shapes = chain.operands(B, C, BC, n_seg, g_last, forward=False,
+                                                    lookback=config.lookback)
   h0_spec = pl.BlockSpec((B, BC), lambda j, k: (0, j))
   if a_const:   # one partial sum of lam * h_prev per (batch row, segment)
     da_shape = jax.ShapeDtypeStruct((B, n_seg, C), jnp.float32)
@@ -153,18 +161,17 @@ def backward(a, h, h0, g, g_last, reverse, interpret, config, compiler_params):
   else:
     da_shape, da_spec = jax.ShapeDtypeStruct((B, T, C), a.dtype), full
   kernel = functools.partial(_bwd_kernel, B=B, T=T, C=C, BC=BC, S=S, n_seg=n_seg,
-                             reverse=reverse, a_const=a_const, interpret=interpret)
-  da, db, _, buf = pl.pallas_call(
+                             reverse=reverse, a_const=a_const, interpret=interpret,
+                             lookback=config.lookback)
+  da, db, _, buf, *_ = pl.pallas_call(
       kernel,
-      out_shape=(da_shape, jax.ShapeDtypeStruct((B, T, C), h.dtype),
-                 jax.ShapeDtypeStruct(counter.shape, jnp.int32),
-                 jax.ShapeDtypeStruct(buf.shape, jnp.int32)),
-      grid=(n_cb, B * n_seg),
-      in_specs=[a_spec, full, h0_spec, full, counter_spec, buf_spec],
-      out_specs=(da_spec, full, counter_spec, buf_spec),
-      input_output_aliases={4: 2, 5: 3}, interpret=interpret,
+      out_shape=(da_shape, jax.ShapeDtypeStruct((B, T, C), h.dtype), *state_shapes),
+      grid=(pl.cdiv(C, BC), B * n_seg),
+      in_specs=[a_spec, full, h0_spec, full, *state_specs],
+      out_specs=(da_spec, full, *state_specs),
+      input_output_aliases={4 + i: 2 + i for i in range(len(state))}, interpret=interpret,
       compiler_params=compiler_params, name="linear_scan_bwd_segments")(
-          a, h, h0, g, counter, buf)
+          a, h, h0, g, *state)
   if a_const:
     da = da.sum((0, 1)).astype(a.dtype)
   return da, db, chain.as_float(buf[:, 0])

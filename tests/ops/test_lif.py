@@ -153,6 +153,12 @@ class TestLifTritonSegmentsInterpret(LifTestBase):
   CONFIG = dataclasses.replace(SMALL, bwd_segment=4)
 
 
+class TestLifTritonLookbackInterpret(LifTestBase):
+  IMPL = "pallas_triton"
+  INTERPRET = True
+  CONFIG = dataclasses.replace(SMALL, bwd_segment=4, lookback=True)
+
+
 @pytest.mark.gpu
 class TestLifTritonSegmentsGpu(LifTestBase):
   """Runs the atomic hand-off between programs (interpret mode uses plain loads/stores)."""
@@ -162,7 +168,7 @@ class TestLifTritonSegmentsGpu(LifTestBase):
 
   def test_many_segments(self):
     # 2 x 63 segments x 32 channel blocks: thousands of programs wait on each other.
-    cfg = dataclasses.replace(GPU_SMALL, bwd_segment=16)
+    cfg = dataclasses.replace(self.CONFIG, bwd_segment=16)
     f = functools.partial(lif, implementation="pallas_triton", interpret=False, config=cfg)
     x, v0, g, gv = _inputs(2, 1000, 1000, jnp.float32)
     got = jax.jit(lambda *a: _grads(f, *a))(x, v0, g, gv)
@@ -171,10 +177,18 @@ class TestLifTritonSegmentsGpu(LifTestBase):
       op_testing.assert_close(a, b, jnp.float32, grad=True, name=name)
 
 
-def test_segment_backward_lowers_for_the_gpu():
+@pytest.mark.gpu
+class TestLifTritonLookbackGpu(TestLifTritonSegmentsGpu):
+  """Decoupled look-back instead of the chained hand-off (LifConfig.lookback)."""
+  CONFIG = dataclasses.replace(GPU_SMALL, bwd_segment=8, lookback=True)
+
+
+@pytest.mark.parametrize("lookback", [False, True])
+def test_segment_backward_lowers_for_the_gpu(lookback):
   """The Triton IR of the segment backward (atomic tickets, the spin loop) at a device-sized
   config, built on this host."""
-  cfg = dataclasses.replace(LifConfig.for_device("NVIDIA H200"), bwd_segment=32)
+  cfg = dataclasses.replace(LifConfig.for_device("NVIDIA H200"), bwd_segment=32,
+                            lookback=lookback)
   x = jax.ShapeDtypeStruct((1, 200, 300), jnp.float32)
 
   def fwd_bwd(x):

@@ -173,6 +173,12 @@ class TestScanTritonSegmentsInterpret(ScanTestBase):
   CONFIG = dataclasses.replace(SMALL, segment=4, bwd_segment=4)
 
 
+class TestScanTritonLookbackInterpret(ScanTestBase):
+  IMPL = "pallas_triton"
+  INTERPRET = True
+  CONFIG = dataclasses.replace(SMALL, segment=4, bwd_segment=4, lookback=True)
+
+
 @pytest.mark.gpu
 class TestScanTritonSegmentsGpu(ScanTestBase):
   """Runs the atomic hand-off between programs (interpret mode uses plain loads/stores)."""
@@ -183,7 +189,7 @@ class TestScanTritonSegmentsGpu(ScanTestBase):
   @pytest.mark.parametrize("a_const,reverse", [(False, False), (True, True)])
   def test_many_segments(self, a_const, reverse):
     # 2 x 63 segments x 32 channel blocks: thousands of programs wait on each other
-    self.CONFIG = dataclasses.replace(GPU_SMALL, segment=16, bwd_segment=16)
+    self.CONFIG = dataclasses.replace(self.CONFIG, segment=16, bwd_segment=16)
     a, b, h0, g, g_last = _inputs(2, 1000, 1000, jnp.float32, a_const=a_const)
     h, _ = self.scan(a, b, h0, reverse=reverse)
     op_testing.assert_close(h, _ref(a, b, h0, reverse)[0], jnp.float32,
@@ -195,11 +201,17 @@ class TestScanTritonSegmentsGpu(ScanTestBase):
       op_testing.assert_close(x, y, jnp.float32, tol=self.tol(jnp.float32, grad=True))
 
 
-@pytest.mark.parametrize("a_const", [False, True])
-def test_segments_lower_for_the_gpu(a_const):
+@pytest.mark.gpu
+class TestScanTritonLookbackGpu(TestScanTritonSegmentsGpu):
+  """Decoupled look-back instead of the chained hand-off (ScanConfig.lookback)."""
+  CONFIG = dataclasses.replace(GPU_SMALL, segment=8, bwd_segment=8, lookback=True)
+
+
+@pytest.mark.parametrize("a_const,lookback", [(False, False), (True, True)])
+def test_segments_lower_for_the_gpu(a_const, lookback):
   """The Triton IR of both segment kernels (atomic tickets, the spin loop), built here."""
   cfg = dataclasses.replace(ScanConfig.for_device("NVIDIA H200"), segment=32,
-                            bwd_segment=32)
+                            bwd_segment=32, lookback=lookback)
   a = jax.ShapeDtypeStruct((300,) if a_const else (1, 200, 300), jnp.float32)
   b = jax.ShapeDtypeStruct((1, 200, 300), jnp.float32)
 

@@ -84,3 +84,32 @@ def test_publish_never_writes_the_sentinel():
 @pytest.mark.parametrize("n", [2, 64, 2048])
 def test_chain_gpu(n):
   _check(*_run_chain(n, interpret=False), n)
+
+
+@pytest.mark.parametrize("forward", [True, False])
+def test_lookback_folds_unfinished_segments(forward):
+  """Segment 3 of 5 in chain order finds only the chain input and the maps of the segments
+  before it (none has published its carry yet): it must fold those maps into the input."""
+  n_seg, lanes = 5, LANES
+  rng = np.random.default_rng(0)
+  maps = rng.uniform(0.5, 1.5, (n_seg, 2, lanes)).astype(np.float32)
+  first = rng.normal(size=(1, lanes)).astype(np.float32)
+  order = list(range(n_seg)) if forward else list(reversed(range(n_seg)))
+  q = order[3]
+  state, _, _ = chain.operands(1, lanes, lanes, n_seg, jnp.asarray(first), forward, True)
+  _, buf, agg = state
+  bits = lambda x: lax.bitcast_convert_type(jnp.asarray(x), jnp.int32)
+  for p in order[:3]:
+    agg = agg.at[0, p].set(bits(maps[p]))
+  m, n = maps[q]
+
+  def kernel(buf_in, agg_in, m_ref, n_ref, out_ref):
+    mask = jnp.ones((lanes,), bool)
+    out_ref[...] = chain.receive(buf_in, agg_in, jnp.int32(0), jnp.int32(q), m_ref[...],
+                                 n_ref[...], mask, True, forward=forward, n_seg=n_seg)
+  got = pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((lanes,), jnp.float32),
+                       interpret=True)(buf, agg, jnp.asarray(m), jnp.asarray(n))
+  want = first[0].astype(np.float64)
+  for p in order[:3]:
+    want = maps[p, 0] * want + maps[p, 1]
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
