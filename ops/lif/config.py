@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 
+MAX_SEGMENT = 256
+
 
 @dataclasses.dataclass(frozen=True)
 class LifConfig:
@@ -49,6 +51,9 @@ class LifConfig:
     if self.bwd_segment < 0 or self.bwd_segment % self.ckpt_every:
       raise ValueError(f"LifConfig.bwd_segment ({self.bwd_segment}) must be 0 or a positive "
                        f"multiple of ckpt_every ({self.ckpt_every})")
+    if self.bwd_segment > MAX_SEGMENT:
+      raise ValueError(f"LifConfig.bwd_segment ({self.bwd_segment}) must be <= {MAX_SEGMENT}: "
+                       "a segment's steps are unrolled and held in registers")
     if self.tpu_block_c % 128 or self.tpu_block_t % 8:
       raise ValueError("LifConfig: tpu_block_c must be a multiple of 128 and tpu_block_t of 8")
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 
+MAX_SEGMENT = 256
+
 
 @dataclasses.dataclass(frozen=True)
 class ScanConfig:
@@ -47,8 +49,9 @@ class ScanConfig:
     if self.time_chunk < 1 or self.bwd_time_chunk < 1:
       raise ValueError("ScanConfig time chunks must be >= 1")
     for f in ("segment", "bwd_segment"):
-      if getattr(self, f) < 0:
-        raise ValueError(f"ScanConfig.{f} must be >= 0, got {getattr(self, f)}")
+      if not 0 <= getattr(self, f) <= MAX_SEGMENT:
+        raise ValueError(f"ScanConfig.{f} must be in [0, {MAX_SEGMENT}] (a segment's steps are "
+                         f"unrolled and held in registers), got {getattr(self, f)}")
     if self.tpu_block_c % 128 or self.tpu_block_t % 8:
       raise ValueError("ScanConfig: tpu_block_c must be a multiple of 128 and tpu_block_t of 8")
 

@@ -201,6 +201,8 @@ def test_segment_backward_lowers_for_the_gpu(lookback):
 def test_segment_config_is_checked():
   with pytest.raises(ValueError, match="bwd_segment .6. must be 0 or a positive multiple"):
     LifConfig(ckpt_every=4, time_chunk=8, bwd_segment=6)
+  with pytest.raises(ValueError, match="must be <= 256"):
+    LifConfig(ckpt_every=4, time_chunk=8, bwd_segment=512)
 
 def test_reference_surrogates():
   z = jnp.array([-1.0, -0.25, 0.0, 0.25, 1.0])

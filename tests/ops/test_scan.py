@@ -222,6 +222,12 @@ def test_segments_lower_for_the_gpu(a_const, lookback):
   text = op_testing.lower_for_gpu(fwd_bwd, a, b).as_text()
   assert "linear_scan_fwd_segments" in text and "linear_scan_bwd_segments" in text
 
+def test_segment_config_is_checked():
+  for bad in (dict(segment=-1), dict(bwd_segment=512)):
+    with pytest.raises(ValueError, match=r"must be in \[0, 256\]"):
+      ScanConfig(**bad)
+
+
 def test_xla_reference_matches_sequential():
   a, b, h0, _, _ = _inputs(2, 37, 24, jnp.float32)
   for reverse in (False, True):
