@@ -7,7 +7,8 @@ time spent in the three grouped matmuls (ops.gmm, fwd + both backward products).
 Rows per shape: dense SwiGLU; the MoE layer with each ops.gmm implementation that runs here;
 "gmm only": the expert SwiGLU (3 gmm + activation) on already-sorted rows with the same group
 sizes. TFLOP/s counts active matmul FLOPs only (3 products x 2*T*d*f, x3 for fwd+bwd); the
-router, sort, permute and combine are overhead on top.
+router, sort, permute and combine are overhead on top. The moe rows also note how long
+reading and writing the pool's weights takes at the copy bandwidth (a floor for large pools).
 """
 from __future__ import annotations
 
@@ -136,6 +137,12 @@ def run(shapes="bench", dtype="bfloat16", ceilings=None):
         except Exception as err:
           print(f"{name} {nm} failed: {type(err).__name__}: {str(err)[:400]}", flush=True)
 
+    # A floor no kernel can beat: every expert's weights are read in the forward, read again
+    # for d x and written as d w in the backward (3 x the pool's bytes) at the copy bandwidth.
+    weight_ms = None
+    if ceilings is not None and ceilings.gbs:
+      weight_bytes = 3 * n_exp * d * f * dtype.itemsize
+      weight_ms = 3 * weight_bytes / (ceilings.gbs * 1e9) * 1e3
     ref = outs.get("moe[ragged_dot]")
     for nm, ms in times.items():
       ratios = {}
@@ -152,6 +159,10 @@ def run(shapes="bench", dtype="bfloat16", ceilings=None):
         note += f"; rel err vs ragged_dot {err:.1e}"
       if nm.startswith("moe[") and loads is not None:
         note += f"; max load x{loads.max() * len(loads):.2f}"
+      if nm.startswith("moe[") and weight_ms is not None:
+        note += f"; expert-weight traffic alone {weight_ms:.2f} ms"
+        if "dense_swiglu" in times:
+          note += f" (caps x vs dense at {times['dense_swiglu'] / weight_ms:.2f})"
       rows.append(timing.Row("moe_layer fwd+bwd", label, nm, ms, tflops=flops / ms / 1e9,
                              ratios=ratios, note=note))
   return rows
