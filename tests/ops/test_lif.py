@@ -151,11 +151,11 @@ class TestLifTritonSegmentsInterpret(LifTestBase):
   IMPL = "pallas_triton"
   INTERPRET = True
   CONFIG = dataclasses.replace(SMALL, bwd_segment=4)
+  # bwd_segment changes only the backward: the forward cases are TestLifTritonInterpret's
+  test_forward = test_chunked_equals_unchunked = test_v0_none_and_options = None
 
 
-class TestLifTritonLookbackInterpret(LifTestBase):
-  IMPL = "pallas_triton"
-  INTERPRET = True
+class TestLifTritonLookbackInterpret(TestLifTritonSegmentsInterpret):
   CONFIG = dataclasses.replace(SMALL, bwd_segment=4, lookback=True)
 
 

@@ -174,9 +174,13 @@ class TestScanTritonSegmentsInterpret(ScanTestBase):
 
 
 class TestScanTritonLookbackInterpret(ScanTestBase):
+  """In interpret mode every earlier segment has finished, so the look-back ends at its first
+  read (tests/ops/test_triton_chain.py folds unfinished segments): forward and gradients only."""
   IMPL = "pallas_triton"
   INTERPRET = True
   CONFIG = dataclasses.replace(SMALL, segment=4, bwd_segment=4, lookback=True)
+  test_h0_none_is_zeros = test_constant_decay_forward = test_chunked_equals_unchunked = None
+  test_vmap = None
 
 
 @pytest.mark.gpu
