@@ -173,14 +173,19 @@ class TestScanTritonSegmentsInterpret(ScanTestBase):
   CONFIG = dataclasses.replace(SMALL, segment=4, bwd_segment=4)
 
 
-class TestScanTritonLookbackInterpret(ScanTestBase):
-  """In interpret mode every earlier segment has finished, so the look-back ends at its first
-  read (tests/ops/test_triton_chain.py folds unfinished segments): forward and gradients only."""
-  IMPL = "pallas_triton"
-  INTERPRET = True
-  CONFIG = dataclasses.replace(SMALL, segment=4, bwd_segment=4, lookback=True)
-  test_h0_none_is_zeros = test_constant_decay_forward = test_chunked_equals_unchunked = None
-  test_vmap = None
+@pytest.mark.parametrize("a_const,reverse", [(False, True), (True, False)])
+def test_lookback_interpret(a_const, reverse):
+  """In interpret mode earlier segments have all finished, so look-back ends at its first read
+  (tests/ops/test_triton_chain.py folds unfinished ones); these cases check the plumbing."""
+  cfg = dataclasses.replace(SMALL, segment=4, bwd_segment=4, lookback=True)
+  scan = functools.partial(linear_scan, reverse=reverse, implementation="pallas_triton",
+                           interpret=True, config=cfg)
+  a, b, h0, g, g_last = _inputs(2, 11, 40, jnp.float32, a_const=a_const)
+  ref = lambda a, b, h0: _ref(a, b, h0, reverse)
+  op_testing.assert_close(scan(a, b, h0)[0], ref(a, b, h0)[0], jnp.float32)
+  got = jax.jit(lambda *x: _grads(scan, *x))(a, b, h0, g, g_last)
+  for x, y in zip(got, _grads(ref, a, b, h0, g, g_last)):
+    op_testing.assert_close(x, y, jnp.float32, grad=True)
 
 
 @pytest.mark.gpu
