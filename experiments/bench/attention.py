@@ -26,7 +26,7 @@ def _impls():
   from ops import _backend
   reg = A.api._ATTENTION._impls
   here = _backend.platform()
-  return [n for n in ("pallas_triton", "pallas_tpu", "splash", "cudnn", "xla")
+  return [n for n in ("pallas_mosaic_gpu", "pallas_triton", "pallas_tpu", "splash", "cudnn", "xla")
           if n in reg and (n == "xla" or here in reg[n].platforms)]
 
 

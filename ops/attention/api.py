@@ -52,6 +52,11 @@ try:
 except ImportError:
   pass
 try:
+  from ops.attention import pallas_mosaic_gpu as _pallas_mosaic_gpu
+  _ATTENTION.register("pallas_mosaic_gpu", _pallas_mosaic_gpu.attention, platforms=(GPU,))
+except ImportError:
+  pass
+try:
   from ops.attention import decode_triton as _decode_triton
   _DECODE.register("pallas_triton", _decode_triton.decode_attention, platforms=(GPU,))
 except ImportError:

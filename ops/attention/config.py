@@ -23,6 +23,9 @@ class AttentionBlockConfig:
     splits. NSA's packed compressed branch (group 256, ~1k keys at 16k tokens) is the case.
   heavy_first: with a causal mask (no window) the forward and dq grids run the last query
     blocks (the most keys) first, so the short programs fill the tail of the launch.
+  mgpu_block_q / mgpu_block_kv / mgpu_stages: the Mosaic GPU forward
+    (ops/attention/pallas_mosaic_gpu.py): query rows per compute warpgroup (a CTA has two),
+    keys per step, and K/V shared-memory slots.
   """
   block_q: int = 128
   block_kv: int = 64
@@ -42,6 +45,9 @@ class AttentionBlockConfig:
   dkv_num_warps: int | None = None
   dkv_num_stages: int | None = None
   heavy_first: bool = True
+  mgpu_block_q: int = 64
+  mgpu_block_kv: int = 128
+  mgpu_stages: int = 2
 
   def __post_init__(self):
     # the Triton wrapper pads each length once to the largest tile, so every tile must divide it
@@ -50,6 +56,11 @@ class AttentionBlockConfig:
       v = getattr(self, f)
       if v is not None and (v < 1 or v & (v - 1)):
         raise ValueError(f"AttentionBlockConfig.{f} must be a power of two, got {v}")
+    if self.mgpu_block_q % 64 or self.mgpu_block_kv % 64 or not 0 < self.mgpu_block_kv <= 256:
+      raise ValueError(f"AttentionBlockConfig mgpu_block_q ({self.mgpu_block_q}) must be a "
+                       f"multiple of 64 and mgpu_block_kv ({self.mgpu_block_kv}) one of 64..256")
+    if self.mgpu_stages < 2:
+      raise ValueError(f"AttentionBlockConfig.mgpu_stages must be >= 2, got {self.mgpu_stages}")
     for f in ("num_warps", "bwd_num_warps", "dkv_num_warps", "decode_num_warps", "num_stages",
               "bwd_num_stages", "dkv_num_stages", "decode_num_stages", "decode_splits"):
       v = getattr(self, f)

@@ -416,6 +416,36 @@ def group_split(group: int, programs: int, min_programs: int) -> int:
   return group
 
 
+def plan(cfg: AttentionBlockConfig, b: int, lq: int, lk: int, h: int, hk: int):
+  """Tiles of every kernel fitted to the lengths -> (static tile dict, padded q_len, padded
+  kv_len): one padded length serves the forward and backward tiles."""
+  def fit(block, n):
+    return max(16, min(block, _blocks.pow2_at_least(n)))
+
+  bq, bk = fit(cfg.block_q, lq), fit(cfg.block_kv, lk)
+  bbq, bbk = fit(cfg.bwd_block_q, lq), fit(cfg.bwd_block_kv, lk)
+  dkv_q, dkv_kv, dkv_warps, dkv_stages = cfg.dkv_tiles
+  dbq, dbk = fit(dkv_q, lq), fit(dkv_kv, lk)
+  lq_p = _blocks.pad_len(lq, max(bq, bbq, dbq))
+  lk_p = _blocks.pad_len(lk, max(bk, bbk, dbk))
+  cfg_d = _FrozenDict(block_q=bq, block_kv=bk, num_warps=cfg.num_warps,
+                      num_stages=cfg.num_stages, bwd_block_q=bbq, bwd_block_kv=bbk,
+                      bwd_num_warps=cfg.bwd_num_warps, bwd_num_stages=cfg.bwd_num_stages,
+                      dkv_block_q=dbq, dkv_block_kv=dbk, dkv_num_warps=dkv_warps,
+                      dkv_num_stages=dkv_stages, heavy_first=cfg.heavy_first,
+                      bwd_group_split=group_split(h // hk, (lk_p // dbk) * b * hk,
+                                                  cfg.bwd_min_programs))
+  return cfg_d, lq_p, lk_p
+
+
+def backward(q, k, v, o, lse, do, dlse, *, mask: Mask, scale, cfg_d, interpret):
+  """dq, dk, dv of attention without segments / kv_valid / soft-cap from its saved output and
+  lse (natural log, [b, h, lq]), for other forward kernels (ops/attention/pallas_mosaic_gpu.py).
+  Lengths padded as `plan` says; head dims powers of two."""
+  return _bwd(q, k, v, None, None, None, o, lse, do, dlse, mask=mask, scale=scale,
+              soft_cap=None, cfg=cfg_d, interpret=interpret)
+
+
 def attention(q, k, v, *, causal, window, sinks, q_segment_ids, kv_segment_ids, kv_valid, scale,
               soft_cap, q_offset, return_lse, interpret, config):
   """The "pallas_triton" implementation of ops.attention.attention; returns (o, lse)."""
@@ -435,17 +465,7 @@ def attention(q, k, v, *, causal, window, sinks, q_segment_ids, kv_segment_ids, 
   if lq == 0 or lk == 0:
     raise UnsupportedError("empty sequence")
   dp, dvp = _blocks.pow2_at_least(d), _blocks.pow2_at_least(dv)
-
-  def fit(block, n):
-    return max(16, min(block, _blocks.pow2_at_least(n)))
-
-  bq, bk = fit(cfg.block_q, lq), fit(cfg.block_kv, lk)
-  bbq, bbk = fit(cfg.bwd_block_q, lq), fit(cfg.bwd_block_kv, lk)
-  dkv_q, dkv_kv, dkv_warps, dkv_stages = cfg.dkv_tiles
-  dbq, dbk = fit(dkv_q, lq), fit(dkv_kv, lk)
-  # One padded length serves forward and backward tiles.
-  lq_p = _blocks.pad_len(lq, max(bq, bbq, dbq))
-  lk_p = _blocks.pad_len(lk, max(bk, bbk, dbk))
+  cfg_d, lq_p, lk_p = plan(cfg, b, lq, lk, h, k.shape[2])
   mask = Mask(causal=causal, window=window, sinks=sinks if window is not None else 0,
               q_offset=q_offset, q_len=lq, kv_len=lk,
               has_segments=q_segment_ids is not None, has_valid=kv_valid is not None)
@@ -460,13 +480,6 @@ def attention(q, k, v, *, causal, window, sinks, q_segment_ids, kv_segment_ids, 
     kvseg = jnp.pad(kv_segment_ids, ((0, 0), (0, lk_p - lk)))
   if mask.has_valid:
     valid = jnp.pad(kv_valid.astype(jnp.int32), ((0, 0), (0, lk_p - lk)))
-  cfg_d = _FrozenDict(block_q=bq, block_kv=bk, num_warps=cfg.num_warps,
-                      num_stages=cfg.num_stages, bwd_block_q=bbq, bwd_block_kv=bbk,
-                      bwd_num_warps=cfg.bwd_num_warps, bwd_num_stages=cfg.bwd_num_stages,
-                      dkv_block_q=dbq, dkv_block_kv=dbk, dkv_num_warps=dkv_warps,
-                      dkv_num_stages=dkv_stages, heavy_first=cfg.heavy_first,
-                      bwd_group_split=group_split(h // k.shape[2], (lk_p // dbk) * b * k.shape[2],
-                                                  cfg.bwd_min_programs))
   static = _Static(mask=mask, scale=scale, soft_cap=soft_cap, cfg=cfg_d, interpret=interpret)
   o, lse = _flash(qp, kp, vp, qseg, kvseg, valid, static)
   return o[:, :lq, :, :dv], lse[:, :, :lq]

@@ -33,7 +33,7 @@ class LifConfig:
   bwd_block_c: int = 64
   bwd_num_warps: int = 2
   bwd_segment: int = 0      # >0: backward in parallel time segments of this many steps
-  lookback: bool = False    # segments find their carry by decoupled look-back (not chained)
+  lookback: bool = False    # decoupled look-back instead of the chain; interpret mode only
   tpu_block_c: int = 512
   tpu_block_t: int = 64
   mgpu_block_c: int = 128

@@ -174,4 +174,9 @@ def lif(x, v0, *, params, interpret, config):
     raise UnsupportedError(f"dtype {x.dtype} (supported: f32, bf16, f16)")
   if config is None:
     config = LifConfig.for_device(None if interpret else _backend.device_kind())
+  if config.lookback and config.bwd_segment and not interpret:
+    # H200, jax 0.11.2 (session 12): compiling the look-back backward segfaulted in the
+    # Triton compiler (the chained hand-off compiles and runs). Interpret mode only, for now.
+    raise UnsupportedError("LifConfig.lookback: the look-back backward crashes the Triton "
+                           "compiler (jax 0.11.2); interpret mode only")
   return _lif(x, v0, params, interpret, config)

@@ -31,7 +31,7 @@ class ScanConfig:
   # their carries (ops/scan/pallas_triton_segments.py), for small batches; forward, backward
   segment: int = 0
   bwd_segment: int = 0
-  lookback: bool = False    # segments find their carry by decoupled look-back (not chained)
+  lookback: bool = False    # decoupled look-back instead of the chain; interpret mode only
   # pallas_tpu
   tpu_block_c: int = 512
   tpu_block_t: int = 64

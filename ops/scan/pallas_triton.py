@@ -213,4 +213,9 @@ def linear_scan(a, b, h0, *, reverse, interpret, config):
     raise UnsupportedError(f"decay dtype {a.dtype}")
   if config is None:
     config = ScanConfig.for_device(None if interpret else _backend.device_kind())
+  if config.lookback and (config.segment or config.bwd_segment) and not interpret:
+    # the same look-back fold as the LIF backward's, whose compile segfaulted in the Triton
+    # compiler on the H200 (jax 0.11.2, session 12). Interpret mode only, for now.
+    raise UnsupportedError("ScanConfig.lookback: the look-back segments crash the Triton "
+                           "compiler (jax 0.11.2); interpret mode only")
   return _scan(a, b, h0, bool(reverse), interpret, config)

@@ -187,18 +187,19 @@ class TestLifTritonSegmentsGpu(LifTestBase):
       op_testing.assert_close(a, b, jnp.float32, grad=True, name=name)
 
 
-@pytest.mark.gpu
-class TestLifTritonLookbackGpu(TestLifTritonSegmentsGpu):
-  """Decoupled look-back instead of the chained hand-off (LifConfig.lookback)."""
-  CONFIG = dataclasses.replace(GPU_SMALL, bwd_segment=8, lookback=True)
+def test_lookback_refused_when_compiled():
+  """The look-back backward crashed the Triton compiler on the H200: refused outside
+  interpret mode, so dispatch moves on instead of crashing the process."""
+  cfg = dataclasses.replace(LifConfig.for_device("NVIDIA H200"), bwd_segment=32, lookback=True)
+  x = jax.ShapeDtypeStruct((1, 200, 300), jnp.float32)
+  with pytest.raises(NotImplementedError, match="lookback"):
+    op_testing.lower_for_gpu(lambda x: lif(x, implementation="pallas_triton", config=cfg)[0], x)
 
 
-@pytest.mark.parametrize("lookback", [False, True])
-def test_segment_backward_lowers_for_the_gpu(lookback):
+def test_segment_backward_lowers_for_the_gpu():
   """The Triton IR of the segment backward (atomic tickets, the spin loop) at a device-sized
   config, built on this host."""
-  cfg = dataclasses.replace(LifConfig.for_device("NVIDIA H200"), bwd_segment=32,
-                            lookback=lookback)
+  cfg = dataclasses.replace(LifConfig.for_device("NVIDIA H200"), bwd_segment=32)
   x = jax.ShapeDtypeStruct((1, 200, 300), jnp.float32)
 
   def fwd_bwd(x):

@@ -210,17 +210,21 @@ class TestScanTritonSegmentsGpu(ScanTestBase):
       op_testing.assert_close(x, y, jnp.float32, tol=self.tol(jnp.float32, grad=True))
 
 
-@pytest.mark.gpu
-class TestScanTritonLookbackGpu(TestScanTritonSegmentsGpu):
-  """Decoupled look-back instead of the chained hand-off (ScanConfig.lookback)."""
-  CONFIG = dataclasses.replace(GPU_SMALL, segment=8, bwd_segment=8, lookback=True)
+def test_lookback_refused_when_compiled():
+  """Look-back segments are refused outside interpret mode (the LIF one crashed the Triton
+  compiler on the H200), so dispatch moves on instead of crashing the process."""
+  cfg = dataclasses.replace(ScanConfig.for_device("NVIDIA H200"), segment=32, lookback=True)
+  b = jax.ShapeDtypeStruct((1, 200, 300), jnp.float32)
+  with pytest.raises(NotImplementedError, match="lookback"):
+    op_testing.lower_for_gpu(
+        lambda a, b: linear_scan(a, b, implementation="pallas_triton", config=cfg)[0], b, b)
 
 
-@pytest.mark.parametrize("a_const,lookback", [(False, False), (True, True)])
-def test_segments_lower_for_the_gpu(a_const, lookback):
+@pytest.mark.parametrize("a_const", [False, True])
+def test_segments_lower_for_the_gpu(a_const):
   """The Triton IR of both segment kernels (atomic tickets, the spin loop), built here."""
   cfg = dataclasses.replace(ScanConfig.for_device("NVIDIA H200"), segment=32,
-                            bwd_segment=32, lookback=lookback)
+                            bwd_segment=32)
   a = jax.ShapeDtypeStruct((300,) if a_const else (1, 200, 300), jnp.float32)
   b = jax.ShapeDtypeStruct((1, 200, 300), jnp.float32)
 

@@ -1,0 +1,112 @@
+"""ops.attention's Mosaic GPU forward (ops/attention/pallas_mosaic_gpu.py; backward = Triton).
+
+CPU: interpret mode on shapes with several key steps per CTA (the K/V ring refills, a causal
+CTA's first warpgroup skips steps), lowering for an H200 (the compiled path: transposed K view,
+register P operand, run_state accumulator), and the refusals. GPU: the shared case matrix and
+longer sequences.
+"""
+import jax
+import jax.numpy as jnp
+import pytest
+
+import ops.attention as A
+from ops.attention import reference
+from ops.attention.config import AttentionBlockConfig
+from tests.ops import op_testing as ot
+from tests.ops.test_attention import AttentionTestBase
+
+BF16, F32 = jnp.bfloat16, jnp.float32
+IMPL = "pallas_mosaic_gpu"
+SMALL = AttentionBlockConfig.small().replace(mgpu_block_kv=64)
+
+
+def _inputs(b, lq, lk, h, hk, d, seed=0):
+  ks = jax.random.split(jax.random.key(seed), 5)
+  q, k, v = (ot.normal(ks[i], s, BF16) for i, s in
+             enumerate([(b, lq, h, d), (b, lk, hk, d), (b, lk, hk, d)]))
+  return q, k, v, ot.normal(ks[3], (b, lq, h, d), F32), ot.normal(ks[4], (b, h, lq), F32)
+
+
+def _check_against_reference(shape, kw, *, interpret, config):
+  """o, lse and the gradients of q, k, v (through o and lse) against the f32 reference."""
+  q, k, v, do, dlse = _inputs(*shape)
+
+  def loss(fn):
+    def f(q, k, v):
+      o, lse = fn(q, k, v)
+      return jnp.sum(o.astype(F32) * do) + jnp.sum(lse * dlse), (o, lse)
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))
+
+  ours = lambda q, k, v: A.attention(q, k, v, implementation=IMPL, interpret=interpret,
+                                     config=config, return_lse=True, **kw)
+  ref = lambda q, k, v: reference.attention(q.astype(F32), k.astype(F32), v.astype(F32), **kw)
+  (_, (o, lse)), grads = loss(ours)(q, k, v)
+  (_, (o_ref, lse_ref)), grads_ref = loss(ref)(q, k, v)
+  assert o.dtype == BF16 and o.shape == q.shape and lse.shape == lse_ref.shape
+  tol = ot.TOL[jnp.dtype(BF16).type]
+  ot.assert_close(o, o_ref, BF16, tol=tol, name="o")
+  ot.assert_close(lse, lse_ref, BF16, tol=tol, name="lse")
+  for name, g, gr in zip("qkv", grads, grads_ref):
+    ot.assert_close(g, gr, BF16, tol=tol * ot.GRAD_FACTOR, name=f"d{name}")
+
+
+# (batch, q_len, kv_len, heads, kv_heads, head_dim), options. With 64-key steps: 3 key steps
+# for one CTA of 128 queries, so the ring of 2 slots refills and the first warpgroup skips one.
+INTERPRET_CASES = {
+    "chunked_gqa": ((1, 128, 192, 4, 2, 64), dict(causal=True)),
+    "ragged_full": ((1, 70, 150, 2, 1, 64), dict()),
+    "multi_cta_mqa": ((2, 300, 300, 4, 1, 64), dict(causal=True)),
+}
+
+
+@pytest.mark.parametrize("case", [
+    pytest.param(c, marks=() if c == "chunked_gqa" else (pytest.mark.slow,))
+    for c in INTERPRET_CASES])
+def test_interpret_matches_reference(case):
+  shape, kw = INTERPRET_CASES[case]
+  _check_against_reference(shape, kw, interpret=True, config=SMALL)
+
+
+def test_lowers_for_h200():
+  """The compiled path (which interpret mode replaces in three places) passes Mosaic GPU's
+  layout inference and lowering, forward and backward, on this CPU host."""
+  q = jax.ShapeDtypeStruct((1, 1024, 4, 128), BF16)
+  kv = jax.ShapeDtypeStruct((1, 1024, 2, 128), BF16)
+  f = lambda q, k, v: A.attention(q, k, v, causal=True, implementation=IMPL)
+  grad = jax.grad(lambda q, k, v: jnp.sum(f(q, k, v).astype(F32)), argnums=(0, 1, 2))
+  text = ot.lower_for_gpu(grad, q, kv, kv).as_text()
+  assert "mosaic_gpu" in text
+
+
+@pytest.mark.parametrize("kw,d,dtype,match", [
+    (dict(causal=True, window=8), 64, BF16, "window"),
+    (dict(causal=True, soft_cap=2.0), 64, BF16, "soft_cap"),
+    (dict(causal=True), 64, F32, "dtypes"),
+    (dict(causal=True), 96, BF16, "head_dim 96"),
+    (dict(causal=True, q_offset=-4), 64, BF16, "q_offset"),
+])
+def test_refuses_what_it_does_not_cover(kw, d, dtype, match):
+  q = jnp.zeros((1, 16, 2, d), dtype)
+  with pytest.raises(NotImplementedError, match=f"{IMPL}: .*{match}"):
+    A.attention(q, q, q, implementation=IMPL, interpret=True, **kw)
+
+
+@pytest.mark.gpu
+class TestPallasMosaicGpuGpu(AttentionTestBase):
+  IMPLEMENTATION = IMPL
+  INTERPRET = False
+  DTYPES = (BF16,)
+  CASE_NAMES = ("causal", "noncausal", "gqa2", "gqa4_mqa", "chunked_prefill", "q_longer",
+                "len1")
+  test_decode = None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape,kw", [
+    ((1, 1024, 1024, 8, 2, 128), dict(causal=True)),
+    ((2, 1000, 1500, 4, 4, 128), dict(causal=True)),
+    ((1, 640, 2048, 4, 1, 64), dict()),
+    ((1, 4096, 4096, 4, 4, 128), dict(causal=True)),
+], ids=["gqa_1k", "ragged_chunk", "full_mqa_d64", "causal_4k"])
+def test_gpu_long_sequences(shape, kw):
+  _check_against_reference(shape, kw, interpret=False, config=None)
