@@ -74,6 +74,8 @@ def run(shapes="bench", dtype="bfloat16", ceilings=None):
       and (n != "pallas_triton" or on_gpu)
       and not (n == "ragged_dot" and shapes in _OWN_KERNEL_ONLY)] or [""]
   for name, t, d, f, kind, n_exp, router in SHAPES[shapes]:
+    # XLA's ragged_dot asked for 96 GiB at 192 experts on the H200 (session 12) and failed
+    shape_impls = [i for i in impls if not (i == "ragged_dot" and on_gpu and n_exp > 64)]
     key = jax.random.key(0)
     kx, ke, kd, kw = jax.random.split(key, 4)
     x = jax.random.normal(kx, (1, t, d), dtype)
@@ -103,7 +105,7 @@ def run(shapes="bench", dtype="bfloat16", ceilings=None):
       print(f"{name} dense failed: {type(err).__name__}: {str(err)[:300]}", flush=True)
 
     loads = None
-    for impl in impls:
+    for impl in shape_impls:
       nm = f"moe[{impl or 'default'}]"
       try:
         graphdef, state = _layer(t, d, f, kind, n_exp, router, dtype, impl)
@@ -127,7 +129,7 @@ def run(shapes="bench", dtype="bfloat16", ceilings=None):
       gs = np.round(loads * t).astype(np.int32)
       gs[-1] += t - gs.sum()
       gs = jnp.asarray(gs)
-      for impl in impls:
+      for impl in shape_impls:
         nm = f"gmm only[{impl or 'default'}]"
         try:
           fn = lambda x, e, impl=impl: swiglu_grouped(
