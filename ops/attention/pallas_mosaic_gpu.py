@@ -32,7 +32,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ops import _backend
 from ops._backend import UnsupportedError
-from ops._mosaic_gpu import SMEM_BYTES, interpret_params, require_hopper
+from ops._mosaic_gpu import interpret_params, require_hopper
 from ops.attention import _blocks, pallas_triton
 from ops.attention._blocks import Mask
 from ops.attention.config import AttentionBlockConfig, default_config
@@ -41,6 +41,7 @@ LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _COMPUTE_WGS = 2
+_SMEM_LIMIT = 232448      # bytes of shared memory one CTA may take on Hopper (jax 0.11.2)
 
 
 def _smem_transforms(cols: int, dtype) -> tuple:
@@ -297,9 +298,12 @@ def _check(q, k, v, *, causal, window, sinks, q_segment_ids, kv_valid, soft_cap,
     raise UnsupportedError(f"config {type(cfg).__name__} is not an AttentionBlockConfig")
   bytes_ = ((_COMPUTE_WGS * cfg.mgpu_block_q + 2 * cfg.mgpu_stages * cfg.mgpu_block_kv) * d
             * q.dtype.itemsize + _COMPUTE_WGS * cfg.mgpu_block_q * 4)
-  if bytes_ > SMEM_BYTES:
+  # + 4 KiB of barriers and alignment: 128 keys x 3 stages (229,888 bytes of buffers) took
+  # 232,568 of the H200's 232,448 and failed to compile
+  if bytes_ + 4096 > _SMEM_LIMIT:
     raise UnsupportedError(f"Mosaic GPU attention tiles need {bytes_} bytes of shared memory "
-                           f"(> {SMEM_BYTES}); fewer mgpu_stages or a smaller mgpu_block_kv")
+                           f"(+ 4 KiB > {_SMEM_LIMIT}); fewer mgpu_stages or a smaller "
+                           "mgpu_block_kv")
 
 
 def attention(q, k, v, *, causal, window, sinks, q_segment_ids, kv_segment_ids, kv_valid, scale,
@@ -322,13 +326,13 @@ def attention(q, k, v, *, causal, window, sinks, q_segment_ids, kv_segment_ids, 
                                  cfg_d["dkv_block_q"]))
   lk_p = _blocks.pad_len(lk, max(bk, cfg_d["block_kv"], cfg_d["bwd_block_kv"],
                                  cfg_d["dkv_block_kv"]))
-  stages = max(2, min(cfg.mgpu_stages, lk_p // bk))
+  stages = min(cfg.mgpu_stages, lk_p // bk)     # no slot the keys cannot fill
   pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0)))
   mask = Mask(causal=causal, window=None, sinks=0, q_offset=q_offset, q_len=lq, kv_len=lk,
               has_segments=False, has_valid=False)
   fwd = (("causal", bool(causal)), ("scale", float(scale)), ("q_offset", int(q_offset)),
          ("kv_len", lk), ("bq", bq), ("bk", bk), ("stages", stages),
-         ("heavy_first", bool(cfg.heavy_first)), ("interpret", interpret))
+         ("heavy_first", bool(cfg.mgpu_heavy_first)), ("interpret", interpret))
   static = _Static(fwd=fwd, mask=mask, scale=float(scale), cfg_d=cfg_d, interpret=interpret)
   o, lse = _flash(pad(q, lq_p), pad(k, lk_p), pad(v, lk_p), static)
   return o[:, :lq], lse[:, :, :lq]
