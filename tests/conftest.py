@@ -34,7 +34,19 @@ def _has_gpu() -> bool:
     return False
 
 
+def _ci_slow_ids() -> set[str]:
+  """Node ids listed in tests/ci_slow.txt (comments after '#')."""
+  path = os.path.join(os.path.dirname(__file__), "ci_slow.txt")
+  with open(path) as f:
+    return {line.split("#")[0].strip() for line in f} - {""}
+
+
+@pytest.hookimpl(tryfirst=True)    # before the -m "not slow" deselection sees the marks
 def pytest_collection_modifyitems(config, items):
+  slow_ids = _ci_slow_ids()
+  for item in items:
+    if item.nodeid in slow_ids:
+      item.add_marker(pytest.mark.slow)
   has_gpu = _has_gpu()
   has_libtpu = importlib.util.find_spec("libtpu") is not None
   no_gpu = pytest.mark.skip(reason="no GPU present (run on the device)")
