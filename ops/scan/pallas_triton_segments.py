@@ -7,11 +7,10 @@ one program owns `segment` (`bwd_segment`) scan steps of `block_c` (`bwd_block_c
   forward:  loads its rows of a and b, folds them into h_out = M * h_in + N (M = prod a,
             N = the segment's scan from 0), waits for h_in from the segment before it,
             publishes h_out, then rescans its rows from h_in writing h;
-  backward: loads its rows of a and g, folds the cotangent carry c_out = M * c_in + N
-            (c = a_s * lam_s, lam_s = g_s + c), waits for c_in from the segment after it,
-            publishes c_out, then loads the previous steps' h and walks its steps writing
-            db = lam and da = lam * h_{s-1} (per-channel a: one partial sum per segment,
-            summed outside).
+  backward: loads its rows of a, g and the previous step's h, folds the cotangent carry
+            c_out = M * c_in + N (c = a_s * lam_s, lam_s = g_s + c), waits for c_in from the
+            segment after it, publishes c_out, then walks its steps writing db = lam and
+            da = lam * h_{s-1} (per-channel a: one partial sum per segment, summed outside).
 Traffic equals the serial kernels'. The hand-off between segments is ops/_triton_chain.py;
 h_last (forward) and dh0 (backward) are the carries at the two ends of the chain.
 Steps s = 0..T-1 are time t = s, or T-1-s when reverse.
@@ -89,6 +88,8 @@ def _bwd_kernel(a_ref, h_ref, h0_ref, g_ref, *refs, B, T, C, BC, S, n_seg, rever
   ok = [cmask & (s0 + i < T) for i in range(S)]
   avals = [a_c if a_const else _row(a_ref, b, s0 + i, T, reverse, ok[i]) for i in range(S)]
   gvals = [_row(g_ref, b, s0 + i, T, reverse, ok[i]) for i in range(S)]
+  hprev = [_row(h_ref, b, s0 + i - 1, T, reverse, ok[i] & (s0 + i >= 1)) for i in range(S)]
+  hprev[0] = jnp.where(s0 == 0, h0, hprev[0])
   m = jnp.ones((BC,), jnp.float32)
   n = jnp.zeros((BC,), jnp.float32)
   for i in reversed(range(S)):
@@ -96,10 +97,6 @@ def _bwd_kernel(a_ref, h_ref, h0_ref, g_ref, *refs, B, T, C, BC, S, n_seg, rever
     n = jnp.where(valid, avals[i] * (n + gvals[i]), n)
     m = jnp.where(valid, avals[i] * m, m)
   c = chain.receive(buf_ref, agg_ref, b, q, m, n, cmask, interpret, forward=False, n_seg=n_seg)
-  # h_prev is only needed from here on: loading it after the wait keeps 2 rows per step live
-  # through the fold instead of 3 (at 64 steps the backward was slower than at 32, session 11)
-  hprev = [_row(h_ref, b, s0 + i - 1, T, reverse, ok[i] & (s0 + i >= 1)) for i in range(S)]
-  hprev[0] = jnp.where(s0 == 0, h0, hprev[0])
   chain.publish(buf_ref, (b, chain.out_slot(q, False), slice(None)), m * c + n, cmask,
                 interpret)
   da_acc = jnp.zeros((BC,), jnp.float32)
