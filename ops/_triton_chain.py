@@ -51,12 +51,10 @@ def publish(buf_ref, idx, value, mask, interpret):
 
 def wait(buf_ref, idx, mask, interpret):
   """The f32 carry at buf_ref[idx] once every lane in mask has been published."""
-  if interpret:
-    return lax.bitcast_convert_type(plgpu.load(buf_ref.at[idx], mask=mask, other=0),
-                                    jnp.float32)
-  bits = lax.while_loop(lambda bits: jnp.logical_not(_all_published(bits, mask)),
-                        lambda _: _read(buf_ref, idx, mask, False),
-                        _read(buf_ref, idx, mask, False))
+  bits = _read(buf_ref, idx, mask, interpret)
+  if not interpret:     # interpret mode runs programs in ticket order: already published
+    bits = lax.while_loop(lambda bits: jnp.logical_not(_all_published(bits, mask)),
+                          lambda _: _read(buf_ref, idx, mask, False), bits)
   return lax.bitcast_convert_type(bits, jnp.float32)
 
 
