@@ -29,6 +29,10 @@ class AttentionBlockConfig:
     causal bf16, same run: 128 keys x 2 slots 0.765 / 2.334 / 7.363 ms at 8k / 16k / 32k
     (64 x 2: 0.843 / 2.188 / 8.143; 64 x 3: 0.798 / 2.516 / 8.435); without heavy_first
     0.700 / 2.196 / 7.300 ms.
+  mgpu_backward / mgpu_bwd_block / mgpu_bwd_stages: the Mosaic GPU forward's backward runs
+    the Mosaic GPU dq and dk/dv kernels (ops/attention/pallas_mosaic_gpu_bwd.py: 2 x block
+    query rows / keys per CTA, stages ring slots) instead of the Triton ones. Off until timed
+    on a GPU.
   """
   block_q: int = 128
   block_kv: int = 64
@@ -52,6 +56,9 @@ class AttentionBlockConfig:
   mgpu_block_kv: int = 128
   mgpu_stages: int = 2
   mgpu_heavy_first: bool = False
+  mgpu_backward: bool = False
+  mgpu_bwd_block: int = 64
+  mgpu_bwd_stages: int = 2
 
   def __post_init__(self):
     # the Triton wrapper pads each length once to the largest tile, so every tile must divide it
@@ -63,6 +70,9 @@ class AttentionBlockConfig:
     if self.mgpu_block_q % 64 or self.mgpu_block_kv % 64 or not 0 < self.mgpu_block_kv <= 256:
       raise ValueError(f"AttentionBlockConfig mgpu_block_q ({self.mgpu_block_q}) must be a "
                        f"multiple of 64 and mgpu_block_kv ({self.mgpu_block_kv}) one of 64..256")
+    if self.mgpu_bwd_block % 64 or self.mgpu_bwd_stages < 1:
+      raise ValueError(f"AttentionBlockConfig mgpu_bwd_block ({self.mgpu_bwd_block}) must be a "
+                       f"multiple of 64 and mgpu_bwd_stages ({self.mgpu_bwd_stages}) >= 1")
     if self.mgpu_stages < 1:
       raise ValueError(f"AttentionBlockConfig.mgpu_stages must be >= 1, got {self.mgpu_stages}")
     for f in ("num_warps", "bwd_num_warps", "dkv_num_warps", "decode_num_warps", "num_stages",

@@ -22,7 +22,6 @@ raise UnsupportedError, so dispatch moves on to the Triton kernel.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -33,21 +32,13 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from ops import _backend
 from ops._backend import UnsupportedError
 from ops._mosaic_gpu import interpret_params, require_hopper
-from ops.attention import _blocks, pallas_triton
+from ops.attention import _blocks, pallas_mosaic_gpu_bwd, pallas_triton
+from ops.attention._mgpu import (COMPUTE_WGS, LN2, LOG2E, SMEM_LIMIT, key_steps,
+                                 smem_transforms)
 from ops.attention._blocks import Mask
 from ops.attention.config import AttentionBlockConfig, default_config
 
-LOG2E = math.log2(math.e)
-LN2 = math.log(2.0)
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-_COMPUTE_WGS = 2
-_SMEM_LIMIT = 232448      # bytes of shared memory one CTA may take on Hopper (jax 0.11.2)
-
-
-def _smem_transforms(cols: int, dtype) -> tuple:
-  itemsize = jnp.dtype(dtype).itemsize
-  swizzle = plgpu.find_swizzle(cols * itemsize * 8)
-  return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
 
 
 def _accumulate(acc, p, v_smem, during, interpret: bool):
@@ -64,15 +55,6 @@ def _accumulate(acc, p, v_smem, during, interpret: bool):
   return pl.run_state(product)(plgpu.ACC.init(acc))
 
 
-def _step_range(row0, *, bq, bk, causal, q_offset, kv_len):
-  """Key steps of the query rows [row0, row0 + bq) -> (unmasked steps, all steps): steps
-  below the first count need no mask; the rest mask the diagonal and keys >= kv_len."""
-  if not causal:
-    return kv_len // bk, (kv_len + bk - 1) // bk
-  last = jnp.minimum(row0 + (bq - 1 + q_offset), kv_len - 1)     # last key any row sees
-  return jnp.minimum(lax.div(row0 + (q_offset + 1), bk), kv_len // bk), lax.div(last, bk) + 1
-
-
 def _forward(q, k, v, *, causal, scale, q_offset, kv_len, bq, bk, stages, heavy_first,
              interpret):
   """q [b, lq, h, d] with lq % (2 bq) == 0, k/v [b, lk, hk, d] with lk % bk == 0 (padded;
@@ -81,10 +63,10 @@ def _forward(q, k, v, *, causal, scale, q_offset, kv_len, bq, bk, stages, heavy_
   K goes in as [b, d, hk, lk] and its tiles are loaded [d, bk]."""
   b, lq, h, d = q.shape
   group = h // k.shape[2]
-  n_tiles = lq // (_COMPUTE_WGS * bq)
+  n_tiles = lq // (COMPUTE_WGS * bq)
   dtype = q.dtype
   c = scale * LOG2E
-  steps = functools.partial(_step_range, bq=bq, bk=bk, causal=causal, q_offset=q_offset,
+  steps = functools.partial(key_steps, bq=bq, bk=bk, causal=causal, q_offset=q_offset,
                             kv_len=kv_len)
   wgmma_layout = plgpu.Layout.WGMMA
   row_layout = plgpu.Layout.WGMMA.reduce(1)
@@ -105,14 +87,14 @@ def _forward(q, k, v, *, causal, scale, q_offset, kv_len, bq, bk, stages, heavy_
     if causal and heavy_first:
       tile = n_tiles - 1 - tile        # the longest CTAs first, the short ones fill the tail
     wg = lax.axis_index("wg")
-    cta_row0 = tile * (_COMPUTE_WGS * bq)
-    _, cta_steps = steps(cta_row0 + (_COMPUTE_WGS - 1) * bq)   # the last rows see the most keys
+    cta_row0 = tile * (COMPUTE_WGS * bq)
+    _, cta_steps = steps(cta_row0 + (COMPUTE_WGS - 1) * bq)   # the last rows see the most keys
 
     def meet():
       plgpu.barrier_arrive(sched)
       plgpu.barrier_wait(sched)
 
-    @pl.when(wg < _COMPUTE_WGS)
+    @pl.when(wg < COMPUTE_WGS)
     def _compute():
       plgpu.set_max_registers(232, action="increase")
       row0 = cta_row0 + wg * bq
@@ -191,7 +173,7 @@ def _forward(q, k, v, *, causal, scale, q_offset, kv_len, bq, bk, stages, heavy_
       plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[bi, hi, pl.ds(row0, bq)])
       plgpu.wait_smem_to_gmem(0)
 
-    @pl.when(wg == _COMPUTE_WGS)
+    @pl.when(wg == COMPUTE_WGS)
     def _memory():
       plgpu.set_max_registers(40, action="decrease")
       kv_head = lax.div(hi, group)
@@ -219,19 +201,19 @@ def _forward(q, k, v, *, causal, scale, q_offset, kv_len, bq, bk, stages, heavy_
         plgpu.barrier_wait(v_free.at[lax.rem(j, stages)])
 
   def entry(q_ref, k_ref, v_ref, o_ref, lse_ref):
-    tr = _smem_transforms(d, dtype)
+    tr = smem_transforms(d, dtype)
     k_tile = (bk, d) if not interpret else (d, bk)
     pl.run_scoped(
         lambda bufs, loaded, freed, sched: kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, bufs,
                                                   loaded, freed, sched),
-        (plgpu.SMEM((_COMPUTE_WGS, bq, d), dtype, transforms=tr),
-         plgpu.SMEM((stages,) + k_tile, dtype, transforms=_smem_transforms(k_tile[1], dtype)),
+        (plgpu.SMEM((COMPUTE_WGS, bq, d), dtype, transforms=tr),
+         plgpu.SMEM((stages,) + k_tile, dtype, transforms=smem_transforms(k_tile[1], dtype)),
          plgpu.SMEM((stages, bk, d), dtype, transforms=tr),
-         plgpu.SMEM((_COMPUTE_WGS, bq), jnp.float32)),
+         plgpu.SMEM((COMPUTE_WGS, bq), jnp.float32)),
         (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
-         plgpu.Barrier(num_barriers=_COMPUTE_WGS)),
-        (plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),) * 2,
-        plgpu.Barrier(num_arrivals=_COMPUTE_WGS),
+         plgpu.Barrier(num_barriers=COMPUTE_WGS)),
+        (plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),) * 2,
+        plgpu.Barrier(num_arrivals=COMPUTE_WGS),
         collective_axes="wg",
     )
 
@@ -241,7 +223,7 @@ def _forward(q, k, v, *, causal, scale, q_offset, kv_len, bq, bk, stages, heavy_
                 jax.ShapeDtypeStruct((b, h, lq), jnp.float32)),
       grid=(h, n_tiles, b),
       grid_names=("heads", "q_tiles", "batch"),
-      num_threads=_COMPUTE_WGS + 1,
+      num_threads=COMPUTE_WGS + 1,
       thread_name="wg",
       interpret=interpret_params() if interpret else False,
       compiler_params=plgpu.CompilerParams(approx_math=True),
@@ -250,7 +232,7 @@ def _forward(q, k, v, *, causal, scale, q_offset, kv_len, bq, bk, stages, heavy_
 
 class _Static(tuple):
   """Hashable static arguments of the custom_vjp."""
-  _fields = ("fwd", "mask", "scale", "cfg_d", "interpret")
+  _fields = ("fwd", "mask", "scale", "cfg_d", "interpret", "bwd")
 
   def __new__(cls, **kw):
     return super().__new__(cls, tuple(kw[f] for f in cls._fields))
@@ -272,9 +254,19 @@ def _flash_fwd(q, k, v, static):
 def _flash_bwd(static, res, cts):
   q, k, v, o, lse = res
   do, dlse = cts
-  return pallas_triton.backward(q, k, v, o, lse, do.astype(o.dtype), dlse.astype(jnp.float32),
-                                mask=static.mask, scale=static.scale, cfg_d=static.cfg_d,
-                                interpret=static.interpret)
+  do, dlse = do.astype(o.dtype), dlse.astype(jnp.float32)
+  if not static.bwd:
+    return pallas_triton.backward(q, k, v, o, lse, do, dlse, mask=static.mask,
+                                  scale=static.scale, cfg_d=static.cfg_d,
+                                  interpret=static.interpret)
+  fwd = dict(static.fwd)
+  kw = dict(causal=fwd["causal"], scale=fwd["scale"], q_offset=fwd["q_offset"],
+            kv_len=fwd["kv_len"], interpret=fwd["interpret"], **dict(static.bwd))
+  delta = jnp.einsum("bqhd,bqhd->bhq", o.astype(jnp.float32), do.astype(jnp.float32)) - dlse
+  lse2 = lse * LOG2E
+  dq = pallas_mosaic_gpu_bwd.dq(q, k, v, do, lse2, delta, **kw)
+  dk, dv = pallas_mosaic_gpu_bwd.dkv(q, k, v, do, lse2, delta, **kw)
+  return dq, dk, dv
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -296,13 +288,13 @@ def _check(q, k, v, *, causal, window, sinks, q_segment_ids, kv_valid, soft_cap,
     raise UnsupportedError(f"causal with q_offset {q_offset} < 0 (queries without keys)")
   if not isinstance(cfg, AttentionBlockConfig):
     raise UnsupportedError(f"config {type(cfg).__name__} is not an AttentionBlockConfig")
-  bytes_ = ((_COMPUTE_WGS * cfg.mgpu_block_q + 2 * cfg.mgpu_stages * cfg.mgpu_block_kv) * d
-            * q.dtype.itemsize + _COMPUTE_WGS * cfg.mgpu_block_q * 4)
+  bytes_ = ((COMPUTE_WGS * cfg.mgpu_block_q + 2 * cfg.mgpu_stages * cfg.mgpu_block_kv) * d
+            * q.dtype.itemsize + COMPUTE_WGS * cfg.mgpu_block_q * 4)
   # + 4 KiB of barriers and alignment: 128 keys x 3 stages (229,888 bytes of buffers) took
   # 232,568 of the H200's 232,448 and failed to compile
-  if bytes_ + 4096 > _SMEM_LIMIT:
+  if bytes_ + 4096 > SMEM_LIMIT:
     raise UnsupportedError(f"Mosaic GPU attention tiles need {bytes_} bytes of shared memory "
-                           f"(+ 4 KiB > {_SMEM_LIMIT}); fewer mgpu_stages or a smaller "
+                           f"(+ 4 KiB > {SMEM_LIMIT}); fewer mgpu_stages or a smaller "
                            "mgpu_block_kv")
 
 
@@ -322,10 +314,11 @@ def attention(q, k, v, *, causal, window, sinks, q_segment_ids, kv_segment_ids, 
   bq, bk = cfg.mgpu_block_q, cfg.mgpu_block_kv
   cfg_d, _, _ = pallas_triton.plan(cfg, b, lq, lk, h, hk)    # the backward's tiles
   # one padded length serves both kernels' tiles (all powers of two: the largest divides it)
-  lq_p = _blocks.pad_len(lq, max(_COMPUTE_WGS * bq, cfg_d["block_q"], cfg_d["bwd_block_q"],
-                                 cfg_d["dkv_block_q"]))
+  bb = cfg.mgpu_bwd_block      # the Mosaic GPU backward's tiles: 2 x bb rows / keys per CTA
+  lq_p = _blocks.pad_len(lq, max(COMPUTE_WGS * bq, cfg_d["block_q"], cfg_d["bwd_block_q"],
+                                 cfg_d["dkv_block_q"], COMPUTE_WGS * bb))
   lk_p = _blocks.pad_len(lk, max(bk, cfg_d["block_kv"], cfg_d["bwd_block_kv"],
-                                 cfg_d["dkv_block_kv"]))
+                                 cfg_d["dkv_block_kv"], COMPUTE_WGS * bb))
   stages = min(cfg.mgpu_stages, lk_p // bk)     # no slot the keys cannot fill
   pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0)))
   mask = Mask(causal=causal, window=None, sinks=0, q_offset=q_offset, q_len=lq, kv_len=lk,
@@ -333,6 +326,9 @@ def attention(q, k, v, *, causal, window, sinks, q_segment_ids, kv_segment_ids, 
   fwd = (("causal", bool(causal)), ("scale", float(scale)), ("q_offset", int(q_offset)),
          ("kv_len", lk), ("bq", bq), ("bk", bk), ("stages", stages),
          ("heavy_first", bool(cfg.mgpu_heavy_first)), ("interpret", interpret))
-  static = _Static(fwd=fwd, mask=mask, scale=float(scale), cfg_d=cfg_d, interpret=interpret)
+  bwd = ((("block", bb), ("stages", min(cfg.mgpu_bwd_stages, lk_p // bb)))
+         if cfg.mgpu_backward else ())
+  static = _Static(fwd=fwd, mask=mask, scale=float(scale), cfg_d=cfg_d, interpret=interpret,
+                   bwd=bwd)
   o, lse = _flash(pad(q, lq_p), pad(k, lk_p), pad(v, lk_p), static)
   return o[:, :lq], lse[:, :, :lq]

@@ -1,9 +1,11 @@
-"""ops.attention's Mosaic GPU forward (ops/attention/pallas_mosaic_gpu.py; backward = Triton).
+"""ops.attention's Mosaic GPU kernels: the forward (ops/attention/pallas_mosaic_gpu.py) with
+the Triton backward (default) or the Mosaic GPU one (ops/attention/pallas_mosaic_gpu_bwd.py,
+AttentionBlockConfig.mgpu_backward).
 
-CPU: interpret mode on shapes with several key steps per CTA (the K/V ring refills, a causal
-CTA's first warpgroup skips steps), lowering for an H200 (the compiled path: transposed K view,
-register P operand, run_state accumulator), and the refusals. GPU: the shared case matrix and
-longer sequences.
+CPU: interpret mode on shapes with several key steps per CTA (the rings refill, a causal
+CTA's warpgroups skip different steps), lowering for an H200 (the compiled path: transposed
+views, register operands, run_state accumulators), and the refusals. GPU: the shared case
+matrix and longer sequences, with each backward.
 """
 import jax
 import jax.numpy as jnp
@@ -18,6 +20,8 @@ from tests.ops.test_attention import AttentionTestBase
 BF16, F32 = jnp.bfloat16, jnp.float32
 IMPL = "pallas_mosaic_gpu"
 SMALL = AttentionBlockConfig.small().replace(mgpu_block_kv=64)
+SMALL_MGPU_BWD = SMALL.replace(mgpu_backward=True)
+GPU_MGPU_BWD = AttentionBlockConfig.for_device("NVIDIA H200").replace(mgpu_backward=True)
 
 
 def _inputs(b, lq, lk, h, hk, d, seed=0):
@@ -27,20 +31,24 @@ def _inputs(b, lq, lk, h, hk, d, seed=0):
   return q, k, v, ot.normal(ks[3], (b, lq, h, d), F32), ot.normal(ks[4], (b, h, lq), F32)
 
 
-def _check_against_reference(shape, kw, *, interpret, config):
-  """o, lse and the gradients of q, k, v (through o and lse) against the f32 reference."""
+def _check_against_reference(shape, kw, *, interpret, config, jit=True):
+  """o, lse and the gradients of q, k, v (through o and lse) against the f32 reference.
+  jit=False runs our side eagerly: interpreted Mosaic GPU kernels nest XLA computations in
+  their simulated threads, and the three kernels of the Mosaic GPU backward inside one jitted
+  program deadlocked on 2 CPU cores (70 x 150 full attention)."""
   q, k, v, do, dlse = _inputs(*shape)
 
-  def loss(fn):
+  def loss(fn, jit=True):
     def f(q, k, v):
       o, lse = fn(q, k, v)
       return jnp.sum(o.astype(F32) * do) + jnp.sum(lse * dlse), (o, lse)
-    return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))
+    grad = jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)
+    return jax.jit(grad) if jit else grad
 
   ours = lambda q, k, v: A.attention(q, k, v, implementation=IMPL, interpret=interpret,
                                      config=config, return_lse=True, **kw)
   ref = lambda q, k, v: reference.attention(q.astype(F32), k.astype(F32), v.astype(F32), **kw)
-  (_, (o, lse)), grads = loss(ours)(q, k, v)
+  (_, (o, lse)), grads = loss(ours, jit)(q, k, v)
   (_, (o_ref, lse_ref)), grads_ref = loss(ref)(q, k, v)
   assert o.dtype == BF16 and o.shape == q.shape and lse.shape == lse_ref.shape
   tol = ot.TOL[jnp.dtype(BF16).type]
@@ -70,15 +78,29 @@ def test_interpret_matches_reference(case):
   _check_against_reference(shape, kw, interpret=True, config=SMALL)
 
 
-def test_lowers_for_h200():
-  """The compiled path (which interpret mode replaces in three places) passes Mosaic GPU's
-  layout inference and lowering, forward and backward, on this CPU host."""
-  q = jax.ShapeDtypeStruct((1, 1024, 4, 128), BF16)
-  kv = jax.ShapeDtypeStruct((1, 1024, 2, 128), BF16)
-  f = lambda q, k, v: A.attention(q, k, v, causal=True, implementation=IMPL)
+@pytest.mark.parametrize("case", [
+    pytest.param(c, marks=() if c == "chunked_gqa" else (pytest.mark.slow,))
+    for c in INTERPRET_CASES])
+def test_interpret_mosaic_gpu_backward_matches_reference(case):
+  shape, kw = INTERPRET_CASES[case]
+  _check_against_reference(shape, kw, interpret=True, config=SMALL_MGPU_BWD, jit=False)
+
+
+@pytest.mark.parametrize("mgpu_backward,causal,d", [(False, True, 128), (True, True, 128),
+                                                    (True, False, 64)])
+def test_lowers_for_h200(mgpu_backward, causal, d):
+  """The compiled path (which interpret mode replaces: transposed views, register operands,
+  run_state) passes Mosaic GPU's layout inference and lowering, forward and backward, on this
+  CPU host."""
+  cfg = AttentionBlockConfig.for_device("NVIDIA H200").replace(mgpu_backward=mgpu_backward)
+  q = jax.ShapeDtypeStruct((1, 1024, 4, d), BF16)
+  kv = jax.ShapeDtypeStruct((1, 1024, 2, d), BF16)
+  f = lambda q, k, v: A.attention(q, k, v, causal=causal, implementation=IMPL, config=cfg)
   grad = jax.grad(lambda q, k, v: jnp.sum(f(q, k, v).astype(F32)), argnums=(0, 1, 2))
   text = ot.lower_for_gpu(grad, q, kv, kv).as_text()
   assert "mosaic_gpu" in text
+  # the Triton backward's kernels appear exactly when the Mosaic GPU one is off
+  assert ("flash_attention_dq" in text) != mgpu_backward
 
 
 @pytest.mark.parametrize("kw,d,dtype,match", [
@@ -105,11 +127,17 @@ class TestPallasMosaicGpuGpu(AttentionTestBase):
 
 
 @pytest.mark.gpu
+class TestPallasMosaicGpuBackwardGpu(TestPallasMosaicGpuGpu):
+  CONFIG = GPU_MGPU_BWD
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", [None, GPU_MGPU_BWD], ids=["triton_bwd", "mgpu_bwd"])
 @pytest.mark.parametrize("shape,kw", [
     ((1, 1024, 1024, 8, 2, 128), dict(causal=True)),
     ((2, 1000, 1500, 4, 4, 128), dict(causal=True)),
     ((1, 640, 2048, 4, 1, 64), dict()),
     ((1, 4096, 4096, 4, 4, 128), dict(causal=True)),
 ], ids=["gqa_1k", "ragged_chunk", "full_mqa_d64", "causal_4k"])
-def test_gpu_long_sequences(shape, kw):
-  _check_against_reference(shape, kw, interpret=False, config=None)
+def test_gpu_long_sequences(shape, kw, config):
+  _check_against_reference(shape, kw, interpret=False, config=config)

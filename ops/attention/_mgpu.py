@@ -1,0 +1,65 @@
+"""Pieces shared by the Mosaic GPU attention kernels (forward and backward)."""
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+COMPUTE_WGS = 2           # compute warpgroups per CTA (plus one memory warpgroup)
+SMEM_LIMIT = 232448       # bytes of shared memory one CTA may take on Hopper (jax 0.11.2)
+
+
+def smem_transforms(cols: int, dtype) -> tuple:
+  """Tiling + swizzle of a shared-memory tile whose rows hold `cols` elements of dtype."""
+  itemsize = jnp.dtype(dtype).itemsize
+  swizzle = plgpu.find_swizzle(cols * itemsize * 8)
+  return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
+
+
+def key_steps(row0, *, bq, bk, causal, q_offset, kv_len):
+  """Key steps of the query rows [row0, row0 + bq) -> (unmasked steps, all steps): steps
+  below the first count need no mask; the rest mask the diagonal and keys >= kv_len."""
+  if not causal:
+    return kv_len // bk, (kv_len + bk - 1) // bk
+  last = jnp.minimum(row0 + (bq - 1 + q_offset), kv_len - 1)     # last key any row sees
+  return jnp.minimum(lax.div(row0 + (q_offset + 1), bk), kv_len // bk), lax.div(last, bk) + 1
+
+
+def register_ops(interpret: bool):
+  """(layout_cast, iota(shape, dim), load_vector(smem, layout)) for the WGMMA register layout;
+  interpret mode has no rules for register layouts (jax 0.10-0.11), so there they are plain."""
+  wgmma = plgpu.Layout.WGMMA
+  if interpret:
+    return ((lambda x, _: x), (lambda shape, dim: lax.broadcasted_iota(jnp.int32, shape, dim)),
+            (lambda ref, _: ref[...]))
+  return (plgpu.layout_cast,
+          lambda shape, dim: plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=wgmma),
+          lambda ref, layout: plgpu.load(ref, (), layout=layout))
+
+
+def product(a, b, shape, *, a_in_smem: bool, b_transposed=False, acc=None, interpret: bool):
+  """acc + a @ b (b^T when b_transposed) in f32 [shape], by wgmma: a is a shared-memory tile
+  (a_in_smem) or a register array (WGMMA layout, 16-bit), b a shared-memory tile. Interpret mode has neither
+  transposed shared-memory operands nor register operands nor pl.run_state (jax 0.10-0.11):
+  there it is a plain dot of the same values."""
+  if interpret:
+    av = a[...] if a_in_smem else a
+    bv = b[...]
+    bv = bv.T if b_transposed else bv
+    out = lax.dot(av, bv, preferred_element_type=jnp.float32)
+    return out if acc is None else acc + out
+  b_op = plgpu.transpose_ref(b, (1, 0)) if b_transposed else b
+  if acc is None:
+    def fresh(acc_ref):
+      plgpu.wgmma(acc_ref, a, b_op)
+      return acc_ref[...]
+    return pl.run_scoped(fresh, plgpu.ACC(shape, jnp.float32))
+
+  def onto(acc_ref):
+    plgpu.wgmma(acc_ref, a, b_op)
+  return pl.run_state(onto)(plgpu.ACC.init(acc))
