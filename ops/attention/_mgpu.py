@@ -42,12 +42,15 @@ def register_ops(interpret: bool):
           lambda ref, layout: plgpu.load(ref, (), layout=layout))
 
 
-def product(a, b, shape, *, a_in_smem: bool, b_transposed=False, acc=None, interpret: bool):
+def product(a, b, shape, *, a_in_smem: bool, b_transposed=False, acc=None, during=None,
+            interpret: bool):
   """acc + a @ b (b^T when b_transposed) in f32 [shape], by wgmma: a is a shared-memory tile
   (a_in_smem) or a register array (WGMMA layout, 16-bit), b a shared-memory tile. Interpret mode has neither
   transposed shared-memory operands nor register operands nor pl.run_state (jax 0.10-0.11):
-  there it is a plain dot of the same values."""
+  there it is a plain dot of the same values. `during()` runs while the tensor cores work."""
+  during = during or (lambda: None)
   if interpret:
+    during()
     av = a[...] if a_in_smem else a
     bv = b[...]
     bv = bv.T if b_transposed else bv
@@ -57,9 +60,11 @@ def product(a, b, shape, *, a_in_smem: bool, b_transposed=False, acc=None, inter
   if acc is None:
     def fresh(acc_ref):
       plgpu.wgmma(acc_ref, a, b_op)
+      during()
       return acc_ref[...]
     return pl.run_scoped(fresh, plgpu.ACC(shape, jnp.float32))
 
   def onto(acc_ref):
     plgpu.wgmma(acc_ref, a, b_op)
+    during()
   return pl.run_state(onto)(plgpu.ACC.init(acc))

@@ -33,34 +33,18 @@ from ops import _backend
 from ops._backend import UnsupportedError
 from ops._mosaic_gpu import interpret_params, require_hopper
 from ops.attention import _blocks, pallas_mosaic_gpu_bwd, pallas_triton
-from ops.attention._mgpu import (COMPUTE_WGS, LN2, LOG2E, SMEM_LIMIT, key_steps,
-                                 smem_transforms)
+from ops.attention._mgpu import (COMPUTE_WGS, LN2, LOG2E, SMEM_LIMIT, key_steps, product,
+                                 register_ops, smem_transforms)
 from ops.attention._blocks import Mask
 from ops.attention.config import AttentionBlockConfig, default_config
 
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
-def _accumulate(acc, p, v_smem, during, interpret: bool):
-  """acc + p @ v_smem by wgmma into the registers of acc (p: registers, v_smem: shared);
-  `during()` runs while the tensor cores work. Interpret mode has neither pl.run_state nor
-  wgmma with a register operand (jax 0.10-0.11): there it is a plain dot of the same operands."""
-  if interpret:
-    during()
-    return acc + lax.dot(p, v_smem[...], preferred_element_type=jnp.float32)
-
-  def product(acc_ref):
-    plgpu.wgmma(acc_ref, p, v_smem)
-    during()
-  return pl.run_state(product)(plgpu.ACC.init(acc))
-
-
 def _forward(q, k, v, *, causal, scale, q_offset, kv_len, bq, bk, stages, heavy_first,
              interpret):
   """q [b, lq, h, d] with lq % (2 bq) == 0, k/v [b, lk, hk, d] with lk % bk == 0 (padded;
-  keys >= kv_len are masked) -> o [b, lq, h, d], lse [b, h, lq] (natural log, f32).
-  Interpret mode cannot feed wgmma a transposed shared-memory view (jax 0.10-0.11), so there
-  K goes in as [b, d, hk, lk] and its tiles are loaded [d, bk]."""
+  keys >= kv_len are masked) -> o [b, lq, h, d], lse [b, h, lq] (natural log, f32)."""
   b, lq, h, d = q.shape
   group = h // k.shape[2]
   n_tiles = lq // (COMPUTE_WGS * bq)
@@ -70,13 +54,7 @@ def _forward(q, k, v, *, causal, scale, q_offset, kv_len, bq, bk, stages, heavy_
                             kv_len=kv_len)
   wgmma_layout = plgpu.Layout.WGMMA
   row_layout = plgpu.Layout.WGMMA.reduce(1)
-  # register layouts are for the compiler; interpret mode has no rules for them (jax 0.10-0.11)
-  if interpret:
-    layout = lambda x, _: x
-    iota = lambda shape, dim: lax.broadcasted_iota(jnp.int32, shape, dim)
-  else:
-    layout = plgpu.layout_cast
-    iota = lambda shape, dim: plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=wgmma_layout)
+  layout, iota, _ = register_ops(interpret)
 
   def kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, bufs, loaded, freed, sched):
     qo_smem, k_smem, v_smem, lse_smem = bufs
@@ -112,13 +90,9 @@ def _forward(q, k, v, *, causal, scale, q_offset, kv_len, bq, bk, stages, heavy_
         acc, m, l = carry
         slot = lax.rem(j, stages)
 
-        def qk(s_ref):
-          k_t = k_smem.at[slot] if interpret else plgpu.transpose_ref(k_smem.at[slot], (1, 0))
-          plgpu.wgmma(s_ref, q_smem, k_t)
-          meet()
-          return s_ref[...]
-
-        s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
+        # the meeting while the tensor cores work hands them to the other warpgroup next
+        s = product(q_smem, k_smem.at[slot], (bq, bk), a_in_smem=True, b_transposed=True,
+                    during=meet, interpret=interpret)
         plgpu.barrier_arrive(k_free.at[slot])
         if masked:
           cols = iota((bq, bk), 1) + j * bk
@@ -144,7 +118,8 @@ def _forward(q, k, v, *, causal, scale, q_offset, kv_len, bq, bk, stages, heavy_
           def _():
             plgpu.barrier_wait(k_loaded.at[lax.rem(j + 1, stages)])
 
-        acc = _accumulate(acc, p16, v_smem.at[slot], wait_next_k, interpret)
+        acc = product(p16, v_smem.at[slot], acc.shape, a_in_smem=False, acc=acc,
+                      during=wait_next_k, interpret=interpret)
         plgpu.barrier_arrive(v_free.at[slot])
         return acc, m_new, l
 
@@ -182,8 +157,7 @@ def _forward(q, k, v, *, causal, scale, q_offset, kv_len, bq, bk, stages, heavy_
         keys = pl.ds(j * bk, bk)
         if wait:
           plgpu.barrier_wait(k_free.at[slot])
-        k_tile = k_ref.at[bi, :, kv_head, keys] if interpret else k_ref.at[bi, keys, kv_head]
-        plgpu.copy_gmem_to_smem(k_tile, k_smem.at[slot], k_loaded.at[slot])
+        plgpu.copy_gmem_to_smem(k_ref.at[bi, keys, kv_head], k_smem.at[slot], k_loaded.at[slot])
         if wait:
           plgpu.barrier_wait(v_free.at[slot])
         plgpu.copy_gmem_to_smem(v_ref.at[bi, keys, kv_head], v_smem.at[slot], v_loaded.at[slot])
@@ -202,12 +176,11 @@ def _forward(q, k, v, *, causal, scale, q_offset, kv_len, bq, bk, stages, heavy_
 
   def entry(q_ref, k_ref, v_ref, o_ref, lse_ref):
     tr = smem_transforms(d, dtype)
-    k_tile = (bk, d) if not interpret else (d, bk)
     pl.run_scoped(
         lambda bufs, loaded, freed, sched: kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, bufs,
                                                   loaded, freed, sched),
         (plgpu.SMEM((COMPUTE_WGS, bq, d), dtype, transforms=tr),
-         plgpu.SMEM((stages,) + k_tile, dtype, transforms=smem_transforms(k_tile[1], dtype)),
+         plgpu.SMEM((stages, bk, d), dtype, transforms=tr),
          plgpu.SMEM((stages, bk, d), dtype, transforms=tr),
          plgpu.SMEM((COMPUTE_WGS, bq), jnp.float32)),
         (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
@@ -227,7 +200,7 @@ def _forward(q, k, v, *, causal, scale, q_offset, kv_len, bq, bk, stages, heavy_
       thread_name="wg",
       interpret=interpret_params() if interpret else False,
       compiler_params=plgpu.CompilerParams(approx_math=True),
-  )(q, jnp.transpose(k, (0, 3, 2, 1)) if interpret else k, v)
+  )(q, k, v)
 
 
 class _Static(tuple):
