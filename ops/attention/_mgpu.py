@@ -30,6 +30,16 @@ def key_steps(row0, *, bq, bk, causal, q_offset, kv_len):
   return jnp.minimum(lax.div(row0 + (q_offset + 1), bk), kv_len // bk), lax.div(last, bk) + 1
 
 
+def pass_slot(slot, rings) -> None:
+  """A ring step this compute warpgroup has no work in: for each (loaded, free) barrier array,
+  wait for the slot's load, then release it. The other warpgroup needs the load anyway, and
+  waiting keeps a release from counting toward an earlier phase of the slot (and every phase
+  observed by every thread that waits on the barrier, which interpret mode checks)."""
+  for loaded, free in rings:
+    plgpu.barrier_wait(loaded.at[slot])
+    plgpu.barrier_arrive(free.at[slot])
+
+
 def register_ops(interpret: bool):
   """(layout_cast, iota(shape, dim), load_vector(smem, layout)) for the WGMMA register layout;
   interpret mode has no rules for register layouts (jax 0.10-0.11), so there they are plain."""

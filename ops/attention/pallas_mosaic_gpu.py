@@ -33,8 +33,8 @@ from ops import _backend
 from ops._backend import UnsupportedError
 from ops._mosaic_gpu import interpret_params, require_hopper
 from ops.attention import _blocks, pallas_mosaic_gpu_bwd, pallas_triton
-from ops.attention._mgpu import (COMPUTE_WGS, LN2, LOG2E, SMEM_LIMIT, key_steps, product,
-                                 register_ops, smem_transforms)
+from ops.attention._mgpu import (COMPUTE_WGS, LN2, LOG2E, SMEM_LIMIT, key_steps, pass_slot,
+                                 product, register_ops, smem_transforms)
 from ops.attention._blocks import Mask
 from ops.attention.config import AttentionBlockConfig, default_config
 
@@ -128,14 +128,7 @@ def _forward(q, k, v, *, causal, scale, q_offset, kv_len, bq, bk, stages, heavy_
 
       @pl.loop(total, cta_steps)
       def _skipped(j):
-        # waiting on loads it does not use costs nothing (the other warpgroup needs them in
-        # this order) and keeps every barrier's phases observed by every thread that waits
-        # on it, which interpret mode checks
-        slot = lax.rem(j, stages)
-        plgpu.barrier_wait(k_loaded.at[slot])
-        plgpu.barrier_arrive(k_free.at[slot])
-        plgpu.barrier_wait(v_loaded.at[slot])
-        plgpu.barrier_arrive(v_free.at[slot])
+        pass_slot(lax.rem(j, stages), ((k_loaded, k_free), (v_loaded, v_free)))
         meet()
         meet()
 

@@ -28,8 +28,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ops._mosaic_gpu import interpret_params
-from ops.attention._mgpu import (COMPUTE_WGS, LOG2E, key_steps, product, register_ops,
-                                 smem_transforms)
+from ops.attention._mgpu import (COMPUTE_WGS, LOG2E, key_steps, pass_slot, product,
+                                 register_ops, smem_transforms)
 
 
 def _kernel(body, out_type, grid, grid_names, interpret):
@@ -128,11 +128,7 @@ def dq(q, k, v, do, lse2, delta, *, causal, scale, q_offset, kv_len, block, stag
 
       @pl.loop(total, cta_steps)
       def _skipped(j):
-        slot = lax.rem(j, stages)
-        plgpu.barrier_wait(k_loaded.at[slot])
-        plgpu.barrier_arrive(k_free.at[slot])
-        plgpu.barrier_wait(v_loaded.at[slot])
-        plgpu.barrier_arrive(v_free.at[slot])
+        pass_slot(lax.rem(j, stages), ((k_loaded, k_free), (v_loaded, v_free)))
 
       q_smem.at[wg][...] = (acc * scale).astype(dtype)     # Q's last reader is done
       plgpu.commit_smem()
@@ -222,14 +218,10 @@ def dkv(q, k, v, do, lse2, delta, *, causal, scale, q_offset, kv_len, block, sta
       plgpu.barrier_wait(own_loaded.at[wg])
       zeros = layout(jnp.zeros((bk, d), jnp.float32), wgmma)
 
-      def wait_loaded(j):
-        plgpu.barrier_wait(step_loaded.at[lax.rem(j, stages)])
-
       def step(t, carry, head, masked):
         dk, dv = carry
-        j = head * per_head + (t - cta_first)
-        slot = lax.rem(j, stages)
-        wait_loaded(j)
+        slot = lax.rem(head * per_head + (t - cta_first), stages)
+        plgpu.barrier_wait(step_loaded.at[slot])
         s_t = mm(k_smem.at[wg], q_smem.at[slot], (bk, bq), a_in_smem=True, b_transposed=True)
         if masked:
           key = iota((bk, bq), 0) + k0
@@ -250,9 +242,7 @@ def dkv(q, k, v, do, lse2, delta, *, causal, scale, q_offset, kv_len, block, sta
       def head_tiles(head, carry):
         @pl.loop(cta_first, first)          # tiles only the other warpgroup needs
         def _skipped(t):
-          j = head * per_head + (t - cta_first)
-          wait_loaded(j)
-          plgpu.barrier_arrive(free.at[lax.rem(j, stages)])
+          pass_slot(lax.rem(head * per_head + (t - cta_first), stages), ((step_loaded, free),))
 
         carry = lax.fori_loop(first, clean, functools.partial(step, head=head, masked=True),
                               carry)
