@@ -22,12 +22,19 @@ DECODE_SHAPES = {
 
 
 def _impls():
-  """Implementations registered for this platform (and "xla")."""
+  """(row label, implementation, config) of each implementation registered for this platform
+  (and "xla"); on GPU also the Mosaic GPU forward with the Mosaic GPU backward."""
   from ops import _backend
+  from ops.attention.config import default_config
   reg = A.api._ATTENTION._impls
   here = _backend.platform()
-  return [n for n in ("pallas_mosaic_gpu", "pallas_triton", "pallas_tpu", "splash", "cudnn", "xla")
-          if n in reg and (n == "xla" or here in reg[n].platforms)]
+  names = [n for n in ("pallas_mosaic_gpu", "pallas_triton", "pallas_tpu", "splash", "cudnn",
+                       "xla") if n in reg and (n == "xla" or here in reg[n].platforms)]
+  rows = [(n, n, None) for n in names]
+  if "pallas_mosaic_gpu" in names:
+    rows.insert(1, ("pallas_mosaic_gpu+mgpu_bwd", "pallas_mosaic_gpu",
+                    default_config().replace(mgpu_backward=True)))
+  return rows
 
 
 def _err(e):
@@ -47,26 +54,27 @@ def run(shapes: str = "bench", dtype: str = "bfloat16", ceilings=None) -> list[t
     flops = s.fwd_flops()
     base = {}
     shape_rows = []
-    for impl in _impls():
+    for label, impl, cfg in _impls():
       if impl == "xla" and s.seq > XLA_MAX_SEQ:
-        shape_rows.append(timing.Row("attention fwd", s.name, impl, float("nan"),
+        shape_rows.append(timing.Row("attention fwd", s.name, label, float("nan"),
                                      note=f"skipped: O(T^2) memory above T={XLA_MAX_SEQ}"))
         continue
-      fwd = jax.jit(lambda q, k, v, impl=impl: A.attention(q, k, v, implementation=impl, **kw))
+      fwd = jax.jit(lambda q, k, v, impl=impl, cfg=cfg: A.attention(
+          q, k, v, implementation=impl, config=cfg, **kw))
       fb = jax.jit(jax.grad(
-          lambda q, k, v, impl=impl: jnp.sum(
-              A.attention(q, k, v, implementation=impl, **kw).astype(jnp.float32) *
+          lambda q, k, v, impl=impl, cfg=cfg: jnp.sum(
+              A.attention(q, k, v, implementation=impl, config=cfg, **kw).astype(jnp.float32) *
               do.astype(jnp.float32)), argnums=(0, 1, 2)))
       for mode, fn, fl in (("fwd", fwd, flops), ("fwd+bwd", fb, 3.5 * flops)):
         try:
           ms = timing.time_fn(fn, q, k, v, warmup=2, iters=10)
         except Exception as e:  # report, keep benchmarking the others
-          shape_rows.append(timing.Row(f"attention {mode}", s.name, impl, float("nan"),
+          shape_rows.append(timing.Row(f"attention {mode}", s.name, label, float("nan"),
                                        note=_err(e)))
           continue
         if impl == "cudnn":
           base[mode] = ms
-        shape_rows.append(timing.Row(f"attention {mode}", s.name, impl, ms,
+        shape_rows.append(timing.Row(f"attention {mode}", s.name, label, ms,
                                      tflops=fl / (ms * 1e-3) / 1e12))
     for r in shape_rows:
       mode = r.op.split()[-1]
