@@ -254,14 +254,22 @@ def _check(q, k, v, *, causal, window, sinks, q_segment_ids, kv_valid, soft_cap,
     raise UnsupportedError(f"causal with q_offset {q_offset} < 0 (queries without keys)")
   if not isinstance(cfg, AttentionBlockConfig):
     raise UnsupportedError(f"config {type(cfg).__name__} is not an AttentionBlockConfig")
-  bytes_ = ((COMPUTE_WGS * cfg.mgpu_block_q + 2 * cfg.mgpu_stages * cfg.mgpu_block_kv) * d
-            * q.dtype.itemsize + COMPUTE_WGS * cfg.mgpu_block_q * 4)
-  # + 4 KiB of barriers and alignment: 128 keys x 3 stages (229,888 bytes of buffers) took
-  # 232,568 of the H200's 232,448 and failed to compile
-  if bytes_ + 4096 > SMEM_LIMIT:
-    raise UnsupportedError(f"Mosaic GPU attention tiles need {bytes_} bytes of shared memory "
-                           f"(+ 4 KiB > {SMEM_LIMIT}); fewer mgpu_stages or a smaller "
-                           "mgpu_block_kv")
+  tile = d * q.dtype.itemsize        # bytes of one row of q, k, v or dO
+  needs = {"forward (mgpu_block_q / mgpu_block_kv / mgpu_stages)":
+           (COMPUTE_WGS * cfg.mgpu_block_q + 2 * cfg.mgpu_stages * cfg.mgpu_block_kv) * tile
+           + COMPUTE_WGS * cfg.mgpu_block_q * 4}
+  if cfg.mgpu_backward:
+    # dq: Q, dO, lse, delta per warpgroup + a K/V ring; dk/dv: K, V per warpgroup + a ring of
+    # Q, dO, lse, delta tiles (the two need the same bytes)
+    bb = cfg.mgpu_bwd_block
+    needs["backward (mgpu_bwd_block / mgpu_bwd_stages)"] = (
+        COMPUTE_WGS * 2 * bb * (tile + 4) + cfg.mgpu_bwd_stages * 2 * bb * (tile + 4))
+  for what, bytes_ in needs.items():
+    # + 4 KiB of barriers and alignment: 128 keys x 3 stages (229,888 bytes of buffers) took
+    # 232,568 of the H200's 232,448 and failed to compile
+    if bytes_ + 4096 > SMEM_LIMIT:
+      raise UnsupportedError(f"Mosaic GPU attention {what}: {bytes_} bytes of shared memory "
+                             f"(+ 4 KiB > {SMEM_LIMIT}); fewer stages or smaller tiles")
 
 
 def attention(q, k, v, *, causal, window, sinks, q_segment_ids, kv_segment_ids, kv_valid, scale,

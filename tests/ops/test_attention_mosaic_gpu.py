@@ -116,6 +116,17 @@ def test_refuses_what_it_does_not_cover(kw, d, dtype, match):
     A.attention(q, q, q, implementation=IMPL, interpret=True, **kw)
 
 
+@pytest.mark.parametrize("cfg,match", [
+    (AttentionBlockConfig(mgpu_block_kv=128, mgpu_stages=3), "forward"),
+    (AttentionBlockConfig(mgpu_backward=True, mgpu_bwd_stages=12), "backward"),
+])
+def test_refuses_tiles_past_shared_memory(cfg, match):
+  """Before any compile: 128 keys x 3 slots at head_dim 128 failed to compile on the H200."""
+  q = jnp.zeros((1, 256, 2, 128), BF16)
+  with pytest.raises(NotImplementedError, match=f"{IMPL}: Mosaic GPU attention {match}"):
+    A.attention(q, q, q, causal=True, implementation=IMPL, interpret=True, config=cfg)
+
+
 @pytest.mark.gpu
 class TestPallasMosaicGpuGpu(AttentionTestBase):
   IMPLEMENTATION = IMPL
