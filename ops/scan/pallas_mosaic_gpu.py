@@ -154,7 +154,10 @@ def _backward(a, h, h0, g, g_last, reverse, interpret, config):
         plgpu.wait_smem_to_gmem(n_out, wait_read_only=True)   # step r - 2 left this slot
         db_out = db_buf.at[slot]
         da_out = None if a_const else da_buf.at[slot]
-        h_before = jnp.where(s == 0, h0, hp_t[prev_row].astype(jnp.float32))
+        # the predicate is broadcast by hand: Mosaic GPU's warpgroup lowering has no
+        # implicit broadcast in select (a scalar predicate failed on the H200)
+        first = jnp.broadcast_to(s == 0, (bc,))
+        h_before = jnp.where(first, h0, hp_t[prev_row].astype(jnp.float32))
         for pos in reversed(range(tt)):     # scan order, last step first
           i = rows[pos]
           hp = h_t[rows[pos - 1]].astype(jnp.float32) if pos else h_before
