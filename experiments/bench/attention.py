@@ -23,7 +23,8 @@ DECODE_SHAPES = {
 
 def _impls():
   """(row label, implementation, config) of each implementation registered for this platform
-  (and "xla"); on GPU also the Mosaic GPU forward with the Mosaic GPU backward."""
+  (and "xla"); on GPU also the Mosaic GPU forward with the Triton backward (the Hopper default
+  is the Mosaic GPU backward)."""
   from ops import _backend
   from ops.attention.config import default_config
   reg = A.api._ATTENTION._impls
@@ -32,8 +33,8 @@ def _impls():
                        "xla") if n in reg and (n == "xla" or here in reg[n].platforms)]
   rows = [(n, n, None) for n in names]
   if "pallas_mosaic_gpu" in names:
-    rows.insert(1, ("pallas_mosaic_gpu+mgpu_bwd", "pallas_mosaic_gpu",
-                    default_config().replace(mgpu_backward=True)))
+    rows.insert(1, ("pallas_mosaic_gpu+triton_bwd", "pallas_mosaic_gpu",
+                    default_config().replace(mgpu_backward=False)))
   return rows
 
 

@@ -1,6 +1,6 @@
 """ops.attention's Mosaic GPU kernels: the forward (ops/attention/pallas_mosaic_gpu.py) with
-the Triton backward (default) or the Mosaic GPU one (ops/attention/pallas_mosaic_gpu_bwd.py,
-AttentionBlockConfig.mgpu_backward).
+the Mosaic GPU backward (ops/attention/pallas_mosaic_gpu_bwd.py, AttentionBlockConfig.
+mgpu_backward: the Hopper default) or the Triton one.
 
 CPU: interpret mode on shapes with several key steps per CTA (the rings refill, a causal
 CTA's warpgroups skip different steps), lowering for an H200 (the compiled path: transposed
@@ -21,7 +21,8 @@ BF16, F32 = jnp.bfloat16, jnp.float32
 IMPL = "pallas_mosaic_gpu"
 SMALL = AttentionBlockConfig.small().replace(mgpu_block_kv=64)
 SMALL_MGPU_BWD = SMALL.replace(mgpu_backward=True)
-GPU_MGPU_BWD = AttentionBlockConfig.for_device("NVIDIA H200").replace(mgpu_backward=True)
+GPU_MGPU_BWD = AttentionBlockConfig.for_device("NVIDIA H200")
+GPU_TRITON_BWD = GPU_MGPU_BWD.replace(mgpu_backward=False)
 
 
 def _inputs(b, lq, lk, h, hk, d, seed=0):
@@ -138,12 +139,18 @@ class TestPallasMosaicGpuGpu(AttentionTestBase):
 
 
 @pytest.mark.gpu
-class TestPallasMosaicGpuBackwardGpu(TestPallasMosaicGpuGpu):
-  CONFIG = GPU_MGPU_BWD
+class TestPallasMosaicGpuTritonBackwardGpu(TestPallasMosaicGpuGpu):
+  CONFIG = GPU_TRITON_BWD
+
+
+def test_hopper_default_is_the_mosaic_gpu_backward():
+  assert GPU_MGPU_BWD.mgpu_backward
+  assert AttentionBlockConfig.for_device("NVIDIA H100 80GB HBM3").mgpu_backward
+  assert not AttentionBlockConfig.for_device("NVIDIA A100-SXM4-80GB").mgpu_backward
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", [None, GPU_MGPU_BWD], ids=["triton_bwd", "mgpu_bwd"])
+@pytest.mark.parametrize("config", [GPU_MGPU_BWD, GPU_TRITON_BWD], ids=["mgpu_bwd", "triton_bwd"])
 @pytest.mark.parametrize("shape,kw", [
     ((1, 1024, 1024, 8, 2, 128), dict(causal=True)),
     ((2, 1000, 1500, 4, 4, 128), dict(causal=True)),
