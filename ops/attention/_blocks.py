@@ -108,6 +108,12 @@ def pad_len(n: int, block: int) -> int:
   return -(-n // block) * block
 
 
+def bwd_delta(o, do, dlse):
+  """The row term of every flash backward, dS = P * (dP - delta): o, do [b, lq, h, dv],
+  dlse [b, h, lq] (cotangent of the returned lse) -> rowsum(dO * O) - dlse [b, h, lq] f32."""
+  return jnp.einsum("bqhd,bqhd->bhq", o.astype(jnp.float32), do.astype(jnp.float32)) - dlse
+
+
 def pow2_at_least(n: int, floor: int = 16) -> int:
   p = floor
   while p < n:

@@ -228,7 +228,7 @@ def _flash_bwd(static, res, cts):
   fwd = dict(static.fwd)
   kw = dict(causal=fwd["causal"], scale=fwd["scale"], q_offset=fwd["q_offset"],
             kv_len=fwd["kv_len"], interpret=fwd["interpret"], **dict(static.bwd))
-  delta = jnp.einsum("bqhd,bqhd->bhq", o.astype(jnp.float32), do.astype(jnp.float32)) - dlse
+  delta = _blocks.bwd_delta(o, do, dlse)
   lse2 = lse * LOG2E
   dq = pallas_mosaic_gpu_bwd.dq(q, k, v, do, lse2, delta, **kw)
   dk, dv = pallas_mosaic_gpu_bwd.dkv(q, k, v, do, lse2, delta, **kw)

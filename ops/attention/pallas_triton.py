@@ -289,8 +289,7 @@ def _bwd(q, k, v, qseg, kvseg, valid, o, lse, do, dlse, *, mask, scale, soft_cap
   b, lq, h, d = q.shape
   lk, hk, dv = k.shape[1], k.shape[2], v.shape[3]
   g = h // hk
-  delta = jnp.einsum("bqhd,bqhd->bhq", o.astype(jnp.float32), do.astype(jnp.float32))
-  delta = delta - dlse
+  delta = _blocks.bwd_delta(o, do, dlse)
   lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse * LOG2E)
   extra = _mask_inputs(mask, qseg, kvseg, valid)
   params = _CompilerParams(num_warps=cfg["bwd_num_warps"], num_stages=cfg["bwd_num_stages"])
