@@ -1,12 +1,15 @@
 """Pieces shared by the Mosaic GPU attention kernels (forward and backward)."""
 from __future__ import annotations
 
+import functools
 import math
 
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from ops._mosaic_gpu import interpret_params
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -19,6 +22,35 @@ def smem_transforms(cols: int, dtype) -> tuple:
   itemsize = jnp.dtype(dtype).itemsize
   swizzle = plgpu.find_swizzle(cols * itemsize * 8)
   return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
+
+
+def kernel_call(body, out_type, grid, grid_names, interpret: bool):
+  """plgpu.kernel of COMPUTE_WGS compute warpgroups plus one memory warpgroup ("wg")."""
+  return plgpu.kernel(body, out_type=out_type, grid=grid, grid_names=grid_names,
+                      num_threads=COMPUTE_WGS + 1, thread_name="wg",
+                      interpret=interpret_params() if interpret else False,
+                      compiler_params=plgpu.CompilerParams(approx_math=True))
+
+
+def ring_loader(n_steps, stages, frees, load) -> None:
+  """The memory warpgroup: load(j, slot, ready) for steps 0..n_steps-1 into a ring of `stages`
+  slots. load calls ready(free) before it overwrites the arrays a barrier array of `frees`
+  guards (both compute warpgroups arrive on them): a wait on refills, nothing on the first
+  fill, so a kernel can start one array's load before the next array's slot is released.
+  Then waits for the last slots' release."""
+  no_wait = lambda free: None
+  for i in range(stages):
+    pl.when(i < n_steps)(functools.partial(load, i, i, no_wait))
+
+  @pl.loop(stages, jnp.maximum(n_steps, stages))
+  def _refill(j):
+    slot = lax.rem(j, stages)
+    load(j, slot, lambda free: plgpu.barrier_wait(free.at[slot]))
+
+  @pl.loop(jnp.maximum(n_steps, stages), n_steps + stages)
+  def _drain(j):
+    for free in frees:
+      plgpu.barrier_wait(free.at[lax.rem(j, stages)])
 
 
 def key_steps(row0, *, bq, bk, causal, q_offset, kv_len):
@@ -55,9 +87,10 @@ def register_ops(interpret: bool):
 def product(a, b, shape, *, a_in_smem: bool, b_transposed=False, acc=None, during=None,
             interpret: bool):
   """acc + a @ b (b^T when b_transposed) in f32 [shape], by wgmma: a is a shared-memory tile
-  (a_in_smem) or a register array (WGMMA layout, 16-bit), b a shared-memory tile. Interpret mode has neither
-  transposed shared-memory operands nor register operands nor pl.run_state (jax 0.10-0.11):
-  there it is a plain dot of the same values. `during()` runs while the tensor cores work."""
+  (a_in_smem) or a register array (WGMMA layout, 16-bit), b a shared-memory tile. Interpret
+  mode has neither transposed shared-memory operands nor register operands nor pl.run_state
+  (jax 0.10-0.11): there it is a plain dot of the same values. `during()` runs while the
+  tensor cores work."""
   during = during or (lambda: None)
   if interpret:
     during()

@@ -13,7 +13,9 @@ while one runs its softmax the other has the tensor cores (FlashAttention-3's pi
 causal CTA's first warpgroup needs fewer steps than its second: it keeps arriving on the free
 barriers and meetings of the steps it skips, so the ring and the ping-pong stay in step.
 
-The backward is the Triton dq and dk/dv kernels (pallas_triton.backward) on the saved o and lse.
+The backward runs on the saved o and lse: the Mosaic GPU dq and dk/dv kernels
+(pallas_mosaic_gpu_bwd; AttentionBlockConfig.mgpu_backward, the Hopper default) or the Triton
+ones (pallas_triton.backward).
 
 Covers causal (q_offset >= 0) or full attention, GQA/MQA, bf16/f16, head_dim 64 or 128, any
 lengths (padded here; padded keys masked). Window, sinks, segments, kv_valid, soft-cap and f32
@@ -31,10 +33,10 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ops import _backend
 from ops._backend import UnsupportedError
-from ops._mosaic_gpu import interpret_params, require_hopper
+from ops._mosaic_gpu import require_hopper
 from ops.attention import _blocks, pallas_mosaic_gpu_bwd, pallas_triton
-from ops.attention._mgpu import (COMPUTE_WGS, LN2, LOG2E, SMEM_LIMIT, key_steps, pass_slot,
-                                 product, register_ops, smem_transforms)
+from ops.attention._mgpu import (COMPUTE_WGS, LN2, LOG2E, SMEM_LIMIT, kernel_call, key_steps,
+                                 pass_slot, product, register_ops, ring_loader, smem_transforms)
 from ops.attention._blocks import Mask
 from ops.attention.config import AttentionBlockConfig, default_config
 
@@ -146,26 +148,14 @@ def _forward(q, k, v, *, causal, scale, q_offset, kv_len, bq, bk, stages, heavy_
       plgpu.set_max_registers(40, action="decrease")
       kv_head = lax.div(hi, group)
 
-      def load(j, slot, wait):
+      def load(j, slot, ready):     # K's slot is refilled before V's is released
         keys = pl.ds(j * bk, bk)
-        if wait:
-          plgpu.barrier_wait(k_free.at[slot])
+        ready(k_free)
         plgpu.copy_gmem_to_smem(k_ref.at[bi, keys, kv_head], k_smem.at[slot], k_loaded.at[slot])
-        if wait:
-          plgpu.barrier_wait(v_free.at[slot])
+        ready(v_free)
         plgpu.copy_gmem_to_smem(v_ref.at[bi, keys, kv_head], v_smem.at[slot], v_loaded.at[slot])
 
-      for i in range(stages):
-        pl.when(i < cta_steps)(functools.partial(load, i, i, False))
-
-      @pl.loop(stages, jnp.maximum(cta_steps, stages))
-      def _refill(j):
-        load(j, lax.rem(j, stages), True)
-
-      @pl.loop(jnp.maximum(cta_steps, stages), cta_steps + stages)
-      def _drain(j):        # the last slots' releases (observed, as interpret mode checks)
-        plgpu.barrier_wait(k_free.at[lax.rem(j, stages)])
-        plgpu.barrier_wait(v_free.at[lax.rem(j, stages)])
+      ring_loader(cta_steps, stages, (k_free, v_free), load)
 
   def entry(q_ref, k_ref, v_ref, o_ref, lse_ref):
     tr = smem_transforms(d, dtype)
@@ -183,27 +173,24 @@ def _forward(q, k, v, *, causal, scale, q_offset, kv_len, bq, bk, stages, heavy_
         collective_axes="wg",
     )
 
-  return plgpu.kernel(
-      entry,
-      out_type=(jax.ShapeDtypeStruct((b, lq, h, d), dtype),
-                jax.ShapeDtypeStruct((b, h, lq), jnp.float32)),
-      grid=(h, n_tiles, b),
-      grid_names=("heads", "q_tiles", "batch"),
-      num_threads=COMPUTE_WGS + 1,
-      thread_name="wg",
-      interpret=interpret_params() if interpret else False,
-      compiler_params=plgpu.CompilerParams(approx_math=True),
-  )(q, k, v)
+  out_type = (jax.ShapeDtypeStruct((b, lq, h, d), dtype),
+              jax.ShapeDtypeStruct((b, h, lq), jnp.float32))
+  return kernel_call(entry, out_type, (h, n_tiles, b), ("heads", "q_tiles", "batch"),
+                     interpret)(q, k, v)
 
 
 class _Static(tuple):
-  """Hashable static arguments of the custom_vjp."""
-  _fields = ("fwd", "mask", "scale", "cfg_d", "interpret", "bwd")
+  """Hashable static arguments of the custom_vjp: fwd (the forward's keyword arguments as
+  pairs; scale and interpret read from it), the Triton backward's mask and tiles (mask,
+  cfg_d), and the Mosaic GPU backward's block and stages (bwd; empty = the Triton one)."""
+  _fields = ("fwd", "mask", "cfg_d", "bwd")
 
   def __new__(cls, **kw):
     return super().__new__(cls, tuple(kw[f] for f in cls._fields))
 
   def __getattr__(self, name):
+    if name in ("scale", "interpret"):
+      return dict(self[0])[name]
     return self[self._fields.index(name)]
 
 
@@ -302,7 +289,6 @@ def attention(q, k, v, *, causal, window, sinks, q_segment_ids, kv_segment_ids, 
          ("heavy_first", bool(cfg.mgpu_heavy_first)), ("interpret", interpret))
   bwd = ((("block", bb), ("stages", min(cfg.mgpu_bwd_stages, lk_p // bb)))
          if cfg.mgpu_backward else ())
-  static = _Static(fwd=fwd, mask=mask, scale=float(scale), cfg_d=cfg_d, interpret=interpret,
-                   bwd=bwd)
+  static = _Static(fwd=fwd, mask=mask, cfg_d=cfg_d, bwd=bwd)
   o, lse = _flash(pad(q, lq_p), pad(k, lk_p), pad(v, lk_p), static)
   return o[:, :lq], lse[:, :, :lq]

@@ -27,36 +27,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from ops._mosaic_gpu import interpret_params
-from ops.attention._mgpu import (COMPUTE_WGS, LOG2E, key_steps, pass_slot, product,
-                                 register_ops, smem_transforms)
-
-
-def _kernel(body, out_type, grid, grid_names, interpret):
-  return plgpu.kernel(body, out_type=out_type, grid=grid, grid_names=grid_names,
-                      num_threads=COMPUTE_WGS + 1, thread_name="wg",
-                      interpret=interpret_params() if interpret else False,
-                      compiler_params=plgpu.CompilerParams(approx_math=True))
-
-
-def _ring_loader(n_steps, stages, frees, load):
-  """Memory warpgroup: load(j, slot) for steps 0..n_steps-1 into a ring of `stages` slots,
-  waiting on every barrier array in `frees` (both compute warpgroups arrive on them) before
-  refilling a slot; then waits for the last slots' release."""
-  for i in range(stages):
-    pl.when(i < n_steps)(functools.partial(load, i, i))
-
-  @pl.loop(stages, jnp.maximum(n_steps, stages))
-  def _refill(j):
-    slot = lax.rem(j, stages)
-    for free in frees:
-      plgpu.barrier_wait(free.at[slot])
-    load(j, slot)
-
-  @pl.loop(jnp.maximum(n_steps, stages), n_steps + stages)
-  def _drain(j):
-    for free in frees:
-      plgpu.barrier_wait(free.at[lax.rem(j, stages)])
+from ops.attention._mgpu import (COMPUTE_WGS, LOG2E, kernel_call, key_steps, pass_slot, product,
+                                 register_ops, ring_loader, smem_transforms)
 
 
 def dq(q, k, v, do, lse2, delta, *, causal, scale, q_offset, kv_len, block, stages, interpret):
@@ -140,12 +112,14 @@ def dq(q, k, v, do, lse2, delta, *, causal, scale, q_offset, kv_len, block, stag
       plgpu.set_max_registers(40, action="decrease")
       kv_head = lax.div(hi, group)
 
-      def load(j, slot):
+      def load(j, slot, ready):
+        ready(k_free)
+        ready(v_free)
         keys = (bi, pl.ds(j * bk, bk), kv_head)
         plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_loaded.at[slot])
         plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_loaded.at[slot])
 
-      _ring_loader(cta_steps, stages, (k_free, v_free), load)
+      ring_loader(cta_steps, stages, (k_free, v_free), load)
 
   def entry(*refs):
     tr = smem_transforms(d, dtype)
@@ -163,8 +137,8 @@ def dq(q, k, v, do, lse2, delta, *, causal, scale, q_offset, kv_len, block, stag
         collective_axes="wg",
     )
 
-  return _kernel(entry, jax.ShapeDtypeStruct(q.shape, dtype), (h, n_tiles, b),
-                 ("heads", "q_tiles", "batch"), interpret)(q, k, v, do, lse2, delta)
+  return kernel_call(entry, jax.ShapeDtypeStruct(q.shape, dtype), (h, n_tiles, b),
+                     ("heads", "q_tiles", "batch"), interpret)(q, k, v, do, lse2, delta)
 
 
 def _tile_range(k0, *, bq, bk, causal, q_offset, kv_len, n_q):
@@ -261,7 +235,8 @@ def dkv(q, k, v, do, lse2, delta, *, causal, scale, q_offset, kv_len, block, sta
     def _memory():
       plgpu.set_max_registers(40, action="decrease")
 
-      def load(j, slot):
+      def load(j, slot, ready):
+        ready(free)
         head = kvh * group + lax.div(j, jnp.maximum(per_head, 1))
         t = cta_first + lax.rem(j, jnp.maximum(per_head, 1))
         rows, vec = (bi, pl.ds(t * bq, bq), head), (bi, head, pl.ds(t * bq, bq))
@@ -271,7 +246,7 @@ def dkv(q, k, v, do, lse2, delta, *, causal, scale, q_offset, kv_len, block, sta
         plgpu.copy_gmem_to_smem(lse_ref.at[vec], lse_smem.at[slot], bar)
         plgpu.copy_gmem_to_smem(delta_ref.at[vec], delta_smem.at[slot], bar)
 
-      _ring_loader(n_steps, stages, (free,), load)
+      ring_loader(n_steps, stages, (free,), load)
 
   def entry(*refs):
     tr = smem_transforms(d, dtype)
@@ -290,5 +265,5 @@ def dkv(q, k, v, do, lse2, delta, *, causal, scale, q_offset, kv_len, block, sta
     )
 
   out = jax.ShapeDtypeStruct(k.shape, dtype)
-  return _kernel(entry, (out, out), (hk, n_tiles, b), ("kv_heads", "k_tiles", "batch"),
-                 interpret)(q, k, v, do, lse2, delta)
+  return kernel_call(entry, (out, out), (hk, n_tiles, b), ("kv_heads", "k_tiles", "batch"),
+                     interpret)(q, k, v, do, lse2, delta)
