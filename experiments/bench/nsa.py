@@ -114,6 +114,8 @@ def run(shapes="bench", dtype="bfloat16", ceilings=None):
       ms = attempt("nsa.slc fwd+bwd", lambda: _time(slc_b, q, ks, vs, idx, iters=iters))
       if ms:
         row("nsa.slc fwd+bwd", ms)
+      if impl == "pallas_triton":
+        _query_tile_rows(slc_f(q, ks, vs, idx)[0], q, ks, vs, idx, cfg, iters, row, attempt)
     if jax.default_backend() == "gpu":
       from ops.attention import attention
       win_f = jax.jit(lambda q, k, v: attention(q, k, v, causal=True, window=cfg.window))
@@ -126,6 +128,30 @@ def run(shapes="bench", dtype="bfloat16", ceilings=None):
 
     del args, q, kc, vc, ks, vs, kw, vw, gates
   return rows
+
+
+def _query_tile_rows(o_ref, q, k, v, idx, cfg, iters, row, attempt):
+  """The selected branch with sel_block_q queries per program (NSABlockConfig), fwd and
+  fwd+bwd, on the blocks the default path chose; the note gives max |o - o of the default|."""
+  from ops.nsa.config import default_block_config
+  for qt in (4, 8):
+    bcfg = default_block_config().replace(sel_block_q=qt)
+    f = jax.jit(lambda q, k, v, i, bcfg=bcfg: nsa_op.selected_attention(
+        q, k, v, i, select_len=cfg.select_len, implementation="pallas_triton", config=bcfg))
+    fb = jax.jit(jax.grad(lambda q, k, v, i: f(q, k, v, i)[0].astype(jnp.float32).sum(),
+                          argnums=(0, 1, 2)))
+    label = f"nsa.slc fwd [sel_block_q={qt}]"
+    diff = attempt(label, lambda: float(jnp.max(jnp.abs(
+        f(q, k, v, idx)[0].astype(jnp.float32) - o_ref.astype(jnp.float32)))))
+    if diff is None:
+      continue
+    ms = attempt(label, lambda: _time(f, q, k, v, idx, iters=iters))
+    if ms:
+      row(label, ms, note=f"max |o - default o| {diff:.2e}")
+    label = f"nsa.slc fwd+bwd [sel_block_q={qt}]"
+    ms = attempt(label, lambda: _time(fb, q, k, v, idx, iters=iters))
+    if ms:
+      row(label, ms)
 
 
 def _decode_rows(shapes, dtype, cfg, rows, shape=None):

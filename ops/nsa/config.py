@@ -56,7 +56,11 @@ class NSABlockConfig:
   """Tiling of the Pallas NSA kernels.
 
   sel_block_k: keys per inner step of the selected-block kernels (divides select_len; the whole
-  block by default). score_block_q: query positions per program of the selection-score kernel;
+  block by default). sel_block_q: query positions per program of the selected-attention forward
+  and dq kernels (a power of two). 1: a program owns one query's group of heads and walks its
+  blocks. More: a program owns sel_block_q consecutive queries x the group's heads and walks the
+  union of their blocks, each loaded once for all of them (neighbouring queries mostly choose
+  the same blocks), a row masked off the blocks its query did not choose. score_block_q: query positions per program of the selection-score kernel;
   score_block_k: compressed keys per inner step (a multiple of 16*select_len/stride so each step
   covers whole selection blocks). score_head_loop: the score kernel's rows are score_block_q
   query positions and it loops over the GQA group's heads, summing probabilities as it goes
@@ -87,6 +91,7 @@ class NSABlockConfig:
   decode_combine_dv: value columns per program of the combining kernel (a power of two).
   """
   sel_block_k: int | None = None
+  sel_block_q: int = 1
   sel_num_warps: int = 4
   sel_num_stages: int = 2
   score_block_q: int = 16
@@ -114,6 +119,11 @@ class NSABlockConfig:
   decode_select_num_warps: int = 4
   decode_topn_num_warps: int = 4
   decode_combine_dv: int = 32
+
+  def __post_init__(self):
+    q = self.sel_block_q
+    if not isinstance(q, int) or q < 1 or q & (q - 1):
+      raise ValueError(f"NSABlockConfig.sel_block_q must be a power of two >= 1, got {q!r}")
 
   def replace(self, **kw) -> "NSABlockConfig":
     return dataclasses.replace(self, **kw)

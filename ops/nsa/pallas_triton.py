@@ -139,6 +139,133 @@ def _sel_dkv_kernel(item_ref, st_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, d
   dv_ref[...] = dv
 
 
+# ---------------------------------------------- selected attention, sel_block_q queries a program
+def _tile_rows(idx_ref, qseg_ref, blk, t0, qt, gp, has_seg):
+  """Rows of a query-tile program are (query, head) pairs, query-major: for block `blk` ->
+  (rows that selected it [qt*gp] bool, their query positions [qt*gp] int32, their segment ids
+  or None)."""
+  chose = jnp.max((idx_ref[...] == blk).astype(jnp.int32), axis=1) > 0           # [qt]
+  rows = lambda x: jnp.broadcast_to(x[:, None], (qt, gp)).reshape(qt * gp)
+  tq = t0 + _iota(qt)
+  qs = rows(qseg_ref[pl.ds(t0, qt)]) if has_seg else None
+  return rows(chose), rows(tq), qs
+
+
+def _tile_logits(q, k_ref, kseg_ref, blk, off, bk, sel, tq, qs, scale, prec):
+  """Masked logits [rows, bk] of the rows `sel` against keys [off, off + bk) of block blk."""
+  s = _dot(q, k_ref[pl.ds(off, bk), :], prec, tb=True) * scale
+  ok = sel[:, None] & ((off + _iota(bk))[None, :] <= tq[:, None]) & (blk >= 0)
+  if qs is not None:
+    ok = ok & (kseg_ref[pl.ds(off, bk)][None, :] == qs[:, None])
+  return s, ok
+
+
+def _sel_fwd_tile_kernel(union_ref, idx_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref,
+                         o_ref, lse_ref, *, scale, ls, bk, has_seg, prec):
+  """One program: qt query positions x the group's gp head rows, against the union of their
+  selected blocks (each block loaded once for all of them; a row sees the blocks its query
+  chose)."""
+  qt, gp, dp = q_ref.shape
+  t0 = pl.program_id(0) * qt
+  q = q_ref[...].reshape(qt * gp, dp)
+  dv = v_ref.shape[-1]
+
+  def body(i, carry):
+    blk = union_ref[i]
+    sel, tq, qs = _tile_rows(idx_ref, qseg_ref, blk, t0, qt, gp, has_seg)
+    start = jnp.maximum(blk, 0) * ls
+    for c in range(ls // bk):
+      off = start + c * bk
+      s, ok = _tile_logits(q, k_ref, kseg_ref, blk, off, bk, sel, tq, qs, scale, prec)
+      carry = _online(jnp.where(ok, s, -jnp.inf), v_ref[pl.ds(off, bk), :], carry, prec)
+    return carry
+
+  init = (jnp.full((qt * gp,), -jnp.inf, _F32), jnp.zeros((qt * gp,), _F32),
+          jnp.zeros((qt * gp, dv), _F32))
+  m, l, acc = lax.fori_loop(0, _n_union(union_ref), body, init)
+  has = l > 0
+  l_safe = jnp.where(has, l, 1.0)
+  o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype).reshape(qt, gp, dv)
+  lse_ref[...] = jnp.where(has, m + jnp.log(l_safe), -jnp.inf).reshape(qt, gp)
+
+
+def _sel_dq_tile_kernel(union_ref, idx_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref,
+                        do_ref, lse_ref, delta_ref, dq_ref, *, scale, ls, bk, has_seg, prec):
+  """dq of a query-tile program (rows and blocks as in _sel_fwd_tile_kernel)."""
+  qt, gp, dp = q_ref.shape
+  t0 = pl.program_id(0) * qt
+  q = q_ref[...].reshape(qt * gp, dp)
+  do = do_ref[...].reshape(qt * gp, do_ref.shape[-1])
+  lse = lse_ref[...].reshape(qt * gp)
+  lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
+  delta = delta_ref[...].reshape(qt * gp)
+
+  def body(i, dq):
+    blk = union_ref[i]
+    sel, tq, qs = _tile_rows(idx_ref, qseg_ref, blk, t0, qt, gp, has_seg)
+    start = jnp.maximum(blk, 0) * ls
+    for c in range(ls // bk):
+      off = start + c * bk
+      s, ok = _tile_logits(q, k_ref, kseg_ref, blk, off, bk, sel, tq, qs, scale, prec)
+      k = k_ref[pl.ds(off, bk), :]
+      p = jnp.where(ok, jnp.exp(s - lse[:, None]), 0.0)
+      dp_ = _dot(do, v_ref[pl.ds(off, bk), :], prec, tb=True)
+      dq = dq + _dot((p * (dp_ - delta[:, None])).astype(k.dtype), k, prec)
+    return dq
+
+  dq = lax.fori_loop(0, _n_union(union_ref), body, jnp.zeros(q.shape, _F32))
+  dq_ref[...] = (dq * scale).astype(dq_ref.dtype).reshape(qt, gp, dp)
+
+
+def _n_union(union_ref):
+  return jnp.sum((union_ref[...] >= 0).astype(jnp.int32))
+
+
+def _union_blocks(idx, qt):
+  """idx [b, tp, kvh, npad] (tp % qt == 0; -1 = no block) -> the distinct blocks of each tile
+  of qt query positions, ascending, then -1: [b, tp/qt, kvh, pow2(qt*npad)] int32."""
+  b, tp, hk, n = idx.shape
+  big = jnp.iinfo(jnp.int32).max
+  u = idx.reshape(b, tp // qt, qt, hk, n).transpose(0, 1, 3, 2, 4).reshape(b, tp // qt, hk, -1)
+  u = jnp.sort(jnp.where(u >= 0, u, big), axis=-1)
+  dup = jnp.concatenate([jnp.zeros_like(u[..., :1], bool), u[..., 1:] == u[..., :-1]], -1)
+  u = jnp.sort(jnp.where(dup, big, u), axis=-1)
+  return _pad_axis(jnp.where(u < big, u, -1), 3, _pow2(u.shape[-1], 1), -1)
+
+
+def _tile_call(kernel, name, row_arrays, outs, *, qt, t, kp, vp, idx, qseg, kseg, cfg,
+               interpret):
+  """pallas_call of a query-tile kernel over (query tiles, kv heads, batch). Its arguments:
+  the union of the tile's blocks, the per-query block ids idx [b, t, kvh, npad], q, k, v,
+  the query and key segment ids, the rest of row_arrays; then outs. row_arrays (q first)
+  [b, t, kvh, gp, ...] and outs (shapes [b, t, kvh, ...]) get blocks of qt query positions.
+  Pads t to a multiple of qt and slices the outputs back."""
+  tq = -(-t // qt) * qt
+  pad_t = lambda x, value=0: _pad_axis(x, 1, tq, value)
+  idx = pad_t(idx, -1)
+  union = _union_blocks(idx, qt)
+  rows = [pad_t(x) for x in row_arrays]
+  row_spec = lambda x: pl.BlockSpec((None, qt, None) + x.shape[3:],
+                                    lambda i, j, z: (z, i, j) + (0,) * (x.ndim - 3))
+  b, hk = idx.shape[0], idx.shape[2]
+  whole = lambda x: pl.BlockSpec((None, x.shape[1], None, x.shape[3]),
+                                 lambda i, j, z: (z, 0, j, 0))
+  q_rows, *other_rows = rows
+  in_specs = ([pl.BlockSpec((None, None, None, union.shape[-1]), lambda i, j, z: (z, i, j, 0)),
+               row_spec(idx), row_spec(q_rows), whole(kp), whole(vp),
+               pl.BlockSpec((None, tq), lambda i, j, z: (z, 0)),
+               pl.BlockSpec((None, kseg.shape[1]), lambda i, j, z: (z, 0))]
+              + [row_spec(x) for x in other_rows])
+  out_shape = [jax.ShapeDtypeStruct((b, tq) + o.shape[2:], o.dtype) for o in outs]
+  res = pl.pallas_call(
+      kernel, grid=(tq // qt, hk, b), in_specs=in_specs,
+      out_specs=[row_spec(o) for o in out_shape], out_shape=out_shape,
+      interpret=interpret, name=name,
+      **_compiler(interpret, cfg.sel_num_warps, cfg.sel_num_stages),
+  )(union, idx, q_rows, kp, vp, pad_t(qseg, -1), kseg, *other_rows)
+  return [r[:, :t] if tq != t else r for r in res]
+
+
 def _layout(q, k, v, block_idx, q_segment_ids, ls):
   """Pads to kernel-legal shapes: q -> [b,t,kvh,gp,dp], k/v -> [b,tp,kvh,*], idx -> [...,np]."""
   b, t, h, d = q.shape
@@ -165,6 +292,16 @@ def _sel_forward(q, k, v, block_idx, q_segment_ids, *, ls, scale, cfg, interpret
   b, t, h, d, hk, dv, g, gp, dp, dvp, tp = dims
   bk = cfg.sel_block_k or ls
   npad = idx.shape[-1]
+  if cfg.sel_block_q > 1:
+    kern = functools.partial(_sel_fwd_tile_kernel, scale=scale, ls=ls, bk=bk,
+                             has_seg=q_segment_ids is not None, prec=_prec(q.dtype))
+    o5, lse4 = _tile_call(
+        kern, "nsa_selected_fwd_tiles", [q5],
+        [jax.ShapeDtypeStruct((b, t, hk, gp, dvp), q.dtype),
+         jax.ShapeDtypeStruct((b, t, hk, gp), _F32)],
+        qt=cfg.sel_block_q, t=t, kp=kp, vp=vp, idx=idx, qseg=qseg, kseg=kseg, cfg=cfg,
+        interpret=interpret)
+    return o5, lse4
   kern = functools.partial(_sel_fwd_kernel, scale=scale, ls=ls, bk=bk, n=block_idx.shape[-1],
                            has_seg=q_segment_ids is not None, prec=_prec(q.dtype))
   o5, lse4 = pl.pallas_call(
@@ -246,24 +383,16 @@ def _sum_partials(part, ranges, tp, dtype, *, interpret, cfg):
   )(ranges, part)
 
 
-def _sel_backward(q, k, v, block_idx, q_segment_ids, o5, lse4, do, dlse, *, ls, scale, cfg,
-                  interpret):
-  q5, kp, vp, idx, qseg, kseg, dims = _layout(q, k, v, block_idx, q_segment_ids, ls)
-  b, t, h, d, hk, dv, g, gp, dp, dvp, tp = dims
-  bk = cfg.sel_block_k or ls
+def _sel_dq(q5, kp, vp, idx, qseg, kseg, do5, lse4, delta, *, dims, ls, bk, n, scale, has_seg,
+            prec, cfg, interpret):
+  """dq of the one-query-per-program kernel: -> dq5 [b, t, kvh, gp, dp]."""
+  b, t, _, _, hk, _, _, gp, dp, dvp, tp = dims
   npad = idx.shape[-1]
-  has_seg = q_segment_ids is not None
-  prec = _prec(q.dtype)
-  do5 = _pad_axis(_pad_axis(do.reshape(b, t, hk, g, dv), 3, gp), 4, dvp)
-  delta = jnp.sum(o5.astype(_F32) * do5.astype(_F32), -1)
-  if dlse is not None:
-    dl = _pad_axis(dlse.astype(_F32).reshape(b, hk, g, t).transpose(0, 3, 1, 2), 3, gp)
-    delta = delta - jnp.where(jnp.isfinite(lse4), dl, 0.0)
-  kern = functools.partial(_sel_dq_kernel, scale=scale, ls=ls, bk=bk, n=block_idx.shape[-1],
+  kern = functools.partial(_sel_dq_kernel, scale=scale, ls=ls, bk=bk, n=n,
                            has_seg=has_seg, prec=prec)
   row = lambda last: pl.BlockSpec((None, None, None, gp) + last,
                                   lambda i, j, z: (z, i, j, 0) + (0,) * len(last))
-  dq5 = pl.pallas_call(
+  return pl.pallas_call(
       kern, grid=(t, hk, b),
       in_specs=[
           pl.BlockSpec((None, None, None, npad), lambda i, j, z: (z, i, j, 0)),
@@ -275,10 +404,35 @@ def _sel_backward(q, k, v, block_idx, q_segment_ids, o5, lse4, do, dlse, *, ls, 
           row((dvp,)), row(()), row(()),
       ],
       out_specs=row((dp,)),
-      out_shape=jax.ShapeDtypeStruct(q5.shape, q.dtype),
+      out_shape=jax.ShapeDtypeStruct(q5.shape, q5.dtype),
       interpret=interpret, name="nsa_selected_dq",
       **_compiler(interpret, cfg.sel_num_warps, cfg.sel_num_stages),
   )(idx, q5, kp, vp, qseg, kseg, do5, lse4, delta)
+
+
+def _sel_backward(q, k, v, block_idx, q_segment_ids, o5, lse4, do, dlse, *, ls, scale, cfg,
+                  interpret):
+  q5, kp, vp, idx, qseg, kseg, dims = _layout(q, k, v, block_idx, q_segment_ids, ls)
+  b, t, h, d, hk, dv, g, gp, dp, dvp, tp = dims
+  bk = cfg.sel_block_k or ls
+  has_seg = q_segment_ids is not None
+  prec = _prec(q.dtype)
+  do5 = _pad_axis(_pad_axis(do.reshape(b, t, hk, g, dv), 3, gp), 4, dvp)
+  delta = jnp.sum(o5.astype(_F32) * do5.astype(_F32), -1)
+  if dlse is not None:
+    dl = _pad_axis(dlse.astype(_F32).reshape(b, hk, g, t).transpose(0, 3, 1, 2), 3, gp)
+    delta = delta - jnp.where(jnp.isfinite(lse4), dl, 0.0)
+  if cfg.sel_block_q > 1:
+    kern = functools.partial(_sel_dq_tile_kernel, scale=scale, ls=ls, bk=bk, has_seg=has_seg,
+                             prec=prec)
+    (dq5,) = _tile_call(kern, "nsa_selected_dq_tiles", [q5, do5, lse4, delta],
+                        [jax.ShapeDtypeStruct(q5.shape, q.dtype)], qt=cfg.sel_block_q, t=t,
+                        kp=kp, vp=vp, idx=idx, qseg=qseg, kseg=kseg, cfg=cfg,
+                        interpret=interpret)
+  else:
+    dq5 = _sel_dq(q5, kp, vp, idx, qseg, kseg, do5, lse4, delta, dims=dims, ls=ls, bk=bk,
+                  n=block_idx.shape[-1], scale=scale, has_seg=has_seg, prec=prec, cfg=cfg,
+                  interpret=interpret)
   dq = dq5[:, :, :, :g, :d].reshape(b, t, h, d)
 
   n_blocks = tp // ls

@@ -374,6 +374,73 @@ class TestNSATritonGPU(NSATestBase, TritonScoreKernels):
   F32_TOL = ot.GPU_F32
 
 
+class QueryTileCases:
+  """The selected-attention kernels with several queries per program (sel_block_q): the cases
+  whose answer the query tiles could change (the kernel against the reference, whole NSA with
+  segments, causality, segments not crossing); selection and the other branches are as in the
+  one-query classes."""
+  test_selection_matches_reference = None
+  test_full_pipeline_f32 = None
+  test_queries_before_first_block = None
+  test_block_idx_structure = None
+  test_score_kernels_match_reference = None
+  test_row_score_kernel_refuses_groups_past_its_row_budget = None
+  test_topn_kernel_equals_select_from_scores = None
+
+  @pytest.mark.parametrize("t,seg", [(100, False), (75, True)])
+  def test_tile_rows_see_only_their_blocks(self, t, seg):
+    """Random block choices, different for each query of a tile (the selection's own picks
+    mostly agree between neighbours, so they would not catch a row reading a block only its
+    neighbour chose)."""
+    cfg, h, hk, d, n = self.CFG, 4, 2, 16, 2
+    q, _, _, k, v, _, _, _ = make_inputs(jax.random.key(5), 1, t, h, hk, d, cfg, F32)
+    rng = np.random.default_rng(t)
+    idx = np.full((1, t, hk, n), -1, np.int32)
+    for tt in range(t):
+      for j in range(hk):
+        avail = tt // cfg.select_len + 1
+        pick = np.sort(rng.choice(avail, size=min(n, avail), replace=False))
+        idx[0, tt, j, :len(pick)] = pick
+    idx = jnp.asarray(idx)
+    sid = (jnp.arange(t)[None] >= t // 2).astype(jnp.int32) if seg else None
+    w = ot.normal(jax.random.key(8), (1, t, h, d), F32)
+
+    def loss(fn, q, k, v):
+      o, lse = fn(q, k, v)
+      return jnp.sum(o * w) + 0.1 * jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0))
+
+    kw = dict(select_len=cfg.select_len, q_segment_ids=sid)
+    ref = lambda q, k, v: reference.selected_attention(q, k, v, idx, **kw)
+    got = lambda q, k, v: nsa_op.selected_attention(q, k, v, idx, **kw, **self.kw())
+    (o2, l2), (o1, l1) = jax.jit(got)(q, k, v), jax.jit(ref)(q, k, v)
+    ot.assert_close(o2, o1, F32, tol=self.tol(F32))
+    # rows whose chosen blocks all lie in another segment see no key: lse -inf in both
+    np.testing.assert_array_equal(np.isfinite(l2), np.isfinite(l1))
+    fin = jnp.isfinite(l1)
+    ot.assert_close(jnp.where(fin, l2, 0), jnp.where(fin, l1, 0), F32, tol=self.tol(F32),
+                    name="lse")
+    g1 = jax.jit(jax.grad(functools.partial(loss, ref), argnums=(0, 1, 2)))(q, k, v)
+    g2 = jax.jit(jax.grad(functools.partial(loss, got), argnums=(0, 1, 2)))(q, k, v)
+    for a, b_, name in zip(g2, g1, "qkv"):
+      ot.assert_close(a, b_, F32, tol=2 * self.tol(F32), name=f"d{name}")
+
+
+class TestNSATritonQueryTilesInterpret(QueryTileCases, NSATestBase):
+  IMPL = "pallas_triton"
+  INTERPRET = True
+  BCFG = NSABlockConfig.small().replace(sel_block_q=4)
+
+
+@pytest.mark.gpu
+class TestNSATritonQueryTilesGPU(QueryTileCases, TestNSATritonGPU):
+  BCFG = NSABlockConfig.for_device("NVIDIA H200").replace(sel_block_q=8)
+
+
+def test_sel_block_q_must_be_a_power_of_two():
+  with pytest.raises(ValueError, match="sel_block_q"):
+    NSABlockConfig(sel_block_q=3)
+
+
 class TestNSATPUInterpret(NSATestBase):
   """Mosaic TPU kernels (ops/nsa/pallas_tpu.py) run interpreted on CPU.
 

@@ -94,6 +94,21 @@ def test_nsa_fwd_bwd_paper_shape():
   assert n >= 6
 
 
+@pytest.mark.parametrize("sel_block_q", [4, 8])
+def test_nsa_selected_query_tiles(sel_block_q):
+  """The query-tile selected-attention kernels (forward, dq) beside the dk/dv ones."""
+  from ops import nsa
+  from ops.nsa.config import NSABlockConfig
+  t, n = 8192, 16
+  q, kv = sds((1, t, 64, 128), BF16), sds((1, t, 4, 128), BF16)
+  idx = sds((1, t, 4, n), jnp.int32)
+  cfg = NSABlockConfig.for_device("NVIDIA H100 80GB HBM3").replace(sel_block_q=sel_block_q)
+  fn = lambda q, k, v, idx: nsa.selected_attention(q, k, v, idx, select_len=64,
+                                                   implementation="pallas_triton", config=cfg)
+  sizes = ot.triton_module_sizes(_grad(fn, (0, 1, 2)), q, kv, kv, idx)
+  assert len(sizes) == 5       # forward, dq, dk/dv partials, their sums (dk, dv)
+
+
 def test_nsa_decode_64k():
   from ops.nsa import decode
   from ops.nsa.config import NSAConfig
