@@ -56,11 +56,13 @@ class NSABlockConfig:
   """Tiling of the Pallas NSA kernels.
 
   sel_block_k: keys per inner step of the selected-block kernels (divides select_len; the whole
-  block by default). sel_block_q: query positions per program of the selected-attention forward
-  and dq kernels (a power of two). 1: a program owns one query's group of heads and walks its
-  blocks. More: a program owns sel_block_q consecutive queries x the group's heads and walks the
-  union of their blocks, each loaded once for all of them (neighbouring queries mostly choose
-  the same blocks), a row masked off the blocks its query did not choose. score_block_q: query positions per program of the selection-score kernel;
+  block by default). sel_block_q: queries per step of the selected-attention kernels (a power
+  of two). 1: a forward / dq program owns one query's group of heads and walks its blocks.
+  More: it owns sel_block_q consecutive queries x the group's heads and walks the union of
+  their blocks, each loaded once for all of them (neighbouring queries mostly choose the same
+  blocks), a row masked off the blocks its query did not choose; the dk/dv kernel gathers
+  sel_block_q of a block's queries per step (rows = queries x heads), so its products are
+  wider. Off (1) until timed on a GPU. score_block_q: query positions per program of the selection-score kernel;
   score_block_k: compressed keys per inner step (a multiple of 16*select_len/stride so each step
   covers whole selection blocks). score_head_loop: the score kernel's rows are score_block_q
   query positions and it loops over the GQA group's heads, summing probabilities as it goes

@@ -13,6 +13,11 @@ writes dK / dV in the input layout. Splitting keeps blocks chosen by every query
 local ones) from serialising on one program. The partials are summed by a kernel rather than
 jax.ops.segment_sum: XLA lowers that to an f32 scatter-add whose atomics collide on the blocks
 every query picks (120 of 136 ms of the selected branch's fwd+bwd at 16k on an H200).
+
+With NSABlockConfig.sel_block_q > 1 the three kernels take several queries per step: a forward
+/ dq program owns sel_block_q consecutive queries and walks the union of their blocks (rows
+masked off blocks their query did not choose); a dk/dv step gathers sel_block_q of the item's
+queries.
 """
 from __future__ import annotations
 
@@ -215,6 +220,45 @@ def _sel_dq_tile_kernel(union_ref, idx_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_
 
   dq = lax.fori_loop(0, _n_union(union_ref), body, jnp.zeros(q.shape, _F32))
   dq_ref[...] = (dq * scale).astype(dq_ref.dtype).reshape(qt, gp, dp)
+
+
+def _sel_dkv_tile_kernel(item_ref, st_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref,
+                         lse_ref, delta_ref, dk_ref, dv_ref, *, scale, ls, qt, has_seg, prec):
+  """dk / dv partials of one work item (a block, entries [lo, hi) of the queries that chose
+  it, sorted), qt queries per step gathered into [qt * gp] rows; entries past hi are masked."""
+  blk, lo, hi = item_ref[0], item_ref[1], item_ref[2]
+  start = jnp.maximum(blk, 0) * ls
+  k = k_ref[pl.ds(start, ls), :]
+  v = v_ref[pl.ds(start, ls), :]
+  kpos = start + _iota(ls)
+  kseg = kseg_ref[pl.ds(start, ls)] if has_seg else None
+  gp = q_ref.shape[1]
+  rows = lambda x: jnp.broadcast_to(x[:, None], (qt, gp)).reshape(qt * gp)
+  flat = lambda x: x.reshape((qt * gp,) + x.shape[2:])
+
+  def body(j, carry):
+    dk, dv = carry
+    e = lo + j * qt + _iota(qt)
+    live = e < hi
+    ts = jnp.where(live, st_ref[pl.ds(lo + j * qt, qt)], 0)
+    q, do = flat(q_ref[ts]), flat(do_ref[ts])
+    lse = flat(lse_ref[ts])
+    lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
+    delta = flat(delta_ref[ts])
+    ok = rows(live)[:, None] & (kpos[None, :] <= rows(ts)[:, None])
+    if has_seg:
+      ok = ok & (kseg[None, :] == rows(qseg_ref[ts])[:, None])
+    s = _dot(q, k, prec, tb=True) * scale
+    p = jnp.where(ok, jnp.exp(s - lse[:, None]), 0.0)
+    dv = dv + _dot(p.astype(do.dtype), do, prec, ta=True)
+    ds = p * (_dot(do, v, prec, tb=True) - delta[:, None])
+    dk = dk + _dot(ds.astype(q.dtype), q, prec, ta=True)
+    return dk, dv
+
+  dk, dv = lax.fori_loop(0, (hi - lo + qt - 1) // qt, body,
+                         (jnp.zeros(dk_ref.shape, _F32), jnp.zeros(dv_ref.shape, _F32)))
+  dk_ref[...] = dk * scale
+  dv_ref[...] = dv
 
 
 def _n_union(union_ref):
@@ -437,8 +481,14 @@ def _sel_backward(q, k, v, block_idx, q_segment_ids, o5, lse4, do, dlse, *, ls, 
 
   n_blocks = tp // ls
   st, items, nc, ranges = _work_items(block_idx, n_blocks, cfg.bwd_chunk)
+  qt = cfg.sel_block_q
+  if qt > 1:     # the last step of an item reads up to qt - 1 entries past the list (masked)
+    st = _pad_axis(st, 2, st.shape[-1] + qt)
+    kern = functools.partial(_sel_dkv_tile_kernel, scale=scale, ls=ls, qt=qt, has_seg=has_seg,
+                             prec=prec)
+  else:
+    kern = functools.partial(_sel_dkv_kernel, scale=scale, ls=ls, has_seg=has_seg, prec=prec)
   p = st.shape[-1]
-  kern = functools.partial(_sel_dkv_kernel, scale=scale, ls=ls, has_seg=has_seg, prec=prec)
   full = lambda shape: pl.BlockSpec((None,) + shape, lambda i, j, z: (z,) + (0,) * len(shape))
   seq = lambda last: pl.BlockSpec((None, t, None, gp) + last,
                                   lambda i, j, z: (z, 0, j, 0) + (0,) * len(last))
