@@ -165,6 +165,21 @@ def _tile_logits(q, k_ref, kseg_ref, blk, off, bk, sel, tq, qs, scale, prec):
   return s, ok
 
 
+def _over_union(union_ref, idx_ref, qseg_ref, step, init, *, t0, qt, gp, ls, bk, has_seg):
+  """Loop of a query-tile program over the union of its queries' blocks, bk keys at a time:
+  carry = step(block, first key, rows that chose the block, their query positions, their
+  segment ids, carry)."""
+  def body(i, carry):
+    blk = union_ref[i]
+    sel, tq, qs = _tile_rows(idx_ref, qseg_ref, blk, t0, qt, gp, has_seg)
+    start = jnp.maximum(blk, 0) * ls
+    for c in range(ls // bk):
+      carry = step(blk, start + c * bk, sel, tq, qs, carry)
+    return carry
+
+  return lax.fori_loop(0, _n_union(union_ref), body, init)
+
+
 def _sel_fwd_tile_kernel(union_ref, idx_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref,
                          o_ref, lse_ref, *, scale, ls, bk, has_seg, prec):
   """One program: qt query positions x the group's gp head rows, against the union of their
@@ -175,19 +190,14 @@ def _sel_fwd_tile_kernel(union_ref, idx_ref, q_ref, k_ref, v_ref, qseg_ref, kseg
   q = q_ref[...].reshape(qt * gp, dp)
   dv = v_ref.shape[-1]
 
-  def body(i, carry):
-    blk = union_ref[i]
-    sel, tq, qs = _tile_rows(idx_ref, qseg_ref, blk, t0, qt, gp, has_seg)
-    start = jnp.maximum(blk, 0) * ls
-    for c in range(ls // bk):
-      off = start + c * bk
-      s, ok = _tile_logits(q, k_ref, kseg_ref, blk, off, bk, sel, tq, qs, scale, prec)
-      carry = _online(jnp.where(ok, s, -jnp.inf), v_ref[pl.ds(off, bk), :], carry, prec)
-    return carry
+  def step(blk, off, sel, tq, qs, carry):
+    s, ok = _tile_logits(q, k_ref, kseg_ref, blk, off, bk, sel, tq, qs, scale, prec)
+    return _online(jnp.where(ok, s, -jnp.inf), v_ref[pl.ds(off, bk), :], carry, prec)
 
   init = (jnp.full((qt * gp,), -jnp.inf, _F32), jnp.zeros((qt * gp,), _F32),
           jnp.zeros((qt * gp, dv), _F32))
-  m, l, acc = lax.fori_loop(0, _n_union(union_ref), body, init)
+  m, l, acc = _over_union(union_ref, idx_ref, qseg_ref, step, init, t0=t0, qt=qt, gp=gp, ls=ls,
+                          bk=bk, has_seg=has_seg)
   has = l > 0
   l_safe = jnp.where(has, l, 1.0)
   o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype).reshape(qt, gp, dv)
@@ -205,20 +215,15 @@ def _sel_dq_tile_kernel(union_ref, idx_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_
   lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
   delta = delta_ref[...].reshape(qt * gp)
 
-  def body(i, dq):
-    blk = union_ref[i]
-    sel, tq, qs = _tile_rows(idx_ref, qseg_ref, blk, t0, qt, gp, has_seg)
-    start = jnp.maximum(blk, 0) * ls
-    for c in range(ls // bk):
-      off = start + c * bk
-      s, ok = _tile_logits(q, k_ref, kseg_ref, blk, off, bk, sel, tq, qs, scale, prec)
-      k = k_ref[pl.ds(off, bk), :]
-      p = jnp.where(ok, jnp.exp(s - lse[:, None]), 0.0)
-      dp_ = _dot(do, v_ref[pl.ds(off, bk), :], prec, tb=True)
-      dq = dq + _dot((p * (dp_ - delta[:, None])).astype(k.dtype), k, prec)
-    return dq
+  def step(blk, off, sel, tq, qs, dq):
+    s, ok = _tile_logits(q, k_ref, kseg_ref, blk, off, bk, sel, tq, qs, scale, prec)
+    k = k_ref[pl.ds(off, bk), :]
+    p = jnp.where(ok, jnp.exp(s - lse[:, None]), 0.0)
+    dp_ = _dot(do, v_ref[pl.ds(off, bk), :], prec, tb=True)
+    return dq + _dot((p * (dp_ - delta[:, None])).astype(k.dtype), k, prec)
 
-  dq = lax.fori_loop(0, _n_union(union_ref), body, jnp.zeros(q.shape, _F32))
+  dq = _over_union(union_ref, idx_ref, qseg_ref, step, jnp.zeros(q.shape, _F32), t0=t0, qt=qt,
+                   gp=gp, ls=ls, bk=bk, has_seg=has_seg)
   dq_ref[...] = (dq * scale).astype(dq_ref.dtype).reshape(qt, gp, dp)
 
 
