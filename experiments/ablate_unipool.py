@@ -22,7 +22,6 @@ are small because ops.gmm on CPU computes every expert densely (cost grows with 
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 

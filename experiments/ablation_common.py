@@ -200,7 +200,6 @@ def eval_forward(fm, params, batches, route_override=None) -> dict:
   `params` over host batches (single process, jitted once per model)."""
   import jax
   import jax.numpy as jnp
-  import optax
   from jaxlm.train.step import aux_prefix
 
   prefix = aux_prefix(fm.cfg)

@@ -51,83 +51,86 @@ def run(shapes="bench", dtype="bfloat16", ceilings=None):
     return rows
   _decode_rows(shapes, dtype, cfg, rows)
   for s in SHAPES[shapes]:
-    args = make_inputs(s, cfg, dtype)
-    q, kc, vc, ks, vs, kw, vw, gates = args
-    iters = 5 if s.seq >= 32768 else 10
-
-    def row(op, ms, base=None, note=""):
-      r = timing.Row(op, s.name, impl if op.startswith("nsa") else "cudnn", ms, note=note)
-      if base:
-        r.ratios["cudnn"] = base / ms
-      rows.append(r)
-      print(timing.format_table([r]), flush=True)
-
-    def attempt(label, fn):
-      try:
-        return fn()
-      except Exception as e:  # report and continue with the other rows
-        traceback.print_exc()
-        rows.append(timing.Row(label, s.name, impl, float("nan"), note=f"failed: {e!r}"[:120]))
-        return None
-
-    base_f = base_b = None
-    if jax.default_backend() == "gpu":
-      full = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
-                                                          implementation="cudnn")
-      f = jax.jit(full)
-      fb = jax.jit(jax.grad(lambda q, k, v: full(q, k, v).astype(jnp.float32).sum(),
-                            argnums=(0, 1, 2)))
-      base_f = attempt("cudnn fwd", lambda: _time(f, q, ks, vs, iters=iters))
-      base_b = attempt("cudnn fwd+bwd", lambda: _time(fb, q, ks, vs, iters=iters))
-      if base_f:
-        row("cudnn fwd", base_f)
-      if base_b:
-        row("cudnn fwd+bwd", base_b)
-
-    fwd = jax.jit(functools.partial(nsa_op.nsa, cfg=cfg, implementation=impl))
-    loss = lambda *a: nsa_op.nsa(*a, cfg=cfg, implementation=impl).astype(jnp.float32).sum()
-    bwd = jax.jit(jax.grad(loss, argnums=tuple(range(8))))
-    ms = attempt("nsa fwd", lambda: _time(fwd, *args, iters=iters))
-    if ms:
-      row("nsa fwd", ms, base_f)
-    # branch breakdown (forward)
-    cmp_f = jax.jit(lambda q, kc, vc: nsa_op.compressed_attention(
-        q, kc, vc, block_len=cfg.block_len, stride=cfg.stride, implementation=impl))
-    ms = attempt("nsa.cmp fwd", lambda: _time(cmp_f, q, kc, vc, iters=iters))
-    if ms:
-      row("nsa.cmp fwd", ms)
-    lse = attempt("lse", lambda: cmp_f(q, kc, vc)[1])
-    if lse is not None:
-      sel_f = jax.jit(lambda q, kc, lse: nsa_op.select_blocks(q, kc, lse, cfg=cfg,
-                                                              implementation=impl))
-      ms = attempt("nsa.select", lambda: _time(sel_f, q, kc, lse, iters=iters))
-      if ms:
-        row("nsa.select", ms)
-      idx = sel_f(q, kc, lse)
-      slc_f = jax.jit(lambda q, k, v, i: nsa_op.selected_attention(
-          q, k, v, i, select_len=cfg.select_len, implementation=impl))
-      ms = attempt("nsa.slc fwd", lambda: _time(slc_f, q, ks, vs, idx, iters=iters))
-      if ms:
-        row("nsa.slc fwd", ms)
-      slc_b = jax.jit(jax.grad(lambda q, k, v, i: slc_f(q, k, v, i)[0].astype(jnp.float32).sum(),
-                               argnums=(0, 1, 2)))
-      ms = attempt("nsa.slc fwd+bwd", lambda: _time(slc_b, q, ks, vs, idx, iters=iters))
-      if ms:
-        row("nsa.slc fwd+bwd", ms)
-      if impl == "pallas_triton":
-        _query_tile_rows(slc_f(q, ks, vs, idx)[0], q, ks, vs, idx, cfg, iters, row, attempt)
-    if jax.default_backend() == "gpu":
-      from ops.attention import attention
-      win_f = jax.jit(lambda q, k, v: attention(q, k, v, causal=True, window=cfg.window))
-      ms = attempt("window fwd", lambda: _time(win_f, q, kw, vw, iters=iters))
-      if ms:
-        row("nsa.win fwd", ms)
-    ms = attempt("nsa fwd+bwd", lambda: _time(bwd, *args, iters=iters))
-    if ms:
-      row("nsa fwd+bwd", ms, base_b)
-
-    del args, q, kc, vc, ks, vs, kw, vw, gates
+    _train_rows(s, cfg, dtype, impl, rows)     # its arrays are freed before the next shape
   return rows
+
+
+def _train_rows(s, cfg, dtype, impl, rows):
+  """cuDNN full attention vs NSA fwd and fwd+bwd at shape s, plus the branch breakdown."""
+  args = make_inputs(s, cfg, dtype)
+  q, kc, vc, ks, vs, kw, vw, gates = args
+  iters = 5 if s.seq >= 32768 else 10
+
+  def row(op, ms, base=None, note=""):
+    r = timing.Row(op, s.name, impl if op.startswith("nsa") else "cudnn", ms, note=note)
+    if base:
+      r.ratios["cudnn"] = base / ms
+    rows.append(r)
+    print(timing.format_table([r]), flush=True)
+
+  def attempt(label, fn):
+    try:
+      return fn()
+    except Exception as e:  # report and continue with the other rows
+      traceback.print_exc()
+      rows.append(timing.Row(label, s.name, impl, float("nan"), note=f"failed: {e!r}"[:120]))
+      return None
+
+  base_f = base_b = None
+  if jax.default_backend() == "gpu":
+    full = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                        implementation="cudnn")
+    f = jax.jit(full)
+    fb = jax.jit(jax.grad(lambda q, k, v: full(q, k, v).astype(jnp.float32).sum(),
+                          argnums=(0, 1, 2)))
+    base_f = attempt("cudnn fwd", lambda: _time(f, q, ks, vs, iters=iters))
+    base_b = attempt("cudnn fwd+bwd", lambda: _time(fb, q, ks, vs, iters=iters))
+    if base_f:
+      row("cudnn fwd", base_f)
+    if base_b:
+      row("cudnn fwd+bwd", base_b)
+
+  fwd = jax.jit(functools.partial(nsa_op.nsa, cfg=cfg, implementation=impl))
+  loss = lambda *a: nsa_op.nsa(*a, cfg=cfg, implementation=impl).astype(jnp.float32).sum()
+  bwd = jax.jit(jax.grad(loss, argnums=tuple(range(8))))
+  ms = attempt("nsa fwd", lambda: _time(fwd, *args, iters=iters))
+  if ms:
+    row("nsa fwd", ms, base_f)
+  # branch breakdown (forward)
+  cmp_f = jax.jit(lambda q, kc, vc: nsa_op.compressed_attention(
+      q, kc, vc, block_len=cfg.block_len, stride=cfg.stride, implementation=impl))
+  ms = attempt("nsa.cmp fwd", lambda: _time(cmp_f, q, kc, vc, iters=iters))
+  if ms:
+    row("nsa.cmp fwd", ms)
+  lse = attempt("lse", lambda: cmp_f(q, kc, vc)[1])
+  if lse is not None:
+    sel_f = jax.jit(lambda q, kc, lse: nsa_op.select_blocks(q, kc, lse, cfg=cfg,
+                                                            implementation=impl))
+    ms = attempt("nsa.select", lambda: _time(sel_f, q, kc, lse, iters=iters))
+    if ms:
+      row("nsa.select", ms)
+    idx = sel_f(q, kc, lse)
+    slc_f = jax.jit(lambda q, k, v, i: nsa_op.selected_attention(
+        q, k, v, i, select_len=cfg.select_len, implementation=impl))
+    ms = attempt("nsa.slc fwd", lambda: _time(slc_f, q, ks, vs, idx, iters=iters))
+    if ms:
+      row("nsa.slc fwd", ms)
+    slc_b = jax.jit(jax.grad(lambda q, k, v, i: slc_f(q, k, v, i)[0].astype(jnp.float32).sum(),
+                             argnums=(0, 1, 2)))
+    ms = attempt("nsa.slc fwd+bwd", lambda: _time(slc_b, q, ks, vs, idx, iters=iters))
+    if ms:
+      row("nsa.slc fwd+bwd", ms)
+    if impl == "pallas_triton":
+      _query_tile_rows(slc_f(q, ks, vs, idx)[0], q, ks, vs, idx, cfg, iters, row, attempt)
+  if jax.default_backend() == "gpu":
+    from ops.attention import attention
+    win_f = jax.jit(lambda q, k, v: attention(q, k, v, causal=True, window=cfg.window))
+    ms = attempt("window fwd", lambda: _time(win_f, q, kw, vw, iters=iters))
+    if ms:
+      row("nsa.win fwd", ms)
+  ms = attempt("nsa fwd+bwd", lambda: _time(bwd, *args, iters=iters))
+  if ms:
+    row("nsa fwd+bwd", ms, base_b)
 
 
 def _query_tile_rows(o_ref, q, k, v, idx, cfg, iters, row, attempt):

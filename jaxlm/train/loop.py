@@ -153,7 +153,7 @@ class Trainer:
       raise CheckpointRestoreError(
           f"none of the checkpoints in {self.ckpt.directory} could be restored:\n  " +
           "\n  ".join(f"step {s}: {why}" for s, why in broken) +
-          f"\nnothing was changed on disk; move that folder away to start from scratch")
+          "\nnothing was changed on disk; move that folder away to start from scratch")
     return init_state(self.fm, self.tx, self.cfg.train.seed, self.mesh)
 
   def _skip(self, step: int, what: str, e: Exception) -> str:

@@ -5,11 +5,10 @@ dispatch rules (None = platform default order ending in "xla", a name, or a sequ
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from ops import _backend
-from ops._backend import CPU, GPU, TPU, UnsupportedError
+from ops._backend import CPU, GPU, TPU
 from ops.attention import reference
 
 # GPU: cuDNN first. H200, bf16, B1 H16 D128 causal, 8k-32k, same run (session 12): the Mosaic

@@ -8,7 +8,6 @@ partial results (normalised output + lse per chunk) are merged with a logsumexp 
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +17,7 @@ from jax.experimental import pallas as pl
 from ops._backend import GPU, UnsupportedError, resolve_interpret
 from ops.attention import _blocks
 from ops.attention.config import AttentionBlockConfig, default_config
-from ops.attention.pallas_triton import (LN2, LOG2E, _CompilerParams, _SUPPORTED_DTYPES, _dot,
+from ops.attention.pallas_triton import (LN2, _CompilerParams, _SUPPORTED_DTYPES, _dot,
                                          _dot_nt, _logits)
 
 

@@ -10,7 +10,6 @@ to the blocks (multiples of 128) inside the wrapper; padded keys are masked.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp

@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ops._backend import TPU, UnsupportedError, platform, resolve_interpret
+from ops._backend import TPU, UnsupportedError, resolve_interpret
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as _sk
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as _sm
 

@@ -7,7 +7,6 @@ cost is num_groups dense products but memory stays O(m * n): exact, not fast.
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 

@@ -5,7 +5,6 @@ step to the first, h_T = h0).
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
