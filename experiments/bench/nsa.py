@@ -161,9 +161,12 @@ def _decode_rows(shapes, dtype, cfg, rows, shape=None):
   """Decode at `shape` (default: the set's longest length), batch s.decode_batch: full-attention
   decode (ops.attention default, and cuDNN on GPU) vs NSA decode "xla" and "pallas_triton" on
   the same cache. GB/s = bytes each one must read (full: the whole cache up to the length;
-  NSA: the valid compressed cache + selected blocks + window) over its time. Times are per
-  call of back-to-back calls (timing.time_pipelined: what a generation loop sees); the note
-  gives one synchronised call, which adds the host's dispatch (~0.1-0.2 ms on the H200 host).
+  NSA: the valid compressed cache + selected blocks + window) over its time. Two timings, each
+  with ratios against the baselines timed the same way: "in loop" = per step of 64 steps in
+  one jitted fori_loop (timing.time_in_loop: what jaxlm.generate's lax.scan sees, no host
+  dispatch), "back-to-back" = per call of separately dispatched calls (timing.time_pipelined:
+  a Python loop of jitted steps, host dispatch included when it is longer than the device
+  work); the note gives one synchronised call.
   """
   s = shape or max(SHAPES[shapes], key=lambda x: x.seq)
   b, t, h, hk, d = s.decode_batch, s.seq, s.heads, s.kv_heads, s.head_dim
@@ -183,38 +186,41 @@ def _decode_rows(shapes, dtype, cfg, rows, shape=None):
   from ops.attention import decode_attention
   # Two full-attention baselines over the same cache: ours (the flash-decoding kernel on GPU)
   # and cuDNN, the one issue #5's 8x target was measured against.
-  baselines = {"ops.attention default": lambda q, k, v, l: decode_attention(q[:, None], k, v, l)}
+  baselines = {"ops.attention default": lambda q, k, v, l: decode_attention(q[:, None], k, v, l)[:, 0]}
   if jax.default_backend() == "gpu":
     baselines["cudnn"] = lambda q, k, v, l: jax.nn.dot_product_attention(
         q[:, None], k, v, key_value_seq_lengths=l, implementation="cudnn")[:, 0]
+  timers = {"in loop": lambda f, *a: timing.time_in_loop(f, *a),
+            "back-to-back": lambda f, *a: timing.time_pipelined(jax.jit(f), *a)}
   base_ms = {}
   for label, fn in baselines.items():
-    full_dec = jax.jit(fn)
     try:
-      ms_f = timing.time_pipelined(full_dec, qd, kcache, vcache, lengths)
-      sync_f = _time(full_dec, qd, kcache, vcache, lengths, iters=20)
+      sync_f = _time(jax.jit(fn), qd, kcache, vcache, lengths, iters=20)
+      for mode, timer in timers.items():
+        ms_f = timer(fn, qd, kcache, vcache, lengths)
+        base_ms[f"full decode ({label}, {mode})"] = ms_f
+        new.append(timing.Row("full decode", name, f"{label}, {mode}", ms_f,
+                              gbs=full_bytes / (ms_f * 1e-3) / 1e9,
+                              note=f"synchronised call {sync_f:.3f} ms"))
     except Exception as e:
       traceback.print_exc()
       new.append(timing.Row("full decode", name, label, float("nan"), note=repr(e)[:120]))
-      continue
-    base_ms[f"full decode ({label})"] = ms_f
-    new.append(timing.Row("full decode", name, label, ms_f, gbs=full_bytes / (ms_f * 1e-3) / 1e9,
-                          note=f"synchronised call {sync_f:.3f} ms"))
   # Same cache for every branch (the layer may share or separate them; traffic is the same).
   for impl, label in (("xla", "xla gathers"), ("pallas_triton", "pallas_triton")):
-    dec = jax.jit(functools.partial(nsa_decode_mod.nsa_decode, cfg=cfg, implementation=impl))
+    dec = functools.partial(nsa_decode_mod.nsa_decode, cfg=cfg, implementation=impl)
+    dargs = (qd, kcc, vcc, kcache, vcache, kcache, vcache, gd, lengths)
     try:
-      dargs = (qd, kcc, vcc, kcache, vcache, kcache, vcache, gd, lengths)
-      ms_n = timing.time_pipelined(dec, *dargs)
-      sync_n = _time(dec, *dargs, iters=20)
+      sync_n = _time(jax.jit(dec), *dargs, iters=20)
+      for mode, timer in timers.items():
+        ms_n = timer(dec, *dargs)
+        r = timing.Row("nsa decode", name, f"{label}, {mode}", ms_n,
+                       gbs=nsa_bytes / (ms_n * 1e-3) / 1e9,
+                       note=f"synchronised call {sync_n:.3f} ms")
+        r.ratios.update({k: ms_b / ms_n for k, ms_b in base_ms.items() if k.endswith(f"{mode})")})
+        new.append(r)
     except Exception as e:
       traceback.print_exc()
       new.append(timing.Row("nsa decode", name, label, float("nan"), note=repr(e)[:120]))
-      continue
-    r = timing.Row("nsa decode", name, label, ms_n, gbs=nsa_bytes / (ms_n * 1e-3) / 1e9,
-                   note=f"synchronised call {sync_n:.3f} ms")
-    r.ratios.update({k: ms_b / ms_n for k, ms_b in base_ms.items()})
-    new.append(r)
   for r in new:
     print(timing.format_table([r]), flush=True)
   rows.extend(new)

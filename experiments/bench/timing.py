@@ -50,6 +50,27 @@ def time_pipelined(fn: Callable, *args, calls: int = 200, repeats: int = 3,
   return best * 1e3
 
 
+def time_in_loop(fn: Callable, x, *consts, steps: int = 64, repeats: int = 5) -> float:
+  """Milliseconds per step of `steps` calls of fn(x, *consts) -> y (y.shape == x.shape) inside
+  ONE jitted fori_loop, each step's x = previous x + 1e-3 * y so no call can be hoisted or
+  dropped (best of `repeats` synchronised loops). Device time with no host dispatch per call:
+  what a generation loop under lax.scan (jaxlm.generate) sees. time_pipelined instead pays one
+  host dispatch per call, which hides device work shorter than the dispatch."""
+
+  @jax.jit
+  def loop(x, *consts):
+    step = lambda i, x: x + (fn(x, *consts) * 1e-3).astype(x.dtype)
+    return jax.lax.fori_loop(0, steps, step, x)
+
+  jax.block_until_ready(loop(x, *consts))
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(loop(x, *consts))
+    best = min(best, time.perf_counter() - t0)
+  return best / steps * 1e3
+
+
 def _best_ms(fn: Callable, *args, warmup_s: float = 1.0, repeats: int = 10) -> float:
   """Fastest of `repeats` timed calls after at least warmup_s of back-to-back calls.
 

@@ -31,3 +31,35 @@ def test_time_pipelined_max_batch_s_caps_the_calls_of_a_slow_fn():
   # warm-up + the one timed probe call, then 2 repeats of max(3, 0.05 s / ~10 ms) calls
   assert 2 + 2 * 3 <= len(calls) <= 2 + 2 * 5
   assert 10.0 <= ms < 100.0
+
+
+def test_time_in_loop_runs_every_step_inside_one_jit():
+  traced = []
+
+  def fn(x, w):
+    traced.append(1)                        # python runs once per trace, not per step
+    return jnp.tanh(x @ w)
+
+  x, w = jnp.ones((8, 8)), jnp.eye(8) * 0.5
+  ms = timing.time_in_loop(fn, x, w, steps=16, repeats=2)
+  assert len(traced) == 1
+  assert 0.0 < ms < 50.0
+
+
+def test_time_in_loop_grows_with_steps_of_real_work():
+  # the steps depend on each other, so XLA cannot hoist or merge them: 8x the work per step
+  # (a chain of 8 products instead of 1) must take clearly longer per step
+  w = jnp.eye(256) * 0.5
+
+  def one(x, w):
+    return x @ w
+
+  def eight(x, w):
+    for _ in range(8):
+      x = x @ w
+    return x
+
+  x = jnp.ones((256, 256))
+  t1 = timing.time_in_loop(one, x, w, steps=32, repeats=3)
+  t8 = timing.time_in_loop(eight, x, w, steps=32, repeats=3)
+  assert t8 > 2.0 * t1
