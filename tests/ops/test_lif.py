@@ -54,6 +54,9 @@ class LifTestBase:
       (2, 7, 130, jnp.float32, "subtract"),
       (2, 100, 72, jnp.float32, "hard"),
       (1, 100, 130, jnp.bfloat16, "hard"),
+      # whole tiles of time and channels: the Triton forward's path without masks or clamps
+      (2, 16, 64, jnp.float32, "subtract"),
+      (1, 32, 96, jnp.bfloat16, "hard"),
   ])
   def test_forward(self, B, T, C, dtype, reset):
     x, v0, _, _ = _inputs(B, T, C, dtype)
@@ -87,6 +90,15 @@ class LifTestBase:
       assert a.dtype == primal.dtype and a.shape == primal.shape, name
       tol = op_testing.TOL[jnp.dtype(dtype).type] * op_testing.GRAD_FACTOR
       op_testing.assert_close(a, b, dtype, tol=tol, name=name)
+
+  def test_grads_whole_tiles(self):
+    # T and C multiples of every test config's time_chunk and block_c (checkpoints unmasked)
+    x, v0, g, gv = _inputs(2, 16, 64, jnp.float32, seed=3)
+    got = jax.jit(lambda *a: _grads(self.lif, *a))(x, v0, g, gv)
+    want = _grads(_ref, x, v0, g, gv)
+    tol = op_testing.TOL[jnp.float32] * op_testing.GRAD_FACTOR
+    for name, a, b in zip(("dx", "dv0"), got, want):
+      op_testing.assert_close(a, b, jnp.float32, tol=tol, name=name)
 
   def test_detach_changes_gradient(self):
     x, v0, g, gv = _inputs(1, 9, 40, jnp.float32, seed=2)
