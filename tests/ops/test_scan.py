@@ -62,6 +62,10 @@ class ScanTestBase:
       (2, 7, 130, jnp.float32, True),
       (2, 100, 72, jnp.float32, False),
       (1, 100, 130, jnp.bfloat16, True),
+      # whole tiles of time and channels for every test config (the Triton kernels' path
+      # without masks or clamps)
+      (2, 24, 64, jnp.float32, True),
+      (1, 48, 96, jnp.bfloat16, False),
   ])
   def test_forward(self, B, T, C, dtype, reverse):
     a, b, h0, _, _ = _inputs(B, T, C, dtype)
@@ -86,6 +90,9 @@ class ScanTestBase:
       (1, 33, 72, jnp.bfloat16, False, False),
       (2, 10, 40, jnp.float32, False, True),
       (1, 10, 130, jnp.float32, True, True),
+      (1, 24, 64, jnp.float32, False, False),      # whole tiles, as in test_forward
+      (2, 48, 96, jnp.bfloat16, True, False),
+      (1, 24, 64, jnp.float32, True, True),
   ])
   def test_grads(self, B, T, C, dtype, reverse, a_const):
     a, b, h0, g, g_last = _inputs(B, T, C, dtype, a_const=a_const)
