@@ -46,28 +46,15 @@ def _load_row(ref, t, mask, T):
   return plgpu.load(ref.at[jnp.clip(t, 0, T - 1), :], mask=mask, other=0).astype(jnp.float32)
 
 
-def _and(a, b):
-  """Mask conjunction where None means all-true (no mask: fewer instructions per step)."""
-  return b if a is None else a if b is None else a & b
-
-
 def _fwd_kernel(x_ref, v0_ref, s_ref, vlast_ref, *ckpt, T, C, BC, TT, K, p):
   ckpt_ref = ckpt[0] if ckpt else None
   j = pl.program_id(1)
-  # The step chain runs on one or two warps per SM (B * C / block_c programs), so each
-  # instruction of a step costs latency that no other warp hides. Shapes that tile exactly
-  # (T % time_chunk == 0, C % block_c == 0: the common case) get steps without channel masks,
-  # index clamps or the `valid` select on v, which sits on the chain.
-  cmask = None if C % BC == 0 else (j * BC + lax.broadcasted_iota(jnp.int32, (BC,), 0)) < C
-  even_t = T % TT == 0
+  cmask = (j * BC + lax.broadcasted_iota(jnp.int32, (BC,), 0)) < C
 
   def load(s):
-    if even_t:   # rows past T are prefetched by the last chunk and never used: clamp, no mask
-      return plgpu.load(x_ref.at[jnp.minimum(s, T - 1), :], mask=cmask,
-                        other=None if cmask is None else 0).astype(jnp.float32)
-    return _load_row(x_ref, s, _and(cmask, s < T), T)
+    return _load_row(x_ref, s, cmask & (s < T), T)
 
-  v = plgpu.load(v0_ref.at[:], mask=cmask, other=None if cmask is None else 0).astype(jnp.float32)
+  v = plgpu.load(v0_ref.at[:], mask=cmask, other=0).astype(jnp.float32)
   xbuf = tuple(load(jnp.int32(i)) for i in range(TT))
 
   def body(k, carry):
@@ -75,19 +62,17 @@ def _fwd_kernel(x_ref, v0_ref, s_ref, vlast_ref, *ckpt, T, C, BC, TT, K, p):
     new_x = []
     for i in range(TT):
       s = k * TT + i
-      valid = None if even_t else s < T
+      valid = s < T
       x_i = xbuf[i]
       new_x.append(load(s + TT))
       if ckpt_ref is not None and i % K == 0:
         row = k * (TT // K) + i // K
-        if not even_t:
-          row = jnp.clip(row, 0, ckpt_ref.shape[0] - 1)
-        plgpu.store(ckpt_ref.at[row, :], v, mask=_and(cmask, valid))
+        plgpu.store(ckpt_ref.at[jnp.clip(row, 0, ckpt_ref.shape[0] - 1), :], v,
+                    mask=cmask & valid)
       _, v_new, spk = step_forward(v, x_i, p)
       spikes = jnp.where(spk, 1.0, 0.0).astype(s_ref.dtype)
-      plgpu.store(s_ref.at[s if even_t else jnp.clip(s, 0, T - 1), :], spikes,
-                  mask=_and(cmask, valid))
-      v = v_new if even_t else jnp.where(valid, v_new, v)
+      plgpu.store(s_ref.at[jnp.clip(s, 0, T - 1), :], spikes, mask=cmask & valid)
+      v = jnp.where(valid, v_new, v)
     return v, tuple(new_x)
 
   v, _ = lax.fori_loop(0, pl.cdiv(T, TT), body, (v, xbuf))

@@ -49,37 +49,16 @@ def _load_row(ref, t, mask):
   return plgpu.load(ref.at[t, :], mask=mask, other=0).astype(jnp.float32)
 
 
-def _and(a, b):
-  """Mask conjunction where None means all-true (no mask: fewer instructions per step)."""
-  return b if a is None else a if b is None else a & b
-
-
-def _channel_mask(C, BC):
-  """[BC] channel mask of this program, None when block_c divides C. The step chain runs on a
-  warp or two per SM, where every per-step instruction is latency no other warp hides, so
-  shapes that tile exactly (the common case) step without masks, clamps or `valid` selects."""
-  if C % BC == 0:
-    return None
-  return (pl.program_id(1) * BC + lax.broadcasted_iota(jnp.int32, (BC,), 0)) < C
-
-
-def _load_vec(ref, mask):
-  return plgpu.load(ref.at[:], mask=mask, other=None if mask is None else 0).astype(jnp.float32)
-
-
 def _fwd_kernel(a_ref, b_ref, h0_ref, h_ref, hlast_ref, *, T, C, BC, TT, reverse, a_const):
-  cmask = _channel_mask(C, BC)
+  j = pl.program_id(1)
+  cmask = (j * BC + lax.broadcasted_iota(jnp.int32, (BC,), 0)) < C
   n_chunks = pl.cdiv(T, TT)
-  even_t = T % TT == 0      # then every step of the loop is a real one (s < T)
 
   def load(ref, s):
-    if even_t:   # rows past T are prefetched by the last chunk and never used: clamp, no mask
-      return plgpu.load(ref.at[_time_index(s, T, reverse), :], mask=cmask,
-                        other=None if cmask is None else 0).astype(jnp.float32)
-    return _load_row(ref, _time_index(s, T, reverse), _and(cmask, s < T))
+    return _load_row(ref, _time_index(s, T, reverse), cmask & (s < T))
 
-  h = _load_vec(h0_ref, cmask)
-  a_c = _load_vec(a_ref, cmask) if a_const else None
+  h = plgpu.load(h0_ref.at[:], mask=cmask, other=0).astype(jnp.float32)
+  a_c = plgpu.load(a_ref.at[:], mask=cmask, other=0).astype(jnp.float32) if a_const else None
   abuf = () if a_const else tuple(load(a_ref, jnp.int32(i)) for i in range(TT))
   bbuf = tuple(load(b_ref, jnp.int32(i)) for i in range(TT))
 
@@ -93,16 +72,11 @@ def _fwd_kernel(a_ref, b_ref, h0_ref, h_ref, hlast_ref, *, T, C, BC, TT, reverse
       if not a_const:
         new_a.append(load(a_ref, s + TT))
       new_b.append(load(b_ref, s + TT))
+      valid = s < T
       h_new = a_i * h + b_i
-      if even_t:
-        t = (T - 1 - s) if reverse else s
-        plgpu.store(h_ref.at[t, :], h_new.astype(h_ref.dtype), mask=cmask)
-        h = h_new
-      else:
-        valid = s < T
-        plgpu.store(h_ref.at[_time_index(s, T, reverse), :], h_new.astype(h_ref.dtype),
-                    mask=_and(cmask, valid))
-        h = jnp.where(valid, h_new, h)
+      plgpu.store(h_ref.at[_time_index(s, T, reverse), :], h_new.astype(h_ref.dtype),
+                  mask=cmask & valid)
+      h = jnp.where(valid, h_new, h)
     return h, tuple(new_a), tuple(new_b)
 
   h, _, _ = lax.fori_loop(0, n_chunks, body, (h, abuf, bbuf))
@@ -112,28 +86,23 @@ def _fwd_kernel(a_ref, b_ref, h0_ref, h_ref, hlast_ref, *, T, C, BC, TT, reverse
 def _bwd_kernel(a_ref, h_ref, h0_ref, g_ref, glast_ref, da_ref, db_ref, dh0_ref, *, T, C, BC,
                 TT, reverse, a_const):
   """Walks the forward steps backwards: r = 0..T-1 is forward step s = T-1-r."""
-  cmask = _channel_mask(C, BC)
+  j = pl.program_id(1)
+  cmask = (j * BC + lax.broadcasted_iota(jnp.int32, (BC,), 0)) < C
   n_chunks = pl.cdiv(T, TT)
-  even_t = T % TT == 0      # then every step of the loop is a real one (r < T)
 
   def rows(r):
     s = T - 1 - r
+    valid = r < T
     t = _time_index(s, T, reverse)
     tp = _time_index(s - 1, T, reverse)   # time of the previous forward step
-    if even_t:
-      # clamped rows past the ends are read but never used (s == 0 takes h0 instead of hp)
-      ld = lambda ref, t: plgpu.load(ref.at[t, :], mask=cmask,
-                                     other=None if cmask is None else 0).astype(jnp.float32)
-      return None if a_const else ld(a_ref, t), ld(g_ref, t), ld(h_ref, tp)
-    valid = r < T
-    g = _load_row(g_ref, t, _and(cmask, valid))
-    hp = _load_row(h_ref, tp, _and(cmask, valid & (s >= 1)))
-    a = None if a_const else _load_row(a_ref, t, _and(cmask, valid))
+    g = _load_row(g_ref, t, cmask & valid)
+    hp = _load_row(h_ref, tp, cmask & valid & (s >= 1))
+    a = None if a_const else _load_row(a_ref, t, cmask & valid)
     return a, g, hp
 
-  h0 = _load_vec(h0_ref, cmask)
-  c = _load_vec(glast_ref, cmask)
-  a_c = _load_vec(a_ref, cmask) if a_const else None
+  h0 = plgpu.load(h0_ref.at[:], mask=cmask, other=0).astype(jnp.float32)
+  c = plgpu.load(glast_ref.at[:], mask=cmask, other=0).astype(jnp.float32)
+  a_c = plgpu.load(a_ref.at[:], mask=cmask, other=0).astype(jnp.float32) if a_const else None
   first = [rows(jnp.int32(i)) for i in range(TT)]
   gbuf = tuple(x[1] for x in first)
   hbuf = tuple(x[2] for x in first)
@@ -146,7 +115,7 @@ def _bwd_kernel(a_ref, h_ref, h0_ref, g_ref, glast_ref, da_ref, db_ref, dh0_ref,
     for i in range(TT):
       r = k * TT + i
       s = T - 1 - r
-      valid = None if even_t else r < T
+      valid = r < T
       a_i = a_c if a_const else abuf[i]
       g_i, hp_i = gbuf[i], hbuf[i]
       na, ng, nh = rows(r + TT)
@@ -156,14 +125,14 @@ def _bwd_kernel(a_ref, h_ref, h0_ref, g_ref, glast_ref, da_ref, db_ref, dh0_ref,
       new_h.append(nh)
       hp_i = jnp.where(s == 0, h0, hp_i)
       lam = g_i + c
-      t = ((T - 1 - s) if reverse else s) if even_t else _time_index(s, T, reverse)
-      m = _and(cmask, valid)
+      t = _time_index(s, T, reverse)
+      m = cmask & valid
       plgpu.store(db_ref.at[t, :], lam.astype(db_ref.dtype), mask=m)
       if a_const:
-        da_acc = da_acc + (lam * hp_i if even_t else jnp.where(valid, lam * hp_i, 0.0))
+        da_acc = da_acc + jnp.where(valid, lam * hp_i, 0.0)
       else:
         plgpu.store(da_ref.at[t, :], (lam * hp_i).astype(da_ref.dtype), mask=m)
-      c = a_i * lam if even_t else jnp.where(valid, a_i * lam, c)
+      c = jnp.where(valid, a_i * lam, c)
     return c, da_acc, tuple(new_a), tuple(new_g), tuple(new_h)
 
   c, da_acc, *_ = lax.fori_loop(0, n_chunks, body, (c, da_acc, abuf, gbuf, hbuf))
