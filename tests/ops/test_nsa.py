@@ -291,8 +291,10 @@ class TritonScoreKernels:
   """Both Triton score kernels (rows = query x head pairs, or a loop over the group's heads)
   give the reference's group-summed selection scores."""
 
+  # t a multiple of the query tile with a power-of-two group: the row kernel reads q in place
   @pytest.mark.parametrize("h,hk,t,seg,block_q", [(8, 2, 100, False, 16), (6, 2, 90, True, 32),
-                                                  (2, 2, 45, False, 16), (16, 1, 70, False, 64)])
+                                                  (2, 2, 45, False, 16), (16, 1, 70, False, 64),
+                                                  (8, 2, 96, False, 16), (16, 1, 64, True, 16)])
   def test_score_kernels_match_reference(self, h, hk, t, seg, block_q):
     from ops.nsa import pallas_triton
     cfg, b, d = self.CFG, 2, 16
