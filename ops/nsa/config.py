@@ -67,7 +67,12 @@ class NSABlockConfig:
   covers whole selection blocks). score_head_loop: the score kernel's rows are score_block_q
   query positions and it loops over the GQA group's heads, summing probabilities as it goes
   (False: rows are (query, head) pairs, one matmul per tile, and the group sum reduces the
-  head axis). topn_kernel: top-n
+  head axis). score_q_in_place: the row kernel reads q as [query tile, group, head_dim] blocks
+  of [b, t, h, d] (when the group and head_dim are powers of two and the tile divides t)
+  instead of from a transposed copy [b, kvh, t * group, head_dim]; the copy moves q twice (1.07
+  ms of the 64k paper-shape forward on the H200), but one H200 run with the in-place read gave
+  a slower 64k forward (2.6x cuDNN against 2.8x) and a faster 16k one (1.03-1.04x against
+  0.98x), not yet separated from run-to-run variance by a profile. Off until then. topn_kernel: top-n
   selection by the Triton kernel of ops/nsa/topn_triton.py (False: XLA top_k + sort);
   topn_tile_elems: score entries per program of it (rows x padded blocks); topn_num_warps: its
   Triton warps. bwd_chunk: queries per work item of the dk/dv kernel (a block
@@ -99,6 +104,7 @@ class NSABlockConfig:
   score_block_q: int = 16
   score_block_k: int | None = None
   score_head_loop: bool = False
+  score_q_in_place: bool = False
   topn_kernel: bool = True
   topn_tile_elems: int = 8192
   topn_num_warps: int = 4

@@ -207,10 +207,10 @@ def _padded_scores(q, k_cmp, lse_cmp, cfg, q_segment_ids, interpret, bcfg):
     lse = _pad_axis(_pad_axis(lse, 3, gp, -jnp.inf), 2, tq, -jnp.inf).reshape(b, hk, tq * gp)
     r = bt * gp
     kern = functools.partial(_score_kernel, gp=gp, **common)
-    if g == gp and d == dp and t == tq:
+    if bcfg.score_q_in_place and g == gp and d == dp and t == tq:
       # q in place: the [bt, g, d] block of query tile i and kv head j is the program's rows
-      # in the kernel's (query, head) order. The transposed copy it replaces moved all of q
-      # twice (1 GB at 64k for the paper shape: 1.07 ms on the H200, session 14).
+      # in the kernel's (query, head) order (NSABlockConfig.score_q_in_place says why it is
+      # off by default).
       qt = q
       q_spec = pl.BlockSpec((None, bt, gp, dp), lambda i, j, z: (z, i, j, 0))
     else:

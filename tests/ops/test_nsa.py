@@ -291,7 +291,7 @@ class TritonScoreKernels:
   """Both Triton score kernels (rows = query x head pairs, or a loop over the group's heads)
   give the reference's group-summed selection scores."""
 
-  # t a multiple of the query tile with a power-of-two group: the row kernel reads q in place
+  # t a multiple of the query tile with a power-of-two group: the row kernel can read q in place
   @pytest.mark.parametrize("h,hk,t,seg,block_q", [(8, 2, 100, False, 16), (6, 2, 90, True, 32),
                                                   (2, 2, 45, False, 16), (16, 1, 70, False, 64),
                                                   (8, 2, 96, False, 16), (16, 1, 64, True, 16)])
@@ -304,12 +304,13 @@ class TritonScoreKernels:
                                             stride=cfg.stride, q_segment_ids=sid)
     want = reference.selection_scores(q, kc, lse, cfg=cfg, q_segment_ids=sid)
     base = self.BCFG or NSABlockConfig()
-    for head_loop in (False, True):
-      bcfg = base.replace(score_head_loop=head_loop, score_block_q=block_q)
+    for head_loop, in_place in ((False, False), (False, True), (True, False)):
+      bcfg = base.replace(score_head_loop=head_loop, score_q_in_place=in_place,
+                          score_block_q=block_q)
       got = pallas_triton.selection_scores(q, kc, lse, cfg=cfg, q_segment_ids=sid,
                                            interpret=self.INTERPRET, config=bcfg)
       np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-3, atol=2e-4,
-                                 err_msg=f"score_head_loop={head_loop}")
+                                 err_msg=f"score_head_loop={head_loop} in_place={in_place}")
 
   def test_row_score_kernel_refuses_groups_past_its_row_budget(self):
     """32 query heads per kv head need 512 (query, head) rows even at 16-query tiles: more

@@ -109,6 +109,20 @@ def test_nsa_selected_query_tiles(sel_block_q):
   assert len(sizes) == 5       # forward, dq, dk/dv partials, their sums (dk, dv)
 
 
+@pytest.mark.parametrize("in_place", [False, True])
+def test_nsa_selection_scores_q_layouts(in_place):
+  """The row score kernel on a transposed copy of q, or reading q's [tile, group, d] blocks."""
+  from ops import nsa
+  from ops.nsa.config import NSABlockConfig, NSAConfig
+  cfg, t = NSAConfig(), 8192
+  q, kc = sds((1, t, 64, 128), BF16), sds((1, cfg.n_cmp(t), 4, 128), BF16)
+  lse = sds((1, 64, t), jnp.float32)
+  bcfg = NSABlockConfig.for_device("NVIDIA H200").replace(score_q_in_place=in_place)
+  fn = lambda q, kc, lse: nsa.select_blocks(q, kc, lse, cfg=cfg, implementation="pallas_triton",
+                                            config=bcfg)
+  assert ot.verified_triton_lowering(fn, q, kc, lse) == 2      # scores, top-n
+
+
 def test_nsa_decode_64k():
   from ops.nsa import decode
   from ops.nsa.config import NSAConfig
