@@ -186,7 +186,8 @@ def _decode_rows(shapes, dtype, cfg, rows, shape=None):
   from ops.attention import decode_attention
   # Two full-attention baselines over the same cache: ours (the flash-decoding kernel on GPU)
   # and cuDNN, the one issue #5's 8x target was measured against.
-  baselines = {"ops.attention default": lambda q, k, v, l: decode_attention(q[:, None], k, v, l)[:, 0]}
+  baselines = {"ops.attention default":
+               lambda q, k, v, l: decode_attention(q[:, None], k, v, l)[:, 0]}
   if jax.default_backend() == "gpu":
     baselines["cudnn"] = lambda q, k, v, l: jax.nn.dot_product_attention(
         q[:, None], k, v, key_value_seq_lengths=l, implementation="cudnn")[:, 0]

@@ -54,7 +54,7 @@ class LifTestBase:
       (2, 7, 130, jnp.float32, "subtract"),
       (2, 100, 72, jnp.float32, "hard"),
       (1, 100, 130, jnp.bfloat16, "hard"),
-      # whole tiles of time and channels: the Triton forward's path without masks or clamps
+      # whole tiles of time and channels for every test config (no partial tile anywhere)
       (2, 16, 64, jnp.float32, "subtract"),
       (1, 32, 96, jnp.bfloat16, "hard"),
   ])
@@ -92,7 +92,7 @@ class LifTestBase:
       op_testing.assert_close(a, b, dtype, tol=tol, name=name)
 
   def test_grads_whole_tiles(self):
-    # T and C multiples of every test config's time_chunk and block_c (checkpoints unmasked)
+    # T and C multiples of every test config's time_chunk, ckpt_every and block_c
     x, v0, g, gv = _inputs(2, 16, 64, jnp.float32, seed=3)
     got = jax.jit(lambda *a: _grads(self.lif, *a))(x, v0, g, gv)
     want = _grads(_ref, x, v0, g, gv)

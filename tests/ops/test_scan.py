@@ -62,8 +62,7 @@ class ScanTestBase:
       (2, 7, 130, jnp.float32, True),
       (2, 100, 72, jnp.float32, False),
       (1, 100, 130, jnp.bfloat16, True),
-      # whole tiles of time and channels for every test config (the Triton kernels' path
-      # without masks or clamps)
+      # whole tiles of time and channels for every test config (no partial tile anywhere)
       (2, 24, 64, jnp.float32, True),
       (1, 48, 96, jnp.bfloat16, False),
   ])
