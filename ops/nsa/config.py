@@ -73,9 +73,9 @@ class NSABlockConfig:
   ms of the 64k paper-shape forward on the H200), but one H200 run with the in-place read gave
   a slower 64k forward (2.6x cuDNN against 2.8x) and a faster 16k one (1.03-1.04x against
   0.98x), not yet separated from run-to-run variance by a profile. Off until then.
-  topn_kernel: top-n selection by the Triton kernel of ops/nsa/topn_triton.py (False: XLA top_k + sort);
-  topn_tile_elems: score entries per program of it (rows x padded blocks); topn_num_warps: its
-  Triton warps. bwd_chunk: queries per work item of the dk/dv kernel (a block
+  topn_kernel: top-n selection by the Triton kernel of ops/nsa/topn_triton.py (False: XLA
+  top_k + sort); topn_tile_elems: score entries per program of it (rows x padded blocks);
+  topn_num_warps: its Triton warps. bwd_chunk: queries per work item of the dk/dv kernel (a block
   selected by more queries is split over several items, partial sums reduced afterwards).
   *_warps / *_stages: Triton launch parameters.
   tpu_block_q: query positions per program of the TPU selected-attention kernels (rows =
