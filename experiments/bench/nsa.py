@@ -134,16 +134,18 @@ def _train_rows(s, cfg, dtype, impl, rows):
 
 
 def _query_tile_rows(o_ref, q, k, v, idx, cfg, iters, row, attempt):
-  """The selected branch with sel_block_q queries per program (NSABlockConfig), fwd and
-  fwd+bwd, on the blocks the default path chose; the note gives max |o - o of the default|."""
+  """The selected branch with qt queries per program in all its kernels (NSABlockConfig
+  sel_block_q, sel_dq_block_q, sel_dkv_block_q; the device default may tile only the
+  backward), fwd and fwd+bwd, on the blocks the default path chose; the note gives
+  max |o - o of the default|."""
   from ops.nsa.config import default_block_config
-  for qt in (4, 8):
-    bcfg = default_block_config().replace(sel_block_q=qt)
+  for qt in (1, 4, 8):
+    bcfg = default_block_config().replace(sel_block_q=qt, sel_dq_block_q=qt, sel_dkv_block_q=qt)
     f = jax.jit(lambda q, k, v, i, bcfg=bcfg: nsa_op.selected_attention(
         q, k, v, i, select_len=cfg.select_len, implementation="pallas_triton", config=bcfg))
     fb = jax.jit(jax.grad(lambda q, k, v, i: f(q, k, v, i)[0].astype(jnp.float32).sum(),
                           argnums=(0, 1, 2)))
-    label = f"nsa.slc fwd [sel_block_q={qt}]"
+    label = f"nsa.slc fwd [all kernels {qt} queries per step]"
     diff = attempt(label, lambda: float(jnp.max(jnp.abs(
         f(q, k, v, idx)[0].astype(jnp.float32) - o_ref.astype(jnp.float32)))))
     if diff is None:
@@ -151,7 +153,7 @@ def _query_tile_rows(o_ref, q, k, v, idx, cfg, iters, row, attempt):
     ms = attempt(label, lambda: _time(f, q, k, v, idx, iters=iters))
     if ms:
       row(label, ms, note=f"max |o - default o| {diff:.2e}")
-    label = f"nsa.slc fwd+bwd [sel_block_q={qt}]"
+    label = f"nsa.slc fwd+bwd [all kernels {qt} queries per step]"
     ms = attempt(label, lambda: _time(fb, q, k, v, idx, iters=iters))
     if ms:
       row(label, ms)

@@ -62,7 +62,10 @@ class NSABlockConfig:
   their blocks, each loaded once for all of them (neighbouring queries mostly choose the same
   blocks), a row masked off the blocks its query did not choose; the dk/dv kernel gathers
   sel_block_q of a block's queries per step (rows = queries x heads), so its products are
-  wider. Off (1) until timed on a GPU. score_block_q: query positions per program of the selection-score kernel;
+  wider. sel_dq_block_q / sel_dkv_block_q: the same for the dq and the dk/dv kernels alone
+  (None: sel_block_q), so the backward can take tiles while the forward does not (H100/H200
+  default: forward 1, backward 4; see for_device). score_block_q: query positions per program
+  of the selection-score kernel;
   score_block_k: compressed keys per inner step (a multiple of 16*select_len/stride so each step
   covers whole selection blocks). score_head_loop: the score kernel's rows are score_block_q
   query positions and it loops over the GQA group's heads, summing probabilities as it goes
@@ -99,6 +102,8 @@ class NSABlockConfig:
   """
   sel_block_k: int | None = None
   sel_block_q: int = 1
+  sel_dq_block_q: int | None = None
+  sel_dkv_block_q: int | None = None
   sel_num_warps: int = 4
   sel_num_stages: int = 2
   score_block_q: int = 16
@@ -129,9 +134,17 @@ class NSABlockConfig:
   decode_combine_dv: int = 32
 
   def __post_init__(self):
-    q = self.sel_block_q
-    if not isinstance(q, int) or q < 1 or q & (q - 1):
-      raise ValueError(f"NSABlockConfig.sel_block_q must be a power of two >= 1, got {q!r}")
+    for name in ("sel_block_q", "sel_dq_block_q", "sel_dkv_block_q"):
+      q = getattr(self, name)
+      if q is None and name != "sel_block_q":
+        continue
+      if not isinstance(q, int) or q < 1 or q & (q - 1):
+        raise ValueError(f"NSABlockConfig.{name} must be a power of two >= 1, got {q!r}")
+
+  def bwd_block_q(self) -> tuple[int, int]:
+    """Queries per step of the (dq, dk/dv) kernels: their own fields, else sel_block_q."""
+    pick = lambda q: self.sel_block_q if q is None else q
+    return pick(self.sel_dq_block_q), pick(self.sel_dkv_block_q)
 
   def replace(self, **kw) -> "NSABlockConfig":
     return dataclasses.replace(self, **kw)
@@ -154,7 +167,13 @@ class NSABlockConfig:
       # of 64-entry steps on 3 stages 21.8 us (16 splits / 2 stages: 26.4 us; 67 MB of k/v at
       # ~3.5 TB/s with the logits). Selected/window kernel: 2 entries, 4 warps, 2 stages 7.6 us
       # (3 stages 11.3 us).
-      return cls(sel_num_warps=4, sel_num_stages=2, score_block_q=16, score_head_loop=False,
+      # Selected-attention backward on 4-query tiles, forward on 1 (H200, session 14, paper
+      # shape, random inputs; fwd+bwd minus fwd, both measured with the same tiles in one run):
+      # backward 5.89 / 10.92 / 22.55 / 45.2 ms on 4-query tiles against 6.91 / 12.80 / 25.36 /
+      # 48.7 at 8k / 16k / 32k / 64k, while the 4-query forward lost from 16k (5.17 vs 4.31 ms,
+      # 22.4 vs 16.2 at 64k).
+      return cls(sel_num_warps=4, sel_num_stages=2, sel_dq_block_q=4, sel_dkv_block_q=4,
+                 score_block_q=16, score_head_loop=False,
                  score_num_warps=8, topn_tile_elems=2048, topn_num_warps=1,
                  bwd_chunk=64, bwd_num_warps=4, decode_cmp_block_k=64, decode_cmp_splits=8,
                  decode_cmp_num_stages=3, decode_entries=2, decode_num_warps=4,

@@ -14,8 +14,8 @@ local ones) from serialising on one program. The partials are summed by a kernel
 jax.ops.segment_sum: XLA lowers that to an f32 scatter-add whose atomics collide on the blocks
 every query picks (120 of 136 ms of the selected branch's fwd+bwd at 16k on an H200).
 
-With NSABlockConfig.sel_block_q > 1 the three kernels take several queries per step
-(ops/nsa/selected_tiles_triton.py).
+With NSABlockConfig.sel_block_q > 1 (sel_dq_block_q / sel_dkv_block_q for the backward's
+kernels) the kernels take several queries per step (ops/nsa/selected_tiles_triton.py).
 """
 from __future__ import annotations
 
@@ -299,11 +299,12 @@ def _sel_backward(q, k, v, block_idx, q_segment_ids, o5, lse4, do, dlse, *, ls, 
   if dlse is not None:
     dl = _pad_axis(dlse.astype(_F32).reshape(b, hk, g, t).transpose(0, 3, 1, 2), 3, gp)
     delta = delta - jnp.where(jnp.isfinite(lse4), dl, 0.0)
-  if cfg.sel_block_q > 1:
+  q_dq, q_dkv = cfg.bwd_block_q()
+  if q_dq > 1:
     kern = functools.partial(tiles.dq_kernel, scale=scale, ls=ls, bk=bk, has_seg=has_seg,
                              prec=prec)
     (dq5,) = tiles.tile_call(kern, "nsa_selected_dq_tiles", [q5, do5, lse4, delta],
-                             [jax.ShapeDtypeStruct(q5.shape, q.dtype)], qt=cfg.sel_block_q,
+                             [jax.ShapeDtypeStruct(q5.shape, q.dtype)], qt=q_dq,
                              t=t, kp=kp, vp=vp, idx=idx, qseg=qseg, kseg=kseg, cfg=cfg,
                              interpret=interpret)
   else:
@@ -314,7 +315,7 @@ def _sel_backward(q, k, v, block_idx, q_segment_ids, o5, lse4, do, dlse, *, ls, 
 
   n_blocks = tp // ls
   st, items, nc, ranges = _work_items(block_idx, n_blocks, cfg.bwd_chunk)
-  qt = cfg.sel_block_q
+  qt = q_dkv
   if qt > 1:     # the last step of an item reads up to qt - 1 entries past the list (masked)
     st = _pad_axis(st, 2, st.shape[-1] + qt)
     kern = functools.partial(tiles.dkv_kernel, scale=scale, ls=ls, qt=qt, has_seg=has_seg,
@@ -342,7 +343,7 @@ def _sel_backward(q, k, v, block_idx, q_segment_ids, o5, lse4, do, dlse, *, ls, 
       ],
       out_shape=[jax.ShapeDtypeStruct((b, hk, nc, ls, dp), _F32),
                  jax.ShapeDtypeStruct((b, hk, nc, ls, dvp), _F32)],
-      interpret=interpret, name="nsa_selected_dkv",
+      interpret=interpret, name="nsa_selected_dkv_tiles" if qt > 1 else "nsa_selected_dkv",
       **_compiler(interpret, cfg.bwd_num_warps, cfg.bwd_num_stages),
   )(items, st, q5, kp, vp, qseg, kseg, do5, lse4, delta)
   sums = functools.partial(_sum_partials, ranges=ranges, tp=tp, interpret=interpret, cfg=cfg)

@@ -434,14 +434,53 @@ class TestNSATritonQueryTilesInterpret(QueryTileCases, NSATestBase):
   BCFG = NSABlockConfig.small().replace(sel_block_q=4)
 
 
+class TestNSATritonBackwardTilesInterpret(QueryTileCases, NSATestBase):
+  """One query per forward program, tiles of different sizes in dq and dk/dv (the H100/H200
+  default tiles only the backward)."""
+  IMPL = "pallas_triton"
+  INTERPRET = True
+  BCFG = NSABlockConfig.small().replace(sel_dq_block_q=4, sel_dkv_block_q=2)
+  test_causality = None                  # forward-only checks: the one-query forward's, as in
+  test_segments_do_not_cross = None      # TestNSATritonInterpret
+
+
 @pytest.mark.gpu
 class TestNSATritonQueryTilesGPU(QueryTileCases, TestNSATritonGPU):
-  BCFG = NSABlockConfig.for_device("NVIDIA H200").replace(sel_block_q=8)
+  BCFG = NSABlockConfig.for_device("NVIDIA H200").replace(sel_block_q=8, sel_dq_block_q=8,
+                                                          sel_dkv_block_q=8)
 
 
 def test_sel_block_q_must_be_a_power_of_two():
+  for name in ("sel_block_q", "sel_dq_block_q", "sel_dkv_block_q"):
+    with pytest.raises(ValueError, match=name):
+      NSABlockConfig(**{name: 3})
   with pytest.raises(ValueError, match="sel_block_q"):
-    NSABlockConfig(sel_block_q=3)
+    NSABlockConfig(sel_block_q=None)
+
+
+@pytest.mark.parametrize("fwd,dq,dkv", [(1, 4, 1), (1, 1, 2), (4, 1, None), (2, None, None)])
+def test_each_selected_kernel_takes_its_own_tile_size(fwd, dq, dkv):
+  """Which selected-attention kernels the gradient calls (pallas_call names in the jaxpr)."""
+  import re
+  bcfg = NSABlockConfig.small().replace(sel_block_q=fwd, sel_dq_block_q=dq, sel_dkv_block_q=dkv)
+  q, k = jnp.ones((1, 64, 4, 16)), jnp.ones((1, 64, 2, 16))
+  idx = jnp.zeros((1, 64, 2, 4), jnp.int32)
+  fn = lambda q, k, v: nsa_op.selected_attention(
+      q, k, v, idx, select_len=16, implementation="pallas_triton", interpret=True,
+      config=bcfg)[0].sum()
+  jaxpr = str(jax.make_jaxpr(jax.grad(fn, (0, 1, 2)))(q, k, k))
+  names = set(re.findall(r"nsa_selected_\w+", jaxpr))
+  q_dq, q_dkv = (fwd if dq is None else dq), (fwd if dkv is None else dkv)
+  tiled = lambda name, qt: f"{name}_tiles" if qt > 1 else name
+  assert names == {tiled("nsa_selected_fwd", fwd), tiled("nsa_selected_dq", q_dq),
+                   tiled("nsa_selected_dkv", q_dkv), "nsa_selected_dkv_sum"}
+
+
+def test_backward_tile_sizes_default_to_the_forward_one():
+  assert NSABlockConfig(sel_block_q=4).bwd_block_q() == (4, 4)
+  assert NSABlockConfig(sel_block_q=4, sel_dkv_block_q=1).bwd_block_q() == (4, 1)
+  hopper = NSABlockConfig.for_device("NVIDIA H200")
+  assert (hopper.sel_block_q, hopper.bwd_block_q()) == (1, (4, 4))
 
 
 class TestNSATPUInterpret(NSATestBase):

@@ -102,7 +102,8 @@ def test_nsa_selected_query_tiles(sel_block_q):
   t, n = 8192, 16
   q, kv = sds((1, t, 64, 128), BF16), sds((1, t, 4, 128), BF16)
   idx = sds((1, t, 4, n), jnp.int32)
-  cfg = NSABlockConfig.for_device("NVIDIA H100 80GB HBM3").replace(sel_block_q=sel_block_q)
+  cfg = NSABlockConfig.for_device("NVIDIA H100 80GB HBM3").replace(
+      sel_block_q=sel_block_q, sel_dq_block_q=sel_block_q, sel_dkv_block_q=sel_block_q)
   fn = lambda q, k, v, idx: nsa.selected_attention(q, k, v, idx, select_len=64,
                                                    implementation="pallas_triton", config=cfg)
   sizes = ot.triton_module_sizes(_grad(fn, (0, 1, 2)), q, kv, kv, idx)
