@@ -443,6 +443,13 @@ class TestNSATritonBackwardTilesInterpret(QueryTileCases, NSATestBase):
   test_causality = None                  # forward-only checks: the one-query forward's, as in
   test_segments_do_not_cross = None      # TestNSATritonInterpret
 
+  # The whole op's gradients (about 40 s here) under -m slow: test_selected_attention_fwd_bwd
+  # and test_tile_rows_see_only_their_blocks check these kernels' gradients by default.
+  @pytest.mark.slow
+  @pytest.mark.parametrize("t,h,hk,dtype,seg", [(33, 4, 2, F32, False), (70, 4, 4, F32, True)])
+  def test_nsa_fwd_bwd_vs_reference(self, t, h, hk, dtype, seg):
+    super().test_nsa_fwd_bwd_vs_reference(t, h, hk, dtype, seg)
+
 
 @pytest.mark.gpu
 class TestNSATritonQueryTilesGPU(QueryTileCases, TestNSATritonGPU):
