@@ -72,10 +72,10 @@ class NSABlockConfig:
   (False: rows are (query, head) pairs, one matmul per tile, and the group sum reduces the
   head axis). score_q_in_place: the row kernel reads q as [query tile, group, head_dim] blocks
   of [b, t, h, d] (when the group and head_dim are powers of two and the tile divides t)
-  instead of from a transposed copy [b, kvh, t * group, head_dim]; the copy moves q twice (1.07
-  ms of the 64k paper-shape forward on the H200), but one H200 run with the in-place read gave
-  a slower 64k forward (2.6x cuDNN against 2.8x) and a faster 16k one (1.03-1.04x against
-  0.98x), not yet separated from run-to-run variance by a profile. Off until then.
+  instead of from a transposed copy [b, kvh, t * group, head_dim]. The copy moves q twice (1.06
+  ms of the 64k paper-shape forward on the H200), but the kernel itself slows more with the
+  reshaped tile: 14.84 ms against 11.38 at 64k, 1.04 against 0.82 at 16k (H200, session 15,
+  profiled in one process; whole forward 44.5 against 41.4 ms). Off.
   topn_kernel: top-n selection by the Triton kernel of ops/nsa/topn_triton.py (False: XLA
   top_k + sort); topn_tile_elems: score entries per program of it (rows x padded blocks);
   topn_num_warps: its Triton warps. bwd_chunk: queries per work item of the dk/dv kernel (a block
@@ -171,7 +171,9 @@ class NSABlockConfig:
       # shape, random inputs; fwd+bwd minus fwd, both measured with the same tiles in one run):
       # backward 5.89 / 10.92 / 22.55 / 45.2 ms on 4-query tiles against 6.91 / 12.80 / 25.36 /
       # 48.7 at 8k / 16k / 32k / 64k, while the 4-query forward lost from 16k (5.17 vs 4.31 ms,
-      # 22.4 vs 16.2 at 64k).
+      # 22.4 vs 16.2 at 64k). This mix against 1 query everywhere (session 15, one process, two
+      # repeats): NSA fwd+bwd 134.1 / 135.0 vs 137.1 / 137.1 ms at 64k, 28.0 / 28.0 vs 29.5 /
+      # 29.4 at 16k; forwards equal.
       return cls(sel_num_warps=4, sel_num_stages=2, sel_dq_block_q=4, sel_dkv_block_q=4,
                  score_block_q=16, score_head_loop=False,
                  score_num_warps=8, topn_tile_elems=2048, topn_num_warps=1,

@@ -168,7 +168,7 @@ def test_nsa_needs_transformer_and_presets_validate():
   big = apply_overrides(configs.get_preset("nsa_1b"), [])
   dense = configs.get_preset("dense_1b")
   # dense_1b with the paper's GQA group of 16 query heads per kv head
-  assert big.model == dataclasses.replace(dense.model, n_kv_heads=1,
+  assert big.model == dataclasses.replace(dense.model, n_kv_heads=1, scan_layers=True,
                                           attention=big.model.attention)
   assert big.model.n_heads // big.model.n_kv_heads == 16
   assert (big.model.attention.nsa_block_len, big.model.attention.nsa_stride,
