@@ -1,9 +1,11 @@
 """Block sizes of the LIF kernels, with per-device-kind heuristics.
 
 GPU (pallas_triton): one program owns `block_c` channels of one batch row and walks time in
-registers. Forward keeps `time_chunk` rows of x in flight (prefetch ring, unrolled) and writes
-the membrane state every `ckpt_every` steps (a [batch, ceil(T/ckpt_every), channels] f32
-checkpoint, 1/ckpt_every of the spike traffic). Backward walks chunks of `ckpt_every` steps from
+registers. Forward keeps prefetch_chunks * time_chunk rows of x in flight (a prefetch ring whose
+time_chunk steps are unrolled, so more chunks lengthen the ring at the same compile time; with
+batch 1 the bytes in flight on the whole GPU are channels * rows * 4, what a latency-bound
+stream needs more of) and writes the membrane state every `ckpt_every` steps (a [batch,
+ceil(T/ckpt_every), channels] f32 checkpoint, 1/ckpt_every of the spike traffic). Backward walks chunks of `ckpt_every` steps from
 the last to the first: it recomputes the chunk's pre-clip potentials from the checkpoint and x
 (held in registers), then runs the chunk backwards; x and the spike cotangent of the next chunk
 are prefetched while the current one is processed. `time_chunk` must be a multiple of
@@ -29,6 +31,7 @@ class LifConfig:
   time_chunk: int = 32
   num_warps: int = 2
   num_stages: int = 1
+  prefetch_chunks: int = 1  # forward: chunks of time_chunk rows of x in flight
   ckpt_every: int = 16
   bwd_block_c: int = 64
   bwd_num_warps: int = 2
@@ -45,6 +48,8 @@ class LifConfig:
       v = getattr(self, f)
       if v < 1 or v & (v - 1):
         raise ValueError(f"LifConfig.{f} must be a power of 2, got {v}")
+    if self.prefetch_chunks < 1:
+      raise ValueError(f"LifConfig.prefetch_chunks must be >= 1, got {self.prefetch_chunks}")
     if self.ckpt_every < 1 or self.time_chunk < 1 or self.time_chunk % self.ckpt_every:
       raise ValueError(f"LifConfig.time_chunk ({self.time_chunk}) must be a positive multiple "
                        f"of ckpt_every ({self.ckpt_every})")

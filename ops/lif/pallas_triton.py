@@ -1,9 +1,9 @@
 """Leaky integrate-and-fire as Pallas Triton kernels (GPU).
 
 Forward: grid = (batch, cdiv(channels, block_c)); each program walks all of time for its
-channels with v in f32 registers, keeping `time_chunk` rows of x in flight (a prefetch ring,
-fully unrolled: step s uses the row loaded time_chunk steps earlier and issues the load of row
-s + time_chunk). It writes spikes (x.dtype, exactly 0/1), v_last and, when a gradient will be
+channels with v in f32 registers, keeping prefetch_chunks * time_chunk rows of x in flight (a
+prefetch ring, its time_chunk steps unrolled: step s uses the row loaded that many steps earlier
+and issues the load of row s + prefetch_chunks * time_chunk). It writes spikes (x.dtype, exactly 0/1), v_last and, when a gradient will be
 taken, the membrane state every `ckpt_every` steps (f32 [batch, ceil(T/ckpt_every), channels]).
 
 Backward (the choice documented in the brief): recompute instead of storing v_t. For each chunk
@@ -46,7 +46,7 @@ def _load_row(ref, t, mask, T):
   return plgpu.load(ref.at[jnp.clip(t, 0, T - 1), :], mask=mask, other=0).astype(jnp.float32)
 
 
-def _fwd_kernel(x_ref, v0_ref, s_ref, vlast_ref, *ckpt, T, C, BC, TT, K, p):
+def _fwd_kernel(x_ref, v0_ref, s_ref, vlast_ref, *ckpt, T, C, BC, TT, K, P, p):
   ckpt_ref = ckpt[0] if ckpt else None
   j = pl.program_id(1)
   cmask = (j * BC + lax.broadcasted_iota(jnp.int32, (BC,), 0)) < C
@@ -55,16 +55,19 @@ def _fwd_kernel(x_ref, v0_ref, s_ref, vlast_ref, *ckpt, T, C, BC, TT, K, p):
     return _load_row(x_ref, s, cmask & (s < T), T)
 
   v = plgpu.load(v0_ref.at[:], mask=cmask, other=0).astype(jnp.float32)
-  xbuf = tuple(load(jnp.int32(i)) for i in range(TT))
+  # P chunks of TT rows in flight: the body consumes the oldest and loads the one P chunks on
+  # (the unrolled body stays TT steps long whatever P)
+  bufs = tuple(tuple(load(jnp.int32(c * TT + i)) for i in range(TT)) for c in range(P))
 
   def body(k, carry):
-    v, xbuf = carry
+    v, bufs = carry
+    xbuf = bufs[0]
     new_x = []
     for i in range(TT):
       s = k * TT + i
       valid = s < T
       x_i = xbuf[i]
-      new_x.append(load(s + TT))
+      new_x.append(load(s + P * TT))
       if ckpt_ref is not None and i % K == 0:
         row = k * (TT // K) + i // K
         plgpu.store(ckpt_ref.at[jnp.clip(row, 0, ckpt_ref.shape[0] - 1), :], v,
@@ -73,9 +76,9 @@ def _fwd_kernel(x_ref, v0_ref, s_ref, vlast_ref, *ckpt, T, C, BC, TT, K, p):
       spikes = jnp.where(spk, 1.0, 0.0).astype(s_ref.dtype)
       plgpu.store(s_ref.at[jnp.clip(s, 0, T - 1), :], spikes, mask=cmask & valid)
       v = jnp.where(valid, v_new, v)
-    return v, tuple(new_x)
+    return v, bufs[1:] + (tuple(new_x),)
 
-  v, _ = lax.fori_loop(0, pl.cdiv(T, TT), body, (v, xbuf))
+  v, _ = lax.fori_loop(0, pl.cdiv(T, TT), body, (v, bufs))
   plgpu.store(vlast_ref.at[:], v, mask=cmask)
 
 
@@ -134,7 +137,8 @@ def _forward(x, v0, p, save_ckpt, interpret, config):
   if save_ckpt:
     out_shape.append(jax.ShapeDtypeStruct((B, n_ck, C), jnp.float32))
     out_specs.append(pl.BlockSpec((None, n_ck, BC), lambda i, j: (i, 0, j)))
-  kernel = functools.partial(_fwd_kernel, T=T, C=C, BC=BC, TT=TT, K=K, p=p)
+  kernel = functools.partial(_fwd_kernel, T=T, C=C, BC=BC, TT=TT, K=K,
+                             P=config.prefetch_chunks, p=p)
   return pl.pallas_call(
       kernel, out_shape=tuple(out_shape), grid=(B, pl.cdiv(C, BC)),
       in_specs=[full, row], out_specs=tuple(out_specs), interpret=interpret,

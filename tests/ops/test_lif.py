@@ -157,6 +157,36 @@ class TestLifTritonGpu(LifTestBase):
 
 
 
+# A forward prefetch ring of several chunks (prefetch_chunks > 1): T=1, 7, 9 end inside the
+# first chunk, T=100 runs past the ring many times; the gradient tests check the checkpoints it
+# writes.
+class TestLifTritonPrefetchInterpret(LifTestBase):
+  IMPL = "pallas_triton"
+  INTERPRET = True
+  CONFIG = dataclasses.replace(SMALL, prefetch_chunks=3)
+  test_detach_changes_gradient = None
+
+
+@pytest.mark.gpu
+class TestLifTritonPrefetchGpu(TestLifTritonGpu):
+  CONFIG = dataclasses.replace(GPU_SMALL, prefetch_chunks=2)
+  test_large = None
+
+
+def test_prefetch_forward_lowers_for_the_gpu():
+  """Triton IR of the forward with two chunks of 64 rows in flight (the device-sized ring)."""
+  cfg = dataclasses.replace(LifConfig.for_device("NVIDIA H200"), prefetch_chunks=2)
+  x = jax.ShapeDtypeStruct((1, 300, 96), jnp.float32)
+  text = op_testing.lower_for_gpu(
+      lambda x: lif(x, implementation="pallas_triton", config=cfg)[0], x).as_text()
+  assert "lif_fwd" in text
+
+
+def test_prefetch_chunks_is_checked():
+  with pytest.raises(ValueError, match="prefetch_chunks"):
+    LifConfig(prefetch_chunks=0)
+
+
 # The time-segment backward (bwd_segment > 0): segments of 4 / 8 steps, so T=9, 33 and 100 end
 # in a partial segment; C=72 and 130 end in a partial channel block; B=2 interleaves two chains.
 class TestLifTritonSegmentsInterpret(LifTestBase):
