@@ -27,6 +27,9 @@ class ScanConfig:
   bwd_block_c: int = 64
   bwd_time_chunk: int = 24
   bwd_num_warps: int = 2
+  # chunks of bwd_time_chunk rows in flight in the serial backward: a longer ring at the same
+  # unrolled body (more bytes in flight without more compile time)
+  bwd_prefetch_chunks: int = 1
   # pallas_triton: >0 runs time segments of this many steps as separate programs chained by
   # their carries (ops/scan/pallas_triton_segments.py), for small batches; forward, backward
   segment: int = 0
@@ -48,6 +51,9 @@ class ScanConfig:
         raise ValueError(f"ScanConfig.{f} must be a power of 2, got {v}")
     if self.time_chunk < 1 or self.bwd_time_chunk < 1:
       raise ValueError("ScanConfig time chunks must be >= 1")
+    if self.bwd_prefetch_chunks < 1:
+      raise ValueError(f"ScanConfig.bwd_prefetch_chunks must be >= 1, got "
+                       f"{self.bwd_prefetch_chunks}")
     for f in ("segment", "bwd_segment"):
       if not 0 <= getattr(self, f) <= MAX_SEGMENT:
         raise ValueError(f"ScanConfig.{f} must be in [0, {MAX_SEGMENT}] (a segment's steps are "

@@ -84,8 +84,9 @@ def _fwd_kernel(a_ref, b_ref, h0_ref, h_ref, hlast_ref, *, T, C, BC, TT, reverse
 
 
 def _bwd_kernel(a_ref, h_ref, h0_ref, g_ref, glast_ref, da_ref, db_ref, dh0_ref, *, T, C, BC,
-                TT, reverse, a_const):
-  """Walks the forward steps backwards: r = 0..T-1 is forward step s = T-1-r."""
+                TT, P, reverse, a_const):
+  """Walks the forward steps backwards: r = 0..T-1 is forward step s = T-1-r. P chunks of TT
+  rows of each input are in flight (the body consumes the oldest, loads the one P chunks on)."""
   j = pl.program_id(1)
   cmask = (j * BC + lax.broadcasted_iota(jnp.int32, (BC,), 0)) < C
   n_chunks = pl.cdiv(T, TT)
@@ -103,14 +104,17 @@ def _bwd_kernel(a_ref, h_ref, h0_ref, g_ref, glast_ref, da_ref, db_ref, dh0_ref,
   h0 = plgpu.load(h0_ref.at[:], mask=cmask, other=0).astype(jnp.float32)
   c = plgpu.load(glast_ref.at[:], mask=cmask, other=0).astype(jnp.float32)
   a_c = plgpu.load(a_ref.at[:], mask=cmask, other=0).astype(jnp.float32) if a_const else None
-  first = [rows(jnp.int32(i)) for i in range(TT)]
-  gbuf = tuple(x[1] for x in first)
-  hbuf = tuple(x[2] for x in first)
-  abuf = () if a_const else tuple(x[0] for x in first)
+  def chunk(c0):
+    loaded = [rows(jnp.int32(c0 + i)) for i in range(TT)]
+    return (() if a_const else tuple(x[0] for x in loaded), tuple(x[1] for x in loaded),
+            tuple(x[2] for x in loaded))
+
+  bufs = tuple(chunk(q * TT) for q in range(P))
   da_acc = jnp.zeros((BC,), jnp.float32)
 
   def body(k, carry):
-    c, da_acc, abuf, gbuf, hbuf = carry
+    c, da_acc, bufs = carry
+    abuf, gbuf, hbuf = bufs[0]
     new_a, new_g, new_h = [], [], []
     for i in range(TT):
       r = k * TT + i
@@ -118,7 +122,7 @@ def _bwd_kernel(a_ref, h_ref, h0_ref, g_ref, glast_ref, da_ref, db_ref, dh0_ref,
       valid = r < T
       a_i = a_c if a_const else abuf[i]
       g_i, hp_i = gbuf[i], hbuf[i]
-      na, ng, nh = rows(r + TT)
+      na, ng, nh = rows(r + P * TT)
       if not a_const:
         new_a.append(na)
       new_g.append(ng)
@@ -133,9 +137,9 @@ def _bwd_kernel(a_ref, h_ref, h0_ref, g_ref, glast_ref, da_ref, db_ref, dh0_ref,
       else:
         plgpu.store(da_ref.at[t, :], (lam * hp_i).astype(da_ref.dtype), mask=m)
       c = jnp.where(valid, a_i * lam, c)
-    return c, da_acc, tuple(new_a), tuple(new_g), tuple(new_h)
+    return c, da_acc, bufs[1:] + ((tuple(new_a), tuple(new_g), tuple(new_h)),)
 
-  c, da_acc, *_ = lax.fori_loop(0, n_chunks, body, (c, da_acc, abuf, gbuf, hbuf))
+  c, da_acc, _ = lax.fori_loop(0, n_chunks, body, (c, da_acc, bufs))
   plgpu.store(dh0_ref.at[:], c, mask=cmask)
   if a_const:
     plgpu.store(da_ref.at[:], da_acc, mask=cmask)
@@ -181,8 +185,8 @@ def _backward(a, h, h0, g, g_last, reverse, interpret, config):
   a_const = a.ndim == 1
   BC, TT = config.bwd_block_c, config.bwd_time_chunk
   full, row, a_spec = _specs(B, T, C, BC, a_const)
-  kernel = functools.partial(_bwd_kernel, T=T, C=C, BC=BC, TT=TT, reverse=reverse,
-                             a_const=a_const)
+  kernel = functools.partial(_bwd_kernel, T=T, C=C, BC=BC, TT=TT,
+                             P=config.bwd_prefetch_chunks, reverse=reverse, a_const=a_const)
   da_shape = (jax.ShapeDtypeStruct((B, C), jnp.float32) if a_const
               else jax.ShapeDtypeStruct((B, T, C), a.dtype))
   da, db, dh0 = pl.pallas_call(

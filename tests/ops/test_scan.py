@@ -171,6 +171,42 @@ class TestScanTritonGpu(ScanTestBase):
 
 
 
+# The serial backward with several chunks of rows in flight (bwd_prefetch_chunks > 1): 3-row
+# chunks, so T=1, 7, 9 end inside the ring and T=33 / 48 run past it many times.
+class TestScanTritonBwdPrefetchInterpret(ScanTestBase):
+  IMPL = "pallas_triton"
+  INTERPRET = True
+  CONFIG = dataclasses.replace(SMALL, bwd_prefetch_chunks=3)
+  # the forward is unchanged: TestScanTritonInterpret's cases cover it
+  test_forward = test_h0_none_is_zeros = test_constant_decay_forward = None
+  test_chunked_equals_unchunked = test_vmap = None
+
+
+@pytest.mark.gpu
+class TestScanTritonBwdPrefetchGpu(TestScanTritonBwdPrefetchInterpret):
+  INTERPRET = False
+  CONFIG = dataclasses.replace(GPU_SMALL, bwd_prefetch_chunks=2)
+
+
+@pytest.mark.parametrize("a_const", [False, True])
+def test_prefetch_backward_lowers_for_the_gpu(a_const):
+  """Triton IR of the serial backward with two chunks in flight at the device's block sizes."""
+  cfg = dataclasses.replace(ScanConfig.for_device("NVIDIA H200"), bwd_prefetch_chunks=2)
+  a = jax.ShapeDtypeStruct((96,) if a_const else (1, 200, 96), jnp.float32)
+  b = jax.ShapeDtypeStruct((1, 200, 96), jnp.float32)
+
+  def fwd_bwd(a, b):
+    h, vjp = jax.vjp(lambda a, b: linear_scan(a, b, implementation="pallas_triton",
+                                              config=cfg)[0], a, b)
+    return vjp(h)
+  assert "linear_scan_bwd" in op_testing.lower_for_gpu(fwd_bwd, a, b).as_text()
+
+
+def test_bwd_prefetch_chunks_is_checked():
+  with pytest.raises(ValueError, match="bwd_prefetch_chunks"):
+    ScanConfig(bwd_prefetch_chunks=0)
+
+
 # Time segments chained by their carries (segment > 0): 4-step segments leave a partial last
 # segment at T=7, 9, 10, 13, 23, 33 and 100; B=2 interleaves two chains per channel block.
 class TestScanTritonSegmentsInterpret(ScanTestBase):
