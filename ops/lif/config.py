@@ -3,18 +3,18 @@
 GPU (pallas_triton): one program owns `block_c` channels of one batch row and walks time in
 registers. Forward keeps prefetch_chunks * time_chunk rows of x in flight (a prefetch ring whose
 time_chunk steps are unrolled, so more chunks lengthen the ring at the same compile time; with
-batch 1 the bytes in flight on the whole GPU are channels * rows * 4. H200, session 15, B1
-T8192 C8192 f32 inference forward at the device defaults: 1 chunk 0.239 ms (61% of copy), 2
-chunks 0.282, 3 chunks 0.297, spikes identical: more rows in flight lost, so the forward is not
-limited by bytes in flight at these tiles) and writes the membrane state every `ckpt_every` steps (a [batch,
-ceil(T/ckpt_every), channels] f32 checkpoint, 1/ckpt_every of the spike traffic). Backward walks chunks of `ckpt_every` steps from
-the last to the first: it recomputes the chunk's pre-clip potentials from the checkpoint and x
-(held in registers), then runs the chunk backwards; x and the spike cotangent of the next chunk
-are prefetched while the current one is processed. `time_chunk` must be a multiple of
-`ckpt_every`. With `bwd_segment` S > 0 the backward instead runs one program per S-step time
-segment (a multiple of ckpt_every), chained through the incoming membrane gradient
-(ops/lif/pallas_triton_segments.py): B * T / S * C / bwd_block_c programs instead of
-B * C / bwd_block_c, for small batches.
+batch 1 the bytes in flight on the whole GPU are channels * rows * 4. H200, session 15, B1 T8192
+C8192 f32 inference forward at the device defaults: 1 chunk 0.239 ms (61% of copy), 2 chunks
+0.282, 3 chunks 0.297, spikes identical: more rows in flight lost, so the forward is not limited
+by bytes in flight at these tiles) and writes the membrane state every `ckpt_every` steps (a
+[batch, ceil(T/ckpt_every), channels] f32 checkpoint, 1/ckpt_every of the spike traffic).
+Backward walks chunks of `ckpt_every` steps from the last to the first: it recomputes the
+chunk's pre-clip potentials from the checkpoint and x (held in registers), then runs the chunk
+backwards; x and the spike cotangent of the next chunk are prefetched while the current one is
+processed. `time_chunk` must be a multiple of `ckpt_every`. With `bwd_segment` S > 0 the
+backward instead runs one program per S-step time segment (a multiple of ckpt_every), chained
+through the incoming membrane gradient (ops/lif/pallas_triton_segments.py): B * T / S * C /
+bwd_block_c programs instead of B * C / bwd_block_c, for small batches.
 Mosaic GPU forward (pallas_mosaic_gpu): one CTA per (batch row, mgpu_block_c channels);
 tiles of mgpu_time_chunk steps x block_c stream through shared memory, mgpu_stages in flight.
 TPU (pallas_tpu): blocks of (tpu_block_t time steps, tpu_block_c channels on lanes); the
