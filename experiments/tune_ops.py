@@ -10,7 +10,8 @@
       --grid=decode_cmp_splits=4,8,16 --grid=decode_cmp_num_stages=2,3
 
 Every combination of the --grid values (fields of the op's config dataclass, the rest from
-`Config.for_device`; booleans as 0/1) is timed forward and forward+backward on one shape, next
+`Config.for_device`; booleans as 0/1) is timed forward and forward+backward on one shape
+(milliseconds per call of back-to-back calls, timing.time_pipelined, as bench_ops does), next
 to a baseline measured in the same process: the HBM copy bandwidth for the memory-bound lif and
 scan (shape batch,time,channels,dtype), cuDNN full causal attention for nsa (shape
 batch,time,heads,kv_heads,head_dim,dtype; the paper's NSAConfig). nsa_decode (shape
@@ -18,9 +19,10 @@ batch,cache,heads,kv_heads,head_dim,dtype; one token per row against full caches
 backward: its rows are the decode time per step of steps inside one jitted loop
 (timing.time_in_loop, what jaxlm.generate's lax.scan sees; back-to-back dispatched calls hide
 device differences under the host's dispatch) against full-attention decode (ops.attention's
-default) timed the same way on the same raw cache, and the table is sorted by it. Other tables are sorted by forward+backward time. A combination the config rejects (e.g. time_chunk not a multiple of
-ckpt_every) is listed as skipped with the reason. The chosen values belong in the op's
-`for_device` defaults.
+default) timed the same way on the same raw cache, and the table is sorted by it. Other tables
+are sorted by forward+backward time. A combination the config rejects (e.g. time_chunk not a
+multiple of ckpt_every) is listed as skipped with the reason. The chosen values belong in the
+op's `for_device` defaults.
 """
 import dataclasses
 import itertools
@@ -124,8 +126,8 @@ def _nsa_workload(shape):
   full = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                                        implementation=base_impl)
   base_f, base_fb = _vjp_fns(full)
-  ms_f = timing.time_fn(base_f, q, ks, vs, warmup=2, iters=10)
-  ms_fb = timing.time_fn(base_fb, q, ks, vs, do, warmup=2, iters=10)
+  ms_f = timing.time_pipelined(base_f, q, ks, vs, calls=50, max_batch_s=0.3)
+  ms_fb = timing.time_pipelined(base_fb, q, ks, vs, do, calls=50, max_batch_s=0.3)
 
   def make_fns(config):
     return _vjp_fns(lambda *a: nsa_op.nsa(*a, cfg=cfg, implementation="pallas_triton",
@@ -241,8 +243,10 @@ def main(argv):
       if fwd_bwd is None:          # decode: per step inside one jitted loop, no backward
         ms_f, ms_fb = timing.time_in_loop(fwd, *a_f), None
       else:
-        ms_f = timing.time_fn(fwd, *a_f, warmup=2, iters=10)
-        ms_fb = timing.time_fn(fwd_bwd, *a_fb, warmup=2, iters=10)
+        # back-to-back calls, as bench_ops times these ops: session 15's tgmm sweep ranked
+        # two ~1.5 ms tiles in the opposite order with one synchronised call per timing
+        ms_f = timing.time_pipelined(fwd, *a_f, calls=50, max_batch_s=0.3)
+        ms_fb = timing.time_pipelined(fwd_bwd, *a_fb, calls=50, max_batch_s=0.3)
     except Exception as e:  # a config Triton cannot compile: report it and go on
       rows.append((float("inf"), f"| {label} | | | | | failed: {type(e).__name__}: "
                    f"{str(e)[:80]} |"))

@@ -163,7 +163,7 @@ def sweep(shape_names=("moe_e64_balanced",), dtype=jnp.bfloat16, out_json=None):
         f = jax.jit(lambda x, y, g, cfg=cfg, t=transpose: pallas_triton.gmm(
             x, y, g, out_dtype=dtype, transpose_rhs=t, interpret=False, config=cfg))
         try:
-          ms = timing.time_fn(f, a, b, gs, warmup=2, iters=10)
+          ms = timing.time_pipelined(f, a, b, gs, max_batch_s=0.3)
           res.append((ms, kw))
           print(f"sweep {name} {label} {kw}: {ms:.3f} ms {flops / ms / 1e9:.0f} TFLOP/s",
                 flush=True)
@@ -181,7 +181,9 @@ def sweep(shape_names=("moe_e64_balanced",), dtype=jnp.bfloat16, out_json=None):
       f = jax.jit(lambda x, y, g, cfg=cfg: pallas_triton.tgmm(
           x, y, g, out_dtype=dtype, interpret=False, config=cfg))
       try:
-        ms = timing.time_fn(f, lhs, dout, gs, warmup=2, iters=10)
+        # back-to-back like run(): one synchronised call per timing ranked two tgmm tiles
+        # in the opposite order (session 15)
+        ms = timing.time_pipelined(f, lhs, dout, gs, max_batch_s=0.3)
         res.append((ms, kw))
         print(f"sweep {name} tgmm {kw}: {ms:.3f} ms {flops / ms / 1e9:.0f} TFLOP/s", flush=True)
       except Exception as err:
