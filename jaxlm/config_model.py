@@ -67,6 +67,10 @@ class MoEConfig:
   chunk_sparsity_loss: float = 0.0   # BlockFFN 1 - mean_{chunk,e} prod_t (1 - p_{t,e})
   chunk_size: int = 8
   implementation: str = ""           # ops.gmm implementation ("" = platform default)
+  # 0/1: experts' rows back to back; N > 1: each expert's rows start at a multiple of N
+  # (zero-padded, ops.gmm.aligned_layout) so no gmm row tile of N rows straddles two experts:
+  # for pools of many small groups (UniPool). The H100/H200 gmm tiles are 128 rows.
+  group_align: int = 0
 
   @property
   def n_extra_experts(self) -> int:

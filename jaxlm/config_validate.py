@@ -157,6 +157,7 @@ def _validate_moe(m: ModelConfig):
   for k in ("capacity_factor", "balance_loss", "pool_balance_loss", "router_z_loss", "l1_loss",
             "locality_loss", "chunk_sparsity_loss"):
     _check(getattr(e, k) >= 0, f"model.moe.{k}", f"must be >= 0, got {getattr(e, k)}")
+  _check(e.group_align >= 0, "model.moe.group_align", f"must be >= 0, got {e.group_align}")
   _check(e.locality_alpha > 0, "model.moe.locality_alpha", f"must be > 0, got {e.locality_alpha}")
   if e.kind == "unipool":
     _check(e.n_routed >= e.top_k, "model.moe.n_experts",

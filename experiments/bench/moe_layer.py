@@ -37,14 +37,16 @@ SHAPES = {
                     "norm_router")],
 }
 _OWN_KERNEL_ONLY = ("bench_t64k",)
+_ALIGN = 128                       # the H100/H200 gmm row tile
+_ALIGNED_ROW_MIN_EXPERTS = 64
 
 
-def _layer(t, d, f, kind, n_experts, router, dtype, implementation):
+def _layer(t, d, f, kind, n_experts, router, dtype, implementation, group_align=0):
   from flax import nnx
   from jaxlm.config import ModelConfig, MoEConfig
   from jaxlm.layers.moe import MoEFFN
   moe = MoEConfig(kind=kind, n_experts=n_experts, top_k=1, router=router, renormalize=False,
-                  implementation=implementation)
+                  implementation=implementation, group_align=group_align)
   cfg = ModelConfig(d_model=d, d_ff=f, n_layers=24, n_heads=d // 64, n_kv_heads=4,
                     init_std=0.02, dtype=jnp.dtype(dtype).name, moe=moe)
   layer = MoEFFN(cfg, rngs=nnx.Rngs(params=0))
@@ -105,10 +107,14 @@ def run(shapes="bench", dtype="bfloat16", ceilings=None):
       print(f"{name} dense failed: {type(err).__name__}: {str(err)[:300]}", flush=True)
 
     loads = None
-    for impl in shape_impls:
-      nm = f"moe[{impl or 'default'}]"
+    # pools of many small groups also with each expert's rows 128-row aligned (MoEConfig
+    # group_align: no gmm row tile straddles two experts)
+    variants = [(impl, 0) for impl in shape_impls] + (
+        [("", _ALIGN)] if n_exp >= _ALIGNED_ROW_MIN_EXPERTS else [])
+    for impl, align in variants:
+      nm = f"moe[{impl or 'default'}" + (f", group_align {align}]" if align else "]")
       try:
-        graphdef, state = _layer(t, d, f, kind, n_exp, router, dtype, impl)
+        graphdef, state = _layer(t, d, f, kind, n_exp, router, dtype, impl, align)
 
         def layer_fn(x, state, experts, graphdef=graphdef):
           y, _, stats = nnx.merge(graphdef, state)(x, experts)
@@ -129,12 +135,12 @@ def run(shapes="bench", dtype="bfloat16", ceilings=None):
       gs = np.round(loads * t).astype(np.int32)
       gs[-1] += t - gs.sum()
       gs = jnp.asarray(gs)
-      for impl in shape_impls:
-        nm = f"gmm only[{impl or 'default'}]"
+      for impl, align in variants:
+        nm = f"gmm only[{impl or 'default'}" + (f", group_align {align}]" if align else "]")
         try:
-          fn = lambda x, e, impl=impl: swiglu_grouped(
-              x.reshape(t, d), gs, e["w_gate"], e["w_up"], e["w_down"], impl or None).reshape(
-                  x.shape)
+          fn = lambda x, e, impl=impl, align=align: swiglu_grouped(
+              x.reshape(t, d), gs, e["w_gate"], e["w_up"], e["w_down"], impl or None,
+              align).reshape(x.shape)
           times[nm] = timing.time_fn(jax.jit(lambda x, e: fwd_bwd(fn, x, e)), x, experts)
         except Exception as err:
           print(f"{name} {nm} failed: {type(err).__name__}: {str(err)[:400]}", flush=True)

@@ -62,9 +62,16 @@ def pool_of_layer(layer: int, n_layers: int, n_pools: int) -> int:
 
 # --------------------------------------------------------------------------- dispatch
 
-def swiglu_grouped(xs, group_sizes, w_gate, w_up, w_down, implementation=None):
+def swiglu_grouped(xs, group_sizes, w_gate, w_up, w_down, implementation=None, align=0):
   """Rows xs [m, d] sorted by expert; w_* [E, d, f] / [E, f, d]; -> [m, d] (rows past the
-  groups are zero)."""
+  groups are zero). align > 1: the three grouped matmuls run on a zero-padded copy whose groups
+  start at multiples of align (ops.gmm.aligned_layout), the result is read back in sorted
+  order."""
+  if align > 1:
+    src, dest, padded = ops.gmm.aligned_layout(group_sizes, xs.shape[0], align)
+    y = swiglu_grouped(ops.gmm.pad_rows(xs, src, dest), padded, w_gate, w_up, w_down,
+                       implementation)
+    return ops.gmm.unpad_rows(y, src, dest)
   dt = xs.dtype
   g = ops.gmm.gmm(xs, w_gate.astype(dt), group_sizes, implementation=implementation)
   u = ops.gmm.gmm(xs, w_up.astype(dt), group_sizes, implementation=implementation)
@@ -77,14 +84,15 @@ def ffn_ids(ids, n_ffn: int):
   return jnp.where((ids >= 0) & (ids < n_ffn), ids, -1)
 
 
-def dispatch(x, ids, gates, experts: dict, n_ffn: int, implementation=None):
-  """Dropless FFN-expert output on one device. x [T, d]; ids/gates [T, k] -> [T, d]."""
+def dispatch(x, ids, gates, experts: dict, n_ffn: int, implementation=None, group_align=0):
+  """Dropless FFN-expert output on one device. x [T, d]; ids/gates [T, k] -> [T, d].
+  group_align: MoEConfig.group_align (swiglu_grouped's align)."""
   fid = ffn_ids(ids, n_ffn)
   k = ids.shape[1]
   sort_idx, group_sizes = ops.gmm.sort_by_group(fid, n_ffn)
   xs = ops.gmm.permute(x, sort_idx, k)
   ys = swiglu_grouped(xs, group_sizes, experts["w_gate"], experts["w_up"], experts["w_down"],
-                      implementation)
+                      implementation, group_align)
   return ops.gmm.unpermute(ys, sort_idx, jnp.where(fid >= 0, gates, 0.0))
 
 
@@ -107,7 +115,8 @@ def _token_axes(mesh, n_tokens: int):
   return ()
 
 
-def dispatch_data_parallel(x, ids, gates, experts: dict, n_ffn: int, mesh, implementation=None):
+def dispatch_data_parallel(x, ids, gates, experts: dict, n_ffn: int, mesh, implementation=None,
+                           group_align=0):
   """`dispatch` on a multi-device mesh without an expert axis: each device runs the grouped
   matmuls (ops.gmm: kernels XLA cannot partition) on its own tokens, with every expert's
   weights gathered (FSDP) except the expert width, which stays split over "tensor" (the
@@ -121,7 +130,7 @@ def dispatch_data_parallel(x, ids, gates, experts: dict, n_ffn: int, mesh, imple
 
   def local(x, ids, gates, w_gate, w_up, w_down):
     y = dispatch(x, ids, gates, dict(w_gate=w_gate, w_up=w_up, w_down=w_down), n_ffn,
-                 implementation)
+                 implementation, group_align)
     return jax.lax.psum(y, "tensor") if split else y
 
   fn = sharding.shard_map(local, mesh, (tok_spec, tok_spec, tok_spec, w_in, w_in, w_out),
@@ -130,7 +139,7 @@ def dispatch_data_parallel(x, ids, gates, experts: dict, n_ffn: int, mesh, imple
 
 
 def dispatch_expert_parallel(x, ids, gates, experts: dict, n_ffn: int, mesh,
-                             implementation=None):
+                             implementation=None, group_align=0):
   """Same result as `dispatch`, with the experts sharded over the mesh's "expert" axis."""
   from jax.sharding import PartitionSpec as P
   ep = expert_axis_size(mesh)
@@ -162,7 +171,7 @@ def dispatch_expert_parallel(x, ids, gates, experts: dict, n_ffn: int, mesh,
     rows = recv_x.reshape(ep * cap, -1)
     l_idx, l_sizes = ops.gmm.sort_by_group(recv_id.reshape(-1, 1), n_local)
     h = swiglu_grouped(ops.gmm.permute(rows, l_idx, 1), l_sizes, w_gate, w_up, w_down,
-                       implementation)
+                       implementation, group_align)
     h = ops.gmm.permute_rows(h, ops.gmm.inverse_permutation(l_idx), l_idx)  # receive order
     back = jax.lax.all_to_all(h.reshape(ep, cap, -1), "expert", 0, 0)
     dst = jnp.where(valid, src, cap).reshape(-1)

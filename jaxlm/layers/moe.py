@@ -100,12 +100,13 @@ class MoEFFN(nnx.Module):
     mesh = sharding.current_mesh()
     if expert_pool.expert_axis_size(mesh) > 1:
       y = expert_pool.dispatch_expert_parallel(x2, ids, routing.gates, experts, e.n_experts,
-                                               mesh, impl)
+                                               mesh, impl, e.group_align)
     elif sharding.multi_device_mesh() is not None:
       y = expert_pool.dispatch_data_parallel(x2, ids, routing.gates, experts, e.n_experts,
-                                             mesh, impl)
+                                             mesh, impl, e.group_align)
     else:
-      y = expert_pool.dispatch(x2, ids, routing.gates, experts, e.n_experts, impl)
+      y = expert_pool.dispatch(x2, ids, routing.gates, experts, e.n_experts, impl,
+                               e.group_align)
     if e.n_copy_experts or e.n_constant_experts:
       y = y + expert_pool.extra_experts(x2, ids, routing.gates, experts, e.n_experts,
                                         e.n_zero_experts, e.n_copy_experts, e.n_constant_experts)

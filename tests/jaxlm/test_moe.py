@@ -81,6 +81,28 @@ class TestDropless:
       for la, lb in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         assert_close(la, lb, F32, grad=True, name=f"d{name}")
 
+  @pytest.mark.parametrize("align", [4, 16])
+  def test_group_align_matches_dense_loop(self, align):
+    """Experts' rows at multiples of `align` in a zero-padded copy (MoEConfig.group_align):
+    same output and gradients as the dense loop, dropped slots included."""
+    kx, ke, kr = jax.random.split(jax.random.key(7), 3)
+    x = jax.random.normal(kx, (self.T, self.D), F32)
+    experts = _experts(ke, self.E, self.D, self.F)
+    ids, gates = _routing(kr, self.T, self.E, self.K)
+    ids = ids.at[5, 1].set(-1).at[11, 0].set(-1)
+    fn = lambda x, ids, gates, experts, n: expert_pool.dispatch(x, ids, gates, experts, n,
+                                                                group_align=align)
+    assert_close(jax.jit(fn, static_argnums=4)(x, ids, gates, experts, self.E),
+                 dense_reference(x, ids, gates, experts, self.E), F32)
+
+    def loss(f, x, gates, experts):
+      return jnp.sum(jnp.sin(f(x, ids, gates, experts, self.E)))
+    g_out = jax.jit(jax.grad(functools.partial(loss, fn), argnums=(0, 1, 2)))(x, gates, experts)
+    g_ref = jax.grad(functools.partial(loss, dense_reference), argnums=(0, 1, 2))(
+        x, gates, experts)
+    for a, b in zip(jax.tree.leaves(g_out), jax.tree.leaves(g_ref)):
+      assert_close(a, b, F32, grad=True)
+
   def test_empty_expert_and_minus_one_ids(self):
     x = jax.random.normal(jax.random.key(1), (6, self.D), F32)
     experts = _experts(jax.random.key(2), 4, self.D, self.F)
@@ -391,6 +413,7 @@ class TestConfig:
       (dict(kind="moe"), "model.moe.kind"),
       (dict(kind="vanilla", router="hash"), "model.moe.router"),
       (dict(kind="vanilla", capacity_factor=-1.0), "model.moe.capacity_factor"),
+      (dict(kind="unipool", group_align=-1), "model.moe.group_align"),
   ])
   def test_errors_name_the_field(self, moe, field):
     with pytest.raises(ConfigError, match=f"^{field}"):
@@ -412,7 +435,8 @@ class TestConfig:
 # ----------------------------------------------------------------------------- EP
 
 class TestExpertParallel:
-  def test_eight_devices_equals_one(self):
+  @pytest.mark.parametrize("align", [0, 4])
+  def test_eight_devices_equals_one(self, align):
     assert jax.device_count() >= 8
     t, d, f, e, k = 64, 16, 24, 8, 2
     x = jax.random.normal(jax.random.key(0), (t, d), F32)
@@ -425,7 +449,8 @@ class TestExpertParallel:
     def loss(fn, x, gates, experts):
       return jnp.sum(jnp.sin(fn(x, gates, experts)))
 
-    ep = lambda x, g, w: expert_pool.dispatch_expert_parallel(x, ids, g, w, e, mesh)
+    ep = lambda x, g, w: expert_pool.dispatch_expert_parallel(x, ids, g, w, e, mesh,
+                                                              group_align=align)
     one = lambda x, g, w: expert_pool.dispatch(x, ids, g, w, e)
     with use_mesh(mesh):
       out = jax.jit(ep)(x, gates, experts)
