@@ -133,7 +133,7 @@ class ModelConfig:
   dtype: str = "bfloat16"       # compute dtype
   param_dtype: str = "float32"  # master params
   scan_layers: bool = True
-  remat: str = "none"           # none | full | dots | dots_no_batch
+  remat: str = "none"           # none | full | dots | dots_no_batch | dots_and_acts
   attention: AttentionConfig = AttentionConfig()
   moe: MoEConfig = MoEConfig()
   spiking: SpikingConfig = SpikingConfig()

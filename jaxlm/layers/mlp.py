@@ -4,6 +4,7 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxlm.layers.params import param
 
@@ -20,7 +21,9 @@ class SwiGLU(nnx.Module):
     dt = x.dtype
     g = jnp.einsum("bsd,df->bsf", x, self.w_gate.value.astype(dt))
     u = jnp.einsum("bsd,df->bsf", x, self.w_up.value.astype(dt))
-    return jnp.einsum("bsf,fd->bsd", jax.nn.silu(g) * u, self.w_down.value.astype(dt))
+    # named for remat="dots_and_acts", which keeps it instead of recomputing it from g and u
+    h = checkpoint_name(jax.nn.silu(g) * u, "mlp_act")
+    return jnp.einsum("bsf,fd->bsd", h, self.w_down.value.astype(dt))
 
 
 def out_proj_std(std: float, n_layers: int) -> float:

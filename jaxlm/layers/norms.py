@@ -1,6 +1,7 @@
 """RMSNorm."""
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxlm.layers.params import param
 
@@ -14,4 +15,7 @@ class RMSNorm(nnx.Module):
     """x: [..., dim] → same shape and dtype; statistics in float32."""
     xf = x.astype(jnp.float32)
     y = xf * jnp.reciprocal(jnp.sqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps))
-    return (y * self.scale.value.astype(jnp.float32)).astype(x.dtype)
+    # named for remat="dots_and_acts" (the projections after a norm need its output again for
+    # their weight gradients)
+    out = (y * self.scale.value.astype(jnp.float32)).astype(x.dtype)
+    return checkpoint_name(out, "norm_out")

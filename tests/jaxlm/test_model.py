@@ -209,7 +209,8 @@ def _baseline(scan):
 
 
 @pytest.mark.parametrize("scan,remat", [(True, "full"), (True, "dots"), (True, "dots_no_batch"),
-                                        (False, "full")])
+                                        (False, "full"), (False, "dots_and_acts"),
+                                        (True, "dots_and_acts")])
 def test_remat_gives_same_loss_and_grads(scan, remat):
   params, batch, loss0, g0 = _baseline(scan)
   loss1, g1 = _loss_and_grads(tiny_model(scan_layers=scan, remat=remat), params, batch)
@@ -218,6 +219,25 @@ def test_remat_gives_same_loss_and_grads(scan, remat):
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5 * scale, rtol=1e-4)
   assert float(optax_global_norm(g0)) > 0
+
+
+def test_dots_and_acts_keeps_the_named_activations(capsys):
+  """remat="dots_and_acts" saves the SwiGLU product and the norm outputs for the backward;
+  "dots" recomputes them."""
+  from jax.ad_checkpoint import print_saved_residuals
+  params, batch, _, _ = _baseline(False)
+  counts = {}
+  for remat in ("dots_and_acts", "dots"):
+    cfg = tiny_model(scan_layers=False, remat=remat)
+    fm = build(cfg)
+    loss = lambda p: jnp.mean(fm.apply(p, batch["inputs"])[0])
+    print_saved_residuals(loss, params)
+    out = capsys.readouterr().out
+    counts[remat] = (out.count("named 'mlp_act'"), out.count("named 'norm_out'"))
+  # one SwiGLU product per layer; the final norm (outside the remat'd blocks) is kept by both,
+  # the blocks' norms (before attention and before the MLP) only by dots_and_acts
+  assert counts["dots_and_acts"] == (cfg.n_layers, 2 * cfg.n_layers + 1)
+  assert counts["dots"] == (0, 1)
 
 
 def optax_global_norm(tree):
