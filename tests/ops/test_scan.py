@@ -188,18 +188,23 @@ class TestScanTritonBwdPrefetchGpu(TestScanTritonBwdPrefetchInterpret):
   CONFIG = dataclasses.replace(GPU_SMALL, bwd_prefetch_chunks=2)
 
 
-@pytest.mark.parametrize("a_const", [False, True])
-def test_prefetch_backward_lowers_for_the_gpu(a_const):
-  """Triton IR of the serial backward with two chunks in flight at the device's block sizes."""
-  cfg = dataclasses.replace(ScanConfig.for_device("NVIDIA H200"), bwd_prefetch_chunks=2)
-  a = jax.ShapeDtypeStruct((96,) if a_const else (1, 200, 96), jnp.float32)
-  b = jax.ShapeDtypeStruct((1, 200, 96), jnp.float32)
+def _gpu_fwd_bwd_ir(cfg, a_const, channels):
+  """Triton IR text of the scan's forward and backward at T=200, built on this host."""
+  a = jax.ShapeDtypeStruct((channels,) if a_const else (1, 200, channels), jnp.float32)
+  b = jax.ShapeDtypeStruct((1, 200, channels), jnp.float32)
 
   def fwd_bwd(a, b):
     h, vjp = jax.vjp(lambda a, b: linear_scan(a, b, implementation="pallas_triton",
                                               config=cfg)[0], a, b)
     return vjp(h)
-  assert "linear_scan_bwd" in op_testing.lower_for_gpu(fwd_bwd, a, b).as_text()
+  return op_testing.lower_for_gpu(fwd_bwd, a, b).as_text()
+
+
+@pytest.mark.parametrize("a_const", [False, True])
+def test_prefetch_backward_lowers_for_the_gpu(a_const):
+  """Triton IR of the serial backward with two chunks in flight at the device's block sizes."""
+  cfg = dataclasses.replace(ScanConfig.for_device("NVIDIA H200"), bwd_prefetch_chunks=2)
+  assert "linear_scan_bwd" in _gpu_fwd_bwd_ir(cfg, a_const, 96)
 
 
 def test_bwd_prefetch_chunks_is_checked():
@@ -267,14 +272,7 @@ def test_segments_lower_for_the_gpu(a_const):
   """The Triton IR of both segment kernels (atomic tickets, the spin loop), built here."""
   cfg = dataclasses.replace(ScanConfig.for_device("NVIDIA H200"), segment=32,
                             bwd_segment=32)
-  a = jax.ShapeDtypeStruct((300,) if a_const else (1, 200, 300), jnp.float32)
-  b = jax.ShapeDtypeStruct((1, 200, 300), jnp.float32)
-
-  def fwd_bwd(a, b):
-    h, vjp = jax.vjp(lambda a, b: linear_scan(a, b, implementation="pallas_triton",
-                                              config=cfg)[0], a, b)
-    return vjp(h)
-  text = op_testing.lower_for_gpu(fwd_bwd, a, b).as_text()
+  text = _gpu_fwd_bwd_ir(cfg, a_const, 300)
   assert "linear_scan_fwd_segments" in text and "linear_scan_bwd_segments" in text
 
 def test_segment_config_is_checked():
