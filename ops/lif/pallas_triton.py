@@ -3,8 +3,9 @@
 Forward: grid = (batch, cdiv(channels, block_c)); each program walks all of time for its
 channels with v in f32 registers, keeping prefetch_chunks * time_chunk rows of x in flight (a
 prefetch ring, its time_chunk steps unrolled: step s uses the row loaded that many steps earlier
-and issues the load of row s + prefetch_chunks * time_chunk). It writes spikes (x.dtype, exactly 0/1), v_last and, when a gradient will be
-taken, the membrane state every `ckpt_every` steps (f32 [batch, ceil(T/ckpt_every), channels]).
+and issues the load of row s + prefetch_chunks * time_chunk). It writes spikes (x.dtype, exactly
+0/1), v_last and, when a gradient will be taken, the membrane state every `ckpt_every` steps
+(f32 [batch, ceil(T/ckpt_every), channels]).
 
 Backward (the choice documented in the brief): recompute instead of storing v_t. For each chunk
 of `ckpt_every` steps, last chunk first, the kernel reloads the chunk's checkpoint, recomputes
