@@ -4,6 +4,12 @@
 
 Scaling over devices of one host, batch grown with the device count (weak scaling):
   python experiments/bench_train.py --config=dense_1b --device_counts=1,2 --batch_per_device=8
+
+Variants of each preset measured one after another in the same process, against the same
+matmul peak (separate processes differ by a few percent in step time and more in the peak):
+  python experiments/bench_train.py --config=dense_1b --set train.batch_size=8 \
+      --variant=base: --variant="acts:model.remat=dots_and_acts" \
+      --variant="scanned:model.scan_layers=true;model.remat=dots"
 """
 import os
 import sys
@@ -23,6 +29,10 @@ _DEVICE_COUNTS = flags.DEFINE_list(
     "(default: all devices); the table adds tokens/s relative to the first N")
 _BATCH_PER_DEVICE = flags.DEFINE_integer(
     "batch_per_device", 0, "if > 0, train.batch_size = this × the devices of each measurement")
+_VARIANT = flags.DEFINE_multi_string(
+    "variant", [], "LABEL:OVERRIDE[;OVERRIDE...] (overrides as --set takes them, none after "
+    "the colon for the preset as it is): each preset is measured once per variant, in order, "
+    "in this process; the table names the variant after the preset")
 _PROFILE = flags.DEFINE_integer(
     "profile_top", 0, "if > 0, after each measurement trace two more steps and print the "
     "this many kernels with the most device time (experiments/bench/profile.py)")
@@ -36,16 +46,32 @@ def _device_counts(available: int) -> list[int]:
   return counts
 
 
-def _jobs(cfgs, counts):
-  """(config, device count) pairs, all validated before the first compile."""
+def parse_variants(specs: list[str]) -> list[tuple[str, list[str]]]:
+  """--variant values -> [(label, overrides)]; no variants = the preset itself, unlabelled."""
+  out = []
+  for spec in specs:
+    label, sep, rest = spec.partition(":")
+    if not sep or not label.strip():
+      raise app.UsageError(f"--variant {spec!r}: expected LABEL:OVERRIDE[;OVERRIDE...]")
+    out.append((label.strip(), [o.strip() for o in rest.split(";") if o.strip()]))
+  labels = [label for label, _ in out]
+  if len(set(labels)) != len(labels):
+    raise app.UsageError(f"--variant labels repeat: {labels}")
+  return out or [("", [])]
+
+
+def _jobs(cfgs, counts, variants):
+  """(config, device count, variant label) triples, all validated before the first compile."""
   jobs = []
   for base in cfgs:
-    for n in counts:
-      cfg = base
-      if _BATCH_PER_DEVICE.value > 0:
-        cfg = config_lib.apply_overrides(base, [f"train.batch_size={_BATCH_PER_DEVICE.value * n}"])
-      config_lib.validate_for_devices(cfg, n)
-      jobs.append((cfg, n))
+    for label, overrides in variants:
+      for n in counts:
+        cfg = config_lib.apply_overrides(base, overrides)
+        if _BATCH_PER_DEVICE.value > 0:
+          cfg = config_lib.apply_overrides(
+              cfg, [f"train.batch_size={_BATCH_PER_DEVICE.value * n}"])
+        config_lib.validate_for_devices(cfg, n)
+        jobs.append((cfg, n, label))
   return jobs
 
 
@@ -57,7 +83,7 @@ def main(argv):
   from jaxlm.train.throughput import measure
   cfgs = [config_lib.apply_overrides(configs.get_preset(n), _SET.value) for n in _CONFIGS.value]
   counts = _device_counts(jax.device_count())
-  jobs = _jobs(cfgs, counts)
+  jobs = _jobs(cfgs, counts, parse_variants(_VARIANT.value))
   kind = jax.devices()[0].device_kind
   measured = timing.matmul_peak_tflops() if jax.default_backend() != "cpu" else None
   sheet = peak_tflops(kind)
@@ -72,10 +98,11 @@ def main(argv):
     from experiments.bench import profile
     if _PROFILE.value > 0:
       rows = profile.kernel_times(one_step, iters=2, top=_PROFILE.value)
-      tables.append(profile.format_kernel_table(rows, iters=2, title=f"{cfg.name} on {n} devices: "
+      tables.append(profile.format_kernel_table(rows, iters=2, title=f"{name} on {n} devices: "
                                                 "device time per step by kernel"))
 
-  for cfg, n in jobs:
+  for cfg, n, label in jobs:
+    name = f"{cfg.name} [{label}]" if label else cfg.name
     if n == counts[0]:
       first_tok_s = None
     try:
@@ -83,14 +110,14 @@ def main(argv):
     except jax.errors.JaxRuntimeError as e:  # one preset too big for the device: keep the table
       if "RESOURCE_EXHAUSTED" not in str(e):
         raise
-      print(f"| {cfg.name} | {n} | - | {cfg.train.batch_size}×{cfg.train.seq_len} | out of device "
+      print(f"| {name} | {n} | - | {cfg.train.batch_size}×{cfg.train.seq_len} | out of device "
             f"memory: lower --set train.batch_size or raise train.grad_accum | | | | | | |",
             flush=True)
       continue
     first_tok_s = first_tok_s or r.tokens_per_s
     mfu_m = f"{r.model_tflops_per_device / measured:.1%}" if measured else "-"
     mfu_s = f"{r.model_tflops_per_device / sheet:.1%}" if sheet else "-"
-    print(f"| {r.name} | {n} | {r.params / 1e6:.0f}M | {cfg.train.batch_size}×{cfg.train.seq_len} | "
+    print(f"| {name} | {n} | {r.params / 1e6:.0f}M | {cfg.train.batch_size}×{cfg.train.seq_len} | "
           f"{r.step_ms:.1f} | {r.tokens_per_s:,.0f} | {r.tokens_per_s / first_tok_s:.2f}× | "
           f"{r.model_tflops_per_device:.0f} | {mfu_m} | "
           f"{mfu_s} | {r.compile_s:.0f} |", flush=True)

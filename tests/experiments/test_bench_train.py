@@ -52,3 +52,23 @@ def test_profile_top_prints_a_kernel_table_per_measurement():
   assert len(table_rows(proc.stdout)) == 1
   assert "### tiny_cpu on 1 devices: device time per step by kernel" in proc.stdout
   assert "| kernel | ms / call | share | launches / call |" in proc.stdout
+
+
+def test_variants_run_in_one_process_and_are_labelled():
+  proc = run_bench("--variant=base:", "--variant=full:model.remat=full;train.batch_size=4",
+                   devices=1)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = table_rows(proc.stdout)
+  assert [r[0] for r in rows] == ["tiny_cpu [base]", "tiny_cpu [full]"], proc.stdout
+  assert [r[3] for r in rows] == ["16×32", "4×32"]
+  assert proc.stdout.count("matmul peak measured") == 1
+
+
+def test_bad_variant_fails_before_any_compile():
+  proc = run_bench("--variant=ok:", "--variant=bad:model.remat=sometimes", devices=1)
+  assert proc.returncode != 0
+  assert "model.remat" in proc.stderr
+  assert table_rows(proc.stdout) == []
+  proc = run_bench("--variant=model.remat=full", devices=1)
+  assert proc.returncode != 0 and "LABEL:OVERRIDE" in proc.stderr
+
