@@ -3,9 +3,13 @@ per-branch forward times and decode (batch 8) against full-attention decode on t
 
   python experiments/bench_ops.py --op=nsa
   python experiments/bench_ops.py --op=nsa --shapes=bench_decode   # decode rows only
+  python experiments/bench_ops.py --op=nsa --shapes=bench_smooth   # correlated neighbours
 
 A shape set whose name ends in "_decode" runs only the decode rows, at every shape of the set;
-any other set runs decode at its longest shape, then the training rows.
+any other set runs decode at its longest shape (unless its queries are smoothed: decode draws
+its own inputs), then the training rows. The selection row notes how many of each query's
+blocks the query before it also chose (random queries share few at long lengths, which is the
+worst case for query tiles; the smoothed sets show the tiles where neighbours agree).
 """
 from __future__ import annotations
 
@@ -28,11 +32,24 @@ def make_inputs(s, cfg, dtype):
   ks = jax.random.split(jax.random.key(0), 9)
   b, t, h, hk, d = s.batch, s.seq, s.heads, s.kv_heads, s.head_dim
   n = lambda k, shape: (jax.random.normal(k, shape, jnp.float32) * 0.5).astype(dtype)
-  q = n(ks[0], (b, t, h, d))
+  if s.q_smooth:
+    w = s.q_smooth
+    c = jnp.cumsum(jax.random.normal(ks[0], (b, t + w, h, d), jnp.float32), axis=1)
+    q = ((c[:, w:] - c[:, :-w]) * (0.5 / w ** 0.5)).astype(dtype)   # same variance as i.i.d.
+  else:
+    q = n(ks[0], (b, t, h, d))
   kc, vc = n(ks[1], (b, cfg.n_cmp(t), hk, d)), n(ks[2], (b, cfg.n_cmp(t), hk, d))
   raw = [n(ks[i], (b, t, hk, d)) for i in range(3, 7)]
   gates = jax.nn.sigmoid(jax.random.normal(ks[7], (b, t, h, 3))).astype(dtype)
   return (q, kc, vc, *raw, gates)
+
+
+def neighbour_overlap(block_idx) -> float:
+  """Fraction of the selected blocks [b, t, kvh, n] (-1 = none) of each query that the query
+  before it also selected: how much a tile of neighbouring queries shares."""
+  a, p = block_idx[:, 1:], block_idx[:, :-1]
+  shared = jnp.any((a[..., :, None] == p[..., None, :]) & (a[..., :, None] >= 0), axis=-1)
+  return float(jnp.sum(shared) / jnp.maximum(jnp.sum(a >= 0), 1))
 
 
 def _time(fn, *args, iters=5):
@@ -49,7 +66,8 @@ def run(shapes="bench", dtype="bfloat16", ceilings=None):
     for s in SHAPES[shapes]:
       _decode_rows(shapes, dtype, cfg, rows, shape=s)
     return rows
-  _decode_rows(shapes, dtype, cfg, rows)
+  if not any(s.q_smooth for s in SHAPES[shapes]):
+    _decode_rows(shapes, dtype, cfg, rows)
   for s in SHAPES[shapes]:
     _train_rows(s, cfg, dtype, impl, rows)     # its arrays are freed before the next shape
   return rows
@@ -107,9 +125,9 @@ def _train_rows(s, cfg, dtype, impl, rows):
     sel_f = jax.jit(lambda q, kc, lse: nsa_op.select_blocks(q, kc, lse, cfg=cfg,
                                                             implementation=impl))
     ms = attempt("nsa.select", lambda: _time(sel_f, q, kc, lse, iters=iters))
-    if ms:
-      row("nsa.select", ms)
     idx = sel_f(q, kc, lse)
+    if ms:
+      row("nsa.select", ms, note=f"neighbour block overlap {neighbour_overlap(idx):.0%}")
     slc_f = jax.jit(lambda q, k, v, i: nsa_op.selected_attention(
         q, k, v, i, select_len=cfg.select_len, implementation=impl))
     ms = attempt("nsa.slc fwd", lambda: _time(slc_f, q, ks, vs, idx, iters=iters))
