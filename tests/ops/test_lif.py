@@ -257,6 +257,98 @@ def test_segment_config_is_checked():
   with pytest.raises(ValueError, match="must be <= 256"):
     LifConfig(ckpt_every=4, time_chunk=8, bwd_segment=512)
 
+# The time-segment forward (segment > 0): 8-step segments whose starts come from replaying 4
+# steps of the segment before, so T=7 is one segment, T=9, 23, 33 and 100 end in a partial one,
+# and with v0 drawn from N(0, 1) segment 0's replay guess is often wrong; the gradient tests
+# check the checkpoints it writes.
+class TestLifTritonFwdSegmentsInterpret(LifTestBase):
+  IMPL = "pallas_triton"
+  INTERPRET = True
+  CONFIG = dataclasses.replace(SMALL, segment=8, segment_replay=4)
+
+
+def _fwd_segments(x, v0, cfg, **kw):
+  """(spikes, v_last, fix-up passes run) of the segment forward, interpret mode."""
+  from ops.lif import pallas_triton_fwd_segments as fs
+  from ops.lif.pallas_triton import _compiler_params
+  p = dict(beta=0.95, threshold=1.0, v_min=-3.0, v_max=3.0, reset="hard", surrogate="atan",
+           alpha=2.0, detach_reset=True)
+  p.update(kw)
+  (s, v_last), n = jax.jit(lambda x, v0: fs.run(x, v0, p, False, True, cfg,
+                                                _compiler_params(1, 1)))(x, v0)
+  return s, v_last, int(n)
+
+
+@pytest.mark.parametrize("replay,scale,reset,fixed_up", [
+    (0, 1.2, "hard", True),        # no replay: every start guessed as 0
+    (4, 0.3, "hard", True),        # rare spikes: trajectories merge late
+    (4, 1.2, "subtract", None),    # subtract reset does not forget the state at a spike
+    (8, 1.2, "hard", None),
+])
+def test_fwd_segments_fix_up_is_exact(replay, scale, reset, fixed_up):
+  """Wherever the replayed guesses are wrong the fix-up passes make the output exact."""
+  cfg = dataclasses.replace(SMALL, segment=8, segment_replay=replay)
+  k = jax.random.split(jax.random.key(5), 2)
+  x = scale * jax.random.normal(k[0], (2, 61, 72), jnp.float32)
+  v0 = 2.0 * jax.random.normal(k[1], (2, 72), jnp.float32)
+  s, v_last, passes = _fwd_segments(x, v0, cfg, reset=reset)
+  s_ref, v_ref = _ref(x, v0, reset=reset)
+  np.testing.assert_array_equal(np.asarray(s), np.asarray(s_ref))
+  op_testing.assert_close(v_last, v_ref, jnp.float32, name="v_last")
+  assert passes <= 7                      # 8 segments: pass i makes segment i exact
+  if fixed_up:
+    assert passes > 0, "the first pass was already exact: the case does not test the fix-up"
+
+
+def test_fwd_segments_idle_fix_up_on_strong_input():
+  """Input that spikes often (the bench's) merges within the replay: no fix-up pass runs."""
+  cfg = dataclasses.replace(SMALL, segment=64, segment_replay=64)
+  x = 1.2 * jax.random.normal(jax.random.key(6), (1, 256, 64), jnp.float32)
+  s, _, passes = _fwd_segments(x, jnp.zeros((1, 64), jnp.float32), cfg)
+  np.testing.assert_array_equal(np.asarray(s), np.asarray(_ref(x, None)[0]))
+  assert passes == 0
+
+
+def test_fwd_segment_config_is_checked():
+  with pytest.raises(ValueError, match="segment .12. must be 0 or a positive multiple"):
+    LifConfig(ckpt_every=4, time_chunk=8, segment=12)
+  with pytest.raises(ValueError, match="segment_replay .4. must be 0 or a positive multiple"):
+    LifConfig(ckpt_every=4, time_chunk=8, segment=16, segment_replay=4)
+  with pytest.raises(ValueError, match="segment_replay .16. must be <= segment"):
+    LifConfig(ckpt_every=4, time_chunk=8, segment=8, segment_replay=16)
+  LifConfig(ckpt_every=4, time_chunk=24)    # the replay length is only checked when used
+
+
+def test_fwd_segments_lower_for_the_gpu():
+  """Triton IR of the segment forward and its fix-up pass at the device tiles."""
+  cfg = dataclasses.replace(LifConfig.for_device("NVIDIA H200"), segment=256)
+  x = jax.ShapeDtypeStruct((1, 1000, 96), jnp.float32)
+
+  def fwd_bwd(x):
+    s, vjp = jax.vjp(lambda x: lif(x, implementation="pallas_triton", config=cfg)[0], x)
+    return vjp(s)
+  text = op_testing.lower_for_gpu(fwd_bwd, x).as_text()
+  assert "lif_fwd_segments" in text and "lif_fwd_segments_fixup" in text
+
+
+@pytest.mark.gpu
+class TestLifTritonFwdSegmentsGpu(TestLifTritonGpu):
+  CONFIG = dataclasses.replace(GPU_SMALL, segment=16, segment_replay=8)
+  test_large = None
+
+  def test_large_segments(self):
+    cfg = dataclasses.replace(LifConfig.for_device("NVIDIA H200"), segment=256)
+    f = functools.partial(lif, implementation="pallas_triton", interpret=False, config=cfg)
+    x, v0, g, gv = _inputs(2, 1000, 1000, jnp.float32)
+    s, v = f(x, v0)
+    s_ref, _ = _ref(x, v0)
+    assert float(jnp.mean(s != s_ref)) < 1e-4   # a rare 1-ulp threshold tie may flip one
+    got = jax.jit(lambda *a: _grads(f, *a))(x, v0, g, gv)
+    want = _grads(_ref, x, v0, g, gv)
+    for a, b in zip(got, want):
+      op_testing.assert_close(a, b, jnp.float32, grad=True)
+
+
 def test_reference_surrogates():
   z = jnp.array([-1.0, -0.25, 0.0, 0.25, 1.0])
   np.testing.assert_allclose(reference.surrogate_grad(z, "atan", 2.0), 1 / (1 + (2 * z) ** 2))
