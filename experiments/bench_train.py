@@ -6,7 +6,9 @@ Scaling over devices of one host, batch grown with the device count (weak scalin
   python experiments/bench_train.py --config=dense_1b --device_counts=1,2 --batch_per_device=8
 
 Variants of each preset measured one after another in the same process, against the same
-matmul peak (separate processes differ by a few percent in step time and more in the peak):
+matmul peak (separate processes differ by a few percent in step time and more in the peak).
+The peak is measured again after the runs and a last table gives MFU against the higher of the
+two (one H200 measured 664 and 746 TFLOP/s in different processes):
   python experiments/bench_train.py --config=dense_1b --set train.batch_size=8 \
       --variant=base: --variant="acts:model.remat=dots_and_acts" \
       --variant="scanned:model.scan_layers=true;model.remat=dots"
@@ -89,10 +91,9 @@ def main(argv):
   sheet = peak_tflops(kind)
   print(f"device: {jax.device_count()} x {kind}; matmul peak measured "
         f"{measured and round(measured)} TFLOP/s, datasheet {sheet}")
-  print("| preset | devices | params | batch×seq | step ms | tokens/s | tokens/s vs "
-        f"{counts[0]} dev | model TFLOP/s/dev | MFU vs measured peak | MFU vs datasheet | compile s |")
+  print(_HEADER.format(counts[0]))
   print("|---|---|---|---|---|---|---|---|---|---|---|")
-  tables = []
+  tables, done = [], []
 
   def kernels(one_step):
     from experiments.bench import profile
@@ -115,14 +116,36 @@ def main(argv):
             flush=True)
       continue
     first_tok_s = first_tok_s or r.tokens_per_s
-    mfu_m = f"{r.model_tflops_per_device / measured:.1%}" if measured else "-"
-    mfu_s = f"{r.model_tflops_per_device / sheet:.1%}" if sheet else "-"
-    print(f"| {name} | {n} | {r.params / 1e6:.0f}M | {cfg.train.batch_size}×{cfg.train.seq_len} | "
-          f"{r.step_ms:.1f} | {r.tokens_per_s:,.0f} | {r.tokens_per_s / first_tok_s:.2f}× | "
-          f"{r.model_tflops_per_device:.0f} | {mfu_m} | "
-          f"{mfu_s} | {r.compile_s:.0f} |", flush=True)
+    done.append((name, n, cfg, r, first_tok_s))
+    print(_row(name, n, cfg, r, first_tok_s, measured, sheet), flush=True)
+  if measured and done:
+    # The same card has measured 664 to 746 TFLOP/s at process start (clocks, power, heat):
+    # the MFU below is against the higher of that and a second measurement after the runs.
+    print(higher_peak_table(done, measured, timing.matmul_peak_tflops(), sheet, counts[0]))
   for table in tables:
     print("\n" + table)
+
+
+def higher_peak_table(done, before, after, sheet, first_count):
+  """The results table again, MFU against max(before, after) matmul peaks (TFLOP/s).
+  done: [(name, device count, config, throughput result, first row's tokens/s)]."""
+  best = max(before, after)
+  lines = [f"\nmatmul peak measured again after the runs: {after:.0f} TFLOP/s; MFU against "
+           f"the higher peak, {best:.0f}:", _HEADER.format(first_count), "|---" * 11 + "|"]
+  lines += [_row(name, n, cfg, r, first, best, sheet) for name, n, cfg, r, first in done]
+  return "\n".join(lines)
+
+
+_HEADER = ("| preset | devices | params | batch×seq | step ms | tokens/s | tokens/s vs {} dev | "
+           "model TFLOP/s/dev | MFU vs measured peak | MFU vs datasheet | compile s |")
+
+
+def _row(name, n, cfg, r, first_tok_s, peak, sheet):
+  mfu_m = f"{r.model_tflops_per_device / peak:.1%}" if peak else "-"
+  mfu_s = f"{r.model_tflops_per_device / sheet:.1%}" if sheet else "-"
+  return (f"| {name} | {n} | {r.params / 1e6:.0f}M | {cfg.train.batch_size}×{cfg.train.seq_len} "
+          f"| {r.step_ms:.1f} | {r.tokens_per_s:,.0f} | {r.tokens_per_s / first_tok_s:.2f}× | "
+          f"{r.model_tflops_per_device:.0f} | {mfu_m} | {mfu_s} | {r.compile_s:.0f} |")
 
 
 if __name__ == "__main__":

@@ -72,3 +72,19 @@ def test_bad_variant_fails_before_any_compile():
   proc = run_bench("--variant=model.remat=full", devices=1)
   assert proc.returncode != 0 and "LABEL:OVERRIDE" in proc.stderr
 
+
+
+def test_higher_peak_table_uses_the_higher_of_two_peaks():
+  import types
+  sys.path.insert(0, ROOT)
+  from experiments import bench_train
+  from jaxlm import configs
+  cfg = configs.get_preset("tiny_cpu")
+  r = types.SimpleNamespace(params=1e6, step_ms=10.0, tokens_per_s=1000.0,
+                            model_tflops_per_device=300.0, compile_s=1.0)
+  text = bench_train.higher_peak_table([("tiny_cpu", 1, cfg, r, 1000.0)], 400.0, 600.0, None, 1)
+  assert "measured again after the runs: 600 TFLOP/s" in text
+  rows = table_rows(text)
+  assert len(rows) == 1 and rows[0][8] == "50.0%", text     # 300 / max(400, 600)
+  text = bench_train.higher_peak_table([("tiny_cpu", 1, cfg, r, 1000.0)], 500.0, 450.0, None, 1)
+  assert table_rows(text)[0][8] == "60.0%"
