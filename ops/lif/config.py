@@ -17,7 +17,9 @@ through the incoming membrane gradient (ops/lif/pallas_triton_segments.py): B * 
 bwd_block_c programs instead of B * C / bwd_block_c, for small batches. With `segment` S > 0
 the forward runs one program per S-step segment too, each started from the state a replay of
 the previous segment's last `segment_replay` steps from rest reaches, checked and fixed up
-until exact (ops/lif/pallas_triton_fwd_segments.py).
+until exact (ops/lif/pallas_triton_fwd_segments.py); it unrolls `segment_chunk` steps (not
+time_chunk: with thousands of programs in flight a short ring suffices, and its three loops
+of 64 unrolled steps took minutes to compile on the H200).
 Mosaic GPU forward (pallas_mosaic_gpu): one CTA per (batch row, mgpu_block_c channels);
 tiles of mgpu_time_chunk steps x block_c stream through shared memory, mgpu_stages in flight.
 TPU (pallas_tpu): blocks of (tpu_block_t time steps, tpu_block_c channels on lanes); the
@@ -39,6 +41,7 @@ class LifConfig:
   prefetch_chunks: int = 1  # forward: chunks of time_chunk rows of x in flight
   segment: int = 0          # >0: forward in parallel time segments of this many steps
   segment_replay: int = 64  # steps of the previous segment replayed to guess a segment's start
+  segment_chunk: int = 16   # segment forward: steps unrolled per loop iteration (compile time)
   ckpt_every: int = 16
   bwd_block_c: int = 64
   bwd_num_warps: int = 2
@@ -60,11 +63,14 @@ class LifConfig:
     if self.ckpt_every < 1 or self.time_chunk < 1 or self.time_chunk % self.ckpt_every:
       raise ValueError(f"LifConfig.time_chunk ({self.time_chunk}) must be a positive multiple "
                        f"of ckpt_every ({self.ckpt_every})")
+    if self.segment and (self.segment_chunk < 1 or self.segment_chunk % self.ckpt_every):
+      raise ValueError(f"LifConfig.segment_chunk ({self.segment_chunk}) must be a positive "
+                       f"multiple of ckpt_every ({self.ckpt_every})")
     for f in ("segment", "segment_replay") if self.segment else ("segment",):
       v = getattr(self, f)
-      if v < 0 or v % self.time_chunk:
-        raise ValueError(f"LifConfig.{f} ({v}) must be 0 or a positive multiple of time_chunk "
-                         f"({self.time_chunk})")
+      if v < 0 or v % self.segment_chunk:
+        raise ValueError(f"LifConfig.{f} ({v}) must be 0 or a positive multiple of "
+                         f"segment_chunk ({self.segment_chunk})")
     if self.segment and self.segment_replay > self.segment:
       raise ValueError(f"LifConfig.segment_replay ({self.segment_replay}) must be <= segment "
                        f"({self.segment}): it replays steps of the previous segment")

@@ -138,7 +138,7 @@ def forward(x, v0, p, save_ckpt, interpret, config, compiler_params):
 def run(x, v0, p, save_ckpt, interpret, config, compiler_params):
   """forward's outputs and the number of fix-up passes it ran (int32 scalar)."""
   B, T, C = x.shape
-  BC, S, TT, K, W = (config.block_c, config.segment, config.time_chunk, config.ckpt_every,
+  BC, S, TT, K, W = (config.block_c, config.segment, config.segment_chunk, config.ckpt_every,
                      config.segment_replay)
   n_seg = pl.cdiv(T, S)
   n_ck = pl.cdiv(T, K)

@@ -264,7 +264,7 @@ def test_segment_config_is_checked():
 class TestLifTritonFwdSegmentsInterpret(LifTestBase):
   IMPL = "pallas_triton"
   INTERPRET = True
-  CONFIG = dataclasses.replace(SMALL, segment=8, segment_replay=4)
+  CONFIG = dataclasses.replace(SMALL, segment=8, segment_replay=4, segment_chunk=4)
 
 
 def _fwd_segments(x, v0, cfg, **kw):
@@ -287,7 +287,7 @@ def _fwd_segments(x, v0, cfg, **kw):
 ])
 def test_fwd_segments_fix_up_is_exact(replay, scale, reset, fixed_up):
   """Wherever the replayed guesses are wrong the fix-up passes make the output exact."""
-  cfg = dataclasses.replace(SMALL, segment=8, segment_replay=replay)
+  cfg = dataclasses.replace(SMALL, segment=8, segment_replay=replay, segment_chunk=4)
   k = jax.random.split(jax.random.key(5), 2)
   x = scale * jax.random.normal(k[0], (2, 61, 72), jnp.float32)
   v0 = 2.0 * jax.random.normal(k[1], (2, 72), jnp.float32)
@@ -302,7 +302,7 @@ def test_fwd_segments_fix_up_is_exact(replay, scale, reset, fixed_up):
 
 def test_fwd_segments_idle_fix_up_on_strong_input():
   """Input that spikes often (the bench's) merges within the replay: no fix-up pass runs."""
-  cfg = dataclasses.replace(SMALL, segment=64, segment_replay=64)
+  cfg = dataclasses.replace(SMALL, segment=64, segment_replay=64, segment_chunk=4)
   x = 1.2 * jax.random.normal(jax.random.key(6), (1, 256, 64), jnp.float32)
   s, _, passes = _fwd_segments(x, jnp.zeros((1, 64), jnp.float32), cfg)
   np.testing.assert_array_equal(np.asarray(s), np.asarray(_ref(x, None)[0]))
@@ -311,11 +311,14 @@ def test_fwd_segments_idle_fix_up_on_strong_input():
 
 def test_fwd_segment_config_is_checked():
   with pytest.raises(ValueError, match="segment .12. must be 0 or a positive multiple"):
-    LifConfig(ckpt_every=4, time_chunk=8, segment=12)
+    LifConfig(ckpt_every=4, segment_chunk=8, segment=12)
   with pytest.raises(ValueError, match="segment_replay .4. must be 0 or a positive multiple"):
-    LifConfig(ckpt_every=4, time_chunk=8, segment=16, segment_replay=4)
+    LifConfig(ckpt_every=4, segment_chunk=8, segment=16, segment_replay=4)
   with pytest.raises(ValueError, match="segment_replay .16. must be <= segment"):
-    LifConfig(ckpt_every=4, time_chunk=8, segment=8, segment_replay=16)
+    LifConfig(ckpt_every=4, segment_chunk=8, segment=8, segment_replay=16)
+  with pytest.raises(ValueError, match="segment_chunk .6. must be a positive multiple"):
+    LifConfig(ckpt_every=4, segment_chunk=6, segment=12)
+  LifConfig(ckpt_every=32, time_chunk=32)   # segment_chunk is only checked when used
   LifConfig(ckpt_every=4, time_chunk=24)    # the replay length is only checked when used
 
 
@@ -333,7 +336,7 @@ def test_fwd_segments_lower_for_the_gpu():
 
 @pytest.mark.gpu
 class TestLifTritonFwdSegmentsGpu(TestLifTritonGpu):
-  CONFIG = dataclasses.replace(GPU_SMALL, segment=16, segment_replay=8)
+  CONFIG = dataclasses.replace(GPU_SMALL, segment=16, segment_replay=8, segment_chunk=8)
   test_large = None
 
   def test_large_segments(self):
