@@ -69,7 +69,9 @@ class MoEConfig:
   implementation: str = ""           # ops.gmm implementation ("" = platform default)
   # 0/1: experts' rows back to back; N > 1: each expert's rows start at a multiple of N
   # (zero-padded, ops.gmm.aligned_layout) so no gmm row tile of N rows straddles two experts:
-  # for pools of many small groups (UniPool). The H100/H200 gmm tiles are 128 rows.
+  # for pools of many small groups (UniPool). The H100/H200 gmm tiles are 128 rows. H200,
+  # session 16, UniPool M=192 at 64k tokens fwd+bwd: 15.09 ms with 128 against 14.86 ms
+  # without (the gmm alone 13.48 vs 13.53): the padding costs what the aligned tiles save.
   group_align: int = 0
 
   @property

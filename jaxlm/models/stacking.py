@@ -27,7 +27,9 @@ REMAT_POLICIES = {
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
     # "dots" plus the SwiGLU product and the RMSNorm outputs (named in jaxlm/layers): the
     # backward then recomputes almost nothing (dense_1b 8x4096 on an H200: the SwiGLU product
-    # alone is 18 x 0.29 ms recomputed per step under "dots") for about 7 GB more activations
+    # alone is 18 x 0.29 ms recomputed per step under "dots") for about 7 GB more activations;
+    # session 16, same process: 402.8 ms a step against 401.7 under "dots" (no gain: the
+    # profile's 10.4 ms multiply fusion is in both, so what it saves is not that recompute)
     "dots_and_acts": jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.save_from_both_policies(
             jax.checkpoint_policies.checkpoint_dots, save_fused_attention),

@@ -28,7 +28,8 @@ class ScanConfig:
   bwd_time_chunk: int = 24
   bwd_num_warps: int = 2
   # chunks of bwd_time_chunk rows in flight in the serial backward: a longer ring at the same
-  # unrolled body (more bytes in flight without more compile time)
+  # unrolled body (more bytes in flight without more compile time). H200, session 16, B1 T8192
+  # C8192 f32 fwd+bwd: 0.774 ms with 1, 0.779 with 2
   bwd_prefetch_chunks: int = 1
   # pallas_triton: >0 runs time segments of this many steps as separate programs chained by
   # their carries (ops/scan/pallas_triton_segments.py), for small batches; forward, backward
