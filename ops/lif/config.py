@@ -25,7 +25,10 @@ segments of 1024 with 128 replayed steps 0.223 ms on 32 channels per program, 0.
 (72-73%) on 64-256 channels per program (wider rows of x per access; the serial kernel cannot
 widen at batch 1 without losing programs). It is not the default because its speed depends on
 the input: at spike rates of 2-4% the replayed starts are often wrong and the fix-up pass
-re-runs whole segments (S 256, W 64, x ~ 0.5 N(0, 1): 0.444 ms).
+re-runs whole segments (S 256, W 64, x ~ 0.5 N(0, 1): 0.444 ms). `bwd_replay` W > 0 does the
+same for the segment backward's carry instead of the chained hand-off
+(ops/lif/pallas_triton_bwd_replay.py; hard reset with detach_reset only, else the chain; not
+timed yet).
 Mosaic GPU forward (pallas_mosaic_gpu): one CTA per (batch row, mgpu_block_c channels);
 tiles of mgpu_time_chunk steps x block_c stream through shared memory, mgpu_stages in flight.
 TPU (pallas_tpu): blocks of (tpu_block_t time steps, tpu_block_c channels on lanes); the
@@ -52,6 +55,9 @@ class LifConfig:
   bwd_block_c: int = 64
   bwd_num_warps: int = 2
   bwd_segment: int = 0      # >0: backward in parallel time segments of this many steps
+  # >0 (with bwd_segment): each backward segment replays this many steps of the one after it
+  # instead of waiting for its carry (hard reset with detach_reset only; else the chain)
+  bwd_replay: int = 0
   lookback: bool = False    # decoupled look-back instead of the chain; interpret mode only
   tpu_block_c: int = 512
   tpu_block_t: int = 64
@@ -83,9 +89,19 @@ class LifConfig:
     if self.bwd_segment < 0 or self.bwd_segment % self.ckpt_every:
       raise ValueError(f"LifConfig.bwd_segment ({self.bwd_segment}) must be 0 or a positive "
                        f"multiple of ckpt_every ({self.ckpt_every})")
-    if self.bwd_segment > MAX_SEGMENT:
+    if self.bwd_replay < 0 or self.bwd_replay % self.ckpt_every:
+      raise ValueError(f"LifConfig.bwd_replay ({self.bwd_replay}) must be 0 or a positive "
+                       f"multiple of ckpt_every ({self.ckpt_every})")
+    if self.bwd_replay and not self.bwd_segment:
+      raise ValueError("LifConfig.bwd_replay needs bwd_segment > 0 (it replaces the segments' "
+                       "chained hand-off)")
+    if self.bwd_replay and self.bwd_replay > self.bwd_segment:
+      raise ValueError(f"LifConfig.bwd_replay ({self.bwd_replay}) must be <= bwd_segment "
+                       f"({self.bwd_segment}): it replays steps of the next segment")
+    if self.bwd_segment > MAX_SEGMENT and not self.bwd_replay:
       raise ValueError(f"LifConfig.bwd_segment ({self.bwd_segment}) must be <= {MAX_SEGMENT}: "
-                       "a segment's steps are unrolled and held in registers")
+                       "a segment's steps are unrolled and held in registers (with bwd_replay "
+                       "they are walked in ckpt_every-step chunks and may be longer)")
     if self.tpu_block_c % 128 or self.tpu_block_t % 8:
       raise ValueError("LifConfig: tpu_block_c must be a multiple of 128 and tpu_block_t of 8")
 

@@ -30,7 +30,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from ops import _backend
 from ops._backend import UnsupportedError
-from ops.lif import pallas_triton_fwd_segments, pallas_triton_segments
+from ops.lif import pallas_triton_bwd_replay, pallas_triton_fwd_segments, pallas_triton_segments
 from ops.lif.config import LifConfig
 from ops.lif.steps import step_backward, step_forward
 from ops.lif.vjp import with_vjp
@@ -153,6 +153,10 @@ def _forward(x, v0, p, save_ckpt, interpret, config):
 
 
 def _backward(x, ckpt, ds, gv, p, interpret, config):
+  if config.bwd_replay and pallas_triton_bwd_replay.applies(p):
+    return pallas_triton_bwd_replay.backward(
+        x, ckpt, ds, gv, p, interpret, config,
+        _compiler_params(config.bwd_num_warps, config.num_stages))
   if config.bwd_segment:
     return pallas_triton_segments.backward(
         x, ckpt, ds, gv, p, interpret, config,

@@ -77,7 +77,7 @@ def _walk(x_ref, b, v, first, n_rows, cmask, *, T, TT, K, p, s_ref=None, ckpt_re
   return v
 
 
-def _differs(a, b):
+def differs(a, b):
   """Elementwise a != b with NaN equal to NaN (what the check outside the kernel uses)."""
   return (a != b) & ~((a != a) & (b != b))
 
@@ -114,7 +114,7 @@ def _kernel(x_ref, v0_ref, *refs, B, T, C, BC, S, TT, K, W, n_seg, p, replay, sa
   prev_end = plgpu.load(end_prev_ref.at[b, jnp.maximum(q - 1, 0), :], mask=cmask, other=0)
   start = jnp.where(q == 0, v0, prev_end)
   used = plgpu.load(used_prev_ref.at[b, q, :], mask=cmask, other=0)
-  redo = jnp.max(jnp.where(_differs(start, used) & cmask, 1, 0)) > 0
+  redo = jnp.max(jnp.where(differs(start, used) & cmask, 1, 0)) > 0
   out(used_ref, start)
 
   @pl.when(redo)
@@ -129,7 +129,7 @@ def _kernel(x_ref, v0_ref, *refs, B, T, C, BC, S, TT, K, W, n_seg, p, replay, sa
 def consistent(end, used):
   """Whether every segment started from the end of the one before it (NaN equals NaN).
   end, used: [batch, n_seg, channels] f32."""
-  return ~jnp.any(_differs(used[:, 1:], end[:, :-1]))
+  return ~jnp.any(differs(used[:, 1:], end[:, :-1]))
 
 
 def forward(x, v0, p, save_ckpt, interpret, config, compiler_params):
@@ -169,16 +169,24 @@ def run(x, v0, p, save_ckpt, interpret, config, compiler_params, max_fixups=None
              # spikes and checkpoints are rewritten in place, only for re-run segments
              input_output_aliases={4: 0, **({5: 3} if save_ckpt else {})},
              name="lif_fwd_segments_fixup")
-
-  def cond(state):
-    n, _, end, used, _ = state
-    limit = n_seg - 1 if max_fixups is None else min(max_fixups, n_seg - 1)
-    return (n < limit) & ~consistent(end, used)
-
-  def body(state):
-    n, s, end, used, ck = state
-    s, end, used, *ck = fix(x, v0, end, used, s, *ck)
-    return n + 1, s, end, used, tuple(ck)
-
-  n, s, end, _, ck = lax.while_loop(cond, body, (jnp.int32(0), s, end, used, tuple(ck)))
+  (s, end, _, *ck), n = until_consistent(
+      lambda s, end, used, *ck: fix(x, v0, end, used, s, *ck), (s, end, used, *ck),
+      lambda s, end, used, *ck: consistent(end, used), n_seg, max_fixups)
   return (s, end[:, -1], *ck), n
+
+
+def until_consistent(fix, state, ok, n_seg, max_fixups=None):
+  """Runs state = fix(*state) while not ok(*state), at most n_seg - 1 times (max_fixups
+  caps it further). Returns (state, passes run as an int32 scalar)."""
+  limit = n_seg - 1 if max_fixups is None else min(max_fixups, n_seg - 1)
+
+  def cond(carry):
+    n, state = carry
+    return (n < limit) & ~ok(*state)
+
+  def body(carry):
+    n, state = carry
+    return n + 1, tuple(fix(*state))
+
+  n, state = lax.while_loop(cond, body, (jnp.int32(0), tuple(state)))
+  return state, n

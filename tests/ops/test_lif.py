@@ -334,6 +334,108 @@ def test_fwd_segments_lower_for_the_gpu():
   assert "lif_fwd_segments" in text and "lif_fwd_segments_fixup" in text
 
 
+# The backward from replayed carries (bwd_replay > 0): 8-step segments replaying 4 steps of
+# the next, so T=9, 33 and 100 end in a partial segment; subtract reset / detach_reset=False
+# cases take the chained kernel (the carry is never forgotten there).
+class TestLifTritonBwdReplayInterpret(LifTestBase):
+  IMPL = "pallas_triton"
+  INTERPRET = True
+  CONFIG = dataclasses.replace(SMALL, bwd_segment=8, bwd_replay=4)
+  # bwd_replay changes only the backward: the forward cases are TestLifTritonInterpret's
+  test_forward = test_chunked_equals_unchunked = test_v0_none_and_options = None
+
+
+def _bwd_replay(x, v0, g, gv, cfg, max_fixups=None):
+  """(dx, dv0, fix-up passes) of the replay backward (interpret mode), hard reset, detached,
+  with the checkpoints of the serial forward."""
+  from ops.lif import pallas_triton as pt
+  from ops.lif import pallas_triton_bwd_replay as br
+  p = dict(beta=0.95, threshold=1.0, v_min=-3.0, v_max=3.0, reset="hard", surrogate="atan",
+           alpha=2.0, detach_reset=True)
+  serial = dataclasses.replace(cfg, bwd_segment=0, bwd_replay=0)
+
+  @jax.jit
+  def f(x, v0, g, gv):
+    _, _, ckpt = pt._forward(x, v0, p, True, True, serial)
+    return br.run(x, ckpt, g, gv, p, True, cfg, pt._compiler_params(1, 1), max_fixups)
+  (dx, dv0), n = f(x, v0, g, gv)
+  return dx, dv0, int(n)
+
+
+@pytest.mark.parametrize("replay,scale,fixed_up", [
+    (0, 1.2, True),      # no replay: every carry guessed as zero
+    (4, 0.3, True),      # rare spikes: the carry is forgotten late
+    (8, 1.2, None),
+])
+def test_bwd_replay_fix_up_matches_the_reference(replay, scale, fixed_up):
+  cfg = dataclasses.replace(SMALL, bwd_segment=8, bwd_replay=replay)
+  k = jax.random.split(jax.random.key(7), 4)
+  x = scale * jax.random.normal(k[0], (2, 61, 72), jnp.float32)
+  v0 = jax.random.normal(k[1], (2, 72), jnp.float32)
+  g = jax.random.normal(k[2], (2, 61, 72), jnp.float32)
+  gv = jax.random.normal(k[3], (2, 72), jnp.float32)
+  dx, dv0, passes = _bwd_replay(x, v0, g, gv, cfg)
+  want = _grads(_ref, x, v0, g, gv)
+  for name, a, b in zip(("dx", "dv0"), (dx, dv0), want):
+    op_testing.assert_close(a, b, jnp.float32, grad=True, name=name)
+  assert passes <= 7
+  if fixed_up:
+    assert passes > 0, "the first pass was already right: the case does not test the fix-up"
+    # and the fix-up is what made it right
+    dx0, _, _ = _bwd_replay(x, v0, g, gv, cfg, max_fixups=0)
+    assert float(jnp.max(jnp.abs(dx0 - want[0]))) > 1e-3
+
+
+def test_bwd_replay_idle_fix_up_on_strong_input():
+  """Bench-like input (a 10% spike rate) forgets the carry within the replay: no fix-up."""
+  cfg = dataclasses.replace(SMALL, bwd_segment=64, bwd_replay=64)
+  k = jax.random.split(jax.random.key(8), 2)
+  x = 1.2 * jax.random.normal(k[0], (1, 256, 64), jnp.float32)
+  g = jax.random.normal(k[1], (1, 256, 64), jnp.float32)
+  z = jnp.zeros((1, 64), jnp.float32)
+  dx, _, passes = _bwd_replay(x, z, g, z, cfg)
+  op_testing.assert_close(dx, _grads(_ref, x, z, g, z)[0], jnp.float32, grad=True)
+  assert passes == 0
+
+
+def test_bwd_replay_config_is_checked():
+  with pytest.raises(ValueError, match="bwd_replay needs bwd_segment"):
+    LifConfig(bwd_replay=16)
+  with pytest.raises(ValueError, match="bwd_replay .8. must be 0 or a positive multiple"):
+    LifConfig(bwd_segment=32, bwd_replay=8)
+  with pytest.raises(ValueError, match="bwd_replay .64. must be <= bwd_segment"):
+    LifConfig(bwd_segment=32, bwd_replay=64)
+  LifConfig(bwd_segment=1024, bwd_replay=128)     # walked in chunks: longer than 256 is fine
+
+
+def test_bwd_replay_lowers_for_the_gpu():
+  cfg = dataclasses.replace(LifConfig.for_device("NVIDIA H200"), bwd_segment=512,
+                            bwd_replay=128)
+  x = jax.ShapeDtypeStruct((1, 1000, 96), jnp.float32)
+
+  def fwd_bwd(x):
+    s, vjp = jax.vjp(lambda x: lif(x, implementation="pallas_triton", config=cfg)[0], x)
+    return vjp(s)
+  text = op_testing.lower_for_gpu(fwd_bwd, x).as_text()
+  assert "lif_bwd_replay" in text and "lif_bwd_replay_fixup" in text
+
+
+@pytest.mark.gpu
+class TestLifTritonBwdReplayGpu(TestLifTritonGpu):
+  CONFIG = dataclasses.replace(GPU_SMALL, bwd_segment=16, bwd_replay=8)
+  test_large = None
+
+  def test_large_replay(self):
+    cfg = dataclasses.replace(LifConfig.for_device("NVIDIA H200"), bwd_segment=512,
+                              bwd_replay=128)
+    f = functools.partial(lif, implementation="pallas_triton", interpret=False, config=cfg)
+    x, v0, g, gv = _inputs(2, 1000, 1000, jnp.float32)
+    got = jax.jit(lambda *a: _grads(f, *a))(x, v0, g, gv)
+    want = _grads(_ref, x, v0, g, gv)
+    for a, b in zip(got, want):
+      op_testing.assert_close(a, b, jnp.float32, grad=True)
+
+
 @pytest.mark.gpu
 class TestLifTritonFwdSegmentsGpu(TestLifTritonGpu):
   CONFIG = dataclasses.replace(GPU_SMALL, segment=16, segment_replay=8, segment_chunk=8)

@@ -1,0 +1,153 @@
+"""LIF backward as time segments started from replayed carries (Pallas Triton, GPU):
+config.bwd_segment > 0 with config.bwd_replay > 0, for hard reset with detach_reset.
+
+The chained segment backward (pallas_triton_segments.py) hands the membrane gradient from each
+segment to the one before it; on the H200 that hand-off, not the traffic, limits it (B1 T8192
+C8192 f32 fwd+bwd 0.90-0.97 ms, 40-44% of copy, whatever the channel-block width, session 16).
+Here no segment waits for another. Going backwards, dL/dv_{t-1} = beta * du_t with
+du_t = A_t * dL/dv_t + G_t * ds_t, and with a hard reset whose spike is detached A_t is exactly
+0 wherever the step spikes or clamps: the carry is forgotten there, and from that step down a
+walk started from any carry computes bit-identical values. So:
+  pass    one program per (batch row, S-step segment, channel block) replays the first W steps
+          of the segment after it from a zero carry (from gv when that window reaches the end
+          of time) to get the carry entering its own last step, then walks its own steps
+          backwards from it, writing dx, its outgoing carry and the carry it started from.
+          Each K-step chunk recomputes u from the forward's checkpoint, as the serial kernel.
+  check   every segment's starting carry equals the outgoing carry of the segment after it,
+          channel by channel: then, by induction from the last segment (started from gv),
+          every carry is the true one.
+  fix-up  otherwise a while loop re-runs the segments whose carry disagrees from the right one
+          (ops/lif/pallas_triton_fwd_segments.until_consistent), at most n_seg - 1 passes.
+With a subtract reset or detach_reset=False, A_t is rarely 0 and nearly every segment would be
+re-run n_seg times, so those use the chained kernel. Traffic: x and ds read 1 + W / S times,
+dx written once, plus what fix-ups re-run.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from ops.lif.pallas_triton_fwd_segments import differs, until_consistent
+from ops.lif.steps import step_backward, step_forward
+
+
+def applies(p) -> bool:
+  """Whether the carry is forgotten at spikes (hard reset, detached), as the replay needs."""
+  return p["reset"] == "hard" and p["detach_reset"]
+
+
+def _walk_back(x_ref, ckpt_ref, ds_ref, b, dv, lo, n_chunks, cmask, *, T, K, p, dx_ref=None):
+  """Walks steps lo + n_chunks * K - 1 down to lo (rows >= T are no-ops) from carry dv, one
+  K-step chunk at a time: reload the chunk's checkpoint, recompute u, step back. Writes dx
+  when dx_ref is given; returns the carry leaving step lo."""
+
+  def row(ref, t):
+    return plgpu.load(ref.at[b, jnp.clip(t, 0, T - 1), :], mask=cmask & (t < T),
+                      other=0).astype(jnp.float32)
+
+  def body(c, dv):
+    t0 = lo + (n_chunks - 1 - c) * K
+    v = plgpu.load(ckpt_ref.at[b, jnp.clip(t0 // K, 0, ckpt_ref.shape[1] - 1), :],
+                   mask=cmask, other=0)
+    xs = [row(x_ref, t0 + i) for i in range(K)]
+    dss = [row(ds_ref, t0 + i) for i in range(K)]
+    us = []
+    for i in range(K):
+      u, v, _ = step_forward(v, xs[i], p)
+      us.append(u)
+    for i in reversed(range(K)):
+      t = t0 + i
+      valid = t < T
+      du = step_backward(us[i], dss[i], dv, p)
+      if dx_ref is not None:
+        plgpu.store(dx_ref.at[b, jnp.clip(t, 0, T - 1), :], du.astype(dx_ref.dtype),
+                    mask=cmask & valid)
+      dv = jnp.where(valid, p["beta"] * du, dv)
+    return dv
+
+  return lax.fori_loop(0, n_chunks, body, dv)
+
+
+def _kernel(x_ref, ckpt_ref, ds_ref, gv_ref, *refs, T, C, BC, S, K, W, n_seg, p, replay):
+  """replay=True: the first pass. replay=False: a fix-up pass; extra inputs out_prev,
+  used_prev [B, n_seg, BC] and dx, which it updates in place."""
+  if replay:
+    dx_ref, out_ref, used_ref = refs
+  else:
+    out_prev_ref, used_prev_ref, _, dx_ref, out_ref, used_ref = refs
+  j = pl.program_id(0)
+  b = pl.program_id(1) // n_seg
+  q = pl.program_id(1) % n_seg
+  cmask = (j * BC + lax.broadcasted_iota(jnp.int32, (BC,), 0)) < C
+  gv = plgpu.load(gv_ref.at[b, :], mask=cmask, other=0)
+  walk = functools.partial(_walk_back, x_ref, ckpt_ref, ds_ref, b, T=T, K=K, p=p)
+  own = lambda dv: walk(dv, q * S, S // K, cmask, dx_ref=dx_ref)
+  store = lambda ref, val: plgpu.store(ref.at[b, q, :], val, mask=cmask)
+  last = q == n_seg - 1
+
+  if replay:
+    top = (q + 1) * S
+    # a window that reaches the end of time starts from the true carry, gv
+    dv = jnp.where(top + W >= T, gv, jnp.zeros((BC,), jnp.float32))
+    guess = walk(dv, top, W // K, cmask & ~last) if W else dv
+    start = jnp.where(last, gv, guess)
+    store(used_ref, start)
+    store(out_ref, own(start))
+    return
+
+  nxt = plgpu.load(out_prev_ref.at[b, jnp.minimum(q + 1, n_seg - 1), :], mask=cmask, other=0)
+  start = jnp.where(last, gv, nxt)
+  used = plgpu.load(used_prev_ref.at[b, q, :], mask=cmask, other=0)
+  redo = jnp.max(jnp.where(differs(start, used) & cmask, 1, 0)) > 0
+  store(used_ref, start)
+
+  @pl.when(redo)
+  def _():
+    store(out_ref, own(start))
+
+  @pl.when(~redo)
+  def _():
+    store(out_ref, plgpu.load(out_prev_ref.at[b, q, :], mask=cmask, other=0))
+
+
+def consistent(out, used):
+  """Whether every segment started from the carry the segment after it hands over.
+  out, used: [batch, n_seg, channels] f32."""
+  return ~jnp.any(differs(used[:, :-1], out[:, 1:]))
+
+
+def run(x, ckpt, ds, gv, p, interpret, config, compiler_params, max_fixups=None):
+  """((dx [B, T, C] in x.dtype, dv0 [B, C] f32), fix-up passes run). x, ds: [B, T, C];
+  ckpt: [B, ceil(T / ckpt_every), C] f32 (v before every ckpt_every-th step); gv: [B, C]."""
+  B, T, C = x.shape
+  BC, S, K, W = config.bwd_block_c, config.bwd_segment, config.ckpt_every, config.bwd_replay
+  n_seg = pl.cdiv(T, S)
+  full = pl.BlockSpec((B, T, BC), lambda j, k: (0, 0, j))
+  ck = pl.BlockSpec((B, ckpt.shape[1], BC), lambda j, k: (0, 0, j))
+  row = pl.BlockSpec((B, BC), lambda j, k: (0, j))
+  seg = pl.BlockSpec((B, n_seg, BC), lambda j, k: (0, 0, j))
+  seg_shape = jax.ShapeDtypeStruct((B, n_seg, C), jnp.float32)
+  kw = dict(T=T, C=C, BC=BC, S=S, K=K, W=W, n_seg=n_seg, p=p)
+  call = functools.partial(
+      pl.pallas_call, grid=(pl.cdiv(C, BC), B * n_seg), out_specs=(full, seg, seg),
+      out_shape=(jax.ShapeDtypeStruct((B, T, C), x.dtype), seg_shape, seg_shape),
+      interpret=interpret, compiler_params=compiler_params)
+  dx, out, used = call(functools.partial(_kernel, replay=True, **kw),
+                       in_specs=[full, ck, full, row], name="lif_bwd_replay")(x, ckpt, ds, gv)
+  fix = call(functools.partial(_kernel, replay=False, **kw),
+             in_specs=[full, ck, full, row, seg, seg, full],
+             input_output_aliases={6: 0},     # dx is rewritten only for re-run segments
+             name="lif_bwd_replay_fixup")
+  (dx, out, _), n = until_consistent(
+      lambda dx, out, used: fix(x, ckpt, ds, gv, out, used, dx), (dx, out, used),
+      lambda dx, out, used: consistent(out, used), n_seg, max_fixups)
+  return (dx, out[:, 0]), n
+
+
+def backward(x, ckpt, ds, gv, p, interpret, config, compiler_params):
+  return run(x, ckpt, ds, gv, p, interpret, config, compiler_params)[0]
