@@ -31,8 +31,11 @@ SWEEP_BUDGET_S = 30.0
 # (ops/lif/pallas_triton_segments.py, ops/_triton_chain.py). No look-back rows: its compile
 # segfaulted on the H200 (session 12), and the kernel now refuses it outside interpret mode.
 # The forward in time segments on 128-channel programs (ops/lif/pallas_triton_fwd_segments.py):
-# faster on the bench input, slower where spikes are rare (LifConfig's docstring).
-VARIANTS = [dict(bwd_segment=0), dict(bwd_segment=64), dict(segment=1024, block_c=128)]
+# faster on the bench input, slower where spikes are rare (LifConfig's docstring); and the
+# backward from replayed carries (ops/lif/pallas_triton_bwd_replay.py) with and without it.
+VARIANTS = [dict(bwd_segment=0), dict(bwd_segment=64), dict(segment=1024, block_c=128),
+            dict(bwd_segment=1024, bwd_replay=128),
+            dict(segment=1024, block_c=128, bwd_segment=1024, bwd_replay=128)]
 
 
 def _fns(impl, config):
