@@ -300,6 +300,25 @@ def test_fwd_segments_fix_up_is_exact(replay, scale, reset, fixed_up):
     assert passes > 0, "the first pass was already exact: the case does not test the fix-up"
 
 
+def test_fwd_segments_fix_up_rewrites_the_checkpoints():
+  """The checkpoints the backward reads equal the serial forward's after fix-up passes."""
+  from ops.lif import pallas_triton as pt
+  from ops.lif import pallas_triton_fwd_segments as fs
+  cfg = dataclasses.replace(SMALL, segment=8, segment_replay=0, segment_chunk=4)
+  p = dict(beta=0.95, threshold=1.0, v_min=-3.0, v_max=3.0, reset="hard", surrogate="atan",
+           alpha=2.0, detach_reset=True)
+  k = jax.random.split(jax.random.key(9), 2)
+  x = 0.5 * jax.random.normal(k[0], (2, 45, 40), jnp.float32)
+  v0 = 2.0 * jax.random.normal(k[1], (2, 40), jnp.float32)
+  (s, v_last, ck), n = jax.jit(lambda x, v0: fs.run(x, v0, p, True, True, cfg,
+                                                    pt._compiler_params(1, 1)))(x, v0)
+  s_ser, v_ser, ck_ser = jax.jit(lambda x, v0: pt._forward(x, v0, p, True, True, SMALL))(x, v0)
+  assert int(n) > 0
+  np.testing.assert_array_equal(np.asarray(s), np.asarray(s_ser))
+  np.testing.assert_array_equal(np.asarray(ck), np.asarray(ck_ser))
+  np.testing.assert_array_equal(np.asarray(v_last), np.asarray(v_ser))
+
+
 def test_fwd_segments_idle_fix_up_on_strong_input():
   """Input that spikes often (the bench's) merges within the replay: no fix-up pass runs."""
   cfg = dataclasses.replace(SMALL, segment=64, segment_replay=64, segment_chunk=4)
