@@ -40,6 +40,29 @@ def _grads(fn, x, v0, g, gv):
   return jax.grad(loss, argnums=(0, 1))(x, v0)
 
 
+def _fwd_bwd_ir(cfg, shape):
+  """Triton IR text of lif's forward and backward at cfg, built on this host."""
+  x = jax.ShapeDtypeStruct(shape, jnp.float32)
+
+  def fwd_bwd(x):
+    s, vjp = jax.vjp(lambda x: lif(x, implementation="pallas_triton", config=cfg)[0], x)
+    return vjp(s)
+  return op_testing.lower_for_gpu(fwd_bwd, x).as_text()
+
+
+def _check_large(cfg, spikes=False):
+  """Compiled on the GPU at B2 T1000 C1000: gradients (and spikes) against the reference."""
+  f = functools.partial(lif, implementation="pallas_triton", interpret=False, config=cfg)
+  x, v0, g, gv = _inputs(2, 1000, 1000, jnp.float32)
+  if spikes:
+    s, _ = f(x, v0)
+    assert float(jnp.mean(s != _ref(x, v0)[0])) < 1e-4   # a rare 1-ulp threshold tie
+  got = jax.jit(lambda *a: _grads(f, *a))(x, v0, g, gv)
+  want = _grads(_ref, x, v0, g, gv)
+  for name, a, b in zip(("dx", "dv0"), got, want):
+    op_testing.assert_close(a, b, jnp.float32, grad=True, name=name)
+
+
 class LifTestBase:
   IMPL = "xla"
   INTERPRET = None
@@ -145,15 +168,7 @@ class TestLifTritonGpu(LifTestBase):
   CONFIG = GPU_SMALL
 
   def test_large(self):
-    self.CONFIG = None                        # the device's default block sizes
-    x, v0, g, gv = _inputs(2, 1000, 1000, jnp.float32)
-    s, v = self.lif(x, v0)
-    s_ref, v_ref = _ref(x, v0)
-    assert float(jnp.mean(s != s_ref)) < 1e-4   # a rare 1-ulp threshold tie may flip one
-    got = jax.jit(lambda *a: _grads(self.lif, *a))(x, v0, g, gv)
-    want = _grads(_ref, x, v0, g, gv)
-    for a, b in zip(got, want):
-      op_testing.assert_close(a, b, jnp.float32, grad=True)
+    _check_large(None, spikes=True)           # the device's default block sizes
 
 
 
@@ -220,13 +235,7 @@ class TestLifTritonSegmentsGpu(LifTestBase):
 
   def test_many_segments(self):
     # 2 x 63 segments x 32 channel blocks: thousands of programs wait on each other.
-    cfg = dataclasses.replace(self.CONFIG, bwd_segment=16)
-    f = functools.partial(lif, implementation="pallas_triton", interpret=False, config=cfg)
-    x, v0, g, gv = _inputs(2, 1000, 1000, jnp.float32)
-    got = jax.jit(lambda *a: _grads(f, *a))(x, v0, g, gv)
-    want = _grads(_ref, x, v0, g, gv)
-    for name, a, b in zip(("dx", "dv0"), got, want):
-      op_testing.assert_close(a, b, jnp.float32, grad=True, name=name)
+    _check_large(dataclasses.replace(self.CONFIG, bwd_segment=16))
 
 
 def test_lookback_refused_when_compiled():
@@ -242,13 +251,7 @@ def test_segment_backward_lowers_for_the_gpu():
   """The Triton IR of the segment backward (atomic tickets, the spin loop) at a device-sized
   config, built on this host."""
   cfg = dataclasses.replace(LifConfig.for_device("NVIDIA H200"), bwd_segment=32)
-  x = jax.ShapeDtypeStruct((1, 200, 300), jnp.float32)
-
-  def fwd_bwd(x):
-    s, vjp = jax.vjp(lambda x: lif(x, implementation="pallas_triton", config=cfg)[0], x)
-    return vjp(s)
-  text = op_testing.lower_for_gpu(fwd_bwd, x).as_text()
-  assert "lif_bwd_segments" in text
+  assert "lif_bwd_segments" in _fwd_bwd_ir(cfg, (1, 200, 300))
 
 
 def test_segment_config_is_checked():
@@ -343,13 +346,8 @@ def test_fwd_segment_config_is_checked():
 
 def test_fwd_segments_lower_for_the_gpu():
   """Triton IR of the segment forward and its fix-up pass at the device tiles."""
-  cfg = dataclasses.replace(LifConfig.for_device("NVIDIA H200"), segment=256)
-  x = jax.ShapeDtypeStruct((1, 1000, 96), jnp.float32)
-
-  def fwd_bwd(x):
-    s, vjp = jax.vjp(lambda x: lif(x, implementation="pallas_triton", config=cfg)[0], x)
-    return vjp(s)
-  text = op_testing.lower_for_gpu(fwd_bwd, x).as_text()
+  text = _fwd_bwd_ir(dataclasses.replace(LifConfig.for_device("NVIDIA H200"), segment=256),
+                     (1, 1000, 96))
   assert "lif_fwd_segments" in text and "lif_fwd_segments_fixup" in text
 
 
@@ -428,14 +426,8 @@ def test_bwd_replay_config_is_checked():
 
 
 def test_bwd_replay_lowers_for_the_gpu():
-  cfg = dataclasses.replace(LifConfig.for_device("NVIDIA H200"), bwd_segment=512,
-                            bwd_replay=128)
-  x = jax.ShapeDtypeStruct((1, 1000, 96), jnp.float32)
-
-  def fwd_bwd(x):
-    s, vjp = jax.vjp(lambda x: lif(x, implementation="pallas_triton", config=cfg)[0], x)
-    return vjp(s)
-  text = op_testing.lower_for_gpu(fwd_bwd, x).as_text()
+  text = _fwd_bwd_ir(dataclasses.replace(LifConfig.for_device("NVIDIA H200"), bwd_segment=512,
+                                         bwd_replay=128), (1, 1000, 96))
   assert "lif_bwd_replay" in text and "lif_bwd_replay_fixup" in text
 
 
@@ -445,14 +437,8 @@ class TestLifTritonBwdReplayGpu(TestLifTritonGpu):
   test_large = None
 
   def test_large_replay(self):
-    cfg = dataclasses.replace(LifConfig.for_device("NVIDIA H200"), bwd_segment=512,
-                              bwd_replay=128)
-    f = functools.partial(lif, implementation="pallas_triton", interpret=False, config=cfg)
-    x, v0, g, gv = _inputs(2, 1000, 1000, jnp.float32)
-    got = jax.jit(lambda *a: _grads(f, *a))(x, v0, g, gv)
-    want = _grads(_ref, x, v0, g, gv)
-    for a, b in zip(got, want):
-      op_testing.assert_close(a, b, jnp.float32, grad=True)
+    _check_large(dataclasses.replace(LifConfig.for_device("NVIDIA H200"), bwd_segment=512,
+                                     bwd_replay=128))
 
 
 @pytest.mark.gpu
@@ -461,16 +447,8 @@ class TestLifTritonFwdSegmentsGpu(TestLifTritonGpu):
   test_large = None
 
   def test_large_segments(self):
-    cfg = dataclasses.replace(LifConfig.for_device("NVIDIA H200"), segment=256)
-    f = functools.partial(lif, implementation="pallas_triton", interpret=False, config=cfg)
-    x, v0, g, gv = _inputs(2, 1000, 1000, jnp.float32)
-    s, v = f(x, v0)
-    s_ref, _ = _ref(x, v0)
-    assert float(jnp.mean(s != s_ref)) < 1e-4   # a rare 1-ulp threshold tie may flip one
-    got = jax.jit(lambda *a: _grads(f, *a))(x, v0, g, gv)
-    want = _grads(_ref, x, v0, g, gv)
-    for a, b in zip(got, want):
-      op_testing.assert_close(a, b, jnp.float32, grad=True)
+    _check_large(dataclasses.replace(LifConfig.for_device("NVIDIA H200"), segment=256),
+                 spikes=True)
 
 
 def test_reference_surrogates():
