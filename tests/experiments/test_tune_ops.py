@@ -1,4 +1,5 @@
-"""experiments/tune_ops.py: flag parsing and the NSA workload (timing itself needs the GPU)."""
+"""experiments/tune_ops.py: flag parsing, the NSA workload and a whole LIF sweep on the CPU with
+fake timings (real timing needs the GPU)."""
 import dataclasses
 
 import jax.numpy as jnp
@@ -64,3 +65,42 @@ def test_nsa_decode_workload_runs_the_configured_kernels():
   assert none is None
   want = nsa_decode.nsa_decode(*args, cfg=NSAConfig(), implementation="xla")
   np.testing.assert_allclose(np.asarray(dec(*args)), np.asarray(want), rtol=2e-4, atol=2e-4)
+
+
+_SWEEP_ON_CPU = """
+import functools, sys
+import jax
+import ops.lif
+ops.lif.lif = functools.partial(ops.lif.lif, interpret=True)
+from absl import app
+from experiments import tune_ops
+from experiments.bench import timing
+copies = iter([1000.0, 1250.0])
+timing.copy_bandwidth_gbs = lambda: next(copies)
+# the forward moves 2 * 64 * 64 * 4 + 2 * 64 * 4 = 33280 bytes: 1250 GB/s in this many ms
+def fake_time(fn, *a, **k):
+  jax.block_until_ready(fn(*a))
+  return 33280 / 1.25e12 * 1e3
+timing.time_pipelined = fake_time
+jax.default_backend = lambda: "gpu"
+sys.argv = ["tune_ops", "--op=lif", "--shape=1,64,64,float32", "--grid=block_c=32,64",
+            "--grid=segment=0,12"]
+app.run(tune_ops.main)
+"""
+
+
+def test_sweep_table_uses_the_higher_copy_measurement():
+  """The whole sweep on the CPU (interpret mode, fake timings at which the forward moves 1250
+  GB/s, copies of 1000 and 1250 GB/s): ratios against the higher copy, rejected configs listed
+  as skipped."""
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  proc = subprocess.run([sys.executable, "-c", _SWEEP_ON_CPU], cwd=root, capture_output=True,
+                        text=True, timeout=300, env=dict(os.environ, PYTHONPATH=root))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  table = proc.stdout[proc.stdout.index("### lif"):]
+  assert "copy 1250 GB/s, the higher of 1000 before and 1250 after" in table
+  assert "| block_c=32 segment=0 | 0.000 | 100% |" in table, table   # not 125% of 1000
+  assert table.count("skipped: LifConfig.segment (12)") == 2
