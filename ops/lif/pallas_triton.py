@@ -129,10 +129,9 @@ def _bwd_kernel(x_ref, ckpt_ref, ds_ref, gv_ref, dx_ref, dv0_ref, *, T, C, BC, K
 
 def _forward(x, v0, p, save_ckpt, interpret, config):
   if config.segment:
-    out = pallas_triton_fwd_segments.forward(
+    return pallas_triton_fwd_segments.forward(
         x, v0, p, save_ckpt, interpret, config,
         _compiler_params(config.num_warps, config.num_stages))
-    return out if save_ckpt else out[:2]
   B, T, C = x.shape
   BC, TT, K = config.block_c, config.time_chunk, config.ckpt_every
   full = pl.BlockSpec((None, T, BC), lambda i, j: (i, 0, j))
