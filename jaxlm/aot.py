@@ -331,7 +331,7 @@ def compile_train_step(cfg: Config, devices: Sequence, topology: str = "") -> Re
 def model_flops_per_chip(cfg: Config, n_devices: int) -> float:
   """Analytic train FLOPs of one optimizer step per chip (jaxlm.train.metrics: fwd+bwd of every
   matmul and causal attention; MoE counts the dense d_ff, not active experts)."""
-  from jaxlm.train.metrics import train_flops_per_token
+  from jaxlm.train.model_flops import train_flops_per_token
   t = cfg.train
   return train_flops_per_token(cfg.model, t.seq_len) * t.batch_size * t.seq_len / n_devices
 

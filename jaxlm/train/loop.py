@@ -18,6 +18,7 @@ from jaxlm.evaluate import mean_loss
 from jaxlm.models import build
 from jaxlm.train import metrics as metrics_lib
 from jaxlm.train.checkpoint import Checkpointer, CorruptCheckpointError
+from jaxlm.train.model_flops import train_flops_per_token
 from jaxlm.train.preemption import PreemptionWatcher, Preempted
 from jaxlm.train.optimizer import make_optimizer
 from jaxlm.train.state import init_state, state_layout
@@ -110,7 +111,7 @@ class Trainer:
         process_count=jax.process_count())
     self.step_fn = jit_train_step(self.fm, cfg, self.tx, self.mesh, self.state_shardings)
     self.eval_fn = jit_eval_step(self.fm, self.mesh, self.state_shardings.params)
-    self.flops_per_token = metrics_lib.train_flops_per_token(cfg.model, t.seq_len)
+    self.flops_per_token = train_flops_per_token(cfg.model, t.seq_len)
     self.peak = metrics_lib.peak_tflops(jax.devices()[0].device_kind, t.peak_tflops)
 
   # ------------------------------------------------------------------ state

@@ -11,7 +11,7 @@ import numpy as np
 from jaxlm import sharding
 from jaxlm.config import Config
 from jaxlm.models import build
-from jaxlm.train.metrics import train_flops_per_token
+from jaxlm.train.model_flops import train_flops_per_token
 from jaxlm.train.optimizer import make_optimizer
 from jaxlm.train.state import init_state, state_layout
 from jaxlm.train.step import jit_train_step
