@@ -5,7 +5,9 @@
 
 Each op's module under experiments/bench/ times every implementation that can
 run here plus its baselines (cuDNN / XLA attention, lax.ragged_dot, tokamax
-where installed) and the hardware ceilings, and returns table rows.
+where installed) and the hardware ceilings, and returns table rows. The ceilings
+are measured before and after the ops; the "copy" ratios and the ceilings table
+use the higher of the two.
 """
 import importlib
 import os
@@ -35,16 +37,41 @@ def main(argv):
   if jax.default_backend() != "cpu":
     ceilings.tflops = timing.matmul_peak_tflops()
     ceilings.gbs = timing.copy_bandwidth_gbs()
-  tables = [timing.format_table([ceilings], "hardware ceilings (bf16 matmul, f32 copy)")]
+  results = []
   for op in _OP.value:
     module = importlib.import_module(f"experiments.bench.{op}")
     rows = module.run(shapes=_SHAPES.value, dtype=_DTYPE.value, ceilings=ceilings)
-    tables.append(timing.format_table(rows, op))
-    print(tables[-1], flush=True)
+    results.append((op, rows))
+    print(timing.format_table(rows, op), flush=True)
+  if ceilings.gbs:
+    # One H200 kind measured 3348-3755 GB/s and 664-746 TFLOP/s at the start of different
+    # processes: the ceilings are measured again and the "copy" ratios are against the higher.
+    before = ceilings.gbs
+    ceilings.tflops = max(ceilings.tflops, timing.matmul_peak_tflops())
+    ceilings.gbs = max(before, timing.copy_bandwidth_gbs())
+    ceilings.note += f"; the higher of two measurements (copy before the ops: {before:.0f} GB/s)"
+    if ceilings.gbs > before and rescale_copy_ratios([r for _, rows in results for r in rows],
+                                                     ceilings.gbs):
+      print("\ncopy ratios against the higher copy measurement:")
+      for op, rows in results:
+        if any("copy" in r.ratios for r in rows):
+          print(timing.format_table(rows, op))
+  tables = [timing.format_table([ceilings], "hardware ceilings (bf16 matmul, f32 copy)")]
+  tables += [timing.format_table(rows, op) for op, rows in results]
   if _OUT.value:
     with open(_OUT.value, "w") as f:
       f.write("\n\n".join(tables) + "\n")
   print(tables[0])
+
+
+def rescale_copy_ratios(rows, copy_gbs: float) -> bool:
+  """Sets every row's "copy" ratio to its GB/s over copy_gbs; whether any row had one."""
+  found = False
+  for r in rows:
+    if "copy" in r.ratios and r.gbs:
+      r.ratios["copy"] = r.gbs / copy_gbs
+      found = True
+  return found
 
 
 if __name__ == "__main__":
