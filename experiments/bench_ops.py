@@ -50,8 +50,8 @@ def main(argv):
     ceilings.tflops = max(ceilings.tflops, timing.matmul_peak_tflops())
     ceilings.gbs = max(before, timing.copy_bandwidth_gbs())
     ceilings.note += f"; the higher of two measurements (copy before the ops: {before:.0f} GB/s)"
-    if ceilings.gbs > before and rescale_copy_ratios([r for _, rows in results for r in rows],
-                                                     ceilings.gbs):
+    all_rows = [r for _, rows in results for r in rows]
+    if ceilings.gbs > before and timing.rescale_copy_ratios(all_rows, ceilings.gbs):
       print("\ncopy ratios against the higher copy measurement:")
       for op, rows in results:
         if any("copy" in r.ratios for r in rows):
@@ -62,16 +62,6 @@ def main(argv):
     with open(_OUT.value, "w") as f:
       f.write("\n\n".join(tables) + "\n")
   print(tables[0])
-
-
-def rescale_copy_ratios(rows, copy_gbs: float) -> bool:
-  """Sets every row's "copy" ratio to its GB/s over copy_gbs; whether any row had one."""
-  found = False
-  for r in rows:
-    if "copy" in r.ratios and r.gbs:
-      r.ratios["copy"] = r.gbs / copy_gbs
-      found = True
-  return found
 
 
 if __name__ == "__main__":

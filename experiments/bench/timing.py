@@ -129,6 +129,16 @@ class Row:
   note: str = ""
 
 
+def rescale_copy_ratios(rows: list[Row], copy_gbs: float) -> bool:
+  """Sets every row's "copy" ratio to its GB/s over copy_gbs; whether any row had one."""
+  found = False
+  for r in rows:
+    if "copy" in r.ratios and r.gbs:
+      r.ratios["copy"] = r.gbs / copy_gbs
+      found = True
+  return found
+
+
 def format_table(rows: list[Row], title: str = "") -> str:
   ratio_keys = sorted({k for r in rows for k in r.ratios})
   head = ["op", "shape", "impl", "ms", "TFLOP/s", "GB/s"] + [f"x vs {k}" for k in ratio_keys] + ["note"]

@@ -6,10 +6,11 @@ at B=1, C=8192 that is 256 one-warp programs of 32 channels for 132 SMs (H200: 6
 and wider programs would leave SMs idle. Segments give B * T / S * C / block_c programs, so
 block_c can grow: what made this faster on the H200 was 64-256 channels per program (wider rows
 of x per access), not the extra programs as such (at 32 channels the first pass alone ran at
-the serial kernel's speed; session 16). The step is not associative (threshold, reset, clamp), so the
-scan's segment fold does not apply. But two LIF trajectories fed the same x coalesce: a spike
-both take (hard reset), a clamp both hit, or the leak shrinking their difference below one
-rounding step makes them bit-identical, and from there on they stay identical. So:
+the serial kernel's speed; session 16). The step is not associative (threshold, reset,
+clamp), so the scan's segment fold does not apply. But two LIF trajectories fed the same x
+coalesce: a spike both take (hard reset), a clamp both hit, or the leak shrinking their
+difference below one rounding step makes them bit-identical, and from there on they stay
+identical. So:
   pass    one program per (batch row, S-step segment, channel block) replays the last W steps
           of the segment before it from rest (v = 0) to guess its start state, then walks its
           own S steps from the guess, writing spikes, checkpoints, its end state and the start
