@@ -23,8 +23,9 @@ identical. So:
           makes segment i exact, so it ends after at most n_seg - 1 passes.
 On the bench input (x ~ 1.2 N(0, 1), beta 0.95, hard reset, a 10% spike rate) trajectories
 from 0 and from the true state agree after 5 steps (median; max over a 32-channel block: median
-22, p99 45 in a CPU simulation), yet on the H200 W = 64 still left a few of the 254k boundaries
-of B1 T8192 C8192 wrong (one fix-up pass, +0.03-0.05 ms) and W = 128 none. At a 3.6% spike rate
+22, p99 45 in a CPU simulation), yet on the H200 W = 64 still left a few channel-segment
+boundaries of B1 T8192 C8192 wrong at S 128-512 (one fix-up pass, +0.03-0.05 ms) and W = 128
+none. At a 3.6% spike rate
 (x ~ 0.5 N(0, 1)) a third of 32-channel blocks need more than 128 steps. Weak input, subtract
 reset or W = 0 merge later and pay fix-up passes; the result is exact either way. Timings:
 LifConfig's docstring.
