@@ -58,6 +58,8 @@ class LifConfig:
   # >0 (with bwd_segment): each backward segment replays this many steps of the one after it
   # instead of waiting for its carry (hard reset with detach_reset only; else the chain)
   bwd_replay: int = 0
+  # bwd_replay walks: load the next ckpt_every-step chunk's rows before computing this one
+  bwd_replay_prefetch: bool = False
   lookback: bool = False    # decoupled look-back instead of the chain; interpret mode only
   tpu_block_c: int = 512
   tpu_block_t: int = 64

@@ -41,21 +41,29 @@ def applies(p) -> bool:
   return p["reset"] == "hard" and p["detach_reset"]
 
 
-def _walk_back(x_ref, ckpt_ref, ds_ref, b, dv, lo, n_chunks, cmask, *, T, K, p, dx_ref=None):
+def _walk_back(x_ref, ckpt_ref, ds_ref, b, dv, lo, n_chunks, cmask, *, T, K, p, prefetch,
+               dx_ref=None):
   """Walks steps lo + n_chunks * K - 1 down to lo (rows >= T are no-ops) from carry dv, one
   K-step chunk at a time: reload the chunk's checkpoint, recompute u, step back. Writes dx
-  when dx_ref is given; returns the carry leaving step lo."""
+  when dx_ref is given; returns the carry leaving step lo. prefetch: chunk c + 1's rows are
+  loaded before chunk c is computed (their latency hidden by its work, at twice the rows
+  held in registers); else each chunk loads its own rows and waits for them."""
 
-  def row(ref, t):
-    return plgpu.load(ref.at[b, jnp.clip(t, 0, T - 1), :], mask=cmask & (t < T),
+  def row(ref, t, ok):
+    return plgpu.load(ref.at[b, jnp.clip(t, 0, T - 1), :], mask=cmask & ok & (t < T),
                       other=0).astype(jnp.float32)
 
-  def body(c, dv):
+  def load(c):
+    ok = c < n_chunks
     t0 = lo + (n_chunks - 1 - c) * K
     v = plgpu.load(ckpt_ref.at[b, jnp.clip(t0 // K, 0, ckpt_ref.shape[1] - 1), :],
-                   mask=cmask, other=0)
-    xs = [row(x_ref, t0 + i) for i in range(K)]
-    dss = [row(ds_ref, t0 + i) for i in range(K)]
+                   mask=cmask & ok, other=0)
+    return (v, tuple(row(x_ref, t0 + i, ok) for i in range(K)),
+            tuple(row(ds_ref, t0 + i, ok) for i in range(K)))
+
+  def chunk(c, dv, rows):
+    t0 = lo + (n_chunks - 1 - c) * K
+    v, xs, dss = rows
     us = []
     for i in range(K):
       u, v, _ = step_forward(v, xs[i], p)
@@ -70,10 +78,19 @@ def _walk_back(x_ref, ckpt_ref, ds_ref, b, dv, lo, n_chunks, cmask, *, T, K, p, 
       dv = jnp.where(valid, p["beta"] * du, dv)
     return dv
 
-  return lax.fori_loop(0, n_chunks, body, dv)
+  if not prefetch:
+    return lax.fori_loop(0, n_chunks, lambda c, dv: chunk(c, dv, load(c)), dv)
+
+  def body(c, carry):
+    dv, rows = carry
+    nxt = load(c + 1)
+    return chunk(c, dv, rows), nxt
+
+  return lax.fori_loop(0, n_chunks, body, (dv, load(jnp.int32(0))))[0]
 
 
-def _kernel(x_ref, ckpt_ref, ds_ref, gv_ref, *refs, T, C, BC, S, K, W, n_seg, p, replay):
+def _kernel(x_ref, ckpt_ref, ds_ref, gv_ref, *refs, T, C, BC, S, K, W, n_seg, p, replay,
+            prefetch):
   """replay=True: the first pass. replay=False: a fix-up pass; extra inputs out_prev,
   used_prev [B, n_seg, BC] and dx, which it updates in place."""
   if replay:
@@ -85,7 +102,8 @@ def _kernel(x_ref, ckpt_ref, ds_ref, gv_ref, *refs, T, C, BC, S, K, W, n_seg, p,
   q = pl.program_id(1) % n_seg
   cmask = (j * BC + lax.broadcasted_iota(jnp.int32, (BC,), 0)) < C
   gv = plgpu.load(gv_ref.at[b, :], mask=cmask, other=0)
-  walk = functools.partial(_walk_back, x_ref, ckpt_ref, ds_ref, b, T=T, K=K, p=p)
+  walk = functools.partial(_walk_back, x_ref, ckpt_ref, ds_ref, b, T=T, K=K, p=p,
+                           prefetch=prefetch)
   own = lambda dv: walk(dv, q * S, S // K, cmask, dx_ref=dx_ref)
   store = lambda ref, val: plgpu.store(ref.at[b, q, :], val, mask=cmask)
   last = q == n_seg - 1
@@ -132,7 +150,8 @@ def run(x, ckpt, ds, gv, p, interpret, config, compiler_params, max_fixups=None)
   row = pl.BlockSpec((B, BC), lambda j, k: (0, j))
   seg = pl.BlockSpec((B, n_seg, BC), lambda j, k: (0, 0, j))
   seg_shape = jax.ShapeDtypeStruct((B, n_seg, C), jnp.float32)
-  kw = dict(T=T, C=C, BC=BC, S=S, K=K, W=W, n_seg=n_seg, p=p)
+  kw = dict(T=T, C=C, BC=BC, S=S, K=K, W=W, n_seg=n_seg, p=p,
+            prefetch=config.bwd_replay_prefetch)
   call = functools.partial(
       pl.pallas_call, grid=(pl.cdiv(C, BC), B * n_seg), out_specs=(full, seg, seg),
       out_shape=(jax.ShapeDtypeStruct((B, T, C), x.dtype), seg_shape, seg_shape),

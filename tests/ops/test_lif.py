@@ -362,6 +362,10 @@ class TestLifTritonBwdReplayInterpret(LifTestBase):
   test_forward = test_chunked_equals_unchunked = test_v0_none_and_options = None
 
 
+class TestLifTritonBwdReplayPrefetchInterpret(TestLifTritonBwdReplayInterpret):
+  CONFIG = dataclasses.replace(SMALL, bwd_segment=8, bwd_replay=4, bwd_replay_prefetch=True)
+
+
 def _bwd_replay(x, v0, g, gv, cfg, max_fixups=None):
   """(dx, dv0, fix-up passes) of the replay backward (interpret mode), hard reset, detached,
   with the checkpoints of the serial forward."""
@@ -379,13 +383,15 @@ def _bwd_replay(x, v0, g, gv, cfg, max_fixups=None):
   return dx, dv0, int(n)
 
 
-@pytest.mark.parametrize("replay,scale,fixed_up", [
-    (0, 1.2, True),      # no replay: every carry guessed as zero
-    (4, 0.3, True),      # rare spikes: the carry is forgotten late
-    (8, 1.2, None),
+@pytest.mark.parametrize("replay,scale,fixed_up,prefetch", [
+    (0, 1.2, True, False),      # no replay: every carry guessed as zero
+    (4, 0.3, True, False),      # rare spikes: the carry is forgotten late
+    (4, 0.3, True, True),       # the same, each chunk's rows loaded one chunk early
+    (8, 1.2, None, False),
 ])
-def test_bwd_replay_fix_up_matches_the_reference(replay, scale, fixed_up):
-  cfg = dataclasses.replace(SMALL, bwd_segment=8, bwd_replay=replay)
+def test_bwd_replay_fix_up_matches_the_reference(replay, scale, fixed_up, prefetch):
+  cfg = dataclasses.replace(SMALL, bwd_segment=8, bwd_replay=replay,
+                            bwd_replay_prefetch=prefetch)
   k = jax.random.split(jax.random.key(7), 4)
   x = scale * jax.random.normal(k[0], (2, 61, 72), jnp.float32)
   v0 = jax.random.normal(k[1], (2, 72), jnp.float32)
@@ -439,6 +445,16 @@ class TestLifTritonBwdReplayGpu(TestLifTritonGpu):
   def test_large_replay(self):
     _check_large(dataclasses.replace(LifConfig.for_device("NVIDIA H200"), bwd_segment=512,
                                      bwd_replay=128))
+
+
+@pytest.mark.gpu
+class TestLifTritonBwdReplayPrefetchGpu(TestLifTritonBwdReplayGpu):
+  CONFIG = dataclasses.replace(GPU_SMALL, bwd_segment=16, bwd_replay=8, bwd_replay_prefetch=True)
+
+  def test_large_replay(self):
+    _check_large(dataclasses.replace(LifConfig.for_device("NVIDIA H200"), bwd_segment=512,
+                                     bwd_replay=128, bwd_block_c=128, bwd_num_warps=4,
+                                     bwd_replay_prefetch=True))
 
 
 @pytest.mark.gpu
