@@ -27,15 +27,16 @@ SWEEP = [
     dict(block_c=64, num_warps=1, time_chunk=32, ckpt_every=8, bwd_block_c=64, bwd_num_warps=1),
 ]
 SWEEP_BUDGET_S = 30.0
-# besides the device default: the backward's segment length (0: the serial kernel) and hand-off
-# (ops/lif/pallas_triton_segments.py, ops/_triton_chain.py). No look-back rows: its compile
+# besides the device default: the chained backward's segment length (0: the serial kernel) and
+# hand-off (ops/lif/pallas_triton_segments.py, ops/_triton_chain.py). No look-back rows: its compile
 # segfaulted on the H200 (session 12), and the kernel now refuses it outside interpret mode.
 # The forward in time segments on 128-channel programs (ops/lif/pallas_triton_fwd_segments.py):
 # faster on the bench input, slower where spikes are rare (LifConfig's docstring); and the
-# backward from replayed carries (ops/lif/pallas_triton_bwd_replay.py) with and without it.
-VARIANTS = [dict(bwd_segment=0), dict(bwd_segment=64), dict(segment=1024, block_c=128),
-            dict(bwd_segment=1024, bwd_replay=128),
-            dict(segment=1024, block_c=128, bwd_segment=1024, bwd_replay=128)]
+# chained backward instead of the (default) replayed-carry one, and the replay without its
+# chunk prefetch (ops/lif/pallas_triton_bwd_replay.py).
+VARIANTS = [dict(bwd_replay=0, bwd_segment=0), dict(bwd_replay=0, bwd_segment=64),
+            dict(bwd_replay=0), dict(bwd_replay_prefetch=False),
+            dict(segment=1024, block_c=128)]
 
 
 def _fns(impl, config):

@@ -26,9 +26,16 @@ segments of 1024 with 128 replayed steps 0.223 ms on 32 channels per program, 0.
 widen at batch 1 without losing programs). It is not the default because its speed depends on
 the input: at spike rates of 2-4% the replayed starts are often wrong and the fix-up pass
 re-runs whole segments (S 256, W 64, x ~ 0.5 N(0, 1): 0.444 ms). `bwd_replay` W > 0 does the
-same for the segment backward's carry instead of the chained hand-off
-(ops/lif/pallas_triton_bwd_replay.py; hard reset with detach_reset only, else the chain; not
-timed yet).
+same for the backward's carry, for a detached hard reset only (other resets keep the chained
+or serial backward): bwd_replay_segment-step segments on their own tiles, no hand-off
+(ops/lif/pallas_triton_bwd_replay.py). It is the H100/H200 default since session 17; what made
+it fast was loading each 16-step chunk's rows one chunk early (bwd_replay_prefetch). H200,
+B1 T8192 C8192 f32 fwd+bwd, x ~ 1.2 N(0, 1), one process (copy 3614 GB/s): chain 0.909 ms
+(41%); replay S 1024 W 128 without prefetch 0.873 / 1.069 / 0.840 / 1.032 ms on 64 ch x 1 warp
+/ 128 x 1 / 128 x 4 / 256 x 2, S 512 W 64 128 x 4 0.803; with prefetch 0.700 (64 x 2) and
+0.607 (128 x 4, 61%). Another process (copy 3411 GB/s): chain 0.985, prefetch S 512 W 64
+0.648 (61%), S 1024 W 128 0.747, plus the segment forward 0.640; at x ~ 0.5 N(0, 1) (3.5%
+spikes) chain 0.982, replay 0.893.
 Mosaic GPU forward (pallas_mosaic_gpu): one CTA per (batch row, mgpu_block_c channels);
 tiles of mgpu_time_chunk steps x block_c stream through shared memory, mgpu_stages in flight.
 TPU (pallas_tpu): blocks of (tpu_block_t time steps, tpu_block_c channels on lanes); the
@@ -55,11 +62,15 @@ class LifConfig:
   bwd_block_c: int = 64
   bwd_num_warps: int = 2
   bwd_segment: int = 0      # >0: backward in parallel time segments of this many steps
-  # >0 (with bwd_segment): each backward segment replays this many steps of the one after it
-  # instead of waiting for its carry (hard reset with detach_reset only; else the chain)
+  # >0: for hard reset with detach_reset, the backward runs bwd_replay_segment-step segments,
+  # each starting from the carry a replay of this many steps of the segment after it reaches,
+  # instead of the serial / chained kernels above (which other resets keep using); its own
+  # tiles, and whether each chunk's rows are loaded one chunk early (prefetch)
   bwd_replay: int = 0
-  # bwd_replay walks: load the next ckpt_every-step chunk's rows before computing this one
-  bwd_replay_prefetch: bool = False
+  bwd_replay_segment: int = 512
+  bwd_replay_block_c: int = 128
+  bwd_replay_num_warps: int = 4
+  bwd_replay_prefetch: bool = True
   lookback: bool = False    # decoupled look-back instead of the chain; interpret mode only
   tpu_block_c: int = 512
   tpu_block_t: int = 64
@@ -68,7 +79,7 @@ class LifConfig:
   mgpu_stages: int = 0      # 0: as many as fit in shared memory (ops/_mosaic_gpu.fit_stages)
 
   def __post_init__(self):
-    for f in ("block_c", "bwd_block_c"):
+    for f in ("block_c", "bwd_block_c", "bwd_replay_block_c"):
       v = getattr(self, f)
       if v < 1 or v & (v - 1):
         raise ValueError(f"LifConfig.{f} must be a power of 2, got {v}")
@@ -94,16 +105,18 @@ class LifConfig:
     if self.bwd_replay < 0 or self.bwd_replay % self.ckpt_every:
       raise ValueError(f"LifConfig.bwd_replay ({self.bwd_replay}) must be 0 or a positive "
                        f"multiple of ckpt_every ({self.ckpt_every})")
-    if self.bwd_replay and not self.bwd_segment:
-      raise ValueError("LifConfig.bwd_replay needs bwd_segment > 0 (it replaces the segments' "
-                       "chained hand-off)")
-    if self.bwd_replay and self.bwd_replay > self.bwd_segment:
-      raise ValueError(f"LifConfig.bwd_replay ({self.bwd_replay}) must be <= bwd_segment "
-                       f"({self.bwd_segment}): it replays steps of the next segment")
-    if self.bwd_segment > MAX_SEGMENT and not self.bwd_replay:
+    if self.bwd_replay and (self.bwd_replay_segment < 1
+                            or self.bwd_replay_segment % self.ckpt_every):
+      raise ValueError(f"LifConfig.bwd_replay_segment ({self.bwd_replay_segment}) must be a "
+                       f"positive multiple of ckpt_every ({self.ckpt_every})")
+    if self.bwd_replay > self.bwd_replay_segment:
+      raise ValueError(f"LifConfig.bwd_replay ({self.bwd_replay}) must be <= "
+                       f"bwd_replay_segment ({self.bwd_replay_segment}): it replays steps of "
+                       "the next segment")
+    if self.bwd_segment > MAX_SEGMENT:
       raise ValueError(f"LifConfig.bwd_segment ({self.bwd_segment}) must be <= {MAX_SEGMENT}: "
-                       "a segment's steps are unrolled and held in registers (with bwd_replay "
-                       "they are walked in ckpt_every-step chunks and may be longer)")
+                       "a segment's steps are unrolled and held in registers (the replay "
+                       "backward's bwd_replay_segment is walked in chunks and may be longer)")
     if self.tpu_block_c % 128 or self.tpu_block_t % 8:
       raise ValueError("LifConfig: tpu_block_c must be a multiple of 128 and tpu_block_t of 8")
 
@@ -115,9 +128,13 @@ class LifConfig:
       # 0.393 ms (51% of copy) with 32 channels on 1 warp vs 0.498 ms (40%) on 2 warps;
       # forward+backward 1.242 ms with the backward on 32 channels / 1 warp vs 1.284 ms.
       # Backward in 32-step segments (H200, session 11, same run): fwd+bwd 0.916 ms vs
-      # 0.984 ms serial; the serial hand-off between 256 segments limits it.
+      # 0.984 ms serial; the serial hand-off between 256 segments limits it. Under a detached
+      # hard reset (SymbolicLight's), the replay backward on 512-step segments replaying 64
+      # steps, 128 channels on 4 warps, rows prefetched one chunk early (H200, session 17,
+      # fwd+bwd, same process): 0.648 ms (61% of copy) vs the chain's 0.985 at a 10% spike
+      # rate, 0.893 vs 0.982 at 3.5% (fix-up passes re-run segments there).
       return LifConfig(block_c=32, time_chunk=64, num_warps=1, ckpt_every=16, bwd_block_c=32,
-                       bwd_num_warps=1, bwd_segment=32)
+                       bwd_num_warps=1, bwd_segment=32, bwd_replay=64)
     if "tpu" in kind:
       return LifConfig(tpu_block_c=512, tpu_block_t=64)
     return LifConfig()

@@ -155,7 +155,7 @@ def _backward(x, ckpt, ds, gv, p, interpret, config):
   if config.bwd_replay and pallas_triton_bwd_replay.applies(p):
     return pallas_triton_bwd_replay.backward(
         x, ckpt, ds, gv, p, interpret, config,
-        _compiler_params(config.bwd_num_warps, config.num_stages))
+        _compiler_params(config.bwd_replay_num_warps, config.num_stages))
   if config.bwd_segment:
     return pallas_triton_segments.backward(
         x, ckpt, ds, gv, p, interpret, config,

@@ -40,12 +40,14 @@ def _grads(fn, x, v0, g, gv):
   return jax.grad(loss, argnums=(0, 1))(x, v0)
 
 
-def _fwd_bwd_ir(cfg, shape):
-  """Triton IR text of lif's forward and backward at cfg, built on this host."""
+def _fwd_bwd_ir(cfg, shape, **options):
+  """Triton IR text of lif's forward and backward at cfg (and lif's options), built on this
+  host."""
   x = jax.ShapeDtypeStruct(shape, jnp.float32)
 
   def fwd_bwd(x):
-    s, vjp = jax.vjp(lambda x: lif(x, implementation="pallas_triton", config=cfg)[0], x)
+    s, vjp = jax.vjp(lambda x: lif(x, implementation="pallas_triton", config=cfg,
+                                   **options)[0], x)
     return vjp(s)
   return op_testing.lower_for_gpu(fwd_bwd, x).as_text()
 
@@ -250,7 +252,7 @@ def test_lookback_refused_when_compiled():
 def test_segment_backward_lowers_for_the_gpu():
   """The Triton IR of the segment backward (atomic tickets, the spin loop) at a device-sized
   config, built on this host."""
-  cfg = dataclasses.replace(LifConfig.for_device("NVIDIA H200"), bwd_segment=32)
+  cfg = dataclasses.replace(LifConfig.for_device("NVIDIA H200"), bwd_segment=32, bwd_replay=0)
   assert "lif_bwd_segments" in _fwd_bwd_ir(cfg, (1, 200, 300))
 
 
@@ -357,13 +359,14 @@ def test_fwd_segments_lower_for_the_gpu():
 class TestLifTritonBwdReplayInterpret(LifTestBase):
   IMPL = "pallas_triton"
   INTERPRET = True
-  CONFIG = dataclasses.replace(SMALL, bwd_segment=8, bwd_replay=4)
+  CONFIG = dataclasses.replace(SMALL, bwd_replay_segment=8, bwd_replay=4, bwd_replay_block_c=32,
+                               bwd_replay_num_warps=1)
   # bwd_replay changes only the backward: the forward cases are TestLifTritonInterpret's
   test_forward = test_chunked_equals_unchunked = test_v0_none_and_options = None
 
 
-class TestLifTritonBwdReplayPrefetchInterpret(TestLifTritonBwdReplayInterpret):
-  CONFIG = dataclasses.replace(SMALL, bwd_segment=8, bwd_replay=4, bwd_replay_prefetch=True)
+class TestLifTritonBwdReplayNoPrefetchInterpret(TestLifTritonBwdReplayInterpret):
+  CONFIG = dataclasses.replace(TestLifTritonBwdReplayInterpret.CONFIG, bwd_replay_prefetch=False)
 
 
 def _bwd_replay(x, v0, g, gv, cfg, max_fixups=None):
@@ -373,7 +376,7 @@ def _bwd_replay(x, v0, g, gv, cfg, max_fixups=None):
   from ops.lif import pallas_triton_bwd_replay as br
   p = dict(beta=0.95, threshold=1.0, v_min=-3.0, v_max=3.0, reset="hard", surrogate="atan",
            alpha=2.0, detach_reset=True)
-  serial = dataclasses.replace(cfg, bwd_segment=0, bwd_replay=0)
+  serial = dataclasses.replace(cfg, bwd_replay=0)
 
   @jax.jit
   def f(x, v0, g, gv):
@@ -384,14 +387,14 @@ def _bwd_replay(x, v0, g, gv, cfg, max_fixups=None):
 
 
 @pytest.mark.parametrize("replay,scale,fixed_up,prefetch", [
-    (0, 1.2, True, False),      # no replay: every carry guessed as zero
-    (4, 0.3, True, False),      # rare spikes: the carry is forgotten late
-    (4, 0.3, True, True),       # the same, each chunk's rows loaded one chunk early
-    (8, 1.2, None, False),
+    (0, 1.2, True, True),       # no replay: every carry guessed as zero
+    (4, 0.3, True, True),       # rare spikes: the carry is forgotten late
+    (4, 0.3, True, False),      # the same, each chunk's rows loaded when it is walked
+    (8, 1.2, None, True),
 ])
 def test_bwd_replay_fix_up_matches_the_reference(replay, scale, fixed_up, prefetch):
-  cfg = dataclasses.replace(SMALL, bwd_segment=8, bwd_replay=replay,
-                            bwd_replay_prefetch=prefetch)
+  cfg = dataclasses.replace(SMALL, bwd_replay_segment=8, bwd_replay=replay,
+                            bwd_replay_block_c=32, bwd_replay_prefetch=prefetch)
   k = jax.random.split(jax.random.key(7), 4)
   x = scale * jax.random.normal(k[0], (2, 61, 72), jnp.float32)
   v0 = jax.random.normal(k[1], (2, 72), jnp.float32)
@@ -411,7 +414,7 @@ def test_bwd_replay_fix_up_matches_the_reference(replay, scale, fixed_up, prefet
 
 def test_bwd_replay_idle_fix_up_on_strong_input():
   """Bench-like input (a 10% spike rate) forgets the carry within the replay: no fix-up."""
-  cfg = dataclasses.replace(SMALL, bwd_segment=64, bwd_replay=64)
+  cfg = dataclasses.replace(SMALL, bwd_replay_segment=64, bwd_replay=64, bwd_replay_block_c=32)
   k = jax.random.split(jax.random.key(8), 2)
   x = 1.2 * jax.random.normal(k[0], (1, 256, 64), jnp.float32)
   g = jax.random.normal(k[1], (1, 256, 64), jnp.float32)
@@ -422,39 +425,53 @@ def test_bwd_replay_idle_fix_up_on_strong_input():
 
 
 def test_bwd_replay_config_is_checked():
-  with pytest.raises(ValueError, match="bwd_replay needs bwd_segment"):
-    LifConfig(bwd_replay=16)
   with pytest.raises(ValueError, match="bwd_replay .8. must be 0 or a positive multiple"):
-    LifConfig(bwd_segment=32, bwd_replay=8)
-  with pytest.raises(ValueError, match="bwd_replay .64. must be <= bwd_segment"):
-    LifConfig(bwd_segment=32, bwd_replay=64)
-  LifConfig(bwd_segment=1024, bwd_replay=128)     # walked in chunks: longer than 256 is fine
+    LifConfig(bwd_replay=8)
+  with pytest.raises(ValueError, match="bwd_replay .64. must be <= bwd_replay_segment .32."):
+    LifConfig(bwd_replay_segment=32, bwd_replay=64)
+  with pytest.raises(ValueError, match="bwd_replay_segment .40. must be a positive multiple"):
+    LifConfig(bwd_replay_segment=40, bwd_replay=16, ckpt_every=16)
+  with pytest.raises(ValueError, match="bwd_replay_block_c must be a power of 2"):
+    LifConfig(bwd_replay=16, bwd_replay_block_c=96)
+  with pytest.raises(ValueError, match="bwd_segment .512. must be <= 256"):
+    LifConfig(bwd_segment=512)
+  LifConfig(bwd_replay_segment=1024, bwd_replay=128)   # walked in chunks: past 256 is fine
 
 
 def test_bwd_replay_lowers_for_the_gpu():
-  text = _fwd_bwd_ir(dataclasses.replace(LifConfig.for_device("NVIDIA H200"), bwd_segment=512,
-                                         bwd_replay=128), (1, 1000, 96))
+  text = _fwd_bwd_ir(dataclasses.replace(LifConfig.for_device("NVIDIA H200"),
+                                         bwd_replay_segment=512, bwd_replay=128), (1, 1000, 96))
   assert "lif_bwd_replay" in text and "lif_bwd_replay_fixup" in text
+
+
+@pytest.mark.parametrize("options", [dict(reset="subtract"), dict(detach_reset=False)])
+def test_bwd_replay_leaves_other_resets_to_the_chain(options):
+  """The carry is forgotten only under a detached hard reset: other resets keep the chained
+  backward, on its own tiles, whatever bwd_replay says."""
+  cfg = dataclasses.replace(LifConfig.for_device("NVIDIA H200"), bwd_replay=64)
+  text = _fwd_bwd_ir(cfg, (1, 1000, 96), **options)
+  assert "lif_bwd_segments" in text and "lif_bwd_replay" not in text
 
 
 @pytest.mark.gpu
 class TestLifTritonBwdReplayGpu(TestLifTritonGpu):
-  CONFIG = dataclasses.replace(GPU_SMALL, bwd_segment=16, bwd_replay=8)
+  CONFIG = dataclasses.replace(GPU_SMALL, bwd_replay_segment=16, bwd_replay=8,
+                               bwd_replay_block_c=32, bwd_replay_num_warps=1)
   test_large = None
 
   def test_large_replay(self):
-    _check_large(dataclasses.replace(LifConfig.for_device("NVIDIA H200"), bwd_segment=512,
-                                     bwd_replay=128))
+    _check_large(dataclasses.replace(LifConfig.for_device("NVIDIA H200"),
+                                     bwd_replay_segment=512, bwd_replay=128))
 
 
 @pytest.mark.gpu
-class TestLifTritonBwdReplayPrefetchGpu(TestLifTritonBwdReplayGpu):
-  CONFIG = dataclasses.replace(GPU_SMALL, bwd_segment=16, bwd_replay=8, bwd_replay_prefetch=True)
+class TestLifTritonBwdReplayNoPrefetchGpu(TestLifTritonBwdReplayGpu):
+  CONFIG = dataclasses.replace(TestLifTritonBwdReplayGpu.CONFIG, bwd_replay_prefetch=False)
 
   def test_large_replay(self):
-    _check_large(dataclasses.replace(LifConfig.for_device("NVIDIA H200"), bwd_segment=512,
-                                     bwd_replay=128, bwd_block_c=128, bwd_num_warps=4,
-                                     bwd_replay_prefetch=True))
+    _check_large(dataclasses.replace(LifConfig.for_device("NVIDIA H200"),
+                                     bwd_replay_segment=512, bwd_replay=128,
+                                     bwd_replay_prefetch=False))
 
 
 @pytest.mark.gpu
