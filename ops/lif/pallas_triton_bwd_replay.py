@@ -21,9 +21,14 @@ walk started from any carry computes bit-identical values. So:
           every carry is the true one.
   fix-up  otherwise a while loop re-runs the segments whose carry disagrees from the right one
           (ops/lif/pallas_triton_fwd_segments.until_consistent), at most n_seg - 1 passes.
+          Each walk stores the carry leaving every chunk; a re-run stops at the first chunk
+          whose carry equals the stored one (the two walks have merged, so everything below
+          is already right), so a wrong start costs the steps until the carries merge, not
+          the whole segment.
 With a subtract reset or detach_reset=False, A_t is rarely 0 and nearly every segment would be
 re-run n_seg times, so those use the chained kernel. Traffic: x and ds read 1 + W / S times,
-dx written once, plus what fix-ups re-run.
+dx written once, the chunk carries (1 / ckpt_every of a row per step) written once, plus
+what fix-ups re-run.
 """
 from __future__ import annotations
 
@@ -45,27 +50,37 @@ def applies(p) -> bool:
 
 
 def _walk_back(x_ref, ckpt_ref, ds_ref, b, dv, lo, n_chunks, cmask, *, T, K, p, prefetch,
-               dx_ref=None):
+               dx_ref=None, carry_ref=None, check=False):
   """Walks steps lo + n_chunks * K - 1 down to lo (rows >= T are no-ops) from carry dv, one
   K-step chunk at a time: reload the chunk's checkpoint, recompute u, step back. Writes dx
-  when dx_ref is given; returns the carry leaving step lo. prefetch: chunk c + 1's rows are
-  loaded before chunk c is computed (their latency hidden by its work, at twice the rows
-  held in registers); else each chunk loads its own rows and waits for them."""
+  when dx_ref is given. prefetch: chunk c + 1's rows are loaded before chunk c is computed
+  (their latency hidden by its work, at twice the rows held in registers); else each chunk
+  loads its own rows and waits for them.
+
+  carry_ref [B, ceil(T / K), C]: row i holds the carry leaving chunk i (into step i * K - 1).
+  check=False writes it. check=True (a fix-up walk) compares each new carry with the stored
+  one first and stops at the first chunk where they agree on every channel: from there down
+  the walk would rewrite exactly what an earlier walk wrote (the carry is all the state).
+  Returns (the carry leaving step lo, whether the walk stopped early; then that carry is the
+  stored one's, not recomputed)."""
 
   def row(ref, t, ok):
     return plgpu.load(ref.at[b, jnp.clip(t, 0, T - 1), :], mask=cmask & ok & (t < T),
                       other=0).astype(jnp.float32)
 
+  def top(c):            # first step of chunk c (chunks run last first)
+    return lo + (n_chunks - 1 - c) * K
+
   def load(c):
     ok = c < n_chunks
-    t0 = lo + (n_chunks - 1 - c) * K
+    t0 = top(c)
     v = plgpu.load(ckpt_ref.at[b, jnp.clip(t0 // K, 0, ckpt_ref.shape[1] - 1), :],
                    mask=cmask & ok, other=0)
     return (v, tuple(row(x_ref, t0 + i, ok) for i in range(K)),
             tuple(row(ds_ref, t0 + i, ok) for i in range(K)))
 
   def chunk(c, dv, rows):
-    t0 = lo + (n_chunks - 1 - c) * K
+    t0 = top(c)
     v, xs, dss = rows
     us = []
     for i in range(K):
@@ -81,25 +96,40 @@ def _walk_back(x_ref, ckpt_ref, ds_ref, b, dv, lo, n_chunks, cmask, *, T, K, p, 
       dv = jnp.where(valid, p["beta"] * du, dv)
     return dv
 
-  if not prefetch:
-    return lax.fori_loop(0, n_chunks, lambda c, dv: chunk(c, dv, load(c)), dv)
+  def record(c, dv):     # -> whether the stored carry already equals dv (check only)
+    never = c < 0        # a traced False: the Triton lowering yields no literal constants
+    if carry_ref is None:
+      return never
+    at = carry_ref.at[b, jnp.clip(top(c) // K, 0, carry_ref.shape[1] - 1), :]
+    same = never
+    if check:
+      old = plgpu.load(at, mask=cmask, other=0)
+      same = jnp.max(jnp.where(differs(dv, old) & cmask, 1, 0)) == 0
+    plgpu.store(at, dv, mask=cmask)
+    return same
 
-  def body(c, carry):
-    dv, rows = carry
-    nxt = load(c + 1)
-    return chunk(c, dv, rows), nxt
+  def cond(state):
+    return (state[0] < n_chunks) & ~state[2]
 
-  return lax.fori_loop(0, n_chunks, body, (dv, load(jnp.int32(0))))[0]
+  def body(state):
+    c, dv, _, *held = state
+    nxt = (load(c + 1),) if prefetch else ()
+    dv = chunk(c, dv, held[0] if prefetch else load(c))
+    return (c + 1, dv, record(c, dv)) + nxt
+
+  init = (jnp.int32(0), dv, jnp.bool_(False)) + ((load(jnp.int32(0)),) if prefetch else ())
+  _, dv, stopped, *_ = lax.while_loop(cond, body, init)
+  return dv, stopped
 
 
 def _kernel(x_ref, ckpt_ref, ds_ref, gv_ref, *refs, T, C, BC, S, K, W, n_seg, p, replay,
             prefetch):
   """replay=True: the first pass. replay=False: a fix-up pass; extra inputs out_prev,
-  used_prev [B, n_seg, BC] and dx, which it updates in place."""
+  used_prev [B, n_seg, BC], dx and the chunk carries, the last two updated in place."""
   if replay:
-    dx_ref, out_ref, used_ref = refs
+    dx_ref, out_ref, used_ref, carry_ref = refs
   else:
-    out_prev_ref, used_prev_ref, _, dx_ref, out_ref, used_ref = refs
+    out_prev_ref, used_prev_ref, _, _, dx_ref, out_ref, used_ref, carry_ref = refs
   j = pl.program_id(0)
   b = pl.program_id(1) // n_seg
   q = pl.program_id(1) % n_seg
@@ -107,7 +137,8 @@ def _kernel(x_ref, ckpt_ref, ds_ref, gv_ref, *refs, T, C, BC, S, K, W, n_seg, p,
   gv = plgpu.load(gv_ref.at[b, :], mask=cmask, other=0)
   walk = functools.partial(_walk_back, x_ref, ckpt_ref, ds_ref, b, T=T, K=K, p=p,
                            prefetch=prefetch)
-  own = lambda dv: walk(dv, q * S, S // K, cmask, dx_ref=dx_ref)
+  own = lambda dv, check: walk(dv, q * S, S // K, cmask, dx_ref=dx_ref, carry_ref=carry_ref,
+                               check=check)
   store = lambda ref, val: plgpu.store(ref.at[b, q, :], val, mask=cmask)
   last = q == n_seg - 1
 
@@ -115,10 +146,10 @@ def _kernel(x_ref, ckpt_ref, ds_ref, gv_ref, *refs, T, C, BC, S, K, W, n_seg, p,
     top = (q + 1) * S
     # a window that reaches the end of time starts from the true carry, gv
     dv = jnp.where(top + W >= T, gv, jnp.zeros((BC,), jnp.float32))
-    guess = walk(dv, top, W // K, cmask & ~last) if W else dv
+    guess = walk(dv, top, W // K, cmask & ~last)[0] if W else dv
     start = jnp.where(last, gv, guess)
     store(used_ref, start)
-    store(out_ref, own(start))
+    store(out_ref, own(start, False)[0])
     return
 
   nxt = plgpu.load(out_prev_ref.at[b, jnp.minimum(q + 1, n_seg - 1), :], mask=cmask, other=0)
@@ -126,14 +157,16 @@ def _kernel(x_ref, ckpt_ref, ds_ref, gv_ref, *refs, T, C, BC, S, K, W, n_seg, p,
   used = plgpu.load(used_prev_ref.at[b, q, :], mask=cmask, other=0)
   redo = jnp.max(jnp.where(differs(start, used) & cmask, 1, 0)) > 0
   store(used_ref, start)
+  out_prev = plgpu.load(out_prev_ref.at[b, q, :], mask=cmask, other=0)
 
   @pl.when(redo)
   def _():
-    store(out_ref, own(start))
+    dv, stopped = own(start, True)
+    store(out_ref, jnp.where(stopped, out_prev, dv))
 
   @pl.when(~redo)
   def _():
-    store(out_ref, plgpu.load(out_prev_ref.at[b, q, :], mask=cmask, other=0))
+    store(out_ref, out_prev)
 
 
 def consistent(out, used):
@@ -145,31 +178,53 @@ def consistent(out, used):
 def run(x, ckpt, ds, gv, p, interpret, config, compiler_params, max_fixups=None):
   """((dx [B, T, C] in x.dtype, dv0 [B, C] f32), fix-up passes run). x, ds: [B, T, C];
   ckpt: [B, ceil(T / ckpt_every), C] f32 (v before every ckpt_every-th step); gv: [B, C]."""
+  state = first_pass(x, ckpt, ds, gv, p, interpret, config, compiler_params)
+  (dx, out, *_), n = until_consistent(
+      lambda *st: fix_up_pass(x, ckpt, ds, gv, st, p, interpret, config, compiler_params),
+      state, lambda dx, out, used, carries: consistent(out, used), pl.cdiv(x.shape[1],
+      config.bwd_replay_segment), max_fixups)
+  return (dx, out[:, 0]), n
+
+
+def _call(x, config, compiler_params, interpret, **kw):
   B, T, C = x.shape
   BC, S = config.bwd_replay_block_c, config.bwd_replay_segment
   K, W = config.ckpt_every, config.bwd_replay
-  n_seg = pl.cdiv(T, S)
-  full = pl.BlockSpec((B, T, BC), lambda j, k: (0, 0, j))
-  ck = pl.BlockSpec((B, ckpt.shape[1], BC), lambda j, k: (0, 0, j))
-  row = pl.BlockSpec((B, BC), lambda j, k: (0, j))
-  seg = pl.BlockSpec((B, n_seg, BC), lambda j, k: (0, 0, j))
+  n_seg, n_ck = pl.cdiv(T, S), pl.cdiv(T, K)
+  specs = dict(full=pl.BlockSpec((B, T, BC), lambda j, k: (0, 0, j)),
+               ck=pl.BlockSpec((B, n_ck, BC), lambda j, k: (0, 0, j)),
+               row=pl.BlockSpec((B, BC), lambda j, k: (0, j)),
+               seg=pl.BlockSpec((B, n_seg, BC), lambda j, k: (0, 0, j)))
   seg_shape = jax.ShapeDtypeStruct((B, n_seg, C), jnp.float32)
-  kw = dict(T=T, C=C, BC=BC, S=S, K=K, W=W, n_seg=n_seg, p=p,
-            prefetch=config.bwd_replay_prefetch)
   call = functools.partial(
-      pl.pallas_call, grid=(pl.cdiv(C, BC), B * n_seg), out_specs=(full, seg, seg),
-      out_shape=(jax.ShapeDtypeStruct((B, T, C), x.dtype), seg_shape, seg_shape),
+      pl.pallas_call, grid=(pl.cdiv(C, BC), B * n_seg),
+      out_specs=(specs["full"], specs["seg"], specs["seg"], specs["ck"]),
+      out_shape=(jax.ShapeDtypeStruct((B, T, C), x.dtype), seg_shape, seg_shape,
+                 jax.ShapeDtypeStruct((B, n_ck, C), jnp.float32)),
       interpret=interpret, compiler_params=compiler_params)
-  dx, out, used = call(functools.partial(_kernel, replay=True, **kw),
-                       in_specs=[full, ck, full, row], name="lif_bwd_replay")(x, ckpt, ds, gv)
-  fix = call(functools.partial(_kernel, replay=False, **kw),
-             in_specs=[full, ck, full, row, seg, seg, full],
-             input_output_aliases={6: 0},     # dx is rewritten only for re-run segments
-             name="lif_bwd_replay_fixup")
-  (dx, out, _), n = until_consistent(
-      lambda dx, out, used: fix(x, ckpt, ds, gv, out, used, dx), (dx, out, used),
-      lambda dx, out, used: consistent(out, used), n_seg, max_fixups)
-  return (dx, out[:, 0]), n
+  kernel = functools.partial(_kernel, T=T, C=C, BC=BC, S=S, K=K, W=W, n_seg=n_seg,
+                             prefetch=config.bwd_replay_prefetch, **kw)
+  return call, kernel, specs
+
+
+def first_pass(x, ckpt, ds, gv, p, interpret, config, compiler_params):
+  """Every segment from its replayed carry: (dx, out, used [B, n_seg, C], chunk carries
+  [B, ceil(T / ckpt_every), C])."""
+  call, kernel, sp = _call(x, config, compiler_params, interpret, p=p, replay=True)
+  return call(kernel, in_specs=[sp["full"], sp["ck"], sp["full"], sp["row"]],
+              name="lif_bwd_replay")(x, ckpt, ds, gv)
+
+
+def fix_up_pass(x, ckpt, ds, gv, state, p, interpret, config, compiler_params):
+  """One fix-up pass over first_pass's state (dx, out, used, carries): the segments whose
+  carry disagrees walk again, each until it meets its earlier walk (dx and the carries
+  rewritten in place, only where they change)."""
+  dx, out, used, carries = state
+  call, kernel, sp = _call(x, config, compiler_params, interpret, p=p, replay=False)
+  return call(kernel, in_specs=[sp["full"], sp["ck"], sp["full"], sp["row"], sp["seg"],
+                                sp["seg"], sp["full"], sp["ck"]],
+              input_output_aliases={6: 0, 7: 3},
+              name="lif_bwd_replay_fixup")(x, ckpt, ds, gv, out, used, dx, carries)
 
 
 def backward(x, ckpt, ds, gv, p, interpret, config, compiler_params):

@@ -620,3 +620,36 @@ def test_mosaic_gpu_forward_lowers_for_the_gpu():
   cfg = LifConfig.for_device("NVIDIA H200")
   op_testing.lower_for_gpu(
       lambda x: lif(x, implementation="pallas_mosaic_gpu", config=cfg)[0], x)
+
+
+def test_bwd_replay_fix_up_walk_stops_where_it_meets_the_earlier_walk():
+  """A fix-up walk stops at the first chunk whose outgoing carry equals the one its earlier
+  walk stored there: rows below it are left as they were. Poisoned here to see that they are
+  not rewritten; the top rows are, and equal the reference."""
+  from ops.lif import pallas_triton as pt
+  from ops.lif import pallas_triton_bwd_replay as br
+  p = dict(beta=0.95, threshold=1.0, v_min=-3.0, v_max=3.0, reset="hard", surrogate="atan",
+           alpha=2.0, detach_reset=True)
+  # no replay: segment 1 starts from a zero guess, wrong wherever segment 2 hands over a carry
+  cfg = dataclasses.replace(SMALL, bwd_replay_segment=32, bwd_replay=0, bwd_replay_block_c=32)
+  k = jax.random.split(jax.random.key(11), 3)
+  x = 3.0 * jax.random.normal(k[0], (1, 96, 32), jnp.float32)   # spikes / clamps: forgets fast
+  g = jax.random.normal(k[1], (1, 96, 32), jnp.float32)
+  gv = jax.random.normal(k[2], (1, 32), jnp.float32)
+  v0 = jnp.zeros((1, 32), jnp.float32)
+  cp = pt._compiler_params(1, 1)
+
+  @jax.jit
+  def passes(x, g, gv):
+    _, _, ckpt = pt._forward(x, v0, p, True, True, dataclasses.replace(cfg, bwd_replay=0))
+    dx, out, used, carries = br.first_pass(x, ckpt, g, gv, p, True, cfg, cp)
+    poisoned = dx.at[:, 32:64].set(jnp.nan)
+    return dx, br.fix_up_pass(x, ckpt, g, gv, (poisoned, out, used, carries), p, True, cfg,
+                              cp)[0]
+
+  first, fixed = passes(x, g, gv)
+  want = _grads(_ref, x, v0, g, gv)[0]
+  assert float(jnp.max(jnp.abs(first[:, 62:64] - want[:, 62:64]))) > 1e-3   # needed the fix
+  op_testing.assert_close(fixed[:, 60:64], want[:, 60:64], jnp.float32, grad=True)
+  assert bool(jnp.all(jnp.isnan(fixed[:, 32:48]))), "the walk did not stop early"
+  assert bool(jnp.all(jnp.isfinite(fixed[:, 64:]))) and bool(jnp.all(jnp.isfinite(fixed[:, :32])))
