@@ -20,7 +20,10 @@ identical. So:
           exactly the serial forward's (same f32 steps, ops/lif/steps.py).
   fix-up  otherwise a while loop re-runs, in place, only the channel blocks of segments whose
           start disagrees, now from the previous segment's end, until the check holds. Pass i
-          makes segment i exact, so it ends after at most n_seg - 1 passes.
+          makes segment i exact, so it ends after at most n_seg - 1 passes. A re-run stops
+          at the first chunk whose starting state equals the checkpoint the earlier walk
+          stored there (the trajectories have merged), so a wrong start costs the steps until
+          they merge, not the whole segment; the checkpoints are written in inference too.
 On the bench input (x ~ 1.2 N(0, 1), beta 0.95, hard reset, a 10% spike rate) trajectories
 from 0 and from the true state agree after 5 steps (median; max over a 32-channel block: median
 22, p99 45 in a CPU simulation), yet on the H200 W = 64 still left a few channel-segment
@@ -29,7 +32,8 @@ none. At a 3.6% spike rate
 (x ~ 0.5 N(0, 1)) a third of 32-channel blocks need more than 128 steps. Weak input, subtract
 reset or W = 0 merge later and pay fix-up passes; the result is exact either way. Timings:
 LifConfig's docstring.
-Traffic: x read 1 + W / S times, spikes written once, plus what fix-ups re-run.
+Traffic: x read 1 + W / S times, spikes written once, checkpoints (1 / ckpt_every of an f32
+row per step) written once, plus what fix-ups re-run.
 """
 from __future__ import annotations
 
@@ -49,10 +53,15 @@ def _row(x_ref, b, t, mask, T):
                     other=0).astype(jnp.float32)
 
 
-def _walk(x_ref, b, v, first, n_rows, cmask, *, T, TT, K, p, s_ref=None, ckpt_ref=None):
+def _walk(x_ref, b, v, first, n_rows, cmask, *, T, TT, K, p, s_ref=None, ckpt_ref=None,
+          check=False):
   """Steps rows first .. first + n_rows - 1 of batch row b (n_rows a multiple of TT; rows >= T
   are no-ops) from v, one chunk of TT rows in flight; writes spikes / checkpoints where refs
-  are given."""
+  are given. check=True (a fix-up walk, first a multiple of TT): before each chunk after the
+  first, the state is compared with the checkpoint an earlier walk stored there, and the walk
+  stops where they agree on every channel (the two trajectories have merged: everything from
+  there on is already what this walk would write). Returns (the state after the last step,
+  whether the walk stopped early; then that state is the earlier walk's, not recomputed)."""
 
   n_chunks = n_rows // TT
 
@@ -61,8 +70,20 @@ def _walk(x_ref, b, v, first, n_rows, cmask, *, T, TT, K, p, s_ref=None, ckpt_re
     return tuple(_row(x_ref, b, first + c * TT + i, ok & (first + c * TT + i < T), T)
                  for i in range(TT))
 
-  def body(c, carry):
-    v, xbuf = carry
+  def merged(c, v):  # whether v, the state before chunk c, is what an earlier walk stored
+    s0 = first + c * TT
+    never = c < 0    # a traced False: the Triton lowering yields no literal constants
+    if not check:
+      return never
+    old = plgpu.load(ckpt_ref.at[b, jnp.clip(s0 // K, 0, ckpt_ref.shape[1] - 1), :],
+                     mask=cmask, other=0)
+    return (c < n_chunks) & (s0 < T) & (jnp.max(jnp.where(differs(v, old) & cmask, 1, 0)) == 0)
+
+  def cond(state):
+    return (state[0] < n_chunks) & ~state[3]
+
+  def body(state):
+    c, v, xbuf, _ = state
     nxt = load(c + 1)
     for i in range(TT):
       s = first + c * TT + i
@@ -75,10 +96,11 @@ def _walk(x_ref, b, v, first, n_rows, cmask, *, T, TT, K, p, s_ref=None, ckpt_re
         plgpu.store(s_ref.at[b, jnp.clip(s, 0, T - 1), :],
                     jnp.where(spk, 1.0, 0.0).astype(s_ref.dtype), mask=cmask & valid)
       v = jnp.where(valid, v_new, v)
-    return v, nxt
+    return c + 1, v, nxt, merged(c + 1, v)
 
-  v, _ = lax.fori_loop(0, n_chunks, body, (v, load(0)))
-  return v
+  c0 = jnp.int32(0)
+  _, v, _, stopped = lax.while_loop(cond, body, (c0, v, load(c0), c0 < 0))
+  return v, stopped
 
 
 def differs(a, b):
@@ -86,17 +108,14 @@ def differs(a, b):
   return (a != b) & ~((a != a) & (b != b))
 
 
-def _kernel(x_ref, v0_ref, *refs, B, T, C, BC, S, TT, K, W, n_seg, p, replay, save_ckpt):
+def _kernel(x_ref, v0_ref, *refs, B, T, C, BC, S, TT, K, W, n_seg, p, replay):
   """replay=True: the first pass (starts guessed by replaying W steps). replay=False: a
   fix-up pass; extra inputs end_prev, used_prev [B, n_seg, BC] and the spikes / checkpoints
   it updates in place."""
   if replay:
-    s_ref, end_ref, used_ref, *ck = refs
+    s_ref, end_ref, used_ref, ckpt_ref = refs
   else:
-    end_prev_ref, used_prev_ref, _, *rest = refs
-    rest = rest[1:] if save_ckpt else rest        # the aliased checkpoint input
-    s_ref, end_ref, used_ref, *ck = rest
-  ckpt_ref = ck[0] if save_ckpt else None
+    end_prev_ref, used_prev_ref, _, _, s_ref, end_ref, used_ref, ckpt_ref = refs
   j = pl.program_id(0)
   b = pl.program_id(1) // n_seg
   q = pl.program_id(1) % n_seg
@@ -104,15 +123,16 @@ def _kernel(x_ref, v0_ref, *refs, B, T, C, BC, S, TT, K, W, n_seg, p, replay, sa
   v0 = plgpu.load(v0_ref.at[b, :], mask=cmask, other=0).astype(jnp.float32)
   walk = functools.partial(_walk, x_ref, b, T=T, TT=TT, K=K, p=p)
   out = lambda ref, val: plgpu.store(ref.at[b, q, :], val, mask=cmask)
+  own = lambda v, check: walk(v, q * S, S, cmask, s_ref=s_ref, ckpt_ref=ckpt_ref, check=check)
 
   if replay:
     if W:
-      guess = walk(jnp.zeros((BC,), jnp.float32), q * S - W, W, cmask & (q > 0))
+      guess = walk(jnp.zeros((BC,), jnp.float32), q * S - W, W, cmask & (q > 0))[0]
     else:
       guess = jnp.zeros((BC,), jnp.float32)
     start = jnp.where(q == 0, v0, guess)
     out(used_ref, start)
-    out(end_ref, walk(start, q * S, S, cmask, s_ref=s_ref, ckpt_ref=ckpt_ref))
+    out(end_ref, own(start, False)[0])
     return
 
   prev_end = plgpu.load(end_prev_ref.at[b, jnp.maximum(q - 1, 0), :], mask=cmask, other=0)
@@ -120,14 +140,16 @@ def _kernel(x_ref, v0_ref, *refs, B, T, C, BC, S, TT, K, W, n_seg, p, replay, sa
   used = plgpu.load(used_prev_ref.at[b, q, :], mask=cmask, other=0)
   redo = jnp.max(jnp.where(differs(start, used) & cmask, 1, 0)) > 0
   out(used_ref, start)
+  end_prev = plgpu.load(end_prev_ref.at[b, q, :], mask=cmask, other=0)
 
   @pl.when(redo)
   def _():
-    out(end_ref, walk(start, q * S, S, cmask, s_ref=s_ref, ckpt_ref=ckpt_ref))
+    v, stopped = own(start, True)
+    out(end_ref, jnp.where(stopped, end_prev, v))
 
   @pl.when(~redo)
   def _():
-    out(end_ref, plgpu.load(end_prev_ref.at[b, q, :], mask=cmask, other=0))
+    out(end_ref, end_prev)
 
 
 def consistent(end, used):
@@ -146,37 +168,52 @@ def run(x, v0, p, save_ckpt, interpret, config, compiler_params, max_fixups=None
   """forward's outputs and the number of fix-up passes it ran (int32 scalar). max_fixups
   caps the passes (benchmarks time the first pass alone with 0; the output may then be
   inexact)."""
+  state = first_pass(x, v0, p, interpret, config, compiler_params)
+  (s, end, _, ckpt), n = until_consistent(
+      lambda *st: fix_up_pass(x, v0, st, p, interpret, config, compiler_params), state,
+      lambda s, end, used, ckpt: consistent(end, used), pl.cdiv(x.shape[1], config.segment),
+      max_fixups)
+  return (s, end[:, -1], *((ckpt,) if save_ckpt else ())), n
+
+
+def _call(x, config, compiler_params, interpret, **kw):
   B, T, C = x.shape
   BC, S, TT, K, W = (config.block_c, config.segment, config.segment_chunk, config.ckpt_every,
                      config.segment_replay)
-  n_seg = pl.cdiv(T, S)
-  n_ck = pl.cdiv(T, K)
-  full = pl.BlockSpec((B, T, BC), lambda j, k: (0, 0, j))
-  row = pl.BlockSpec((B, BC), lambda j, k: (0, j))
-  seg = pl.BlockSpec((B, n_seg, BC), lambda j, k: (0, 0, j))
-  ck_spec = pl.BlockSpec((B, n_ck, BC), lambda j, k: (0, 0, j))
+  n_seg, n_ck = pl.cdiv(T, S), pl.cdiv(T, K)
+  sp = dict(full=pl.BlockSpec((B, T, BC), lambda j, k: (0, 0, j)),
+            row=pl.BlockSpec((B, BC), lambda j, k: (0, j)),
+            seg=pl.BlockSpec((B, n_seg, BC), lambda j, k: (0, 0, j)),
+            ck=pl.BlockSpec((B, n_ck, BC), lambda j, k: (0, 0, j)))
   seg_shape = jax.ShapeDtypeStruct((B, n_seg, C), jnp.float32)
-  out_shape = [jax.ShapeDtypeStruct((B, T, C), x.dtype), seg_shape, seg_shape]
-  out_specs = [full, seg, seg]
-  if save_ckpt:
-    out_shape.append(jax.ShapeDtypeStruct((B, n_ck, C), jnp.float32))
-    out_specs.append(ck_spec)
-  kw = dict(B=B, T=T, C=C, BC=BC, S=S, TT=TT, K=K, W=W, n_seg=n_seg, p=p, save_ckpt=save_ckpt)
-  call = functools.partial(pl.pallas_call, out_shape=tuple(out_shape),
-                           grid=(pl.cdiv(C, BC), B * n_seg), out_specs=tuple(out_specs),
-                           interpret=interpret, compiler_params=compiler_params)
-  s, end, used, *ck = call(functools.partial(_kernel, replay=True, **kw),
-                           in_specs=[full, row], name="lif_fwd_segments")(x, v0)
+  # the checkpoints are written in inference too: fix-up walks compare against them
+  call = functools.partial(
+      pl.pallas_call, grid=(pl.cdiv(C, BC), B * n_seg),
+      out_shape=(jax.ShapeDtypeStruct((B, T, C), x.dtype), seg_shape, seg_shape,
+                 jax.ShapeDtypeStruct((B, n_ck, C), jnp.float32)),
+      out_specs=(sp["full"], sp["seg"], sp["seg"], sp["ck"]),
+      interpret=interpret, compiler_params=compiler_params)
+  kernel = functools.partial(_kernel, B=B, T=T, C=C, BC=BC, S=S, TT=TT, K=K, W=W,
+                             n_seg=n_seg, **kw)
+  return call, kernel, sp
 
-  fix = call(functools.partial(_kernel, replay=False, **kw),
-             in_specs=[full, row, seg, seg, full] + ([ck_spec] if save_ckpt else []),
-             # spikes and checkpoints are rewritten in place, only for re-run segments
-             input_output_aliases={4: 0, **({5: 3} if save_ckpt else {})},
-             name="lif_fwd_segments_fixup")
-  (s, end, _, *ck), n = until_consistent(
-      lambda s, end, used, *ck: fix(x, v0, end, used, s, *ck), (s, end, used, *ck),
-      lambda s, end, used, *ck: consistent(end, used), n_seg, max_fixups)
-  return (s, end[:, -1], *ck), n
+
+def first_pass(x, v0, p, interpret, config, compiler_params):
+  """Every segment from its replayed start: (spikes, end, used [B, n_seg, C], checkpoints)."""
+  call, kernel, sp = _call(x, config, compiler_params, interpret, p=p, replay=True)
+  return call(kernel, in_specs=[sp["full"], sp["row"]], name="lif_fwd_segments")(x, v0)
+
+
+def fix_up_pass(x, v0, state, p, interpret, config, compiler_params):
+  """One fix-up pass over first_pass's state (spikes, end, used, checkpoints): the segments
+  whose start disagrees walk again, each until it meets its earlier walk (spikes and
+  checkpoints rewritten in place, only where they change)."""
+  s, end, used, ckpt = state
+  call, kernel, sp = _call(x, config, compiler_params, interpret, p=p, replay=False)
+  return call(kernel, in_specs=[sp["full"], sp["row"], sp["seg"], sp["seg"], sp["full"],
+                                sp["ck"]],
+              input_output_aliases={4: 0, 5: 3},
+              name="lif_fwd_segments_fixup")(x, v0, end, used, s, ckpt)
 
 
 def until_consistent(fix, state, ok, n_seg, max_fixups=None):

@@ -324,6 +324,36 @@ def test_fwd_segments_fix_up_rewrites_the_checkpoints():
   np.testing.assert_array_equal(np.asarray(v_last), np.asarray(v_ser))
 
 
+def test_fwd_segments_fix_up_walk_stops_where_it_meets_the_earlier_walk():
+  """A fix-up walk stops at the first chunk whose starting state equals the checkpoint its
+  earlier walk stored there: the spikes after it are left as they were (poisoned here to see
+  that they are not rewritten); the first chunk is rewritten and exact. In inference too (the
+  checkpoints are kept internally)."""
+  from ops.lif import pallas_triton as pt
+  from ops.lif import pallas_triton_fwd_segments as fs
+  # no replay: segment 1 starts from v = 0 instead of segment 0's end
+  cfg = dataclasses.replace(SMALL, segment=32, segment_replay=0, segment_chunk=4)
+  p = dict(beta=0.95, threshold=1.0, v_min=-3.0, v_max=3.0, reset="hard", surrogate="atan",
+           alpha=2.0, detach_reset=True)
+  k = jax.random.split(jax.random.key(12), 2)
+  x = 3.0 * jax.random.normal(k[0], (1, 96, 32), jnp.float32)   # spikes / clamps: merges fast
+  v0 = 2.0 * jax.random.normal(k[1], (1, 32), jnp.float32)
+  cp = pt._compiler_params(1, 1)
+
+  @jax.jit
+  def passes(x, v0):
+    s, end, used, ck = fs.first_pass(x, v0, p, True, cfg, cp)
+    poisoned = s.at[:, 32:64].set(jnp.nan)
+    return s, fs.fix_up_pass(x, v0, (poisoned, end, used, ck), p, True, cfg, cp)[0]
+
+  first, fixed = passes(x, v0)
+  want = np.asarray(_ref(x, v0)[0])
+  assert not np.array_equal(np.asarray(first[:, 32:36]), want[:, 32:36])   # needed the fix
+  np.testing.assert_array_equal(np.asarray(fixed[:, 32:36]), want[:, 32:36])
+  assert bool(jnp.all(jnp.isnan(fixed[:, 48:64]))), "the walk did not stop early"
+  np.testing.assert_array_equal(np.asarray(fixed[:, :32]), want[:, :32])
+
+
 def test_fwd_segments_idle_fix_up_on_strong_input():
   """Input that spikes often (the bench's) merges within the replay: no fix-up pass runs."""
   cfg = dataclasses.replace(SMALL, segment=64, segment_replay=64, segment_chunk=4)
