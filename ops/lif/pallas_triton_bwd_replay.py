@@ -100,12 +100,13 @@ def _walk_back(x_ref, ckpt_ref, ds_ref, b, dv, lo, n_chunks, cmask, *, T, K, p, 
     never = c < 0        # a traced False: the Triton lowering yields no literal constants
     if carry_ref is None:
       return never
+    real = top(c) < T    # the last segment's chunks past the end of time are no-ops
     at = carry_ref.at[b, jnp.clip(top(c) // K, 0, carry_ref.shape[1] - 1), :]
     same = never
     if check:
       old = plgpu.load(at, mask=cmask, other=0)
-      same = jnp.max(jnp.where(differs(dv, old) & cmask, 1, 0)) == 0
-    plgpu.store(at, dv, mask=cmask)
+      same = real & (jnp.max(jnp.where(differs(dv, old) & cmask, 1, 0)) == 0)
+    plgpu.store(at, dv, mask=cmask & real)
     return same
 
   def cond(state):
