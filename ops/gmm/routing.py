@@ -29,14 +29,54 @@ import jax
 import jax.numpy as jnp
 
 
-def sort_by_group(group_ids, num_groups: int):
-  """group_ids [tokens, top_k] int -> (sort_idx [tokens*top_k] int32, group_sizes [g] int32)."""
+_RANK_BLOCK = 256     # slots per block of the counting sort's within-block rank
+
+
+def sort_by_group(group_ids, num_groups: int, method: str = "counting"):
+  """group_ids [tokens, top_k] int -> (sort_idx [tokens*top_k] int32, group_sizes [g] int32).
+
+  method "counting" (default) places every slot at group start + its rank among the earlier
+  slots of its group, from per-block group counts and a within-block rank (compares and sums
+  XLA fuses; no sort). "argsort" is jnp.argsort(stable=True): on the GPU it ran as XLA's own
+  sort kernel, 0.457 ms of a 14.7 ms UniPool layer at 64k slots (H200, session 15). Both give
+  the same permutation.
+  """
   flat = group_ids.reshape(-1).astype(jnp.int32)
   valid = (flat >= 0) & (flat < num_groups)
   key = jnp.where(valid, flat, num_groups)
-  sort_idx = jnp.argsort(key, stable=True).astype(jnp.int32)
-  group_sizes = jnp.zeros((num_groups,), jnp.int32).at[key].add(1, mode="drop")
-  return sort_idx, group_sizes
+  if method == "argsort":
+    sort_idx = jnp.argsort(key, stable=True).astype(jnp.int32)
+    group_sizes = jnp.zeros((num_groups,), jnp.int32).at[key].add(1, mode="drop")
+    return sort_idx, group_sizes
+  if method != "counting":
+    raise ValueError(f"sort_by_group: method must be 'counting' or 'argsort', got {method!r}")
+  pos, counts = _stable_positions(key, num_groups + 1)
+  sort_idx = jnp.zeros_like(pos).at[pos].set(jnp.arange(pos.shape[0], dtype=jnp.int32),
+                                             unique_indices=True)
+  return sort_idx, counts[:num_groups]
+
+
+def _stable_positions(key, num_keys: int):
+  """key [n] int32 in [0, num_keys) -> (position of each slot in the stable sort by key [n],
+  slots per key [num_keys]), both int32. Position = slots of smaller keys + slots of the same
+  key in earlier blocks + earlier slots of the same key in this block: O(n * (num_keys +
+  _RANK_BLOCK)) compares, all fusable."""
+  n = key.shape[0]
+  blk = min(_RANK_BLOCK, max(n, 1))
+  nb = -(-n // blk)
+  # padding slots take the last key and come after every real slot, so they move nothing
+  kb = jnp.pad(key, (0, nb * blk - n), constant_values=num_keys - 1).reshape(nb, blk)
+  counts = jnp.sum(kb[:, :, None] == jnp.arange(num_keys, dtype=jnp.int32), axis=1,
+                   dtype=jnp.int32)                                     # [nb, num_keys]
+  totals = jnp.sum(counts, axis=0)
+  starts = jnp.cumsum(totals) - totals                                  # [num_keys]
+  before = jnp.cumsum(counts, axis=0) - counts                          # [nb, num_keys]
+  i = jnp.arange(blk, dtype=jnp.int32)
+  earlier = (kb[:, None, :] == kb[:, :, None]) & (i[None, :] < i[:, None])   # [nb, i, j]
+  rank = jnp.sum(earlier, axis=2, dtype=jnp.int32)
+  pos = starts[kb] + jnp.take_along_axis(before, kb, axis=1) + rank
+  last_pad = nb * blk - n
+  return pos.reshape(-1)[:n], totals.at[num_keys - 1].add(-last_pad)
 
 
 @jax.custom_vjp

@@ -432,6 +432,21 @@ def test_sort_by_group_drops_out_of_range():
   np.testing.assert_array_equal(sort_idx[:2], [3, 0])
 
 
+@pytest.mark.parametrize("tokens,groups,top_k", [
+    (0, 3, 1), (1, 1, 1), (7, 3, 1), (13, 5, 2), (255, 4, 1), (257, 9, 2), (1000, 192, 1),
+    (4096, 8, 2), (300, 1, 3)])
+def test_sort_by_group_counting_equals_stable_argsort(tokens, groups, top_k):
+  """The counting sort (the default) gives the stable argsort's permutation and sizes, across
+  block boundaries (256 slots), with out-of-range ids and a single group."""
+  ids = jax.random.randint(jax.random.key(tokens + groups), (tokens, top_k), -2, groups + 2)
+  want = routing.sort_by_group(ids, groups, method="argsort")
+  got = jax.jit(routing.sort_by_group, static_argnums=1)(ids, groups)
+  for a, b in zip(got, want):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with pytest.raises(ValueError, match="method must be"):
+    routing.sort_by_group(ids, groups, method="radix")
+
+
 def test_permute_unpermute_round_trip_is_weighted_sum():
   ids, x, w = _routing_inputs()
   sort_idx, _ = routing.sort_by_group(ids, 5)
