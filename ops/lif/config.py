@@ -35,8 +35,9 @@ B1 T8192 C8192 f32 fwd+bwd, x ~ 1.2 N(0, 1), one process (copy 3614 GB/s): chain
 / 128 x 1 / 128 x 4 / 256 x 2, S 512 W 64 128 x 4 0.803; with prefetch 0.700 (64 x 2) and
 0.607 (128 x 4, 61%). Another process (copy 3411 GB/s): chain 0.985, prefetch S 512 W 64
 0.648 (61%), S 1024 W 128 0.747, plus the segment forward 0.640; at x ~ 0.5 N(0, 1) (3.5%
-spikes) chain 0.982, replay 0.893. Those fix-up passes re-ran whole segments; both segment
-kernels' fix-ups now stop where the new walk meets the earlier one (untimed).
+spikes) chain 0.982, replay 0.893. Those fix-up passes re-ran whole segments; with
+`fixup_merge` both segment kernels' fix-ups stop where the new walk meets the earlier one
+(interpret-tested, not yet compiled on the GPU: off by default).
 Mosaic GPU forward (pallas_mosaic_gpu): one CTA per (batch row, mgpu_block_c channels);
 tiles of mgpu_time_chunk steps x block_c stream through shared memory, mgpu_stages in flight.
 TPU (pallas_tpu): blocks of (tpu_block_t time steps, tpu_block_c channels on lanes); the
@@ -72,6 +73,10 @@ class LifConfig:
   bwd_replay_block_c: int = 128
   bwd_replay_num_warps: int = 4
   bwd_replay_prefetch: bool = True
+  # the segment kernels' fix-up walks (segment forward, replay backward) stop where they meet
+  # the walk before them instead of re-running whole segments (interpret-tested; not yet
+  # compiled on the GPU, so off until it is)
+  fixup_merge: bool = False
   lookback: bool = False    # decoupled look-back instead of the chain; interpret mode only
   tpu_block_c: int = 512
   tpu_block_t: int = 64
@@ -133,8 +138,8 @@ class LifConfig:
       # hard reset (SymbolicLight's), the replay backward on 512-step segments replaying 64
       # steps, 128 channels on 4 warps, rows prefetched one chunk early (H200, session 17,
       # fwd+bwd, same process): 0.648 ms (61% of copy) vs the chain's 0.985 at a 10% spike
-      # rate, 0.893 vs 0.982 at 3.5% (where fix-ups re-ran whole segments; they now stop
-      # where the walks merge, untimed).
+      # rate, 0.893 vs 0.982 at 3.5% (where fix-ups re-run whole segments; fixup_merge stops
+      # them where the walks merge, untimed).
       return LifConfig(block_c=32, time_chunk=64, num_warps=1, ckpt_every=16, bwd_block_c=32,
                        bwd_num_warps=1, bwd_segment=32, bwd_replay=64)
     if "tpu" in kind:

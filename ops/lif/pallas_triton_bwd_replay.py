@@ -21,14 +21,14 @@ walk started from any carry computes bit-identical values. So:
           every carry is the true one.
   fix-up  otherwise a while loop re-runs the segments whose carry disagrees from the right one
           (ops/lif/pallas_triton_fwd_segments.until_consistent), at most n_seg - 1 passes.
-          Each walk stores the carry leaving every chunk; a re-run stops at the first chunk
-          whose carry equals the stored one (the two walks have merged, so everything below
+          With config.fixup_merge each walk stores the carry leaving every chunk, and a
+          re-run stops at the first chunk whose carry equals the stored one (the two walks have merged, so everything below
           is already right), so a wrong start costs the steps until the carries merge, not
           the whole segment.
 With a subtract reset or detach_reset=False, A_t is rarely 0 and nearly every segment would be
 re-run n_seg times, so those use the chained kernel. Traffic: x and ds read 1 + W / S times,
-dx written once, the chunk carries (1 / ckpt_every of a row per step) written once, plus
-what fix-ups re-run.
+dx written once, the chunk carries (fixup_merge: 1 / ckpt_every of a row per step) written
+once, plus what fix-ups re-run.
 """
 from __future__ import annotations
 
@@ -109,6 +109,14 @@ def _walk_back(x_ref, ckpt_ref, ds_ref, b, dv, lo, n_chunks, cmask, *, T, K, p, 
     plgpu.store(at, dv, mask=cmask & real)
     return same
 
+  c0 = jnp.int32(0)
+  if carry_ref is None:  # a fixed trip count (the loop the GPU runs have timed)
+    if not prefetch:
+      return lax.fori_loop(0, n_chunks, lambda c, dv: chunk(c, dv, load(c)), dv), c0 < 0
+    dv, _ = lax.fori_loop(0, n_chunks, lambda c, st: (chunk(c, st[0], st[1]), load(c + 1)),
+                          (dv, load(c0)))
+    return dv, c0 < 0
+
   def cond(state):
     return (state[0] < n_chunks) & ~state[2]
 
@@ -118,19 +126,21 @@ def _walk_back(x_ref, ckpt_ref, ds_ref, b, dv, lo, n_chunks, cmask, *, T, K, p, 
     dv = chunk(c, dv, held[0] if prefetch else load(c))
     return (c + 1, dv, record(c, dv)) + nxt
 
-  init = (jnp.int32(0), dv, jnp.bool_(False)) + ((load(jnp.int32(0)),) if prefetch else ())
+  init = (c0, dv, c0 < 0) + ((load(c0),) if prefetch else ())
   _, dv, stopped, *_ = lax.while_loop(cond, body, init)
   return dv, stopped
 
 
 def _kernel(x_ref, ckpt_ref, ds_ref, gv_ref, *refs, T, C, BC, S, K, W, n_seg, p, replay,
-            prefetch):
+            prefetch, merge):
   """replay=True: the first pass. replay=False: a fix-up pass; extra inputs out_prev,
-  used_prev [B, n_seg, BC], dx and the chunk carries, the last two updated in place."""
+  used_prev [B, n_seg, BC], dx and the chunk carries, the last two updated in place.
+  merge=False: the chunk carries are neither written nor read (fix-ups walk whole segments)."""
   if replay:
     dx_ref, out_ref, used_ref, carry_ref = refs
   else:
     out_prev_ref, used_prev_ref, _, _, dx_ref, out_ref, used_ref, carry_ref = refs
+  carry_ref = carry_ref if merge else None
   j = pl.program_id(0)
   b = pl.program_id(1) // n_seg
   q = pl.program_id(1) % n_seg
@@ -204,7 +214,8 @@ def _call(x, config, compiler_params, interpret, **kw):
                  jax.ShapeDtypeStruct((B, n_ck, C), jnp.float32)),
       interpret=interpret, compiler_params=compiler_params)
   kernel = functools.partial(_kernel, T=T, C=C, BC=BC, S=S, K=K, W=W, n_seg=n_seg,
-                             prefetch=config.bwd_replay_prefetch, **kw)
+                             prefetch=config.bwd_replay_prefetch, merge=config.fixup_merge,
+                             **kw)
   return call, kernel, specs
 
 
@@ -218,8 +229,8 @@ def first_pass(x, ckpt, ds, gv, p, interpret, config, compiler_params):
 
 def fix_up_pass(x, ckpt, ds, gv, state, p, interpret, config, compiler_params):
   """One fix-up pass over first_pass's state (dx, out, used, carries): the segments whose
-  carry disagrees walk again, each until it meets its earlier walk (dx and the carries
-  rewritten in place, only where they change)."""
+  carry disagrees walk again, to the segment's start or (config.fixup_merge) until they meet
+  their earlier walk (dx and the carries rewritten in place)."""
   dx, out, used, carries = state
   call, kernel, sp = _call(x, config, compiler_params, interpret, p=p, replay=False)
   return call(kernel, in_specs=[sp["full"], sp["ck"], sp["full"], sp["row"], sp["seg"],

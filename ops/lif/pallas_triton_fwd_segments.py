@@ -20,10 +20,11 @@ identical. So:
           exactly the serial forward's (same f32 steps, ops/lif/steps.py).
   fix-up  otherwise a while loop re-runs, in place, only the channel blocks of segments whose
           start disagrees, now from the previous segment's end, until the check holds. Pass i
-          makes segment i exact, so it ends after at most n_seg - 1 passes. A re-run stops
-          at the first chunk whose starting state equals the checkpoint the earlier walk
-          stored there (the trajectories have merged), so a wrong start costs the steps until
-          they merge, not the whole segment; the checkpoints are written in inference too.
+          makes segment i exact, so it ends after at most n_seg - 1 passes. With
+          config.fixup_merge a re-run stops at the first chunk whose starting state equals
+          the checkpoint the earlier walk stored there (the trajectories have merged), so a
+          wrong start costs the steps until they merge, not the whole segment; the
+          checkpoints are then written in inference too.
 On the bench input (x ~ 1.2 N(0, 1), beta 0.95, hard reset, a 10% spike rate) trajectories
 from 0 and from the true state agree after 5 steps (median; max over a 32-channel block: median
 22, p99 45 in a CPU simulation), yet on the H200 W = 64 still left a few channel-segment
@@ -33,7 +34,7 @@ none. At a 3.6% spike rate
 reset or W = 0 merge later and pay fix-up passes; the result is exact either way. Timings:
 LifConfig's docstring.
 Traffic: x read 1 + W / S times, spikes written once, checkpoints (1 / ckpt_every of an f32
-row per step) written once, plus what fix-ups re-run.
+row per step) written once when kept, plus what fix-ups re-run.
 """
 from __future__ import annotations
 
@@ -79,11 +80,7 @@ def _walk(x_ref, b, v, first, n_rows, cmask, *, T, TT, K, p, s_ref=None, ckpt_re
                      mask=cmask, other=0)
     return (c < n_chunks) & (s0 < T) & (jnp.max(jnp.where(differs(v, old) & cmask, 1, 0)) == 0)
 
-  def cond(state):
-    return (state[0] < n_chunks) & ~state[3]
-
-  def body(state):
-    c, v, xbuf, _ = state
+  def steps(c, v, xbuf):
     nxt = load(c + 1)
     for i in range(TT):
       s = first + c * TT + i
@@ -96,9 +93,21 @@ def _walk(x_ref, b, v, first, n_rows, cmask, *, T, TT, K, p, s_ref=None, ckpt_re
         plgpu.store(s_ref.at[b, jnp.clip(s, 0, T - 1), :],
                     jnp.where(spk, 1.0, 0.0).astype(s_ref.dtype), mask=cmask & valid)
       v = jnp.where(valid, v_new, v)
-    return c + 1, v, nxt, merged(c + 1, v)
+    return v, nxt
 
   c0 = jnp.int32(0)
+  if not check:          # a fixed trip count (the loop the GPU runs have timed)
+    v, _ = lax.fori_loop(0, n_chunks, lambda c, st: steps(c, *st), (v, load(c0)))
+    return v, c0 < 0
+
+  def cond(state):
+    return (state[0] < n_chunks) & ~state[3]
+
+  def body(state):
+    c, v, xbuf, _ = state
+    v, nxt = steps(c, v, xbuf)
+    return c + 1, v, nxt, merged(c + 1, v)
+
   _, v, _, stopped = lax.while_loop(cond, body, (c0, v, load(c0), c0 < 0))
   return v, stopped
 
@@ -108,14 +117,17 @@ def differs(a, b):
   return (a != b) & ~((a != a) & (b != b))
 
 
-def _kernel(x_ref, v0_ref, *refs, B, T, C, BC, S, TT, K, W, n_seg, p, replay):
+def _kernel(x_ref, v0_ref, *refs, B, T, C, BC, S, TT, K, W, n_seg, p, replay, save_ckpt,
+            merge):
   """replay=True: the first pass (starts guessed by replaying W steps). replay=False: a
   fix-up pass; extra inputs end_prev, used_prev [B, n_seg, BC] and the spikes / checkpoints
-  it updates in place."""
+  it updates in place. The checkpoints are written when the caller wants them or fix-ups
+  compare against them (merge); else not at all."""
   if replay:
     s_ref, end_ref, used_ref, ckpt_ref = refs
   else:
     end_prev_ref, used_prev_ref, _, _, s_ref, end_ref, used_ref, ckpt_ref = refs
+  ckpt_ref = ckpt_ref if save_ckpt or merge else None
   j = pl.program_id(0)
   b = pl.program_id(1) // n_seg
   q = pl.program_id(1) % n_seg
@@ -123,7 +135,8 @@ def _kernel(x_ref, v0_ref, *refs, B, T, C, BC, S, TT, K, W, n_seg, p, replay):
   v0 = plgpu.load(v0_ref.at[b, :], mask=cmask, other=0).astype(jnp.float32)
   walk = functools.partial(_walk, x_ref, b, T=T, TT=TT, K=K, p=p)
   out = lambda ref, val: plgpu.store(ref.at[b, q, :], val, mask=cmask)
-  own = lambda v, check: walk(v, q * S, S, cmask, s_ref=s_ref, ckpt_ref=ckpt_ref, check=check)
+  own = lambda v, check: walk(v, q * S, S, cmask, s_ref=s_ref, ckpt_ref=ckpt_ref,
+                             check=check and merge)
 
   if replay:
     if W:
@@ -168,9 +181,10 @@ def run(x, v0, p, save_ckpt, interpret, config, compiler_params, max_fixups=None
   """forward's outputs and the number of fix-up passes it ran (int32 scalar). max_fixups
   caps the passes (benchmarks time the first pass alone with 0; the output may then be
   inexact)."""
-  state = first_pass(x, v0, p, interpret, config, compiler_params)
+  state = first_pass(x, v0, p, save_ckpt, interpret, config, compiler_params)
   (s, end, _, ckpt), n = until_consistent(
-      lambda *st: fix_up_pass(x, v0, st, p, interpret, config, compiler_params), state,
+      lambda *st: fix_up_pass(x, v0, st, p, save_ckpt, interpret, config, compiler_params),
+      state,
       lambda s, end, used, ckpt: consistent(end, used), pl.cdiv(x.shape[1], config.segment),
       max_fixups)
   return (s, end[:, -1], *((ckpt,) if save_ckpt else ())), n
@@ -186,7 +200,7 @@ def _call(x, config, compiler_params, interpret, **kw):
             seg=pl.BlockSpec((B, n_seg, BC), lambda j, k: (0, 0, j)),
             ck=pl.BlockSpec((B, n_ck, BC), lambda j, k: (0, 0, j)))
   seg_shape = jax.ShapeDtypeStruct((B, n_seg, C), jnp.float32)
-  # the checkpoints are written in inference too: fix-up walks compare against them
+  # the checkpoints are an output in inference too (written there only for fixup_merge)
   call = functools.partial(
       pl.pallas_call, grid=(pl.cdiv(C, BC), B * n_seg),
       out_shape=(jax.ShapeDtypeStruct((B, T, C), x.dtype), seg_shape, seg_shape,
@@ -194,22 +208,24 @@ def _call(x, config, compiler_params, interpret, **kw):
       out_specs=(sp["full"], sp["seg"], sp["seg"], sp["ck"]),
       interpret=interpret, compiler_params=compiler_params)
   kernel = functools.partial(_kernel, B=B, T=T, C=C, BC=BC, S=S, TT=TT, K=K, W=W,
-                             n_seg=n_seg, **kw)
+                             n_seg=n_seg, merge=config.fixup_merge, **kw)
   return call, kernel, sp
 
 
-def first_pass(x, v0, p, interpret, config, compiler_params):
+def first_pass(x, v0, p, save_ckpt, interpret, config, compiler_params):
   """Every segment from its replayed start: (spikes, end, used [B, n_seg, C], checkpoints)."""
-  call, kernel, sp = _call(x, config, compiler_params, interpret, p=p, replay=True)
+  call, kernel, sp = _call(x, config, compiler_params, interpret, p=p, replay=True,
+                           save_ckpt=save_ckpt)
   return call(kernel, in_specs=[sp["full"], sp["row"]], name="lif_fwd_segments")(x, v0)
 
 
-def fix_up_pass(x, v0, state, p, interpret, config, compiler_params):
+def fix_up_pass(x, v0, state, p, save_ckpt, interpret, config, compiler_params):
   """One fix-up pass over first_pass's state (spikes, end, used, checkpoints): the segments
-  whose start disagrees walk again, each until it meets its earlier walk (spikes and
-  checkpoints rewritten in place, only where they change)."""
+  whose start disagrees walk again, to the segment's end or (config.fixup_merge) until it
+  meets its earlier walk (spikes and checkpoints rewritten in place)."""
   s, end, used, ckpt = state
-  call, kernel, sp = _call(x, config, compiler_params, interpret, p=p, replay=False)
+  call, kernel, sp = _call(x, config, compiler_params, interpret, p=p, replay=False,
+                           save_ckpt=save_ckpt)
   return call(kernel, in_specs=[sp["full"], sp["row"], sp["seg"], sp["seg"], sp["full"],
                                 sp["ck"]],
               input_output_aliases={4: 0, 5: 3},

@@ -272,6 +272,10 @@ class TestLifTritonFwdSegmentsInterpret(LifTestBase):
   CONFIG = dataclasses.replace(SMALL, segment=8, segment_replay=4, segment_chunk=4)
 
 
+class TestLifTritonFwdSegmentsMergeInterpret(TestLifTritonFwdSegmentsInterpret):
+  CONFIG = dataclasses.replace(TestLifTritonFwdSegmentsInterpret.CONFIG, fixup_merge=True)
+
+
 def _fwd_segments(x, v0, cfg, **kw):
   """(spikes, v_last, fix-up passes run) of the segment forward, interpret mode."""
   from ops.lif import pallas_triton_fwd_segments as fs
@@ -290,9 +294,11 @@ def _fwd_segments(x, v0, cfg, **kw):
     (4, 1.2, "subtract", None),    # subtract reset does not forget the state at a spike
     (8, 1.2, "hard", None),
 ])
-def test_fwd_segments_fix_up_is_exact(replay, scale, reset, fixed_up):
+@pytest.mark.parametrize("merge", [False, True])
+def test_fwd_segments_fix_up_is_exact(replay, scale, reset, fixed_up, merge):
   """Wherever the replayed guesses are wrong the fix-up passes make the output exact."""
-  cfg = dataclasses.replace(SMALL, segment=8, segment_replay=replay, segment_chunk=4)
+  cfg = dataclasses.replace(SMALL, segment=8, segment_replay=replay, segment_chunk=4,
+                            fixup_merge=merge)
   k = jax.random.split(jax.random.key(5), 2)
   x = scale * jax.random.normal(k[0], (2, 61, 72), jnp.float32)
   v0 = 2.0 * jax.random.normal(k[1], (2, 72), jnp.float32)
@@ -305,11 +311,13 @@ def test_fwd_segments_fix_up_is_exact(replay, scale, reset, fixed_up):
     assert passes > 0, "the first pass was already exact: the case does not test the fix-up"
 
 
-def test_fwd_segments_fix_up_rewrites_the_checkpoints():
+@pytest.mark.parametrize("merge", [False, True])
+def test_fwd_segments_fix_up_rewrites_the_checkpoints(merge):
   """The checkpoints the backward reads equal the serial forward's after fix-up passes."""
   from ops.lif import pallas_triton as pt
   from ops.lif import pallas_triton_fwd_segments as fs
-  cfg = dataclasses.replace(SMALL, segment=8, segment_replay=0, segment_chunk=4)
+  cfg = dataclasses.replace(SMALL, segment=8, segment_replay=0, segment_chunk=4,
+                            fixup_merge=merge)
   p = dict(beta=0.95, threshold=1.0, v_min=-3.0, v_max=3.0, reset="hard", surrogate="atan",
            alpha=2.0, detach_reset=True)
   k = jax.random.split(jax.random.key(9), 2)
@@ -332,7 +340,8 @@ def test_fwd_segments_fix_up_walk_stops_where_it_meets_the_earlier_walk():
   from ops.lif import pallas_triton as pt
   from ops.lif import pallas_triton_fwd_segments as fs
   # no replay: segment 1 starts from v = 0 instead of segment 0's end
-  cfg = dataclasses.replace(SMALL, segment=32, segment_replay=0, segment_chunk=4)
+  cfg = dataclasses.replace(SMALL, segment=32, segment_replay=0, segment_chunk=4,
+                            fixup_merge=True)
   p = dict(beta=0.95, threshold=1.0, v_min=-3.0, v_max=3.0, reset="hard", surrogate="atan",
            alpha=2.0, detach_reset=True)
   k = jax.random.split(jax.random.key(12), 2)
@@ -342,9 +351,9 @@ def test_fwd_segments_fix_up_walk_stops_where_it_meets_the_earlier_walk():
 
   @jax.jit
   def passes(x, v0):
-    s, end, used, ck = fs.first_pass(x, v0, p, True, cfg, cp)
+    s, end, used, ck = fs.first_pass(x, v0, p, False, True, cfg, cp)
     poisoned = s.at[:, 32:64].set(jnp.nan)
-    return s, fs.fix_up_pass(x, v0, (poisoned, end, used, ck), p, True, cfg, cp)[0]
+    return s, fs.fix_up_pass(x, v0, (poisoned, end, used, ck), p, False, True, cfg, cp)[0]
 
   first, fixed = passes(x, v0)
   want = np.asarray(_ref(x, v0)[0])
@@ -376,10 +385,11 @@ def test_fwd_segment_config_is_checked():
   LifConfig(ckpt_every=4, time_chunk=24)    # the replay length is only checked when used
 
 
-def test_fwd_segments_lower_for_the_gpu():
+@pytest.mark.parametrize("merge", [False, True])
+def test_fwd_segments_lower_for_the_gpu(merge):
   """Triton IR of the segment forward and its fix-up pass at the device tiles."""
-  text = _fwd_bwd_ir(dataclasses.replace(LifConfig.for_device("NVIDIA H200"), segment=256),
-                     (1, 1000, 96))
+  text = _fwd_bwd_ir(dataclasses.replace(LifConfig.for_device("NVIDIA H200"), segment=256,
+                                         fixup_merge=merge), (1, 1000, 96))
   assert "lif_fwd_segments" in text and "lif_fwd_segments_fixup" in text
 
 
@@ -397,6 +407,10 @@ class TestLifTritonBwdReplayInterpret(LifTestBase):
 
 class TestLifTritonBwdReplayNoPrefetchInterpret(TestLifTritonBwdReplayInterpret):
   CONFIG = dataclasses.replace(TestLifTritonBwdReplayInterpret.CONFIG, bwd_replay_prefetch=False)
+
+
+class TestLifTritonBwdReplayMergeInterpret(TestLifTritonBwdReplayInterpret):
+  CONFIG = dataclasses.replace(TestLifTritonBwdReplayInterpret.CONFIG, fixup_merge=True)
 
 
 def _bwd_replay(x, v0, g, gv, cfg, max_fixups=None):
@@ -422,9 +436,11 @@ def _bwd_replay(x, v0, g, gv, cfg, max_fixups=None):
     (4, 0.3, True, False),      # the same, each chunk's rows loaded when it is walked
     (8, 1.2, None, True),
 ])
-def test_bwd_replay_fix_up_matches_the_reference(replay, scale, fixed_up, prefetch):
+@pytest.mark.parametrize("merge", [False, True])
+def test_bwd_replay_fix_up_matches_the_reference(replay, scale, fixed_up, prefetch, merge):
   cfg = dataclasses.replace(SMALL, bwd_replay_segment=8, bwd_replay=replay,
-                            bwd_replay_block_c=32, bwd_replay_prefetch=prefetch)
+                            bwd_replay_block_c=32, bwd_replay_prefetch=prefetch,
+                            fixup_merge=merge)
   k = jax.random.split(jax.random.key(7), 4)
   x = scale * jax.random.normal(k[0], (2, 61, 72), jnp.float32)
   v0 = jax.random.normal(k[1], (2, 72), jnp.float32)
@@ -468,9 +484,11 @@ def test_bwd_replay_config_is_checked():
   LifConfig(bwd_replay_segment=1024, bwd_replay=128)   # walked in chunks: past 256 is fine
 
 
-def test_bwd_replay_lowers_for_the_gpu():
+@pytest.mark.parametrize("merge", [False, True])
+def test_bwd_replay_lowers_for_the_gpu(merge):
   text = _fwd_bwd_ir(dataclasses.replace(LifConfig.for_device("NVIDIA H200"),
-                                         bwd_replay_segment=512, bwd_replay=128), (1, 1000, 96))
+                                         bwd_replay_segment=512, bwd_replay=128,
+                                         fixup_merge=merge), (1, 1000, 96))
   assert "lif_bwd_replay" in text and "lif_bwd_replay_fixup" in text
 
 
@@ -495,6 +513,14 @@ class TestLifTritonBwdReplayGpu(TestLifTritonGpu):
 
 
 @pytest.mark.gpu
+class TestLifTritonBwdReplayMergeGpu(TestLifTritonBwdReplayGpu):
+  CONFIG = dataclasses.replace(TestLifTritonBwdReplayGpu.CONFIG, fixup_merge=True)
+
+  def test_large_replay(self):
+    _check_large(dataclasses.replace(LifConfig.for_device("NVIDIA H200"), fixup_merge=True))
+
+
+@pytest.mark.gpu
 class TestLifTritonBwdReplayNoPrefetchGpu(TestLifTritonBwdReplayGpu):
   CONFIG = dataclasses.replace(TestLifTritonBwdReplayGpu.CONFIG, bwd_replay_prefetch=False)
 
@@ -512,6 +538,15 @@ class TestLifTritonFwdSegmentsGpu(TestLifTritonGpu):
   def test_large_segments(self):
     _check_large(dataclasses.replace(LifConfig.for_device("NVIDIA H200"), segment=256),
                  spikes=True)
+
+
+@pytest.mark.gpu
+class TestLifTritonFwdSegmentsMergeGpu(TestLifTritonFwdSegmentsGpu):
+  CONFIG = dataclasses.replace(TestLifTritonFwdSegmentsGpu.CONFIG, fixup_merge=True)
+
+  def test_large_segments(self):
+    _check_large(dataclasses.replace(LifConfig.for_device("NVIDIA H200"), segment=256,
+                                     fixup_merge=True), spikes=True)
 
 
 def test_reference_surrogates():
@@ -661,7 +696,8 @@ def test_bwd_replay_fix_up_walk_stops_where_it_meets_the_earlier_walk():
   p = dict(beta=0.95, threshold=1.0, v_min=-3.0, v_max=3.0, reset="hard", surrogate="atan",
            alpha=2.0, detach_reset=True)
   # no replay: segment 1 starts from a zero guess, wrong wherever segment 2 hands over a carry
-  cfg = dataclasses.replace(SMALL, bwd_replay_segment=32, bwd_replay=0, bwd_replay_block_c=32)
+  cfg = dataclasses.replace(SMALL, bwd_replay_segment=32, bwd_replay=0, bwd_replay_block_c=32,
+                            fixup_merge=True)
   k = jax.random.split(jax.random.key(11), 3)
   x = 3.0 * jax.random.normal(k[0], (1, 96, 32), jnp.float32)   # spikes / clamps: forgets fast
   g = jax.random.normal(k[1], (1, 96, 32), jnp.float32)
