@@ -40,7 +40,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from ops.lif.pallas_triton_fwd_segments import differs, until_consistent
+from ops.lif.pallas_triton_fwd_segments import agree, differs, until_consistent
 from ops.lif.steps import step_backward, step_forward
 
 
@@ -105,7 +105,7 @@ def _walk_back(x_ref, ckpt_ref, ds_ref, b, dv, lo, n_chunks, cmask, *, T, K, p, 
     same = never
     if check:
       old = plgpu.load(at, mask=cmask, other=0)
-      same = real & (jnp.max(jnp.where(differs(dv, old) & cmask, 1, 0)) == 0)
+      same = real & agree(dv, old, cmask)
     plgpu.store(at, dv, mask=cmask & real)
     return same
 
@@ -166,7 +166,7 @@ def _kernel(x_ref, ckpt_ref, ds_ref, gv_ref, *refs, T, C, BC, S, K, W, n_seg, p,
   nxt = plgpu.load(out_prev_ref.at[b, jnp.minimum(q + 1, n_seg - 1), :], mask=cmask, other=0)
   start = jnp.where(last, gv, nxt)
   used = plgpu.load(used_prev_ref.at[b, q, :], mask=cmask, other=0)
-  redo = jnp.max(jnp.where(differs(start, used) & cmask, 1, 0)) > 0
+  redo = ~agree(start, used, cmask)
   store(used_ref, start)
   out_prev = plgpu.load(out_prev_ref.at[b, q, :], mask=cmask, other=0)
 

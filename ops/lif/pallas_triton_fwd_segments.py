@@ -78,7 +78,7 @@ def _walk(x_ref, b, v, first, n_rows, cmask, *, T, TT, K, p, s_ref=None, ckpt_re
       return never
     old = plgpu.load(ckpt_ref.at[b, jnp.clip(s0 // K, 0, ckpt_ref.shape[1] - 1), :],
                      mask=cmask, other=0)
-    return (c < n_chunks) & (s0 < T) & (jnp.max(jnp.where(differs(v, old) & cmask, 1, 0)) == 0)
+    return (c < n_chunks) & (s0 < T) & agree(v, old, cmask)
 
   def steps(c, v, xbuf):
     nxt = load(c + 1)
@@ -117,6 +117,11 @@ def differs(a, b):
   return (a != b) & ~((a != a) & (b != b))
 
 
+def agree(a, b, cmask):
+  """In a kernel: whether a and b [BC] agree on every channel of cmask (a scalar bool)."""
+  return jnp.max(jnp.where(differs(a, b) & cmask, 1, 0)) == 0
+
+
 def _kernel(x_ref, v0_ref, *refs, B, T, C, BC, S, TT, K, W, n_seg, p, replay, save_ckpt,
             merge):
   """replay=True: the first pass (starts guessed by replaying W steps). replay=False: a
@@ -151,7 +156,7 @@ def _kernel(x_ref, v0_ref, *refs, B, T, C, BC, S, TT, K, W, n_seg, p, replay, sa
   prev_end = plgpu.load(end_prev_ref.at[b, jnp.maximum(q - 1, 0), :], mask=cmask, other=0)
   start = jnp.where(q == 0, v0, prev_end)
   used = plgpu.load(used_prev_ref.at[b, q, :], mask=cmask, other=0)
-  redo = jnp.max(jnp.where(differs(start, used) & cmask, 1, 0)) > 0
+  redo = ~agree(start, used, cmask)
   out(used_ref, start)
   end_prev = plgpu.load(end_prev_ref.at[b, q, :], mask=cmask, other=0)
 
