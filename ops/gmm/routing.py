@@ -51,9 +51,7 @@ def sort_by_group(group_ids, num_groups: int, method: str = "counting"):
   if method != "counting":
     raise ValueError(f"sort_by_group: method must be 'counting' or 'argsort', got {method!r}")
   pos, counts = _stable_positions(key, num_groups + 1)
-  sort_idx = jnp.zeros_like(pos).at[pos].set(jnp.arange(pos.shape[0], dtype=jnp.int32),
-                                             unique_indices=True)
-  return sort_idx, counts[:num_groups]
+  return inverse_permutation(pos), counts[:num_groups]    # slot -> position, inverted
 
 
 def _stable_positions(key, num_keys: int):
