@@ -33,9 +33,11 @@ SWEEP_BUDGET_S = 30.0
 # The forward in time segments on 128-channel programs (ops/lif/pallas_triton_fwd_segments.py):
 # faster on the bench input, slower where spikes are rare (LifConfig's docstring); and the
 # chained backward instead of the (default) replayed-carry one, and the replay without its
-# chunk prefetch (ops/lif/pallas_triton_bwd_replay.py).
+# chunk prefetch (ops/lif/pallas_triton_bwd_replay.py), and the replay on session 17's tiles
+# (128 channels on 4 warps, 16-step chunks).
 VARIANTS = [dict(bwd_replay=0, bwd_segment=0), dict(bwd_replay=0, bwd_segment=64),
             dict(bwd_replay=0), dict(bwd_replay_prefetch=False),
+            dict(bwd_replay_num_warps=4, ckpt_every=16),
             dict(segment=1024, block_c=128)]
 
 

@@ -36,8 +36,13 @@ B1 T8192 C8192 f32 fwd+bwd, x ~ 1.2 N(0, 1), one process (copy 3614 GB/s): chain
 0.607 (128 x 4, 61%). Another process (copy 3411 GB/s): chain 0.985, prefetch S 512 W 64
 0.648 (61%), S 1024 W 128 0.747, plus the segment forward 0.640; at x ~ 0.5 N(0, 1) (3.5%
 spikes) chain 0.982, replay 0.893. Those fix-up passes re-ran whole segments; with
-`fixup_merge` both segment kernels' fix-ups stop where the new walk meets the earlier one
-(interpret-tested, not yet compiled on the GPU: off by default).
+`fixup_merge` both segment kernels' fix-ups stop where the new walk meets the earlier one.
+Session 18 (H200): the segment forward's merge walk compiles (S 1024 W 128, 128 ch x 1 warp,
+forward only: 0.256 / 0.287 ms at 10% / 3.5% spikes vs 0.221 / 0.360 without it; the serial
+default 0.235 / 0.236); the replay backward's, on prefetched rows, segfaulted the Triton
+compiler, so lif refuses that combination (without prefetch: untried). Off by default.
+Session 18 also moved the replay to 128 channels on 1 warp (4 a thread) with 8-step chunks
+(for_device has the numbers).
 Mosaic GPU forward (pallas_mosaic_gpu): one CTA per (batch row, mgpu_block_c channels);
 tiles of mgpu_time_chunk steps x block_c stream through shared memory, mgpu_stages in flight.
 TPU (pallas_tpu): blocks of (tpu_block_t time steps, tpu_block_c channels on lanes); the
@@ -139,9 +144,14 @@ class LifConfig:
       # steps, 128 channels on 4 warps, rows prefetched one chunk early (H200, session 17,
       # fwd+bwd, same process): 0.648 ms (61% of copy) vs the chain's 0.985 at a 10% spike
       # rate, 0.893 vs 0.982 at 3.5% (where fix-ups re-run whole segments; fixup_merge stops
-      # them where the walks merge, untimed).
-      return LifConfig(block_c=32, time_chunk=64, num_warps=1, ckpt_every=16, bwd_block_c=32,
-                       bwd_num_warps=1, bwd_segment=32, bwd_replay=64)
+      # them where the walks merge, untimed). Session 18: 4 channels a thread (128 on 1 warp)
+      # with 8-step chunks (ckpt_every 8, so the prefetched rows fit in registers), three
+      # processes: 0.648 / 0.669 ms vs 0.689 / 0.684 at 10%, 0.880 / 0.896 vs 0.949 / 0.957 at
+      # 3.5%; SymbolicLight's B32 T1024 C4096 bf16: 0.600 ms (65% of copy) vs 0.663 (59%),
+      # the chain 0.812 (48%). 128 on 1 warp with 16-step chunks: 0.799 (slower).
+      return LifConfig(block_c=32, time_chunk=64, num_warps=1, ckpt_every=8, bwd_block_c=32,
+                       bwd_num_warps=1, bwd_segment=32, bwd_replay=64, bwd_replay_block_c=128,
+                       bwd_replay_num_warps=1)
     if "tpu" in kind:
       return LifConfig(tpu_block_c=512, tpu_block_t=64)
     return LifConfig()

@@ -192,4 +192,13 @@ def lif(x, v0, *, params, interpret, config):
     # Triton compiler (the chained hand-off compiles and runs). Interpret mode only, for now.
     raise UnsupportedError("LifConfig.lookback: the look-back backward crashes the Triton "
                            "compiler (jax 0.11.2); interpret mode only")
+  p = dict(params)
+  if (config.fixup_merge and config.bwd_replay and config.bwd_replay_prefetch
+      and pallas_triton_bwd_replay.applies(p) and not interpret):
+    # H200, jax 0.11.2 (session 18): compiling the replay backward's merge-stop walk with
+    # prefetched rows segfaulted in the Triton compiler (twice); the segment forward's merge
+    # walk compiles and runs. Without prefetch it is untried on the GPU.
+    raise UnsupportedError("LifConfig.fixup_merge with the prefetched replay backward crashes "
+                           "the Triton compiler (jax 0.11.2): set bwd_replay_prefetch=False, "
+                           "bwd_replay=0 or fixup_merge=False")
   return _lif(x, v0, params, interpret, config)
