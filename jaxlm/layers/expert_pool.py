@@ -23,6 +23,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 import ops.gmm
 from jaxlm import sharding
@@ -30,6 +31,8 @@ from jaxlm.config import ModelConfig
 from jaxlm.layers.mlp import out_proj_std
 from jaxlm.layers.params import param
 
+# checkpoint_name of the experts' grouped-matmul outputs
+EXPERT_DOTS = "expert_dots"
 
 
 class ExpertPool(nnx.Module):
@@ -73,10 +76,15 @@ def swiglu_grouped(xs, group_sizes, w_gate, w_up, w_down, implementation=None, a
                        implementation)
     return ops.gmm.unpad_rows(y, src, dest)
   dt = xs.dtype
-  g = ops.gmm.gmm(xs, w_gate.astype(dt), group_sizes, implementation=implementation)
-  u = ops.gmm.gmm(xs, w_up.astype(dt), group_sizes, implementation=implementation)
+  # Named for the remat policies (jaxlm/models/stacking.py): a Pallas grouped matmul is not a
+  # dot_general, so checkpoint_dots alone would run all three again in the backward.
+  g = checkpoint_name(ops.gmm.gmm(xs, w_gate.astype(dt), group_sizes,
+                                  implementation=implementation), EXPERT_DOTS)
+  u = checkpoint_name(ops.gmm.gmm(xs, w_up.astype(dt), group_sizes,
+                                  implementation=implementation), EXPERT_DOTS)
   h = (jax.nn.silu(g.astype(jnp.float32)) * u.astype(jnp.float32)).astype(dt)
-  return ops.gmm.gmm(h, w_down.astype(dt), group_sizes, implementation=implementation)
+  return checkpoint_name(ops.gmm.gmm(h, w_down.astype(dt), group_sizes,
+                                     implementation=implementation), EXPERT_DOTS)
 
 
 def ffn_ids(ids, n_ffn: int):

@@ -22,8 +22,12 @@ REMAT_POLICIES = {
     # matmul outputs, and the cuDNN attention forward's: left out, the backward re-ran every
     # layer's attention forward (dense_1b 8x4096 on an H200: 36 cuDNN forwards per step for 18
     # layers, 39.4 ms of a 450 ms step)
+    # MoE experts' grouped matmuls (Pallas calls, not dots; named in jaxlm/layers/expert_pool)
+    # likewise: left out, the backward ran each MoE layer's three forward gmm again
     "dots": jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.checkpoint_dots, save_fused_attention),
+        jax.checkpoint_policies.save_from_both_policies(
+            jax.checkpoint_policies.checkpoint_dots, save_fused_attention),
+        jax.checkpoint_policies.save_only_these_names("expert_dots")),
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
     # "dots" plus the SwiGLU product and the RMSNorm outputs (named in jaxlm/layers): the
     # backward then recomputes almost nothing (dense_1b 8x4096 on an H200: the SwiGLU product
@@ -33,7 +37,7 @@ REMAT_POLICIES = {
     "dots_and_acts": jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.save_from_both_policies(
             jax.checkpoint_policies.checkpoint_dots, save_fused_attention),
-        jax.checkpoint_policies.save_only_these_names("mlp_act", "norm_out")),
+        jax.checkpoint_policies.save_only_these_names("mlp_act", "norm_out", "expert_dots")),
 }
 
 
