@@ -73,6 +73,10 @@ class MoEConfig:
   # session 16, UniPool M=192 at 64k tokens fwd+bwd: 15.09 ms with 128 against 14.86 ms
   # without (the gmm alone 13.48 vs 13.53): the padding costs what the aligned tiles save.
   group_align: int = 0
+  # unipool: how the shared pools get their gradient. per_layer: autodiff (each layer's backward
+  # adds a whole-pool tgmm to an f32 accumulator); deferred: one tgmm per weight over every
+  # layer's rows after the last layer (jaxlm/layers/pool_grad.py; one device, group_align <= 1)
+  pool_grad: str = "per_layer"
 
   @property
   def n_extra_experts(self) -> int:

@@ -18,6 +18,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 REMAT = ("none", "full", "dots", "dots_no_batch", "dots_and_acts")
 ATTENTION_KINDS = ("full", "sliding", "nsa")
 MOE_KINDS = ("none", "vanilla", "unipool")
+POOL_GRADS = ("per_layer", "deferred")
 ROUTERS = ("softmax_topk", "norm_router", "relu_rmsnorm")
 MODEL_KINDS = ("transformer", "symboliclight")
 SPIKING_ENCODERS = ("lif", "topk")
@@ -159,6 +160,12 @@ def _validate_moe(m: ModelConfig):
     _check(getattr(e, k) >= 0, f"model.moe.{k}", f"must be >= 0, got {getattr(e, k)}")
   _check(e.group_align >= 0, "model.moe.group_align", f"must be >= 0, got {e.group_align}")
   _check(e.locality_alpha > 0, "model.moe.locality_alpha", f"must be > 0, got {e.locality_alpha}")
+  _check(e.pool_grad in POOL_GRADS, "model.moe.pool_grad", f"{e.pool_grad!r} not in {POOL_GRADS}")
+  if e.pool_grad == "deferred":
+    _check(e.kind == "unipool", "model.moe.pool_grad",
+           f"'deferred' is for shared pools (moe.kind=unipool), got kind={e.kind!r}")
+    _check(e.group_align <= 1, "model.moe.pool_grad",
+           f"'deferred' needs model.moe.group_align 0 or 1, got {e.group_align}")
   if e.kind == "unipool":
     _check(e.n_routed >= e.top_k, "model.moe.n_experts",
            f"pool size {e.n_experts} (+{e.n_extra_experts} MoE++ experts) is smaller than "
@@ -213,6 +220,9 @@ def validate_for_devices(cfg: Config, n_devices: int) -> tuple[int, ...]:
   if cfg.model.moe.kind != "none":
     _check(cfg.model.moe.n_experts % shape[3] == 0, "model.moe.n_experts",
            f"{cfg.model.moe.n_experts} experts do not divide over mesh.expert={shape[3]} devices")
+  n_mesh = shape[0] * shape[1] * shape[2] * shape[3]
+  _check(cfg.model.moe.pool_grad != "deferred" or n_mesh == 1, "model.moe.pool_grad",
+         f"'deferred' runs on one device; the mesh has {n_mesh} (use 'per_layer')")
   batch_shards = shape[0] * shape[1] * shape[3]  # batch is split over data, fsdp and expert
   micro = cfg.train.batch_size // cfg.train.grad_accum
   _check(micro % batch_shards == 0, "train.batch_size",

@@ -28,6 +28,7 @@ from jax.ad_checkpoint import checkpoint_name
 import ops.gmm
 from jaxlm import sharding
 from jaxlm.config import ModelConfig
+from jaxlm.layers import pool_grad
 from jaxlm.layers.mlp import out_proj_std
 from jaxlm.layers.params import param
 
@@ -65,11 +66,18 @@ def pool_of_layer(layer: int, n_layers: int, n_pools: int) -> int:
 
 # --------------------------------------------------------------------------- dispatch
 
-def swiglu_grouped(xs, group_sizes, w_gate, w_up, w_down, implementation=None, align=0):
+def swiglu_grouped(xs, group_sizes, w_gate, w_up, w_down, implementation=None, align=0,
+                   tap=None):
   """Rows xs [m, d] sorted by expert; w_* [E, d, f] / [E, f, d]; -> [m, d] (rows past the
   groups are zero). align > 1: the three grouped matmuls run on a zero-padded copy whose groups
   start at multiples of align (ops.gmm.aligned_layout), the result is read back in sorted
-  order."""
+  order. tap: this layer's taps of the deferred pool gradient (jaxlm/layers/pool_grad.py; the
+  weights then arrive under stop_gradient) or None."""
+  if tap is not None:
+    if align > 1:
+      raise ValueError("the deferred pool gradient needs group_align 0 or 1")
+    xs = pool_grad.report_value(xs, tap["xs"], xs)
+    xs = pool_grad.report_value(xs, tap["gs"], group_sizes.astype(jnp.float32))
   if align > 1:
     src, dest, padded = ops.gmm.aligned_layout(group_sizes, xs.shape[0], align)
     y = swiglu_grouped(ops.gmm.pad_rows(xs, src, dest), padded, w_gate, w_up, w_down,
@@ -82,9 +90,15 @@ def swiglu_grouped(xs, group_sizes, w_gate, w_up, w_down, implementation=None, a
                                   implementation=implementation), EXPERT_DOTS)
   u = checkpoint_name(ops.gmm.gmm(xs, w_up.astype(dt), group_sizes,
                                   implementation=implementation), EXPERT_DOTS)
+  if tap is not None:
+    g = pool_grad.report_cotangent(g, tap["dg"])
+    u = pool_grad.report_cotangent(u, tap["du"])
   h = (jax.nn.silu(g.astype(jnp.float32)) * u.astype(jnp.float32)).astype(dt)
-  return checkpoint_name(ops.gmm.gmm(h, w_down.astype(dt), group_sizes,
-                                     implementation=implementation), EXPERT_DOTS)
+  if tap is not None:
+    h = pool_grad.report_value(h, tap["h"], h)
+  y = checkpoint_name(ops.gmm.gmm(h, w_down.astype(dt), group_sizes,
+                                  implementation=implementation), EXPERT_DOTS)
+  return y if tap is None else pool_grad.report_cotangent(y, tap["dy"])
 
 
 def ffn_ids(ids, n_ffn: int):
@@ -100,7 +114,7 @@ def dispatch(x, ids, gates, experts: dict, n_ffn: int, implementation=None, grou
   sort_idx, group_sizes = ops.gmm.sort_by_group(fid, n_ffn)
   xs = ops.gmm.permute(x, sort_idx, k)
   ys = swiglu_grouped(xs, group_sizes, experts["w_gate"], experts["w_up"], experts["w_down"],
-                      implementation, group_align)
+                      implementation, group_align, experts.get("tap"))
   return ops.gmm.unpermute(ys, sort_idx, jnp.where(fid >= 0, gates, 0.0))
 
 

@@ -18,7 +18,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm.config import ModelConfig
-from jaxlm.layers.attention import Attention
+from jaxlm.layers import pool_grad
+from jaxlm.layers.attention import Attention, implementation_arg
 from jaxlm.layers.embed import Embed
 from jaxlm.layers.logits import logits_einsum
 from jaxlm.layers.expert_pool import ExpertPool, pool_of_layer
@@ -160,6 +161,14 @@ class Transformer(nnx.Module):
     lengths = None if cache is None else cache["lengths"]
     pools = self.pool.arrays()                     # {name: [n_pools, ...]}
     per_layer_pools = n_pools == n_layers          # vanilla: slice pools like layer params
+    taps = None
+    if cfg.moe.pool_grad == "deferred" and not per_layer_pools:
+      # the pools' gradient comes from the taps after the last layer (jaxlm/layers/pool_grad)
+      taps = pool_grad.make_taps(
+          pools["w_gate"], pools["w_up"], pools["w_down"],
+          tuple(pool_of_layer(i, n_layers, n_pools) for i in range(n_layers)),
+          b * s * cfg.moe.top_k, jnp.dtype(cfg.dtype), implementation_arg(cfg.moe.implementation))
+      pools = dict(pools, **{n: jax.lax.stop_gradient(pools[n]) for n in pool_grad.WEIGHTS})
     residual = cfg.moe.gating_residual
     prev0 = jnp.zeros((b, s, cfg.moe.n_routed), jnp.float32) if residual else None
 
@@ -170,6 +179,8 @@ class Transformer(nnx.Module):
         g = layer // (n_layers // n_pools)
         experts = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, g, 0, keepdims=False),
                                pools)
+      if layer_in.get("tap") is not None:
+        experts = dict(experts, tap=layer_in["tap"])
       c = None if layer_cache is None else dict(layer_cache, lengths=lengths)
       rr = None if route_override is None else (
           layer == route_override["layer"], jax.random.fold_in(route_override["key"], layer))
@@ -180,7 +191,7 @@ class Transformer(nnx.Module):
     layer_ids = jnp.arange(n_layers, dtype=jnp.int32)
     if cfg.scan_layers:
       xs = {"cache": layer_caches, "layer": layer_ids,
-            "experts": pools if per_layer_pools else None}
+            "experts": pools if per_layer_pools else None, "tap": taps}
       (x, _), (new_layers, stats) = scan_blocks(self.blocks, (x, prev0), xs, body, cfg.remat)
     else:
       outs, all_stats, carry = [], [], (x, prev0)
@@ -189,7 +200,9 @@ class Transformer(nnx.Module):
         c = None if layer_caches is None else jax.tree.map(lambda a: a[i], layer_caches)
         g = pool_of_layer(i, n_layers, n_pools)
         experts = jax.tree.map(lambda a: a[g], pools)
-        carry, (c, st) = run(blk, carry, {"cache": c, "layer": layer_ids[i], "experts": experts})
+        tap = None if taps is None else jax.tree.map(lambda a: a[i], taps)
+        carry, (c, st) = run(blk, carry, {"cache": c, "layer": layer_ids[i], "experts": experts,
+                                          "tap": tap})
         outs.append(c)
         all_stats.append(st)
       x = carry[0]

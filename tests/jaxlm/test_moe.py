@@ -414,6 +414,9 @@ class TestConfig:
       (dict(kind="vanilla", router="hash"), "model.moe.router"),
       (dict(kind="vanilla", capacity_factor=-1.0), "model.moe.capacity_factor"),
       (dict(kind="unipool", group_align=-1), "model.moe.group_align"),
+      (dict(kind="unipool", pool_grad="later"), "model.moe.pool_grad"),
+      (dict(kind="vanilla", pool_grad="deferred"), "model.moe.pool_grad"),
+      (dict(kind="unipool", pool_grad="deferred", group_align=128), "model.moe.pool_grad"),
   ])
   def test_errors_name_the_field(self, moe, field):
     with pytest.raises(ConfigError, match=f"^{field}"):
@@ -539,3 +542,95 @@ def test_remat_dots_keeps_the_expert_matmuls(capsys, scan):
     assert counts == {"dots": n, "dots_and_acts": n, "full": 0}
   for a, b in zip(jax.tree.leaves(grads["dots"]), jax.tree.leaves(grads["full"])):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------------------------- deferred pool gradient
+
+def _grads(cfg, tokens):
+  fm = build(cfg)
+  params = fm.init(jax.random.key(0))
+  loss = lambda p: jnp.mean(fm.apply(p, tokens)[0] ** 2)
+  return jax.jit(jax.value_and_grad(loss))(params)
+
+
+@pytest.mark.parametrize("scan,moe_kw,remat", [
+    (True, {}, "dots"),
+    (False, {}, "none"),
+    # two pools of two layers each; capacity drops rows (sorted past the groups); MoE++
+    # constant experts keep their own (autodiff) gradient
+    (True, dict(n_groups=2, capacity_factor=0.5, n_constant_experts=1, n_zero_experts=1),
+     "full"),
+])
+def test_deferred_pool_gradient_equals_autodiff(scan, moe_kw, remat):
+  tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 64)
+  base = dataclasses.replace(_model_cfg(**moe_kw), scan_layers=scan, remat=remat)
+  validate(Config(model=base, train=TrainConfig(seq_len=16)))
+  loss0, g0 = _grads(base, tokens)
+  deferred = dataclasses.replace(base, moe=dataclasses.replace(base.moe, pool_grad="deferred"))
+  validate(Config(model=deferred, train=TrainConfig(seq_len=16)))
+  loss1, g1 = _grads(deferred, tokens)
+  assert float(loss1) == float(loss0)
+  assert float(jnp.abs(g0["pool"]["w_gate"]).max()) > 0
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g0), jax.tree.leaves(g1)):
+    scale = float(jnp.abs(a).max()) or 1.0
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5 * scale, rtol=1e-4,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+def test_pool_gradient_sums_every_layer():
+  """pool_gradient over stacked taps = the sum over layers of each layer's own tgmm; rows
+  past a layer's groups (dropped assignments) count nowhere."""
+  from jaxlm.layers import pool_grad
+  import ops.gmm
+  n_layers, rows, d, f, m = 3, 11, 4, 6, 5
+  ks = jax.random.split(jax.random.key(0), 6)
+  sizes = jnp.array([[2, 0, 3, 1, 4], [0, 0, 0, 0, 9], [1, 1, 1, 1, 1]], jnp.int32)  # <= rows
+  taps = {n: jax.random.normal(k, (n_layers, rows, d if w == "d" else f))
+          for k, (n, w) in zip(ks, pool_grad.TAP_WIDTHS.items())}
+  taps["gs"] = sizes.astype(jnp.float32)
+  got = pool_grad.pool_gradient(taps)
+  pairs = {"w_gate": ("xs", "dg"), "w_up": ("xs", "du"), "w_down": ("h", "dy")}
+  for name, (a, b) in pairs.items():
+    want = sum(ops.gmm.tgmm(taps[a][l], taps[b][l], sizes[l], preferred_element_type=jnp.float32)
+               for l in range(n_layers))
+    np.testing.assert_allclose(np.asarray(got[name]), np.asarray(want), rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(pool_grad.row_experts(sizes, rows))[1],
+                                [4] * 9 + [-1] * 2)
+
+
+def test_deferred_pool_gradient_needs_one_device():
+  cfg = Config(model=_model_cfg(pool_grad="deferred"), mesh=MeshConfig(data=8),
+               train=TrainConfig(seq_len=16, batch_size=8))
+  from jaxlm.config_validate import validate_for_devices
+  with pytest.raises(ConfigError, match="^model.moe.pool_grad"):
+    validate_for_devices(validate(cfg), 8)
+
+
+def _scan_carry_shapes(jaxpr) -> list:
+  """Shapes of every scan's loop carries in a closed jaxpr, nested ones included."""
+  out = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "scan":
+      nc, ncarry = eqn.params["num_consts"], eqn.params["num_carry"]
+      out += [v.aval.shape for v in eqn.invars[nc:nc + ncarry]]
+    for val in eqn.params.values():
+      for sub in val if isinstance(val, (tuple, list)) else (val,):
+        sub = getattr(sub, "jaxpr", sub)          # ClosedJaxpr -> Jaxpr
+        if hasattr(sub, "eqns"):
+          out += _scan_carry_shapes(sub)
+  return out
+
+
+def test_deferred_pool_gradient_has_no_per_layer_pool_accumulator():
+  """Autodiff of the scanned layers carries an accumulator of the whole shared pool through
+  the backward scan (added to once per layer); deferred, no scan carries anything pool-sized."""
+  tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 64)
+  pool_shape = None
+  found = {}
+  for pg in ("per_layer", "deferred"):
+    fm = build(dataclasses.replace(_model_cfg(pool_grad=pg), scan_layers=True))
+    params = fm.init(jax.random.key(0))
+    pool_shape = params["pool"]["w_gate"].shape
+    jaxpr = jax.make_jaxpr(jax.grad(lambda p: jnp.mean(fm.apply(p, tokens)[0] ** 2)))(params)
+    found[pg] = pool_shape in _scan_carry_shapes(jaxpr.jaxpr)
+  assert found == {"per_layer": True, "deferred": False}

@@ -1,0 +1,135 @@
+"""UniPool's deferred pool gradient (MoEConfig.pool_grad="deferred").
+
+Every layer that shares a pool adds its own d W = x_l^T dout_l to the pool's gradient. Left to
+autodiff, each layer's backward computes a whole-pool [M, d, f] tgmm from its few rows per
+expert, and the scanned backward adds it to an f32 accumulator of the whole pool: for
+unipool_469m (M = 192, d 1024, f 4096) about 29 GB of traffic per layer and step, whatever the
+batch. Deferred, each layer only hands over its rows (sorted by expert) and their output
+cotangents; after the last layer's backward one tgmm per weight and pool contracts all layers'
+rows at once (rows of one expert from every layer are contiguous after one stable sort), in
+f32, and writes the pool gradient once.
+
+How the rows reach the end of the backward: `make_taps` gives zero-valued "taps" with a
+leading layers axis; each layer gets its slice and threads it through `report_value` (the
+tap's cotangent becomes a primal value: the expert inputs, the SwiGLU product, the group sizes)
+and `report_cotangent` (the tap's cotangent becomes the output cotangent of a grouped matmul).
+The taps' cotangents, stacked by the layer scan, arrive at make_taps' backward, which computes
+the pool gradient from them. The layers see the pool through stop_gradient, so autodiff makes
+no per-layer pool gradient. Cost: the taps ([layers, rows, 2 d + 3 f] in the compute dtype)
+are held as zeros in the forward and as rows in the backward.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+import ops.gmm
+
+# tap names -> which width (d: model, f: expert) their rows have
+TAP_WIDTHS = {"xs": "d", "h": "f", "dg": "f", "du": "f", "dy": "d"}
+WEIGHTS = ("w_gate", "w_up", "w_down")
+
+
+@jax.custom_vjp
+def report_value(x, tap, value):
+  """Returns x; in the backward the tap's cotangent is `value` (same shape as tap)."""
+  del tap, value
+  return x
+
+
+def _report_value_fwd(x, tap, value):
+  return x, (value, jnp.zeros((), tap.dtype))
+
+
+def _report_value_bwd(res, ct):
+  value, like = res
+  return ct, value.astype(like.dtype), None
+
+
+report_value.defvjp(_report_value_fwd, _report_value_bwd)
+
+
+@jax.custom_vjp
+def report_cotangent(y, tap):
+  """Returns y; in the backward the tap's cotangent is y's cotangent."""
+  del tap
+  return y
+
+
+def _report_cotangent_fwd(y, tap):
+  return y, jnp.zeros((), tap.dtype)
+
+
+def _report_cotangent_bwd(like, ct):
+  return ct, ct.astype(like.dtype)
+
+
+report_cotangent.defvjp(_report_cotangent_fwd, _report_cotangent_bwd)
+
+
+def tap_shapes(n_layers: int, rows: int, d: int, f: int, n_experts: int, dtype) -> dict:
+  """{name: ShapeDtypeStruct [n_layers, ...]} of the taps of n_layers layers of `rows` rows."""
+  width = {"d": d, "f": f}
+  shapes = {n: jax.ShapeDtypeStruct((n_layers, rows, width[w]), dtype)
+            for n, w in TAP_WIDTHS.items()}
+  shapes["gs"] = jax.ShapeDtypeStruct((n_layers, n_experts), jnp.float32)
+  return shapes
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def make_taps(w_gate, w_up, w_down, layer_pool: tuple, rows: int, dtype, implementation):
+  """Zero taps {name: [n_layers, ...]} for layers whose pools are layer_pool[l]; the pool
+  weights' gradient is computed from the taps' cotangents (module docstring).
+
+  w_gate, w_up: [n_pools, M, d, f]; w_down: [n_pools, M, f, d]."""
+  _, m, d, f = w_gate.shape
+  return {n: jnp.zeros(s.shape, s.dtype)
+          for n, s in tap_shapes(len(layer_pool), rows, d, f, m, dtype).items()}
+
+
+def _make_taps_fwd(w_gate, w_up, w_down, layer_pool, rows, dtype, implementation):
+  taps = make_taps(w_gate, w_up, w_down, layer_pool, rows, dtype, implementation)
+  like = tuple(jnp.zeros((), w.dtype) for w in (w_gate, w_up, w_down))
+  return taps, like
+
+
+def _make_taps_bwd(layer_pool, rows, dtype, implementation, like, ct):
+  del rows, dtype
+  n_pools = max(layer_pool) + 1
+  grads = {n: [] for n in WEIGHTS}
+  for p in range(n_pools):
+    layers = jnp.asarray([l for l, q in enumerate(layer_pool) if q == p], jnp.int32)
+    g = pool_gradient({k: v[layers] for k, v in ct.items()}, implementation)
+    for n in WEIGHTS:
+      grads[n].append(g[n])
+  return tuple(jnp.stack(grads[n]).astype(z.dtype) for n, z in zip(WEIGHTS, like))
+
+
+make_taps.defvjp(_make_taps_fwd, _make_taps_bwd)
+
+
+def row_experts(group_sizes, rows: int):
+  """group_sizes [layers, M] (float or int) -> expert of every row [layers, rows] int32, -1
+  past the groups (rows of each layer sorted by expert)."""
+  ends = jnp.cumsum(group_sizes.astype(jnp.int32), axis=1)              # [layers, M]
+  r = jnp.arange(rows, dtype=jnp.int32)
+  e = jnp.sum(r[None, :, None] >= ends[:, None, :], axis=-1).astype(jnp.int32)
+  return jnp.where(e < group_sizes.shape[1], e, -1)
+
+
+def pool_gradient(taps: dict, implementation=None) -> dict:
+  """The tap cotangents of the layers of one pool {name: [layers, rows, ...]} -> the pool's
+  gradient {w_gate, w_up: [M, d, f], w_down: [M, f, d]} in f32: the rows of every layer sorted
+  by expert once (stable: layer order inside an expert), then one tgmm per weight."""
+  n_layers, rows = taps["xs"].shape[:2]
+  m = taps["gs"].shape[1]
+  ids = row_experts(taps["gs"], rows).reshape(-1, 1)
+  sort_idx, sizes = ops.gmm.sort_by_group(ids, m)
+  flat = {n: jnp.take(taps[n].reshape(n_layers * rows, -1), sort_idx, axis=0)
+          for n in TAP_WIDTHS}
+  tg = functools.partial(ops.gmm.tgmm, group_sizes=sizes, preferred_element_type=jnp.float32,
+                         implementation=implementation)
+  return {"w_gate": tg(flat["xs"], flat["dg"]), "w_up": tg(flat["xs"], flat["du"]),
+          "w_down": tg(flat["h"], flat["dy"])}
