@@ -582,7 +582,7 @@ def test_pool_gradient_sums_every_layer():
   past a layer's groups (dropped assignments) count nowhere."""
   from jaxlm.layers import pool_grad
   import ops.gmm
-  n_layers, rows, d, f, m = 3, 11, 4, 6, 5
+  n_layers, rows, d, f = 3, 11, 4, 6
   ks = jax.random.split(jax.random.key(0), 6)
   sizes = jnp.array([[2, 0, 3, 1, 4], [0, 0, 0, 0, 9], [1, 1, 1, 1, 1]], jnp.int32)  # <= rows
   taps = {n: jax.random.normal(k, (n_layers, rows, d if w == "d" else f))
