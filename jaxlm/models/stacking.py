@@ -17,27 +17,44 @@ def save_fused_attention(prim, *_, **__) -> bool:
   return prim.name in CUDNN_ATTENTION_FWD
 
 
+# The primitive of every Pallas kernel (Triton, Mosaic GPU, Mosaic TPU): ops' forward kernels
+# (NSA's branches, gmm, LIF, scan, attention) are not dots, so checkpoint_dots alone re-ran
+# each of them in the backward of every remat'd layer.
+PALLAS_KERNELS = frozenset({"pallas_call"})
+
+
+def save_pallas_outputs(prim, *_, **__) -> bool:
+  return prim.name in PALLAS_KERNELS
+
+
+def _either(*policies):
+  """Saves what any of the policies saves."""
+  out = policies[0]
+  for p in policies[1:]:
+    out = jax.checkpoint_policies.save_from_both_policies(out, p)
+  return out
+
+
 REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole block
     # matmul outputs, and the cuDNN attention forward's: left out, the backward re-ran every
     # layer's attention forward (dense_1b 8x4096 on an H200: 36 cuDNN forwards per step for 18
     # layers, 39.4 ms of a 450 ms step)
-    # MoE experts' grouped matmuls (Pallas calls, not dots; named in jaxlm/layers/expert_pool)
-    # likewise: left out, the backward ran each MoE layer's three forward gmm again
-    "dots": jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.save_from_both_policies(
-            jax.checkpoint_policies.checkpoint_dots, save_fused_attention),
-        jax.checkpoint_policies.save_only_these_names("expert_dots")),
+    # Pallas kernels' outputs likewise, and the MoE experts' grouped matmuls by name
+    # (jaxlm/layers/expert_pool: any gmm implementation, ragged_dot included)
+    "dots": _either(jax.checkpoint_policies.checkpoint_dots, save_fused_attention,
+                    save_pallas_outputs,
+                    jax.checkpoint_policies.save_only_these_names("expert_dots")),
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
     # "dots" plus the SwiGLU product and the RMSNorm outputs (named in jaxlm/layers): the
     # backward then recomputes almost nothing (dense_1b 8x4096 on an H200: the SwiGLU product
     # alone is 18 x 0.29 ms recomputed per step under "dots") for about 7 GB more activations;
     # session 16, same process: 402.8 ms a step against 401.7 under "dots" (no gain: the
     # profile's 10.4 ms multiply fusion is in both, so what it saves is not that recompute)
-    "dots_and_acts": jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.save_from_both_policies(
-            jax.checkpoint_policies.checkpoint_dots, save_fused_attention),
-        jax.checkpoint_policies.save_only_these_names("mlp_act", "norm_out", "expert_dots")),
+    "dots_and_acts": _either(jax.checkpoint_policies.checkpoint_dots, save_fused_attention,
+                             save_pallas_outputs,
+                             jax.checkpoint_policies.save_only_these_names(
+                                 "mlp_act", "norm_out", "expert_dots")),
 }
 
 

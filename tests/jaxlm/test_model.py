@@ -284,3 +284,38 @@ def test_dots_remat_saves_the_cudnn_attention_forward():
   assert policy(jax.lax.dot_general_p, f32, f32, dimension_numbers=dims, precision=None,
                 preferred_element_type=None)
   assert not policy(jax.lax.exp_p, f32)
+
+
+def test_dots_remat_saves_pallas_kernel_outputs(capsys):
+  """remat="dots" keeps what a Pallas kernel returns (NSA's branches, gmm, LIF, scan are Pallas
+  calls, not dots: else each runs again in the backward); "full" keeps nothing. The kernel's
+  primitive name is the installed JAX's."""
+  from jax.ad_checkpoint import print_saved_residuals
+  from jax.experimental import pallas as pl
+  from jaxlm.models.stacking import PALLAS_KERNELS, REMAT_POLICIES
+
+  def double(x_ref, o_ref):
+    o_ref[...] = 2.0 * x_ref[...]
+
+  def raw(x):
+    return pl.pallas_call(double, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+                          interpret=True)(x)
+
+  # as ops wrap their kernels: the forward rule calls the kernel itself (the policy then sees
+  # the pallas_call; a nested custom_vjp would hide it, which is why gmm's outputs are named)
+  kernel = jax.custom_vjp(raw)
+  kernel.defvjp(lambda x: (raw(x), None), lambda _, g: (2.0 * g,))
+
+  def f(x):
+    return jnp.sum(jnp.sin(kernel(x)))
+
+  x = jnp.ones((8, 128), jnp.float32)
+  names = {e.primitive.name for e in jax.make_jaxpr(raw)(x).jaxpr.eqns}
+  assert names & PALLAS_KERNELS
+  saved = {}
+  for remat in ("dots", "dots_and_acts", "full"):
+    print_saved_residuals(jax.checkpoint(f, policy=REMAT_POLICIES[remat]), x)
+    saved[remat] = "pallas_call" in capsys.readouterr().out
+  assert saved == {"dots": True, "dots_and_acts": True, "full": False}
+  g = jax.grad(jax.checkpoint(f, policy=REMAT_POLICIES["dots"]))(x)
+  np.testing.assert_allclose(np.asarray(g), 2 * np.cos(2.0), rtol=1e-6)
