@@ -139,7 +139,7 @@ class ModelConfig:
   dtype: str = "bfloat16"       # compute dtype
   param_dtype: str = "float32"  # master params
   scan_layers: bool = True
-  remat: str = "none"           # none | full | dots | dots_no_batch | dots_and_acts
+  remat: str = "none"           # none | full | dots | dots_only | dots_no_batch | dots_and_acts
   attention: AttentionConfig = AttentionConfig()
   moe: MoEConfig = MoEConfig()
   spiking: SpikingConfig = SpikingConfig()

@@ -15,7 +15,7 @@ from jaxlm.config_model import ModelConfig
 from jaxlm.config_run import Config, ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")
-REMAT = ("none", "full", "dots", "dots_no_batch", "dots_and_acts")
+REMAT = ("none", "full", "dots", "dots_only", "dots_no_batch", "dots_and_acts")
 ATTENTION_KINDS = ("full", "sliding", "nsa")
 MOE_KINDS = ("none", "vanilla", "unipool")
 POOL_GRADS = ("per_layer", "deferred")

@@ -45,6 +45,8 @@ REMAT_POLICIES = {
     "dots": _either(jax.checkpoint_policies.checkpoint_dots, save_fused_attention,
                     save_pallas_outputs,
                     jax.checkpoint_policies.save_only_these_names("expert_dots")),
+    # "dots" before session 18 (for A/B runs): Pallas kernels and grouped matmuls recomputed
+    "dots_only": _either(jax.checkpoint_policies.checkpoint_dots, save_fused_attention),
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
     # "dots" plus the SwiGLU product and the RMSNorm outputs (named in jaxlm/layers): the
     # backward then recomputes almost nothing (dense_1b 8x4096 on an H200: the SwiGLU product

@@ -317,5 +317,7 @@ def test_dots_remat_saves_pallas_kernel_outputs(capsys):
     print_saved_residuals(jax.checkpoint(f, policy=REMAT_POLICIES[remat]), x)
     saved[remat] = "pallas_call" in capsys.readouterr().out
   assert saved == {"dots": True, "dots_and_acts": True, "full": False}
+  print_saved_residuals(jax.checkpoint(f, policy=REMAT_POLICIES["dots_only"]), x)
+  assert "pallas_call" not in capsys.readouterr().out     # the policy "dots" was before
   g = jax.grad(jax.checkpoint(f, policy=REMAT_POLICIES["dots"]))(x)
   np.testing.assert_allclose(np.asarray(g), 2 * np.cos(2.0), rtol=1e-6)

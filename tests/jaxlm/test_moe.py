@@ -529,7 +529,7 @@ def test_remat_dots_keeps_the_expert_matmuls(capsys, scan):
   from jax.ad_checkpoint import print_saved_residuals
   counts, grads = {}, {}
   tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 64)
-  for remat in ("dots", "dots_and_acts", "full"):
+  for remat in ("dots", "dots_and_acts", "full", "dots_only"):
     cfg = dataclasses.replace(_model_cfg(), remat=remat, scan_layers=scan)
     fm = build(cfg)
     params = fm.init(jax.random.key(0))
@@ -539,7 +539,7 @@ def test_remat_dots_keeps_the_expert_matmuls(capsys, scan):
     grads[remat] = jax.grad(loss)(params)
   if not scan:   # print_saved_residuals does not name what a scanned body saves
     n = 3 * _model_cfg().n_layers
-    assert counts == {"dots": n, "dots_and_acts": n, "full": 0}
+    assert counts == {"dots": n, "dots_and_acts": n, "full": 0, "dots_only": 0}
   for a, b in zip(jax.tree.leaves(grads["dots"]), jax.tree.leaves(grads["full"])):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
 
