@@ -77,6 +77,9 @@ class MoEConfig:
   # adds a whole-pool tgmm to an f32 accumulator); deferred: one tgmm per weight over every
   # layer's rows after the last layer (jaxlm/layers/pool_grad.py; one device, group_align <= 1)
   pool_grad: str = "per_layer"
+  # deferred: layers per deferred tgmm (0 = all of a pool's layers at once); smaller chunks hold
+  # fewer taps (memory) for one pool-gradient accumulation per chunk
+  pool_grad_chunk: int = 0
 
   @property
   def n_extra_experts(self) -> int:

@@ -166,6 +166,10 @@ def _validate_moe(m: ModelConfig):
            f"'deferred' is for shared pools (moe.kind=unipool), got kind={e.kind!r}")
     _check(e.group_align <= 1, "model.moe.pool_grad",
            f"'deferred' needs model.moe.group_align 0 or 1, got {e.group_align}")
+  per_pool = m.n_layers // max(e.n_groups, 1)
+  _check(e.pool_grad_chunk >= 0 and (e.pool_grad_chunk == 0 or per_pool % e.pool_grad_chunk == 0),
+         "model.moe.pool_grad_chunk",
+         f"{e.pool_grad_chunk} must be 0 or divide the {per_pool} layers of a pool")
   if e.kind == "unipool":
     _check(e.n_routed >= e.top_k, "model.moe.n_experts",
            f"pool size {e.n_experts} (+{e.n_extra_experts} MoE++ experts) is smaller than "

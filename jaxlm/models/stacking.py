@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 # Primitives of JAX's cuDNN fused attention forward (jax.nn.dot_product_attention with
@@ -97,3 +98,29 @@ def scan_blocks(stacked: nnx.Module, x, layer_xs, body: Callable, remat: str):
     return body(nnx.merge(graphdef, layer_state), carry, layer_x)
 
   return jax.lax.scan(maybe_remat(step, remat), x, (state, layer_xs))
+
+
+def scan_blocks_in_chunks(stacked: nnx.Module, x, layer_xs, body: Callable, remat: str,
+                          chunk: int, chunk_xs: Callable):
+  """scan_blocks as an outer scan over n / chunk chunks of `chunk` layers each (inner scans).
+  chunk_xs(i) -> a dict of per-layer inputs (leading axis `chunk`) built inside the outer
+  step for chunk i and merged into layer_xs: what it computes from closed-over values has its
+  gradient accumulated once per chunk, not per layer. Returns what scan_blocks returns."""
+  graphdef, state = nnx.split(stacked)
+  n = jax.tree.leaves(state)[0].shape[0]
+  if n % chunk:
+    raise ValueError(f"{chunk}-layer chunks do not divide {n} layers")
+  split = lambda t: jax.tree.map(lambda a: a.reshape((n // chunk, chunk) + a.shape[1:]), t)
+
+  def step(carry, inputs):
+    layer_state, layer_x = inputs
+    return body(nnx.merge(graphdef, layer_state), carry, layer_x)
+
+  def outer(carry, inputs):
+    i, chunk_state, xs = inputs
+    xs = dict(xs, **chunk_xs(i))
+    return jax.lax.scan(maybe_remat(step, remat), carry, (chunk_state, xs))
+
+  carry, ys = jax.lax.scan(outer, x, (jnp.arange(n // chunk, dtype=jnp.int32), split(state),
+                                      split(layer_xs)))
+  return carry, jax.tree.map(lambda a: a.reshape((n,) + a.shape[2:]), ys)

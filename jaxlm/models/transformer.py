@@ -29,7 +29,7 @@ from jaxlm.layers.moe_losses import model_aux
 from jaxlm.layers.norms import RMSNorm
 from jaxlm.layers import nsa as nsa_layer
 from jaxlm.layers.params import param
-from jaxlm.models.stacking import init_stacked, maybe_remat, scan_blocks
+from jaxlm.models.stacking import init_stacked, maybe_remat, scan_blocks, scan_blocks_in_chunks
 from jaxlm.sharding import constrain
 
 ACT = ("batch", "seq", "embed")
@@ -161,13 +161,25 @@ class Transformer(nnx.Module):
     lengths = None if cache is None else cache["lengths"]
     pools = self.pool.arrays()                     # {name: [n_pools, ...]}
     per_layer_pools = n_pools == n_layers          # vanilla: slice pools like layer params
-    taps = None
-    if cfg.moe.pool_grad == "deferred" and not per_layer_pools:
-      # the pools' gradient comes from the taps after the last layer (jaxlm/layers/pool_grad)
-      taps = pool_grad.make_taps(
-          pools["w_gate"], pools["w_up"], pools["w_down"],
-          tuple(pool_of_layer(i, n_layers, n_pools) for i in range(n_layers)),
-          b * s * cfg.moe.top_k, jnp.dtype(cfg.dtype), implementation_arg(cfg.moe.implementation))
+    deferred = cfg.moe.pool_grad == "deferred" and not per_layer_pools
+    # the pools' gradient comes from taps after the last layer of each chunk of `chunk` layers
+    # (jaxlm/layers/pool_grad); the layers see the pools under stop_gradient
+    chunk = (cfg.moe.pool_grad_chunk or n_layers) if deferred else n_layers
+    full_pools = pools
+
+    def chunk_taps(first):
+      """Taps of layers first .. first + chunk - 1 (first may be traced if chunk < n_layers)."""
+      if chunk == n_layers:
+        w = [full_pools[n] for n in pool_grad.WEIGHTS]
+        layer_pool = tuple(pool_of_layer(i, n_layers, n_pools) for i in range(n_layers))
+      else:      # one pool (chunks never straddle two): slice it, keep the pool axis
+        p = first // (n_layers // n_pools)
+        w = [jax.lax.dynamic_slice_in_dim(full_pools[n], p, 1, 0) for n in pool_grad.WEIGHTS]
+        layer_pool = (0,) * chunk
+      return pool_grad.make_taps(*w, layer_pool, b * s * cfg.moe.top_k, jnp.dtype(cfg.dtype),
+                                 implementation_arg(cfg.moe.implementation))
+
+    if deferred:
       pools = dict(pools, **{n: jax.lax.stop_gradient(pools[n]) for n in pool_grad.WEIGHTS})
     residual = cfg.moe.gating_residual
     prev0 = jnp.zeros((b, s, cfg.moe.n_routed), jnp.float32) if residual else None
@@ -191,16 +203,25 @@ class Transformer(nnx.Module):
     layer_ids = jnp.arange(n_layers, dtype=jnp.int32)
     if cfg.scan_layers:
       xs = {"cache": layer_caches, "layer": layer_ids,
-            "experts": pools if per_layer_pools else None, "tap": taps}
-      (x, _), (new_layers, stats) = scan_blocks(self.blocks, (x, prev0), xs, body, cfg.remat)
+            "experts": pools if per_layer_pools else None,
+            "tap": chunk_taps(0) if deferred and chunk == n_layers else None}
+      if deferred and chunk < n_layers:
+        (x, _), (new_layers, stats) = scan_blocks_in_chunks(
+            self.blocks, (x, prev0), xs, body, cfg.remat, chunk,
+            lambda i: {"tap": chunk_taps(i * chunk)})
+      else:
+        (x, _), (new_layers, stats) = scan_blocks(self.blocks, (x, prev0), xs, body, cfg.remat)
     else:
       outs, all_stats, carry = [], [], (x, prev0)
       run = maybe_remat(body, cfg.remat) if cache is None else body
+      taps = None
       for i, blk in enumerate(self.blocks):
         c = None if layer_caches is None else jax.tree.map(lambda a: a[i], layer_caches)
         g = pool_of_layer(i, n_layers, n_pools)
         experts = jax.tree.map(lambda a: a[g], pools)
-        tap = None if taps is None else jax.tree.map(lambda a: a[i], taps)
+        if deferred and i % chunk == 0:
+          taps = chunk_taps(i)
+        tap = None if not deferred else jax.tree.map(lambda a: a[i % chunk], taps)
         carry, (c, st) = run(blk, carry, {"cache": c, "layer": layer_ids[i], "experts": experts,
                                           "tap": tap})
         outs.append(c)

@@ -417,6 +417,8 @@ class TestConfig:
       (dict(kind="unipool", pool_grad="later"), "model.moe.pool_grad"),
       (dict(kind="vanilla", pool_grad="deferred"), "model.moe.pool_grad"),
       (dict(kind="unipool", pool_grad="deferred", group_align=128), "model.moe.pool_grad"),
+      (dict(kind="unipool", n_groups=2, pool_grad_chunk=4), "model.moe.pool_grad_chunk"),
+      (dict(kind="unipool", pool_grad_chunk=3), "model.moe.pool_grad_chunk"),
   ])
   def test_errors_name_the_field(self, moe, field):
     with pytest.raises(ConfigError, match=f"^{field}"):
@@ -560,6 +562,10 @@ def _grads(cfg, tokens):
     # constant experts keep their own (autodiff) gradient
     (True, dict(n_groups=2, capacity_factor=0.5, n_constant_experts=1, n_zero_experts=1),
      "full"),
+    # deferred per chunk of layers (an outer scan over chunks; unrolled: taps per chunk)
+    (True, dict(pool_grad_chunk=2), "dots"),
+    (True, dict(n_groups=2, pool_grad_chunk=1), "none"),
+    (False, dict(pool_grad_chunk=2), "dots"),
 ])
 def test_deferred_pool_gradient_equals_autodiff(scan, moe_kw, remat):
   tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 64)
