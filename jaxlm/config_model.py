@@ -75,7 +75,8 @@ class MoEConfig:
   group_align: int = 0
   # unipool: how the shared pools get their gradient. per_layer: autodiff (each layer's backward
   # adds a whole-pool tgmm to an f32 accumulator); deferred: one tgmm per weight over every
-  # layer's rows after the last layer (jaxlm/layers/pool_grad.py; one device, group_align <= 1)
+  # layer's rows after the last layer (jaxlm/layers/pool_grad.py; data / fsdp meshes only,
+  # group_align <= 1)
   pool_grad: str = "per_layer"
   # deferred: layers per deferred tgmm (0 = all of a pool's layers at once); smaller chunks hold
   # fewer taps (memory) for one pool-gradient accumulation per chunk

@@ -224,9 +224,9 @@ def validate_for_devices(cfg: Config, n_devices: int) -> tuple[int, ...]:
   if cfg.model.moe.kind != "none":
     _check(cfg.model.moe.n_experts % shape[3] == 0, "model.moe.n_experts",
            f"{cfg.model.moe.n_experts} experts do not divide over mesh.expert={shape[3]} devices")
-  n_mesh = shape[0] * shape[1] * shape[2] * shape[3]
-  _check(cfg.model.moe.pool_grad != "deferred" or n_mesh == 1, "model.moe.pool_grad",
-         f"'deferred' runs on one device; the mesh has {n_mesh} (use 'per_layer')")
+  _check(cfg.model.moe.pool_grad != "deferred" or shape[2] == shape[3] == 1,
+         "model.moe.pool_grad", f"'deferred' runs on data / fsdp axes only; mesh.tensor="
+         f"{shape[2]}, mesh.expert={shape[3]} (use 'per_layer')")
   batch_shards = shape[0] * shape[1] * shape[3]  # batch is split over data, fsdp and expert
   micro = cfg.train.batch_size // cfg.train.grad_accum
   _check(micro % batch_shards == 0, "train.batch_size",

@@ -77,7 +77,7 @@ def swiglu_grouped(xs, group_sizes, w_gate, w_up, w_down, implementation=None, a
     if align > 1:
       raise ValueError("the deferred pool gradient needs group_align 0 or 1")
     xs = pool_grad.report_value(xs, tap["xs"], xs)
-    xs = pool_grad.report_value(xs, tap["gs"], group_sizes.astype(jnp.float32))
+    xs = pool_grad.report_value(xs, tap["gs"], group_sizes.astype(jnp.float32)[None])
   if align > 1:
     src, dest, padded = ops.gmm.aligned_layout(group_sizes, xs.shape[0], align)
     y = swiglu_grouped(ops.gmm.pad_rows(xs, src, dest), padded, w_gate, w_up, w_down,
@@ -124,7 +124,7 @@ def expert_axis_size(mesh) -> int:
   return int(mesh.shape["expert"])
 
 
-def _token_axes(mesh, n_tokens: int):
+def token_axes(mesh, n_tokens: int):
   """Mesh axes splitting the token dim inside shard_map: the batch axes and the expert axis
   when they divide the token count (else fewer; replicated tokens are still correct)."""
   for cand in (("data", "fsdp", "expert"), ("data", "fsdp"), ("data",), ()):
@@ -144,20 +144,32 @@ def dispatch_data_parallel(x, ids, gates, experts: dict, n_ffn: int, mesh, imple
   weights gathered (FSDP) except the expert width, which stays split over "tensor" (the
   partial outputs are summed across it)."""
   from jax.sharding import PartitionSpec as P
-  tok = _token_axes(mesh, x.shape[0])
+  tok = token_axes(mesh, x.shape[0])
   tok_spec = P(tok if tok else None)
   tp = int(mesh.shape.get("tensor", 1))
   split = tp > 1 and experts["w_gate"].shape[-1] % tp == 0
   w_in, w_out = (P(None, None, "tensor"), P(None, "tensor", None)) if split else (P(), P())
 
-  def local(x, ids, gates, w_gate, w_up, w_down):
-    y = dispatch(x, ids, gates, dict(w_gate=w_gate, w_up=w_up, w_down=w_down), n_ffn,
-                 implementation, group_align)
+  tap = experts.get("tap")
+  if tap is not None:
+    # the taps' cotangents must come out once per row: replicated rows or expert columns split
+    # over "tensor" would be summed over the copies by shard_map's transpose
+    busy = {a for a, n in mesh.shape.items() if n > 1}
+    if split or busy - set(tok):
+      raise ValueError(f"model.moe.pool_grad='deferred' needs the tokens ({x.shape[0]}) split "
+                       f"over every mesh axis and no tensor axis; mesh {dict(mesh.shape)}, "
+                       f"tokens over {tok}")
+
+  def local(x, ids, gates, w_gate, w_up, w_down, tap):
+    w = dict(w_gate=w_gate, w_up=w_up, w_down=w_down)
+    y = dispatch(x, ids, gates, dict(w, tap=tap) if tap else w, n_ffn, implementation,
+                 group_align)
     return jax.lax.psum(y, "tensor") if split else y
 
-  fn = sharding.shard_map(local, mesh, (tok_spec, tok_spec, tok_spec, w_in, w_in, w_out),
-                          tok_spec)
-  return fn(x, ids, gates, experts["w_gate"], experts["w_up"], experts["w_down"])
+  tap = tap or {}
+  fn = sharding.shard_map(local, mesh, (tok_spec, tok_spec, tok_spec, w_in, w_in, w_out,
+                                        {k: tok_spec for k in tap}), tok_spec)
+  return fn(x, ids, gates, experts["w_gate"], experts["w_up"], experts["w_down"], tap)
 
 
 def dispatch_expert_parallel(x, ids, gates, experts: dict, n_ffn: int, mesh,
@@ -168,7 +180,7 @@ def dispatch_expert_parallel(x, ids, gates, experts: dict, n_ffn: int, mesh,
   if n_ffn % ep:
     raise ValueError(f"{n_ffn} experts do not divide over the expert axis of size {ep}")
   n_local = n_ffn // ep
-  tok = _token_axes(mesh, x.shape[0])
+  tok = token_axes(mesh, x.shape[0])
   tok_spec = P(tok if tok else None)
   w_spec = P("expert")
 

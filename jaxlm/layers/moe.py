@@ -98,9 +98,9 @@ class MoEFFN(nnx.Module):
                                                       e.capacity_factor))
     impl = implementation_arg(e.implementation)
     mesh = sharding.current_mesh()
-    if "tap" in experts and sharding.multi_device_mesh() is not None:
-      raise ValueError("model.moe.pool_grad='deferred' runs on one device only (the multi-device "
-                       "dispatches would drop the pool's gradient); use pool_grad='per_layer'")
+    if "tap" in experts and expert_pool.expert_axis_size(mesh) > 1:
+      raise ValueError("model.moe.pool_grad='deferred' does not run expert-parallel (the "
+                       "dispatch would drop the pool's gradient); use pool_grad='per_layer'")
     if expert_pool.expert_axis_size(mesh) > 1:
       y = expert_pool.dispatch_expert_parallel(x2, ids, routing.gates, experts, e.n_experts,
                                                mesh, impl, e.group_align)

@@ -16,16 +16,23 @@ and `report_cotangent` (the tap's cotangent becomes the output cotangent of a gr
 The taps' cotangents, stacked by the layer scan, arrive at make_taps' backward, which computes
 the pool gradient from them. The layers see the pool through stop_gradient, so autodiff makes
 no per-layer pool gradient. Cost: the taps ([layers, rows, 2 d + 3 f] in the compute dtype)
-are held as zeros in the forward and as rows in the backward.
+are held as zeros in the forward and as rows in the backward; MoEConfig.pool_grad_chunk defers
+over fewer layers at a time (jaxlm/models/stacking.scan_blocks_in_chunks).
+
+On a data / fsdp mesh the rows are split over the devices like the tokens; each device sorts
+and contracts its own rows and the pool gradients are summed (psum). Tensor or expert axes are
+refused: there the taps' cotangents would be summed over copies.
 """
 from __future__ import annotations
 
 import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 import ops.gmm
+from jaxlm import sharding
 
 # tap names -> which width (d: model, f: expert) their rows have
 TAP_WIDTHS = {"xs": "d", "h": "f", "dg": "f", "du": "f", "dy": "d"}
@@ -69,45 +76,71 @@ def _report_cotangent_bwd(like, ct):
 report_cotangent.defvjp(_report_cotangent_fwd, _report_cotangent_bwd)
 
 
-def tap_shapes(n_layers: int, rows: int, d: int, f: int, n_experts: int, dtype) -> dict:
-  """{name: ShapeDtypeStruct [n_layers, ...]} of the taps of n_layers layers of `rows` rows."""
+class TapSpec(NamedTuple):
+  """Static description of the taps of `make_taps` (hashable).
+
+  layer_pool: the pool of each layer; rows: assignment rows of one layer (tokens x top_k, all
+  devices); dtype: the compute dtype; implementation: ops.gmm's for the tgmm; tok_axes: the mesh
+  axes the rows are split over on a data-parallel mesh (() on one device), shards: their size
+  product (each shard reports its own group sizes)."""
+  layer_pool: tuple
+  rows: int
+  dtype: Any
+  implementation: Any = None
+  tok_axes: tuple = ()
+  shards: int = 1
+
+
+def tap_shapes(spec: TapSpec, d: int, f: int, n_experts: int) -> dict:
+  """{name: ShapeDtypeStruct [n_layers, ...]} of the taps."""
   width = {"d": d, "f": f}
-  shapes = {n: jax.ShapeDtypeStruct((n_layers, rows, width[w]), dtype)
-            for n, w in TAP_WIDTHS.items()}
-  shapes["gs"] = jax.ShapeDtypeStruct((n_layers, n_experts), jnp.float32)
+  n = len(spec.layer_pool)
+  shapes = {k: jax.ShapeDtypeStruct((n, spec.rows, width[w]), spec.dtype)
+            for k, w in TAP_WIDTHS.items()}
+  shapes["gs"] = jax.ShapeDtypeStruct((n, spec.shards, n_experts), jnp.float32)
   return shapes
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def make_taps(w_gate, w_up, w_down, layer_pool: tuple, rows: int, dtype, implementation):
-  """Zero taps {name: [n_layers, ...]} for layers whose pools are layer_pool[l]; the pool
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def make_taps(w_gate, w_up, w_down, spec: TapSpec):
+  """Zero taps {name: [n_layers, ...]} for layers whose pools are spec.layer_pool[l]; the pool
   weights' gradient is computed from the taps' cotangents (module docstring).
 
   w_gate, w_up: [n_pools, M, d, f]; w_down: [n_pools, M, f, d]."""
   _, m, d, f = w_gate.shape
-  return {n: jnp.zeros(s.shape, s.dtype)
-          for n, s in tap_shapes(len(layer_pool), rows, d, f, m, dtype).items()}
+  return {k: jnp.zeros(v.shape, v.dtype) for k, v in tap_shapes(spec, d, f, m).items()}
 
 
-def _make_taps_fwd(w_gate, w_up, w_down, layer_pool, rows, dtype, implementation):
-  taps = make_taps(w_gate, w_up, w_down, layer_pool, rows, dtype, implementation)
+def _make_taps_fwd(w_gate, w_up, w_down, spec):
   like = tuple(jnp.zeros((), w.dtype) for w in (w_gate, w_up, w_down))
-  return taps, like
+  return make_taps(w_gate, w_up, w_down, spec), like
 
 
-def _make_taps_bwd(layer_pool, rows, dtype, implementation, like, ct):
-  del rows, dtype
-  n_pools = max(layer_pool) + 1
+def _make_taps_bwd(spec, like, ct):
   grads = {n: [] for n in WEIGHTS}
-  for p in range(n_pools):
-    layers = jnp.asarray([l for l, q in enumerate(layer_pool) if q == p], jnp.int32)
-    g = pool_gradient({k: v[layers] for k, v in ct.items()}, implementation)
+  for p in range(max(spec.layer_pool) + 1):
+    layers = [l for l, q in enumerate(spec.layer_pool) if q == p]
+    g = _sharded_pool_gradient({k: v[layers[0]:layers[-1] + 1] for k, v in ct.items()}, spec)
     for n in WEIGHTS:
       grads[n].append(g[n])
   return tuple(jnp.stack(grads[n]).astype(z.dtype) for n, z in zip(WEIGHTS, like))
 
 
 make_taps.defvjp(_make_taps_fwd, _make_taps_bwd)
+
+
+def _sharded_pool_gradient(taps: dict, spec: TapSpec) -> dict:
+  """pool_gradient of one pool's layers; on a data-parallel mesh each device contracts its own
+  rows (the tgmm is a kernel XLA cannot partition) and the results are summed."""
+  local = lambda t: pool_gradient(dict(t, gs=t["gs"][:, 0]), spec.implementation)
+  if not spec.tok_axes:
+    return local(taps)
+  from jax.sharding import PartitionSpec as P
+  mesh = sharding.current_mesh()
+  rows = P(None, spec.tok_axes)
+  fn = sharding.shard_map(lambda t: jax.lax.psum(local(t), spec.tok_axes), mesh,
+                          ({k: rows for k in taps},), P())
+  return fn(taps)
 
 
 def row_experts(group_sizes, rows: int):
@@ -120,9 +153,10 @@ def row_experts(group_sizes, rows: int):
 
 
 def pool_gradient(taps: dict, implementation=None) -> dict:
-  """The tap cotangents of the layers of one pool {name: [layers, rows, ...]} -> the pool's
-  gradient {w_gate, w_up: [M, d, f], w_down: [M, f, d]} in f32: the rows of every layer sorted
-  by expert once (stable: layer order inside an expert), then one tgmm per weight."""
+  """The tap cotangents of the layers of one pool {name: [layers, rows, ...], gs: [layers, M]}
+  -> the pool's gradient {w_gate, w_up: [M, d, f], w_down: [M, f, d]} in f32: the rows of every
+  layer sorted by expert once (stable: layer order inside an expert), then one tgmm per
+  weight."""
   n_layers, rows = taps["xs"].shape[:2]
   m = taps["gs"].shape[1]
   ids = row_experts(taps["gs"], rows).reshape(-1, 1)

@@ -13,12 +13,14 @@ routes layer i (an int32 scalar, may be traced; -1 = none) uniformly at random
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm.config import ModelConfig
-from jaxlm.layers import pool_grad
+from jaxlm.layers import expert_pool, pool_grad
 from jaxlm.layers.attention import Attention, implementation_arg
 from jaxlm.layers.embed import Embed
 from jaxlm.layers.logits import logits_einsum
@@ -30,7 +32,7 @@ from jaxlm.layers.norms import RMSNorm
 from jaxlm.layers import nsa as nsa_layer
 from jaxlm.layers.params import param
 from jaxlm.models.stacking import init_stacked, maybe_remat, scan_blocks, scan_blocks_in_chunks
-from jaxlm.sharding import constrain
+from jaxlm.sharding import constrain, multi_device_mesh
 
 ACT = ("batch", "seq", "embed")
 
@@ -176,8 +178,12 @@ class Transformer(nnx.Module):
         p = first // (n_layers // n_pools)
         w = [jax.lax.dynamic_slice_in_dim(full_pools[n], p, 1, 0) for n in pool_grad.WEIGHTS]
         layer_pool = (0,) * chunk
-      return pool_grad.make_taps(*w, layer_pool, b * s * cfg.moe.top_k, jnp.dtype(cfg.dtype),
-                                 implementation_arg(cfg.moe.implementation))
+      mesh = multi_device_mesh()
+      tok = () if mesh is None else expert_pool.token_axes(mesh, b * s)
+      spec = pool_grad.TapSpec(layer_pool, b * s * cfg.moe.top_k, jnp.dtype(cfg.dtype),
+                               implementation_arg(cfg.moe.implementation), tok,
+                               math.prod(mesh.shape[a] for a in tok))
+      return pool_grad.make_taps(*w, spec)
 
     if deferred:
       pools = dict(pools, **{n: jax.lax.stop_gradient(pools[n]) for n in pool_grad.WEIGHTS})
