@@ -194,7 +194,10 @@ def test_tiny_train_step_compiles_v5e(preset):
 @pytest.mark.tpu_aot
 @pytest.mark.parametrize("preset,mesh", [("tiny_cpu", "mesh.data=4"),
                                          ("tiny_cpu", "mesh.tensor=2,mesh.fsdp=2"),
-                                         ("tiny_symboliclight_cpu", "mesh.data=4")])
+                                         ("tiny_symboliclight_cpu", "mesh.data=4"),
+                                         # UniPool's deferred pool gradient (per-device tgmm)
+                                         ("tiny_unipool_cpu",
+                                          "mesh.data=4,model.moe.pool_grad=deferred")])
 def test_tiny_train_step_default_kernels_v5e(preset, mesh):
   """The layers run the Mosaic kernels per device (shard_map), so the default TPU
   implementations compile on a multi-chip mesh."""
