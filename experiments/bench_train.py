@@ -92,7 +92,7 @@ def main(argv):
   print(f"device: {jax.device_count()} x {kind}; matmul peak measured "
         f"{measured and round(measured)} TFLOP/s, datasheet {sheet}")
   print(_HEADER.format(counts[0]))
-  print("|---|---|---|---|---|---|---|---|---|---|---|")
+  print("|---" * 12 + "|")
   tables, done = [], []
 
   def kernels(one_step):
@@ -112,7 +112,7 @@ def main(argv):
       if "RESOURCE_EXHAUSTED" not in str(e):
         raise
       print(f"| {name} | {n} | - | {cfg.train.batch_size}×{cfg.train.seq_len} | out of device "
-            f"memory: lower --set train.batch_size or raise train.grad_accum | | | | | | |",
+            f"memory: lower --set train.batch_size or raise train.grad_accum | | | | | | | |",
             flush=True)
       continue
     first_tok_s = first_tok_s or r.tokens_per_s
@@ -131,13 +131,14 @@ def higher_peak_table(done, before, after, sheet, first_count):
   done: [(name, device count, config, throughput result, first row's tokens/s)]."""
   best = max(before, after)
   lines = [f"\nmatmul peak measured again after the runs: {after:.0f} TFLOP/s; MFU against "
-           f"the higher peak, {best:.0f}:", _HEADER.format(first_count), "|---" * 11 + "|"]
+           f"the higher peak, {best:.0f}:", _HEADER.format(first_count), "|---" * 12 + "|"]
   lines += [_row(name, n, cfg, r, first, best, sheet) for name, n, cfg, r, first in done]
   return "\n".join(lines)
 
 
 _HEADER = ("| preset | devices | params | batch×seq | step ms | tokens/s | tokens/s vs {} dev | "
-           "model TFLOP/s/dev | MFU vs measured peak | MFU vs datasheet | compile s |")
+           "model TFLOP/s/dev | MFU vs measured peak | MFU vs datasheet | compile s | "
+           "device GB |")
 
 
 def _row(name, n, cfg, r, first_tok_s, peak, sheet):
@@ -145,7 +146,8 @@ def _row(name, n, cfg, r, first_tok_s, peak, sheet):
   mfu_s = f"{r.model_tflops_per_device / sheet:.1%}" if sheet else "-"
   return (f"| {name} | {n} | {r.params / 1e6:.0f}M | {cfg.train.batch_size}×{cfg.train.seq_len} "
           f"| {r.step_ms:.1f} | {r.tokens_per_s:,.0f} | {r.tokens_per_s / first_tok_s:.2f}× | "
-          f"{r.model_tflops_per_device:.0f} | {mfu_m} | {mfu_s} | {r.compile_s:.0f} |")
+          f"{r.model_tflops_per_device:.0f} | {mfu_m} | {mfu_s} | {r.compile_s:.0f} | "
+          f"{'-' if r.device_gb is None else f'{r.device_gb:.2f}'} |")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,20 @@ class Throughput:
   tokens_per_s: float
   model_tflops_per_device: float
   compile_s: float
+  # the compiled step's device memory per device (XLA's memory analysis; None where the
+  # backend gives none): arguments (state and batch) plus temporaries, outputs aliased
+  device_gb: float | None = None
+
+
+def _compiled_gb(compiled) -> float | None:
+  try:
+    m = compiled.memory_analysis()
+  except Exception:      # backends without a memory analysis
+    return None
+  if m is None:
+    return None
+  return (m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes
+          - m.alias_size_in_bytes) / 1e9
 
 
 def measure(cfg: Config, steps: int = 10, warmup: int = 2, devices=None,
@@ -49,6 +63,7 @@ def measure(cfg: Config, steps: int = 10, warmup: int = 2, devices=None,
                          sharding.batch_sharding(mesh))
   with sharding.use_mesh(mesh):
     t0 = time.perf_counter()
+    step = step.lower(state, batch).compile()   # the same executable, and its memory analysis
     state, m = step(state, batch)
     jax.block_until_ready(m)
     compile_s = time.perf_counter() - t0
@@ -72,4 +87,5 @@ def measure(cfg: Config, steps: int = 10, warmup: int = 2, devices=None,
   ms = float(np.median(times) * 1e3)
   tok_s = b * s / (ms / 1e3)
   tflops = tok_s * train_flops_per_token(cfg.model, s) / 1e12 / len(devices)
-  return Throughput(cfg.name, fm.num_params(), b * s, ms, tok_s, tflops, compile_s)
+  return Throughput(cfg.name, fm.num_params(), b * s, ms, tok_s, tflops, compile_s,
+                    _compiled_gb(step))

@@ -61,6 +61,8 @@ def test_variants_run_in_one_process_and_are_labelled():
   rows = table_rows(proc.stdout)
   assert [r[0] for r in rows] == ["tiny_cpu [base]", "tiny_cpu [full]"], proc.stdout
   assert [r[3] for r in rows] == ["16×32", "4×32"]
+  # the compiled step's memory per device: more for the larger batch
+  assert 0 < float(rows[1][11]) <= float(rows[0][11]), proc.stdout
   assert proc.stdout.count("matmul peak measured") == 1
 
 
@@ -81,7 +83,7 @@ def test_higher_peak_table_uses_the_higher_of_two_peaks():
   from jaxlm import configs
   cfg = configs.get_preset("tiny_cpu")
   r = types.SimpleNamespace(params=1e6, step_ms=10.0, tokens_per_s=1000.0,
-                            model_tflops_per_device=300.0, compile_s=1.0)
+                            model_tflops_per_device=300.0, compile_s=1.0, device_gb=None)
   text = bench_train.higher_peak_table([("tiny_cpu", 1, cfg, r, 1000.0)], 400.0, 600.0, None, 1)
   assert "measured again after the runs: 600 TFLOP/s" in text
   rows = table_rows(text)
