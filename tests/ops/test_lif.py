@@ -526,11 +526,49 @@ class TestLifTritonBwdReplayGpu(TestLifTritonGpu):
                                      bwd_replay_segment=512, bwd_replay=128))
 
 
+_COMPILE_PROBE = """
+import dataclasses, jax, jax.numpy as jnp
+from ops.lif import LifConfig, lif
+cfg = dataclasses.replace(LifConfig.for_device(jax.devices()[0].device_kind), {overrides})
+x = jnp.full((1, 256, 256), 1.2, jnp.float32)
+f = jax.grad(lambda x: jnp.sum(lif(x, implementation="pallas_triton", config=cfg)[0]))
+jax.block_until_ready(jax.jit(f)(x))
+"""
+
+
+def _compiles_in_a_subprocess(overrides: str, timeout: int = 300):
+  """Fails the test (instead of killing the whole pytest run) when compiling lif's fwd + bwd at
+  the device config with `overrides` crashes or hangs, as Triton's compiler did for some."""
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  env = dict(os.environ, PYTHONPATH=root)
+  try:
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_PROBE.format(overrides=overrides)],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+  except subprocess.TimeoutExpired:
+    pytest.fail(f"compiling lif with {overrides} took over {timeout} s")
+  if proc.returncode:
+    pytest.fail(f"compiling lif with {overrides} failed (rc {proc.returncode}): "
+                f"{proc.stderr[-1500:]}")
+
+
+def test_compile_probe_reports_a_failed_subprocess():
+  with pytest.raises(pytest.fail.Exception, match="no_such_field"):
+    _compiles_in_a_subprocess("no_such_field=1")
+
+
 @pytest.mark.gpu
 class TestLifTritonBwdReplayMergeGpu(TestLifTritonBwdReplayGpu):
-  """Without prefetch: with it the compile segfaulted (refused); this one is untried."""
+  """Without prefetch: with it the compile segfaulted (refused); this one is untried, so its
+  compile is first tried in a subprocess, where a crash fails the class, not the run."""
   CONFIG = dataclasses.replace(TestLifTritonBwdReplayGpu.CONFIG, fixup_merge=True,
                                bwd_replay_prefetch=False)
+
+  @pytest.fixture(autouse=True, scope="class")
+  def _compiles(self):
+    _compiles_in_a_subprocess("fixup_merge=True, bwd_replay_prefetch=False")
 
   def test_large_replay(self):
     _check_large(dataclasses.replace(LifConfig.for_device("NVIDIA H200"), fixup_merge=True,
