@@ -36,6 +36,9 @@ def _either(*policies):
   return out
 
 
+_DOTS_AND_KERNELS = (jax.checkpoint_policies.checkpoint_dots, save_fused_attention,
+                     save_pallas_outputs)
+
 REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole block
     # matmul outputs, and the cuDNN attention forward's: left out, the backward re-ran every
@@ -43,8 +46,7 @@ REMAT_POLICIES = {
     # layers, 39.4 ms of a 450 ms step)
     # Pallas kernels' outputs likewise, and the MoE experts' grouped matmuls by name
     # (jaxlm/layers/expert_pool: any gmm implementation, ragged_dot included)
-    "dots": _either(jax.checkpoint_policies.checkpoint_dots, save_fused_attention,
-                    save_pallas_outputs,
+    "dots": _either(*_DOTS_AND_KERNELS,
                     jax.checkpoint_policies.save_only_these_names("expert_dots")),
     # "dots" before session 18 (for A/B runs): Pallas kernels and grouped matmuls recomputed
     "dots_only": _either(jax.checkpoint_policies.checkpoint_dots, save_fused_attention),
@@ -54,10 +56,8 @@ REMAT_POLICIES = {
     # alone is 18 x 0.29 ms recomputed per step under "dots") for about 7 GB more activations;
     # session 16, same process: 402.8 ms a step against 401.7 under "dots" (no gain: the
     # profile's 10.4 ms multiply fusion is in both, so what it saves is not that recompute)
-    "dots_and_acts": _either(jax.checkpoint_policies.checkpoint_dots, save_fused_attention,
-                             save_pallas_outputs,
-                             jax.checkpoint_policies.save_only_these_names(
-                                 "mlp_act", "norm_out", "expert_dots")),
+    "dots_and_acts": _either(*_DOTS_AND_KERNELS, jax.checkpoint_policies.save_only_these_names(
+        "mlp_act", "norm_out", "expert_dots")),
 }
 
 
@@ -92,12 +92,16 @@ def scan_blocks(stacked: nnx.Module, x, layer_xs, body: Callable, remat: str):
   layer_xs: pytree with a leading layers axis (or None); returns (x, stacked layer_ys).
   """
   graphdef, state = nnx.split(stacked)
+  return jax.lax.scan(_layer_step(graphdef, body, remat), x, (state, layer_xs))
 
+
+def _layer_step(graphdef, body: Callable, remat: str) -> Callable:
+  """The (remat'd) scan step of one stacked layer: (carry, (layer state, layer_x))."""
   def step(carry, inputs):
     layer_state, layer_x = inputs
     return body(nnx.merge(graphdef, layer_state), carry, layer_x)
 
-  return jax.lax.scan(maybe_remat(step, remat), x, (state, layer_xs))
+  return maybe_remat(step, remat)
 
 
 def scan_blocks_in_chunks(stacked: nnx.Module, x, layer_xs, body: Callable, remat: str,
@@ -111,15 +115,11 @@ def scan_blocks_in_chunks(stacked: nnx.Module, x, layer_xs, body: Callable, rema
   if n % chunk:
     raise ValueError(f"{chunk}-layer chunks do not divide {n} layers")
   split = lambda t: jax.tree.map(lambda a: a.reshape((n // chunk, chunk) + a.shape[1:]), t)
-
-  def step(carry, inputs):
-    layer_state, layer_x = inputs
-    return body(nnx.merge(graphdef, layer_state), carry, layer_x)
+  step = _layer_step(graphdef, body, remat)
 
   def outer(carry, inputs):
     i, chunk_state, xs = inputs
-    xs = dict(xs, **chunk_xs(i))
-    return jax.lax.scan(maybe_remat(step, remat), carry, (chunk_state, xs))
+    return jax.lax.scan(step, carry, (chunk_state, dict(xs, **chunk_xs(i))))
 
   carry, ys = jax.lax.scan(outer, x, (jnp.arange(n // chunk, dtype=jnp.int32), split(state),
                                       split(layer_xs)))
