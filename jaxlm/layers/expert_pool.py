@@ -66,6 +66,19 @@ def pool_of_layer(layer: int, n_layers: int, n_pools: int) -> int:
 
 # --------------------------------------------------------------------------- dispatch
 
+def _saved_gmm(xs, w, group_sizes, implementation):
+  """ops.gmm's output, named for the remat policies (jaxlm/models/stacking.py): a Pallas
+  grouped matmul is not a dot_general, so checkpoint_dots alone would run it again in the
+  backward.
+
+  The optimization barrier keeps XLA's GPU dynamic-slice fusion from fusing the kernel into
+  the write of the scan's saved residual: it then runs the kernel twice, once per consumer
+  (unipool_469m, H200, session 19: 219 grouped-matmul launches a step instead of 147, 255 ms
+  a step against 216 with the barrier or with --xla_gpu_enable_dynamic_slice_fusion=false)."""
+  out = ops.gmm.gmm(xs, w, group_sizes, implementation=implementation)
+  return checkpoint_name(jax.lax.optimization_barrier(out), EXPERT_DOTS)
+
+
 def swiglu_grouped(xs, group_sizes, w_gate, w_up, w_down, implementation=None, align=0,
                    tap=None):
   """Rows xs [m, d] sorted by expert; w_* [E, d, f] / [E, f, d]; -> [m, d] (rows past the
@@ -84,20 +97,15 @@ def swiglu_grouped(xs, group_sizes, w_gate, w_up, w_down, implementation=None, a
                        implementation)
     return ops.gmm.unpad_rows(y, src, dest)
   dt = xs.dtype
-  # Named for the remat policies (jaxlm/models/stacking.py): a Pallas grouped matmul is not a
-  # dot_general, so checkpoint_dots alone would run all three again in the backward.
-  g = checkpoint_name(ops.gmm.gmm(xs, w_gate.astype(dt), group_sizes,
-                                  implementation=implementation), EXPERT_DOTS)
-  u = checkpoint_name(ops.gmm.gmm(xs, w_up.astype(dt), group_sizes,
-                                  implementation=implementation), EXPERT_DOTS)
+  g = _saved_gmm(xs, w_gate.astype(dt), group_sizes, implementation)
+  u = _saved_gmm(xs, w_up.astype(dt), group_sizes, implementation)
   if tap is not None:
     g = pool_grad.report_cotangent(g, tap["dg"])
     u = pool_grad.report_cotangent(u, tap["du"])
   h = (jax.nn.silu(g.astype(jnp.float32)) * u.astype(jnp.float32)).astype(dt)
   if tap is not None:
     h = pool_grad.report_value(h, tap["h"], h)
-  y = checkpoint_name(ops.gmm.gmm(h, w_down.astype(dt), group_sizes,
-                                  implementation=implementation), EXPERT_DOTS)
+  y = _saved_gmm(h, w_down.astype(dt), group_sizes, implementation)
   return y if tap is None else pool_grad.report_cotangent(y, tap["dy"])
 
 

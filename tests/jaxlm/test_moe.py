@@ -661,3 +661,37 @@ def test_deferred_pool_gradient_has_no_per_layer_pool_accumulator():
     jaxpr = jax.make_jaxpr(jax.grad(lambda p: jnp.mean(fm.apply(p, tokens)[0] ** 2)))(params)
     found[pg] = pool_shape in _scan_carry_shapes(jaxpr.jaxpr)
   assert found == {"per_layer": True, "deferred": False}
+
+
+def _converts_in_scans(jaxpr, in_scan=False) -> list:
+  """(input shape, input dtype) of every convert_element_type inside a scan body."""
+  out = []
+  for eqn in jaxpr.eqns:
+    if in_scan and eqn.primitive.name == "convert_element_type":
+      out.append((eqn.invars[0].aval.shape, jnp.dtype(eqn.invars[0].aval.dtype)))
+    for val in eqn.params.values():
+      for sub in val if isinstance(val, (tuple, list)) else (val,):
+        sub = getattr(sub, "jaxpr", sub)
+        if hasattr(sub, "eqns"):
+          out += _converts_in_scans(sub, in_scan or eqn.primitive.name == "scan")
+  return out
+
+
+def test_deferred_pool_is_cast_to_the_compute_dtype_once():
+  """Per layer, each block casts its (f32) pool to bf16 inside the layer scan: for a pool
+  shared by every layer that is the whole pool once per layer (and again wherever the remat
+  backward recomputes the forward). Deferred, the pool is cast once before the scan: the
+  forward's scan casts nothing pool-sized. (Forward only: the backward's dead per-layer weight
+  gradients of the stop_gradient pool also hold pool-sized converts until XLA drops them.)"""
+  tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 64)
+  found = {}
+  for pg in ("per_layer", "deferred"):
+    cfg = dataclasses.replace(_model_cfg(pool_grad=pg), scan_layers=True, remat="dots",
+                              dtype="bfloat16")
+    fm = build(cfg)
+    params = fm.init(jax.random.key(0))
+    assert params["pool"]["w_gate"].dtype == jnp.float32
+    expert_f32 = (params["pool"]["w_gate"].shape[1:], jnp.dtype(jnp.float32))
+    jaxpr = jax.make_jaxpr(lambda p: fm.apply(p, tokens)[0])(params)
+    found[pg] = expert_f32 in _converts_in_scans(jaxpr.jaxpr)
+  assert found == {"per_layer": True, "deferred": False}
