@@ -18,14 +18,24 @@ def save_fused_attention(prim, *_, **__) -> bool:
   return prim.name in CUDNN_ATTENTION_FWD
 
 
-# The primitive of every Pallas kernel (Triton, Mosaic GPU, Mosaic TPU): ops' forward kernels
-# (NSA's branches, gmm, LIF, scan, attention) are not dots, so checkpoint_dots alone re-ran
-# each of them in the backward of every remat'd layer.
-PALLAS_KERNELS = frozenset({"pallas_call"})
+# The primitives of Pallas kernels: ops' forward kernels (NSA's branches, gmm, LIF, scan,
+# attention) are not dots, so checkpoint_dots alone re-ran each of them in the backward of
+# every remat'd layer. "pallas_call": Triton, Mosaic TPU (and Mosaic GPU before jax 0.11);
+# "mpmd_map": Mosaic GPU kernels in jax 0.11.
+PALLAS_KERNELS = frozenset({"pallas_call", "mpmd_map"})
 
 
-def save_pallas_outputs(prim, *_, **__) -> bool:
-  return prim.name in PALLAS_KERNELS
+def save_pallas_outputs(prim, *_, **params) -> bool:
+  if prim.name in PALLAS_KERNELS:
+    return True
+  # jax 0.11 binds a Mosaic GPU kernel inside a custom_vmap_call, which is all the policy sees
+  # (e.g. the attention returning lse for NSA's compressed branch, re-run by the backward of
+  # "dots" until session 19): save it when its body is a Pallas kernel
+  if prim.name == "custom_vmap_call":
+    call = params.get("call")
+    eqns = getattr(getattr(call, "jaxpr", call), "eqns", ())
+    return any(e.primitive.name in PALLAS_KERNELS for e in eqns)
+  return False
 
 
 def _either(*policies):

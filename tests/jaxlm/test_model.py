@@ -321,3 +321,42 @@ def test_dots_remat_saves_pallas_kernel_outputs(capsys):
   assert "pallas_call" not in capsys.readouterr().out     # the policy "dots" was before
   g = jax.grad(jax.checkpoint(f, policy=REMAT_POLICIES["dots"]))(x)
   np.testing.assert_allclose(np.asarray(g), 2 * np.cos(2.0), rtol=1e-6)
+
+
+def test_dots_remat_saves_mosaic_gpu_kernel_outputs():
+  """Traced for an H200 (ops' target; no GPU needed to trace): the Mosaic GPU attention with
+  lse (NSA's compressed branch on GPU) runs its forward kernel once under remat "dots", twice
+  (forward and the backward's recompute) under "dots_only"."""
+  import ops.attention
+  from ops import _backend
+  from jaxlm.models.stacking import REMAT_POLICIES
+
+  q = jnp.ones((1, 128, 2, 64), jnp.bfloat16)
+
+  def loss(q, k, v):
+    o, lse = ops.attention.attention(q, k, v, causal=True, return_lse=True,
+                                     implementation="pallas_mosaic_gpu")
+    return jnp.sum(o.astype(jnp.float32) ** 2) + jnp.sum(lse)
+
+  def forward_kernels(jaxpr) -> int:
+    """Eqns anywhere in the jaxpr whose outputs have the forward kernel's shapes (o, lse)."""
+    n = 0
+    for e in jaxpr.eqns:
+      shapes = [tuple(v.aval.shape) for v in e.outvars]
+      if e.primitive.name not in ("checkpoint", "remat2", "custom_vjp_call",
+                                  "custom_vjp_call_jaxpr", "custom_vmap_call", "pjit",
+                                  "closed_call") and shapes == [(1, 128, 2, 64), (1, 2, 128)]:
+        n += 1
+      for val in e.params.values():
+        for sub in val if isinstance(val, (tuple, list)) else (val,):
+          sub = getattr(sub, "jaxpr", sub)
+          if hasattr(sub, "eqns"):
+            n += forward_kernels(sub)
+    return n
+
+  runs = {}
+  with _backend.target("gpu", "NVIDIA H200"):
+    for remat in ("dots", "dots_only"):
+      grad = jax.grad(jax.checkpoint(loss, policy=REMAT_POLICIES[remat]), argnums=(0, 1, 2))
+      runs[remat] = forward_kernels(jax.make_jaxpr(grad)(q, q, q).jaxpr)
+  assert runs == {"dots": 1, "dots_only": 2}
