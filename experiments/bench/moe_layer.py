@@ -6,7 +6,10 @@ time spent in the three grouped matmuls (ops.gmm, fwd + both backward products).
 
 Rows per shape: dense SwiGLU; the MoE layer with each ops.gmm implementation that runs here;
 "gmm only": the expert SwiGLU (3 gmm + activation) on already-sorted rows with the same group
-sizes. TFLOP/s counts active matmul FLOPs only (3 products x 2*T*d*f, x3 for fwd+bwd); the
+sizes. UniPool shapes add "deferred pool grad": the layer as a model with
+model.moe.pool_grad=deferred (the unipool_* presets) runs it, the pool under stop_gradient plus
+its share (1/24) of the pool gradient computed once for 24 layers' rows. TFLOP/s counts active
+matmul FLOPs only (3 products x 2*T*d*f, x3 for fwd+bwd); the
 router, sort, permute and combine are overhead on top. The moe rows also note how long
 reading and writing the pool's weights takes at the copy bandwidth (a floor for large pools).
 """
@@ -38,6 +41,7 @@ SHAPES = {
 }
 _OWN_KERNEL_ONLY = ("bench_t64k",)
 _ALIGN = 128                       # the H100/H200 gmm row tile
+_LAYERS = 24                       # layers sharing the pool (469M) for the deferred row
 _ALIGNED_ROW_MIN_EXPERTS = 64
 
 
@@ -59,6 +63,46 @@ def _experts(n, d, f, dtype, key):
   return {"w_gate": (jax.random.normal(k1, (n, d, f), jnp.float32) * d ** -0.5).astype(dtype),
           "w_up": (jax.random.normal(k2, (n, d, f), jnp.float32) * d ** -0.5).astype(dtype),
           "w_down": (jax.random.normal(k3, (n, f, d), jnp.float32) * f ** -0.5).astype(dtype)}
+
+
+def _group_sizes(loads, t):
+  """Per-expert row counts of t rows from the layer's measured load fractions."""
+  gs = np.round(loads * t).astype(np.int32)
+  gs[-1] += t - gs.sum()
+  return gs
+
+
+def _deferred_times(name, t, d, f, n_exp, router, dtype, x, dy, experts, loads) -> dict:
+  """The UniPool layer as a model with model.moe.pool_grad="deferred" runs it
+  (jaxlm/layers/pool_grad.py): fwd+bwd with the pool under stop_gradient and the layer's taps
+  (their cotangents are the rows the pool gradient needs), plus the pool gradient computed once
+  for all _LAYERS layers' rows, charged 1/_LAYERS to each layer. {row name: ms}."""
+  from flax import nnx
+  from jaxlm.layers import pool_grad
+  graphdef, state = _layer(t, d, f, "unipool", n_exp, router, dtype, "")
+  tap = {k: jnp.zeros(v.shape[1:], v.dtype) for k, v in pool_grad.tap_shapes(
+      pool_grad.TapSpec((0,), t, dtype), d, f, n_exp).items()}
+
+  def layer_fn(x, s, tap, e):
+    pool = {k: jax.lax.stop_gradient(v) for k, v in e.items()}
+    return nnx.merge(graphdef, s)(x, dict(pool, tap=tap))[0]
+
+  def step(x, s, tap, e):
+    out, vjp = jax.vjp(lambda x, s, tap: layer_fn(x, s, tap, e), x, s, tap)
+    return out, vjp(dy)
+
+  layer_ms = timing.time_fn(jax.jit(step), x, state, tap, experts)
+  # every layer's taps: random rows, each layer's group sizes those measured for this one
+  keys = jax.random.split(jax.random.key(1), len(pool_grad.TAP_WIDTHS))
+  taps = {k: jax.random.normal(kk, (_LAYERS, t, d if w == "d" else f), dtype)
+          for kk, (k, w) in zip(keys, pool_grad.TAP_WIDTHS.items())}
+  taps["gs"] = jnp.broadcast_to(jnp.asarray(_group_sizes(loads, t), jnp.float32),
+                                (_LAYERS, n_exp))
+  pool_ms = timing.time_fn(jax.jit(pool_grad.pool_gradient), taps)
+  per_layer = layer_ms + pool_ms / _LAYERS
+  print(f"{name} deferred: layer {layer_ms:.3f} ms + pool gradient {pool_ms:.3f} ms / "
+        f"{_LAYERS} layers = {per_layer:.3f} ms", flush=True)
+  return {f"moe[default, deferred pool grad, {_LAYERS} layers]": per_layer}
 
 
 def run(shapes="bench", dtype="bfloat16", ceilings=None):
@@ -130,11 +174,17 @@ def run(shapes="bench", dtype="bfloat16", ceilings=None):
       except Exception as err:
         print(f"{name} {nm} failed: {type(err).__name__}: {str(err)[:400]}", flush=True)
 
+    if kind == "unipool" and loads is not None:
+      try:
+        for nm, ms in _deferred_times(name, t, d, f, n_exp, router, dtype, x, dy, experts,
+                                      loads).items():
+          times[nm] = ms
+      except Exception as err:
+        print(f"{name} deferred failed: {type(err).__name__}: {str(err)[:400]}", flush=True)
+
     # gmm only: the expert SwiGLU on pre-sorted rows with the layer's group sizes
     if loads is not None:
-      gs = np.round(loads * t).astype(np.int32)
-      gs[-1] += t - gs.sum()
-      gs = jnp.asarray(gs)
+      gs = jnp.asarray(_group_sizes(loads, t))
       for impl, align in variants:
         nm = f"gmm only[{impl or 'default'}" + (f", group_align {align}]" if align else "]")
         try:
@@ -167,7 +217,7 @@ def run(shapes="bench", dtype="bfloat16", ceilings=None):
         note += f"; rel err vs ragged_dot {err:.1e}"
       if nm.startswith("moe[") and loads is not None:
         note += f"; max load x{loads.max() * len(loads):.2f}"
-      if nm.startswith("moe[") and weight_ms is not None:
+      if nm.startswith("moe[") and weight_ms is not None and "deferred" not in nm:
         note += f"; expert-weight traffic alone {weight_ms:.2f} ms"
         if "dense_swiglu" in times:
           note += f" (caps x vs dense at {times['dense_swiglu'] / weight_ms:.2f})"

@@ -12,4 +12,8 @@ def test_ci_rows_include_the_group_aligned_layer(monkeypatch):
   assert ("unipool", "moe[default, group_align 8]") in names
   assert ("unipool", "gmm only[default, group_align 8]") in names
   assert not any("group_align" in impl for kind, impl in names if kind == "vanilla")
+  # the layer as the unipool presets run it (deferred pool gradient), UniPool only
+  deferred = [impl for kind, impl in names if "deferred" in impl]
+  assert [kind for kind, impl in names if "deferred" in impl] == ["unipool"], names
+  assert deferred == ["moe[default, deferred pool grad, 24 layers]"]
   assert all(math.isfinite(r.ms) and r.ms > 0 for r in rows)
