@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from jaxlm.layers.logits import logits_einsum
+from tests.jaxlm.jaxpr_walk import all_eqns
 
 SPEC = "bsd,dv->bsv"
 
@@ -48,25 +49,7 @@ def test_backward_matmuls_run_in_the_compute_dtype():
   jaxpr = jax.make_jaxpr(jax.grad(lambda x, w: _loss(
       lambda x, w: logits_einsum(SPEC, x, w), x, w, tgt), argnums=(0, 1)))(x, w)
 
-  def sub_jaxprs(value):
-    # jax.core.jaxprs_in_params is not public in every jax we support (0.10 and 0.11)
-    if hasattr(value, "eqns"):
-      yield value
-    elif hasattr(value, "jaxpr") and hasattr(value.jaxpr, "eqns"):
-      yield value.jaxpr
-    elif isinstance(value, (tuple, list)):
-      for v in value:
-        yield from sub_jaxprs(v)
-
-  def dots(jx):
-    for eqn in jx.eqns:
-      if eqn.primitive.name == "dot_general":
-        yield eqn
-      for value in eqn.params.values():
-        for sub in sub_jaxprs(value):
-          yield from dots(sub)
-
-  found = list(dots(jaxpr.jaxpr))
+  found = [e for e, _ in all_eqns(jaxpr.jaxpr) if e.primitive.name == "dot_general"]
   assert len(found) >= 3, found        # forward (also inside the custom_vjp's params), dx, dW
   for eqn in found:
     assert all(v.aval.dtype == jnp.bfloat16 for v in eqn.invars), eqn

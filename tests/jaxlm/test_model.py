@@ -11,6 +11,7 @@ from jaxlm.models import build
 from jaxlm.models.transformer import CACHE_AXES, init_cache
 from jaxlm.train.step import token_losses
 from tests.jaxlm.conftest import random_params, tiny_model
+from tests.jaxlm.jaxpr_walk import all_eqns
 
 B, S = 2, 16
 TOL = 1e-4
@@ -329,7 +330,7 @@ def test_dots_remat_saves_mosaic_gpu_kernel_outputs():
   (forward and the backward's recompute) under "dots_only"."""
   import ops.attention
   from ops import _backend
-  from jaxlm.models.stacking import REMAT_POLICIES
+  from jaxlm.models.stacking import PALLAS_KERNELS, REMAT_POLICIES
 
   q = jnp.ones((1, 128, 2, 64), jnp.bfloat16)
 
@@ -339,20 +340,10 @@ def test_dots_remat_saves_mosaic_gpu_kernel_outputs():
     return jnp.sum(o.astype(jnp.float32) ** 2) + jnp.sum(lse)
 
   def forward_kernels(jaxpr) -> int:
-    """Eqns anywhere in the jaxpr whose outputs have the forward kernel's shapes (o, lse)."""
-    n = 0
-    for e in jaxpr.eqns:
-      shapes = [tuple(v.aval.shape) for v in e.outvars]
-      if e.primitive.name not in ("checkpoint", "remat2", "custom_vjp_call",
-                                  "custom_vjp_call_jaxpr", "custom_vmap_call", "pjit",
-                                  "closed_call") and shapes == [(1, 128, 2, 64), (1, 2, 128)]:
-        n += 1
-      for val in e.params.values():
-        for sub in val if isinstance(val, (tuple, list)) else (val,):
-          sub = getattr(sub, "jaxpr", sub)
-          if hasattr(sub, "eqns"):
-            n += forward_kernels(sub)
-    return n
+    """Kernel eqns anywhere in the jaxpr with the forward kernel's outputs (o, lse)."""
+    return sum(e.primitive.name in PALLAS_KERNELS
+               and [v.aval.shape for v in e.outvars] == [(1, 128, 2, 64), (1, 2, 128)]
+               for e, _ in all_eqns(jaxpr))
 
   runs = {}
   with _backend.target("gpu", "NVIDIA H200"):

@@ -14,6 +14,7 @@ from jaxlm.layers import expert_pool, moe_losses, routers
 from jaxlm.layers.moe import MoEFFN, capacity, capacity_drop
 from jaxlm.models.functional import build
 from jaxlm.sharding import make_mesh, use_mesh
+from tests.jaxlm.jaxpr_walk import all_eqns
 from tests.ops.op_testing import assert_close
 
 F32 = jnp.float32
@@ -634,17 +635,12 @@ def test_deferred_pool_gradient_data_parallel_equals_one_device(mesh_kw, chunk):
 
 
 def _scan_carry_shapes(jaxpr) -> list:
-  """Shapes of every scan's loop carries in a closed jaxpr, nested ones included."""
+  """Shapes of every scan's loop carries in a jaxpr, nested ones included."""
   out = []
-  for eqn in jaxpr.eqns:
+  for eqn, _ in all_eqns(jaxpr):
     if eqn.primitive.name == "scan":
       nc, ncarry = eqn.params["num_consts"], eqn.params["num_carry"]
       out += [v.aval.shape for v in eqn.invars[nc:nc + ncarry]]
-    for val in eqn.params.values():
-      for sub in val if isinstance(val, (tuple, list)) else (val,):
-        sub = getattr(sub, "jaxpr", sub)          # ClosedJaxpr -> Jaxpr
-        if hasattr(sub, "eqns"):
-          out += _scan_carry_shapes(sub)
   return out
 
 
@@ -663,18 +659,11 @@ def test_deferred_pool_gradient_has_no_per_layer_pool_accumulator():
   assert found == {"per_layer": True, "deferred": False}
 
 
-def _converts_in_scans(jaxpr, in_scan=False) -> list:
+def _converts_in_scans(jaxpr) -> list:
   """(input shape, input dtype) of every convert_element_type inside a scan body."""
-  out = []
-  for eqn in jaxpr.eqns:
-    if in_scan and eqn.primitive.name == "convert_element_type":
-      out.append((eqn.invars[0].aval.shape, jnp.dtype(eqn.invars[0].aval.dtype)))
-    for val in eqn.params.values():
-      for sub in val if isinstance(val, (tuple, list)) else (val,):
-        sub = getattr(sub, "jaxpr", sub)
-        if hasattr(sub, "eqns"):
-          out += _converts_in_scans(sub, in_scan or eqn.primitive.name == "scan")
-  return out
+  return [(e.invars[0].aval.shape, jnp.dtype(e.invars[0].aval.dtype))
+          for e, inside in all_eqns(jaxpr)
+          if e.primitive.name == "convert_element_type" and "scan" in inside]
 
 
 def test_deferred_pool_is_cast_to_the_compute_dtype_once():
