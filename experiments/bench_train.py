@@ -111,9 +111,11 @@ def main(argv):
     except jax.errors.JaxRuntimeError as e:  # one preset too big for the device: keep the table
       if "RESOURCE_EXHAUSTED" not in str(e):
         raise
+      from jaxlm.aot_report import activation_memory_hints
+      hint = activation_memory_hints(cfg)
       print(f"| {name} | {n} | - | {cfg.train.batch_size}×{cfg.train.seq_len} | out of device "
-            f"memory: lower --set train.batch_size or raise train.grad_accum | | | | | | | |",
-            flush=True)
+            f"memory: lower --set train.batch_size or raise train.grad_accum"
+            f"{'; ' + hint if hint else ''} | | | | | | | |", flush=True)
       continue
     first_tok_s = first_tok_s or r.tokens_per_s
     done.append((name, n, cfg, r, first_tok_s))

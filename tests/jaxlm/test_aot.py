@@ -227,3 +227,26 @@ def test_dense_1b_does_not_fit_v5e_2x2():
   (r,) = res.reports
   assert r.fits is False
   assert "over by" in res.advice[0] and "mesh." in res.advice[0]
+
+
+def test_fit_advice_names_the_deferred_pool_gradient_for_unipool():
+  """The deferred pool gradient holds every layer's expert rows: advice for a UniPool config
+  that does not fit names the per_layer / chunk way out; other configs get no such line."""
+  from jaxlm import configs
+  unipool = configs.get_preset("unipool_469m")
+  assert unipool.model.moe.pool_grad == "deferred"
+  assert "model.moe.pool_grad=per_layer" in aot_report.activation_memory_hints(unipool)
+  assert "pool_grad_chunk" in aot_report.activation_memory_hints(unipool)
+  per_layer = dataclasses.replace(unipool, model=dataclasses.replace(
+      unipool.model, moe=dataclasses.replace(unipool.model.moe, pool_grad="per_layer")))
+  assert aot_report.activation_memory_hints(per_layer) == ""
+  assert aot_report.activation_memory_hints(configs.get_preset("dense_125m")) == ""
+  cfg = _tiny("tiny_unipool_cpu", "mesh.data=8", "model.moe.pool_grad=deferred")
+  devices = jax.devices()[:8]
+  state = aot_report.state_bytes_for_mesh(cfg, devices, cfg.mesh)
+  r = aot.Report(what="train_step", config=cfg.name, topology="fake:8", device_kind="TPU v5 lite",
+                 n_devices=8, mesh={"data": 8, "fsdp": 1, "tensor": 1, "expert": 1},
+                 argument_bytes=state, output_bytes=state, alias_bytes=state,
+                 temp_bytes=state * 4, code_bytes=0, hbm_bytes=state // 2, flops=None,
+                 collectives={}, compile_s=0.0, state_bytes=state)
+  assert "model.moe.pool_grad=per_layer" in aot_report.fit_advice(r, cfg, devices)
