@@ -35,9 +35,9 @@ def _train(name: str) -> TrainConfig:
 def unipool(size: str) -> Config:
   n_layers, d = SIZES[size]
   # pool_grad deferred: H200, unipool_469m, 16 x 1024 a step, session 19: 414 ms against 562
-  # per layer (before the pool was cast once, which only the deferred path does); it holds
-  # every layer's expert rows, so per_layer fits larger batches (64 x 1024: per_layer 102 GB,
-  # deferred out of the H200's memory)
+  # per layer (both before the pool was cast once a step); it holds every layer's expert rows,
+  # so per_layer fits larger batches (64 x 1024: per_layer 102 GB, deferred out of the H200's
+  # memory)
   moe = MoEConfig(kind="unipool", n_experts=8 * n_layers, top_k=1, router="norm_router",
                   pool_balance_loss=1e-2 if size == "182m" else 2e-2, pool_grad="deferred")
   return Config(name=f"unipool_{size}", model=_model(n_layers, d, moe),

@@ -76,6 +76,27 @@ def _report_cotangent_bwd(like, ct):
 report_cotangent.defvjp(_report_cotangent_fwd, _report_cotangent_bwd)
 
 
+@jax.custom_vjp
+def compute_copy(w, w_cast):
+  """w_cast (w already cast to the compute dtype, once, outside the layer scan) carrying w's
+  gradient: the cotangent goes to w in w's dtype (so a pool shared by the scanned layers still
+  sums its per-layer gradients in f32), none to w_cast. Through it a layer reads a shared pool
+  without converting the whole pool itself, in the forward and again in the remat backward."""
+  del w
+  return w_cast
+
+
+def _compute_copy_fwd(w, w_cast):
+  return w_cast, jnp.zeros((), w.dtype)
+
+
+def _compute_copy_bwd(like, ct):
+  return ct.astype(like.dtype), None
+
+
+compute_copy.defvjp(_compute_copy_fwd, _compute_copy_bwd)
+
+
 class TapSpec(NamedTuple):
   """Static description of the taps of `make_taps` (hashable).
 

@@ -185,13 +185,21 @@ class Transformer(nnx.Module):
                                math.prod(mesh.shape[a] for a in tok))
       return pool_grad.make_taps(*w, spec)
 
+    # The expert weights are cast to the compute dtype once here: inside the layers every one
+    # of them (and its remat backward) would convert its pool again, for a shared pool the whole
+    # pool per layer (unipool_469m, H200, session 19: 144 whole-pool converts, 162 ms of a
+    # 413 ms step). Deferred: under stop_gradient. Shared pools per layer: through
+    # pool_grad.compute_copy, so the per-layer gradients still add up in the pool's dtype.
+    # Per-layer pools (vanilla) are scan inputs: their cotangents are per layer already.
+    dt = jnp.dtype(cfg.dtype)
+    cast_pools = None
     if deferred:
-      # Cast once here: inside the layers every one of them (and its remat backward) would
-      # convert the whole shared pool again (unipool_469m, H200, session 19: 144 whole-pool
-      # converts, 162 ms of a 413 ms step). Under stop_gradient no gradient flows through it.
-      dt = jnp.dtype(cfg.dtype)
       pools = dict(pools, **{n: jax.lax.stop_gradient(pools[n]).astype(dt)
                              for n in pool_grad.WEIGHTS})
+    elif per_layer_pools:
+      pools = dict(pools, **{n: pools[n].astype(dt) for n in pool_grad.WEIGHTS})
+    else:
+      cast_pools = {n: jax.lax.stop_gradient(pools[n]).astype(dt) for n in pool_grad.WEIGHTS}
     residual = cfg.moe.gating_residual
     prev0 = jnp.zeros((b, s, cfg.moe.n_routed), jnp.float32) if residual else None
 
@@ -200,8 +208,11 @@ class Transformer(nnx.Module):
       layer_cache, layer, experts = layer_in["cache"], layer_in["layer"], layer_in["experts"]
       if experts is None:  # shared pools: pick this layer's group from the closed-over pools
         g = layer // (n_layers // n_pools)
-        experts = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, g, 0, keepdims=False),
-                               pools)
+        pick = lambda a: jax.lax.dynamic_index_in_dim(a, g, 0, keepdims=False)
+        experts = jax.tree.map(pick, pools)
+        if cast_pools is not None:
+          experts = dict(experts, **{n: pool_grad.compute_copy(experts[n], pick(cast_pools[n]))
+                                     for n in pool_grad.WEIGHTS})
       if layer_in.get("tap") is not None:
         experts = dict(experts, tap=layer_in["tap"])
       c = None if layer_cache is None else dict(layer_cache, lengths=lengths)

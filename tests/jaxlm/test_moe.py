@@ -666,21 +666,44 @@ def _converts_in_scans(jaxpr) -> list:
           if e.primitive.name == "convert_element_type" and "scan" in inside]
 
 
-def test_deferred_pool_is_cast_to_the_compute_dtype_once():
-  """Per layer, each block casts its (f32) pool to bf16 inside the layer scan: for a pool
-  shared by every layer that is the whole pool once per layer (and again wherever the remat
-  backward recomputes the forward). Deferred, the pool is cast once before the scan: the
-  forward's scan casts nothing pool-sized. (Forward only: the backward's dead per-layer weight
-  gradients of the stop_gradient pool also hold pool-sized converts until XLA drops them.)"""
+def test_pools_are_cast_to_the_compute_dtype_once():
+  """Left to the layers, each block casts its (f32) experts to bf16 inside the layer scan: for
+  a pool shared by every layer that is the whole pool once per layer (and again wherever the
+  remat backward recomputes the forward). The pools are cast once before the scan instead, for
+  UniPool's deferred and per-layer pool gradient and for vanilla MoE's per-layer pools: no
+  forward scan casts anything expert-shaped. (Forward only: the backward's dead per-layer
+  weight gradients of the stop_gradient pool hold expert-shaped converts until XLA drops them.)
+  The per-layer gradients of a shared pool still add up in f32: see
+  test_deferred_pool_gradient_equals_autodiff and test_compute_copy_gradient_dtype."""
   tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 64)
   found = {}
-  for pg in ("per_layer", "deferred"):
-    cfg = dataclasses.replace(_model_cfg(pool_grad=pg), scan_layers=True, remat="dots",
-                              dtype="bfloat16")
+  for kind, pg in (("unipool", "per_layer"), ("unipool", "deferred"), ("vanilla", "per_layer")):
+    cfg = dataclasses.replace(_model_cfg(kind=kind, pool_grad=pg), scan_layers=True,
+                              remat="dots", dtype="bfloat16")
     fm = build(cfg)
     params = fm.init(jax.random.key(0))
     assert params["pool"]["w_gate"].dtype == jnp.float32
     expert_f32 = (params["pool"]["w_gate"].shape[1:], jnp.dtype(jnp.float32))
     jaxpr = jax.make_jaxpr(lambda p: fm.apply(p, tokens)[0])(params)
-    found[pg] = expert_f32 in _converts_in_scans(jaxpr.jaxpr)
-  assert found == {"per_layer": True, "deferred": False}
+    found[kind, pg] = expert_f32 in _converts_in_scans(jaxpr.jaxpr)
+  assert not any(found.values()), found
+
+
+def test_compute_copy_gradient_dtype():
+  """pool_grad.compute_copy reads the cast copy and sends the whole cotangent to the f32
+  original, in f32: summed over uses (as over the layers sharing a pool) in f32."""
+  from jaxlm.layers import pool_grad
+  w = jax.random.normal(jax.random.key(0), (3, 4), jnp.float32)
+  w16 = w.astype(jnp.bfloat16)
+
+  def loss(w, w16):
+    a = pool_grad.compute_copy(w, w16)
+    b = pool_grad.compute_copy(w, w16)
+    return jnp.sum(a.astype(jnp.float32) * 2.0) + jnp.sum(b.astype(jnp.float32) ** 2)
+
+  gw, g16 = jax.grad(loss, argnums=(0, 1))(w, w16)
+  assert gw.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(gw), 2.0 + 2 * np.asarray(w16.astype(jnp.float32)),
+                             rtol=1e-2)
+  assert float(jnp.abs(g16.astype(jnp.float32)).max()) == 0.0
+  assert jnp.array_equal(pool_grad.compute_copy(w, w16), w16)
