@@ -91,8 +91,9 @@ def fit_advice(report: Report, cfg: Config, devices: Sequence) -> str:
         f"raise train.grad_accum (activations scale with the micro-batch, now "
         f"{cfg.train.batch_size // cfg.train.grad_accum}), set model.remat=full, or use a "
         f"bigger slice.")
-  if activation_memory_hints(cfg):
-    lines.append(f"  {activation_memory_hints(cfg)}.")
+  hint = activation_memory_hints(cfg)
+  if hint:
+    lines.append(f"  {hint}.")
   return "\n".join(lines)
 
 
