@@ -1,5 +1,10 @@
 """Ahead-of-time compilation for TPU topologies on a CPU host: does a run fit before you rent it?
 
+NVIDIA GPUs work the same way through jax's CUDA plugin (the [gpu] extra): topology names
+"h100", "h200:2", "h200:2x8" (jaxlm/gpu_targets.py); memory is checked against what jax's GPU
+allocator gets (gpu_targets.usable_memory_bytes), since the GPU compiler does not refuse a
+program for its size. What follows is about TPUs.
+
 With libtpu installed (`pip install -e .[tpu]`), `jax.experimental.topologies` describes the
 devices of a TPU slice that is not attached, and `jax.jit(f).lower(<ShapeDtypeStructs sharded
 over a Mesh of those devices>).compile()` runs the real TPU compiler — SPMD partitioning, Mosaic
@@ -91,14 +96,24 @@ def quiet_libtpu() -> None:
   host_env.libtpu_placeholders()
 
 
+def has_gpu_compiler() -> bool:
+  """The CUDA PJRT plugin (jax[cuda13], the [gpu] extra) is installed."""
+  return host_env.has_cuda_plugin()
+
+
 @functools.lru_cache(maxsize=None)
 def topology_devices(name: str) -> tuple:
-  """Devices of a TPU topology, e.g. "v5p:4x4x4" (64 chips), compile-only."""
+  """Devices of a TPU topology, e.g. "v5p:4x4x4" (64 chips), or of NVIDIA GPUs, e.g. "h200:2"
+  (jaxlm/gpu_targets.py), compile-only."""
+  from jaxlm import gpu_targets
+  if gpu_targets.is_gpu_topology(name):
+    return _gpu_topology_devices(name)
   if not has_libtpu():
     raise AotUnavailable("libtpu is not installed: pip install -e '.[tpu]' (about 700 MB)")
   quiet_libtpu()  # before libtpu first loads
   if ":" not in name:
-    raise ValueError(f"topology {name!r}: expected <generation>:<shape>, e.g. v5p:4x4x4")
+    raise ValueError(f"topology {name!r}: expected <generation>:<shape>, e.g. v5p:4x4x4, "
+                     "or NVIDIA GPUs, e.g. h100, h200:2")
   from jax.experimental import topologies
   try:
     topo = topologies.get_topology_desc(platform="tpu", topology_name=name)
@@ -107,7 +122,34 @@ def topology_devices(name: str) -> tuple:
   return tuple(topo.devices)
 
 
+def _gpu_topology_devices(name: str) -> tuple:
+  from jaxlm import gpu_targets
+  spec, hosts, n = gpu_targets.parse(name)
+  if not has_gpu_compiler():
+    raise AotUnavailable("the XLA GPU compiler (the CUDA PJRT plugin) is not installed: "
+                         "pip install -e '.[gpu]' (about 3.5 GB; no GPU needed to compile)")
+  # Too late if jax has already initialised its backends (host_env.cuda_plugin_without_gpu).
+  host_env.cuda_plugin_without_gpu()
+  from jax.experimental import topologies
+  try:
+    topo = topologies.get_topology_desc(
+        name, platform="cuda", target_config=gpu_targets.target_config(spec),
+        topology=f"1 x {hosts} x {n}")
+  except NotImplementedError as e:  # jax dropped the plugin when its backends started
+    raise AotUnavailable(
+        f"GPU topology {name!r}: jax did not load the CUDA plugin. Without a GPU it needs "
+        "JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 before jax starts "
+        "(jaxlm.host_env.cuda_plugin_without_gpu)") from e
+  except Exception as e:  # noqa: BLE001 - the plugin's own message
+    raise AotUnavailable(f"GPU topology {name!r}: the CUDA plugin could not describe it: {e}") from e
+  return tuple(topo.devices)
+
+
 def hbm_bytes(device_kind: str) -> int | None:
+  from jaxlm import gpu_targets
+  usable = gpu_targets.usable_memory_bytes(device_kind)
+  if usable is not None:
+    return usable
   # Longest key first: "TPU v5 lite" must not match "TPU v5".
   for key in sorted(HBM_BYTES, key=len, reverse=True):
     if device_kind.lower().startswith(key.lower()):

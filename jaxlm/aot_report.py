@@ -33,16 +33,30 @@ def state_bytes_for_mesh(cfg: Config, devices: Sequence, mesh_cfg: MeshConfig) -
   return _state_bytes(abstract)
 
 
+# Above this the loss's logits are worth chunking (unipool_469m, 32 x 1024, vocab 50304: 6.1 GiB
+# of f32 logits; chunked in 8, its H200 step needs 77.2 instead of 87.9 GiB).
+LOGITS_HINT_BYTES = 1 * GiB
+
+
 def activation_memory_hints(cfg: Config) -> str:
   """Model settings that hold activation memory beyond the batch's (empty when none is set):
   appended to out-of-memory advice."""
+  hints = []
   e = cfg.model.moe
   if e.kind == "unipool" and e.pool_grad == "deferred":
-    return ("model.moe.pool_grad=deferred holds every layer's expert rows until the pool "
-            "gradient: set model.moe.pool_grad=per_layer (slower at small batches, "
-            "unipool_469m on an H200: 562 against 414 ms at 16 x 1024), or "
-            "model.moe.pool_grad_chunk to defer over fewer layers at a time")
-  return ""
+    hints.append("model.moe.pool_grad=deferred holds every layer's expert rows until the pool "
+                 "gradient: set model.moe.pool_grad=per_layer (slower at small batches, "
+                 "unipool_469m on an H200: 562 against 414 ms at 16 x 1024), or "
+                 "model.moe.pool_grad_chunk to defer over fewer layers at a time")
+  t = cfg.train
+  logits = t.batch_size // t.grad_accum * t.seq_len * cfg.model.vocab_size * 4
+  if t.loss_chunks == 1 and logits >= LOGITS_HINT_BYTES:
+    chunks = next(n for n in (8, 4, 2, 1) if t.seq_len % n == 0)
+    if chunks > 1:
+      hints.append(f"the loss holds the micro-batch's float32 logits ({logits / GiB:.1f} GiB, "
+                   "split over the batch's devices) about 2.5 times in its backward: "
+                   f"train.loss_chunks={chunks} computes them a chunk of the sequence at a time")
+  return "; ".join(hints)
 
 
 def fit_advice(report: Report, cfg: Config, devices: Sequence) -> str:

@@ -30,6 +30,9 @@ class TrainConfig:
   eps: float = 1e-8
   grad_clip: float = 1.0        # global-norm clip; 0 = off
   z_loss: float = 0.0           # coefficient of mean(logsumexp(logits)^2)
+  # > 1: output head + cross entropy over this many chunks of the sequence, recomputed in the
+  # backward, so a [batch, seq, vocab] f32 logits array is never held (jaxlm/train/chunked_loss)
+  loss_chunks: int = 1
   seed: int = 0
   log_every: int = 10
   eval_every: int = 200

@@ -89,8 +89,12 @@ def validate(cfg: Config) -> Config:
     _validate_spiking(m)
 
   for k in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_every",
-            "eval_batches", "checkpoint_every", "keep_checkpoints", "max_nonfinite_steps"):
+            "eval_batches", "checkpoint_every", "keep_checkpoints", "max_nonfinite_steps",
+            "loss_chunks"):
     _check(getattr(t, k) >= 1, f"train.{k}", f"must be >= 1, got {getattr(t, k)}")
+  _check(t.seq_len % t.loss_chunks == 0, "train.loss_chunks",
+         f"{t.loss_chunks} does not divide train.seq_len={t.seq_len} (chunks run along the "
+         "sequence)")
   _check(t.seq_len <= m.max_seq_len, "train.seq_len",
          f"{t.seq_len} is longer than the RoPE table model.max_seq_len={m.max_seq_len}")
   _check(t.batch_size % t.grad_accum == 0, "train.grad_accum",

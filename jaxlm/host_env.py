@@ -35,3 +35,27 @@ def quiet_libtpu_without_chips() -> None:
   on a TPU host; no effect once jax has initialised its backends."""
   if importlib.util.find_spec("libtpu") is not None and not tpu_chips_attached():
     libtpu_placeholders()
+
+
+def has_cuda_plugin() -> bool:
+  """jax's CUDA PJRT plugin (the [gpu] extra) is installed, whether or not a GPU is present."""
+  for v in (13, 12):
+    try:
+      if importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") is not None:
+        return True
+    except ModuleNotFoundError:  # no jax_plugins namespace at all
+      return False
+  return False
+
+
+def nvidia_gpu_attached() -> bool:
+  return os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/nvidia0")
+
+
+def cuda_plugin_without_gpu() -> None:
+  """With the CUDA plugin installed (the [gpu] extra, to compile GPU programs ahead of time) on
+  a host without an NVIDIA GPU, the plugin's check of the CUDA libraries against the driver
+  fails (there is no driver) and jax drops the plugin, so no GPU topology can be described.
+  Skip that check here; nothing on a GPU host. Must run before jax initialises its backends."""
+  if not nvidia_gpu_attached() and has_cuda_plugin():
+    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")

@@ -18,10 +18,13 @@ if (not _HAS_NVIDIA_GPU
 
 import importlib.util
 
+from jaxlm import host_env
 from jaxlm.host_env import quiet_libtpu_without_chips
 
 # libtpu installed (the [tpu] extra, for the tpu_aot tests) on a host without TPU chips.
 quiet_libtpu_without_chips()
+# The CUDA plugin installed (the [gpu] extra, for the gpu_aot tests) on a host without a GPU.
+host_env.cuda_plugin_without_gpu()
 
 import jax
 import pytest
@@ -51,11 +54,16 @@ def pytest_collection_modifyitems(config, items):
   has_libtpu = importlib.util.find_spec("libtpu") is not None
   no_gpu = pytest.mark.skip(reason="no GPU present (run on the device)")
   no_libtpu = pytest.mark.skip(reason="libtpu not installed (pip install -e .[tpu])")
+  has_cuda_plugin = host_env.has_cuda_plugin()
+  no_cuda_plugin = pytest.mark.skip(
+      reason="CUDA PJRT plugin not installed (pip install -e .[gpu]; no GPU needed)")
   for item in items:
     if "gpu" in item.keywords and not has_gpu:
       item.add_marker(no_gpu)
     if "tpu_aot" in item.keywords and not has_libtpu:
       item.add_marker(no_libtpu)
+    if "gpu_aot" in item.keywords and not has_cuda_plugin:
+      item.add_marker(no_cuda_plugin)
 
 
 def pytest_runtest_logreport(report):

@@ -129,7 +129,7 @@ def probe_forward(fm, params: dict, tokens, *, expert_mask_fn: Callable | None =
     x = x + y
     if prev is not None:
       prev = logits
-  out = {"logits": model._head(x)}
+  out = {"logits": model.to_logits(x)}
   if record_routing and moe:
     out["routing"] = {k: jnp.stack([r[k] for r in recorded]) for k in ("ids", "scores", "gates")}
   return out

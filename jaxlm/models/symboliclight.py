@@ -235,8 +235,8 @@ class SymbolicLight(nnx.Module):
                                         (x.shape, (x.shape[0], x.shape[2])))
     return x, spikes, v_last
 
-  def logits(self, x):
-    """Decoding head: x [b, s, d] -> logits [b, s, vocab] float32."""
+  def to_logits(self, x):
+    """Decoding head: x [b, s, d] -> logits [b, s, vocab] float32 (each token on its own)."""
     if self.cfg.tie_embeddings:
       out = self.embed.attend(x)
     else:
@@ -252,11 +252,13 @@ class SymbolicLight(nnx.Module):
 
   # ------------------------------------------------------------------ forward
   def __call__(self, tokens, *, positions=None, segment_ids=None, cache=None,
-               return_aux: bool = False):
+               return_aux: bool = False, return_hidden: bool = False):
     """tokens: [batch, seq] int32. positions: [batch, seq] (default arange, or cache lengths +
     arange). cache: None or `init_cache(...)`'s dict (carried encoder membrane, decay states, K/V
     with key spikes, lengths). Returns logits [batch, seq, vocab] float32 and the updated cache
-    (None without one), plus the spike statistics dict when return_aux.
+    (None without one), plus the spike statistics dict when return_aux. With return_hidden the
+    first output is the last block's output x [batch, seq, d_model]; `to_logits(x)` gives the
+    logits.
     """
     cfg = self.cfg
     b, s = tokens.shape
@@ -296,10 +298,10 @@ class SymbolicLight(nnx.Module):
       new_cache = dict(new_layers, lengths=lengths + s)
       if v_last is not None:
         new_cache["v_mem"] = v_last
-    logits = self.logits(x)
+    out = x if return_hidden else self.to_logits(x)
     if not return_aux:
-      return logits, new_cache
-    return logits, new_cache, spike_aux(enc_rate, stats)
+      return out, new_cache
+    return out, new_cache, spike_aux(enc_rate, stats)
 
 
 def spike_aux(encoder_rate, stats: dict) -> dict:

@@ -90,21 +90,24 @@ class Transformer(nnx.Module):
                         std=cfg.init_std, dtype=pd)
 
   def __call__(self, tokens, *, positions=None, segment_ids=None, cache=None,
-               return_aux: bool = False, route_override=None):
+               return_aux: bool = False, route_override=None, return_hidden: bool = False):
     """tokens: [batch, seq] int32. positions: [batch, seq] (default arange, or cache lengths + arange).
 
     cache: None, or dict(k, v: [layers, batch, max_len, kv_heads, head_dim], lengths: [batch]).
     Returns logits [batch, seq, vocab] float32 and the updated cache (None without one), plus
-    the MoE aux dict when return_aux (empty for a dense model).
+    the MoE aux dict when return_aux (empty for a dense model). With return_hidden the first
+    output is the last block's output x [batch, seq, d_model] instead: `to_logits(x)` gives the
+    logits (jaxlm/train/chunked_loss.py applies it a chunk of tokens at a time).
     """
     if route_override is not None and self.cfg.moe.kind == "none":
       raise ValueError("route_override needs an MoE model (model.moe.kind != 'none')")
     if self.cfg.moe.kind != "none":
-      logits, new_cache, aux = self._moe_forward(tokens, positions, segment_ids, cache,
-                                                 route_override)
-      return (logits, new_cache, aux) if return_aux else (logits, new_cache)
-    logits, new_cache, aux = self._dense_forward(tokens, positions, segment_ids, cache)
-    return (logits, new_cache, aux) if return_aux else (logits, new_cache)
+      x, new_cache, aux = self._moe_forward(tokens, positions, segment_ids, cache,
+                                            route_override)
+    else:
+      x, new_cache, aux = self._dense_forward(tokens, positions, segment_ids, cache)
+    out = x if return_hidden else self.to_logits(x)
+    return (out, new_cache, aux) if return_aux else (out, new_cache)
 
   def _dense_forward(self, tokens, positions, segment_ids, cache):
     cfg = self.cfg
@@ -139,9 +142,11 @@ class Transformer(nnx.Module):
       new_layers = None if cache is None else new_layers
     new_cache = None if cache is None else dict(new_layers, lengths=lengths + s)
     aux = nsa_layer.gate_aux(stats["gate_mean"]) if is_nsa else {}
-    return self._head(x), new_cache, aux
+    return x, new_cache, aux
 
-  def _head(self, x):
+  def to_logits(self, x):
+    """The last block's output x [batch, seq, d] -> logits [batch, seq, vocab] float32 (final
+    norm and output matmul, each token on its own)."""
     x = self.final_norm(x)
     if self.cfg.tie_embeddings:
       logits = self.embed.attend(x)
@@ -252,7 +257,7 @@ class Transformer(nnx.Module):
       stats = jax.tree.map(lambda *a: jnp.stack(a), *all_stats)
       new_layers = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
     new_cache = None if cache is None else dict(new_layers, lengths=lengths + s)
-    return self._head(x), new_cache, model_aux(stats, cfg.moe, n_pools)
+    return x, new_cache, model_aux(stats, cfg.moe, n_pools)
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None):

@@ -110,7 +110,8 @@ class Trainer:
         max_batches=t.eval_batches, process_index=jax.process_index(),
         process_count=jax.process_count())
     self.step_fn = jit_train_step(self.fm, cfg, self.tx, self.mesh, self.state_shardings)
-    self.eval_fn = jit_eval_step(self.fm, self.mesh, self.state_shardings.params)
+    self.eval_fn = jit_eval_step(self.fm, self.mesh, self.state_shardings.params,
+                                 cfg.train.loss_chunks)
     self.flops_per_token = train_flops_per_token(cfg.model, t.seq_len)
     self.peak = metrics_lib.peak_tflops(jax.devices()[0].device_kind, t.peak_tflops)
 

@@ -24,6 +24,7 @@ import optax
 from jaxlm import sharding
 from jaxlm.config import Config
 from jaxlm.models.functional import FunctionalModel
+from jaxlm.train.chunked_loss import chunked_logit_sums
 from jaxlm.train.optimizer import lr_schedule
 from jaxlm.train.state import TrainState
 
@@ -39,21 +40,20 @@ def aux_prefix(model_cfg) -> str | None:
   return None
 
 
-def token_losses(fm: FunctionalModel, params, batch, z_loss: float):
+def token_losses(fm: FunctionalModel, params, batch, z_loss: float, loss_chunks: int = 1):
   """Summed loss terms and token count of one (micro-)batch.
 
   batch: inputs/targets [batch, seq] int32, optional segment_ids [batch, seq] and
-  loss_mask [batch, seq] (1 = count the token).
+  loss_mask [batch, seq] (1 = count the token). loss_chunks > 1: the output head and the
+  cross entropy run over that many chunks of the sequence (jaxlm/train/chunked_loss.py).
   """
   prefix = aux_prefix(fm.cfg)
-  out = fm.apply(params, batch["inputs"], segment_ids=batch.get("segment_ids"),
-                 **({"return_aux": True} if prefix else {}))
-  logits = out[0]
+  model = fm.module(params)
+  out = model(batch["inputs"], segment_ids=batch.get("segment_ids"), return_hidden=True,
+              **({"return_aux": True} if prefix else {}))
   mask = batch.get("loss_mask")
   mask = jnp.ones(batch["targets"].shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-  lse = jax.nn.logsumexp(logits, axis=-1)
-  sums = {"ce": jnp.sum(ce * mask), "z": jnp.sum(jnp.square(lse) * mask)}
+  sums = chunked_logit_sums(model.to_logits, out[0], batch["targets"], mask, loss_chunks)
   total = sums["ce"] + z_loss * sums["z"] if z_loss else sums["ce"]
   if prefix:
     n = jnp.sum(mask)
@@ -70,7 +70,9 @@ def _split_micro(batch, n: int):
 
 def train_step(state: TrainState, batch, *, fm: FunctionalModel, cfg: Config, tx):
   t = cfg.train
-  grad_fn = jax.value_and_grad(functools.partial(token_losses, fm, z_loss=t.z_loss), has_aux=True)
+  grad_fn = jax.value_and_grad(
+      functools.partial(token_losses, fm, z_loss=t.z_loss, loss_chunks=t.loss_chunks),
+      has_aux=True)
 
   def micro(carry, mb):
     grads, sums_acc, count = carry
@@ -85,7 +87,7 @@ def train_step(state: TrainState, batch, *, fm: FunctionalModel, cfg: Config, tx
   if prefix:  # aux shapes (per-layer loads, spike rates…) from an abstract forward
     micro_batch = batch if t.grad_accum == 1 else jax.tree.map(lambda x: x[0], _split_micro(
         batch, t.grad_accum))
-    sums_shape = jax.eval_shape(lambda p, mb: token_losses(fm, p, mb, t.z_loss)[1][0],
+    sums_shape = jax.eval_shape(lambda p, mb: token_losses(fm, p, mb, t.z_loss, t.loss_chunks)[1][0],
                                 state.params, micro_batch)
   init = (zeros, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape),
           jnp.zeros((), jnp.float32))
@@ -112,8 +114,8 @@ def train_step(state: TrainState, batch, *, fm: FunctionalModel, cfg: Config, tx
   return new_state, metrics
 
 
-def eval_step(params, batch, *, fm: FunctionalModel):
-  _, (sums, n) = token_losses(fm, params, batch, 0.0)
+def eval_step(params, batch, *, fm: FunctionalModel, loss_chunks: int = 1):
+  _, (sums, n) = token_losses(fm, params, batch, 0.0, loss_chunks)
   return {"ce_sum": sums["ce"], "tokens": n}
 
 
@@ -124,7 +126,7 @@ def jit_train_step(fm, cfg: Config, tx, mesh, state_shardings):
                  out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
 
 
-def jit_eval_step(fm, mesh, params_shardings):
-  return jax.jit(functools.partial(eval_step, fm=fm),
+def jit_eval_step(fm, mesh, params_shardings, loss_chunks: int = 1):
+  return jax.jit(functools.partial(eval_step, fm=fm, loss_chunks=loss_chunks),
                  in_shardings=(params_shardings, sharding.batch_sharding(mesh)),
                  out_shardings=sharding.replicated(mesh))

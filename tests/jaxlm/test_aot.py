@@ -239,8 +239,8 @@ def test_fit_advice_names_the_deferred_pool_gradient_for_unipool():
   assert "pool_grad_chunk" in aot_report.activation_memory_hints(unipool)
   per_layer = dataclasses.replace(unipool, model=dataclasses.replace(
       unipool.model, moe=dataclasses.replace(unipool.model.moe, pool_grad="per_layer")))
-  assert aot_report.activation_memory_hints(per_layer) == ""
-  assert aot_report.activation_memory_hints(configs.get_preset("dense_125m")) == ""
+  assert "pool_grad" not in aot_report.activation_memory_hints(per_layer)
+  assert "pool_grad" not in aot_report.activation_memory_hints(configs.get_preset("dense_125m"))
   cfg = _tiny("tiny_unipool_cpu", "mesh.data=8", "model.moe.pool_grad=deferred")
   devices = jax.devices()[:8]
   state = aot_report.state_bytes_for_mesh(cfg, devices, cfg.mesh)
@@ -250,3 +250,17 @@ def test_fit_advice_names_the_deferred_pool_gradient_for_unipool():
                  temp_bytes=state * 4, code_bytes=0, hbm_bytes=state // 2, flops=None,
                  collectives={}, compile_s=0.0, state_bytes=state)
   assert "model.moe.pool_grad=per_layer" in aot_report.fit_advice(r, cfg, devices)
+
+
+def test_memory_hint_names_loss_chunks_for_large_logits():
+  """dense_125m: 64 x 1024 tokens x 32768 vocab = 8 GiB of f32 logits a micro-batch."""
+  from jaxlm import configs
+  from jaxlm.config import apply_overrides
+  dense = configs.get_preset("dense_125m")
+  assert "train.loss_chunks=8" in aot_report.activation_memory_hints(dense)
+  assert "8.0 GiB" in aot_report.activation_memory_hints(dense)
+  chunked = apply_overrides(dense, ["train.loss_chunks=8"])
+  small = apply_overrides(dense, ["train.batch_size=4"])         # 0.5 GiB of logits
+  odd = apply_overrides(dense, ["train.seq_len=1023"])           # no chunk count divides it
+  for cfg in (chunked, small, odd):
+    assert aot_report.activation_memory_hints(cfg) == ""

@@ -397,7 +397,7 @@ class TestMoEPlusPlus:
       np.testing.assert_allclose(np.asarray(got.reshape(16, 7)), np.asarray(want),
                                  rtol=1e-4, atol=1e-5)
       prev = got
-    assert_close(model._head(x), logits, F32)
+    assert_close(model.to_logits(x), logits, F32)
 
 
 # ----------------------------------------------------------------------------- config

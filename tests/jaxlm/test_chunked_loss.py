@@ -1,0 +1,129 @@
+"""train.loss_chunks: the head and cross entropy a chunk of the sequence at a time.
+
+Same loss terms and gradients as the whole-sequence loss (dense, tied head, MoE, SymbolicLight's
+dynamic head, with a loss mask and z-loss), the same train step, no [batch, seq, vocab] array
+in the step's program, and a clear error for a chunk count that does not divide the sequence.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlm import configs
+from jaxlm.config import Config, ConfigError, TrainConfig, apply_overrides, validate
+from jaxlm.models import build
+from jaxlm.train.chunked_loss import chunked_logit_sums, logit_sums
+from jaxlm.train.optimizer import make_optimizer
+from jaxlm.train.state import TrainState
+from jaxlm.train.step import token_losses, train_step
+from tests.jaxlm.conftest import random_params, tiny_model
+from tests.jaxlm.jaxpr_walk import all_eqns
+
+B, S, V = 4, 16, 96
+
+
+def _batch(b=B, s=S, vocab=V, seed=0):
+  rng = np.random.default_rng(seed)
+  t = rng.integers(0, vocab, (b, s + 1)).astype(np.int32)
+  mask = (rng.random((b, s)) < 0.7).astype(np.float32)
+  return {"inputs": t[:, :-1], "targets": t[:, 1:], "loss_mask": mask}
+
+
+def _close(a, b, rtol=2e-5):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    y = np.asarray(y)
+    np.testing.assert_allclose(np.asarray(x), y, rtol=rtol, atol=rtol * max(np.abs(y).max(), 1e-6))
+
+
+def test_chunked_sums_equal_whole_sums_and_grads():
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(B, S, 8)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(8, V)), jnp.float32)
+  targets = jnp.asarray(rng.integers(0, V, (B, S)), jnp.int32)
+  mask = jnp.asarray(rng.random((B, S)) < 0.6, jnp.float32)
+  head = lambda w, x: jnp.einsum("bsd,dv->bsv", x, w)
+
+  def loss(w, x, n):
+    s = chunked_logit_sums(functools.partial(head, w), x, targets, mask, n)
+    return s["ce"] + 0.1 * s["z"], s
+
+  whole = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(w, x, 1)
+  ref = logit_sums(head(w, x), targets, mask)
+  _close(whole[0][1], ref)
+  for n in (2, 4, 16):
+    _close(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(w, x, n), whole)
+
+
+def test_chunks_must_divide_the_sequence():
+  with pytest.raises(ValueError, match="loss_chunks=3"):
+    chunked_logit_sums(lambda x: x, jnp.zeros((1, 8, 4)), jnp.zeros((1, 8), jnp.int32),
+                       jnp.ones((1, 8)), 3)
+  cfg = Config(model=tiny_model(), train=TrainConfig(batch_size=4, seq_len=16, loss_chunks=3))
+  with pytest.raises(ConfigError, match="train.loss_chunks: 3 does not divide train.seq_len=16"):
+    validate(cfg)
+  with pytest.raises(ConfigError, match="train.loss_chunks: must be >= 1"):
+    validate(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, loss_chunks=0)))
+
+
+MODELS = {
+    "dense": tiny_model(vocab_size=V),
+    "tied": tiny_model(vocab_size=V, tie_embeddings=True),
+    "moe": apply_overrides(configs.get_preset("tiny_unipool_cpu"), [
+        f"model.vocab_size={V}", "model.n_layers=2", "model.d_model=32", "model.d_ff=64",
+        "model.moe.n_experts=4"]).model,
+    "symboliclight": apply_overrides(configs.get_preset("tiny_symboliclight_cpu"), [
+        f"model.vocab_size={V}", "model.n_layers=2", "model.d_model=32"]).model,
+}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_token_losses_and_grads_match_unchunked(name):
+  fm = build(MODELS[name])
+  params = random_params(fm, std=0.05)
+  batch = _batch()
+
+  @functools.partial(jax.jit, static_argnums=1)
+  def f(p, n):
+    return jax.value_and_grad(lambda p: token_losses(fm, p, batch, 1e-3, n), has_aux=True)(p)
+
+  (t1, (s1, n1)), g1 = f(params, 1)
+  (t4, (s4, n4)), g4 = f(params, 4)
+  assert float(n1) == float(n4) == batch["loss_mask"].sum()
+  _close((t4, s4), (t1, s1))
+  _close(g4, g1, rtol=1e-4)
+
+
+def _step(cfg):
+  fm = build(cfg.model)
+  tx = make_optimizer(cfg.train)
+  return fm, tx, jax.jit(functools.partial(train_step, fm=fm, cfg=cfg, tx=tx))
+
+
+def test_train_step_with_chunks_matches_and_holds_no_full_logits():
+  base = Config(model=tiny_model(vocab_size=V),
+                train=TrainConfig(batch_size=B, seq_len=S, lr=1e-2, warmup_steps=0, eps=1e-4))
+  chunked = dataclasses.replace(base, train=dataclasses.replace(base.train, loss_chunks=4))
+  fm, tx, step1 = _step(base)
+  _, _, step4 = _step(chunked)
+  params = random_params(fm, std=0.05)
+  state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params),
+                     jnp.zeros((2,), jnp.uint32))
+  batch = _batch()
+  s1, m1 = step1(state, batch)
+  s4, m4 = step4(state, batch)
+  _close({k: m4[k] for k in ("loss", "grad_norm", "tokens")},
+         {k: m1[k] for k in ("loss", "grad_norm", "tokens")})
+  _close(s4.params, s1.params, rtol=1e-4)
+
+  def full_logits_arrays(step):
+    jaxpr = jax.make_jaxpr(step)(state, batch).jaxpr
+    return [e for e, _ in all_eqns(jaxpr) for v in e.outvars
+            if getattr(v.aval, "shape", None) == (B, S, V)]
+
+  assert full_logits_arrays(step1)        # the check can see them
+  assert not full_logits_arrays(step4)
