@@ -98,8 +98,8 @@ def main(argv):
   def kernels(one_step):
     from experiments.bench import profile
     if _PROFILE.value > 0:
-      rows = profile.kernel_times(one_step, iters=2, top=_PROFILE.value)
-      tables.append(profile.format_kernel_table(rows, iters=2, title=f"{name} on {n} devices: "
+      prof = profile.kernel_times(one_step, iters=2, top=_PROFILE.value)
+      tables.append(profile.format_kernel_table(prof, iters=2, title=f"{name} on {n} devices: "
                                                 "device time per step by kernel"))
 
   for cfg, n, label in jobs:
