@@ -29,6 +29,9 @@ class TrainConfig:
   b2: float = 0.95
   eps: float = 1e-8
   grad_clip: float = 1.0        # global-norm clip; 0 = off
+  # dtype of AdamW's first moment (optax's mu_dtype): "bfloat16" halves its memory and its
+  # share of the update's traffic; the second moment stays float32
+  mu_dtype: str = "float32"
   z_loss: float = 0.0           # coefficient of mean(logsumexp(logits)^2)
   # > 1: output head + cross entropy over this many chunks of the sequence, recomputed in the
   # backward, so a [batch, seq, vocab] f32 logits array is never held (jaxlm/train/chunked_loss)

@@ -60,6 +60,10 @@ def check_resume_config(stored: dict, cfg: Config) -> list[str]:
              if getattr(stored_cfg.model, f.name) != getattr(cfg.model, f.name)]
     raise config_lib.ConfigError(
         "cannot resume: the model differs from the checkpoint's:\n  " + "\n  ".join(diffs))
+  if stored_cfg.train.mu_dtype != cfg.train.mu_dtype:   # the optimizer state's own layout
+    raise config_lib.ConfigError(
+        f"cannot resume: train.mu_dtype is {stored_cfg.train.mu_dtype!r} in the checkpoint and "
+        f"{cfg.train.mu_dtype!r} in the config (the stored first moment has the former dtype)")
   changed = []
   for section in ("train", "data", "mesh"):
     old, new = getattr(stored_cfg, section), getattr(cfg, section)

@@ -1,5 +1,6 @@
 """AdamW with linear warmup + cosine decay and global-norm clipping (optax)."""
 import jax
+import jax.numpy as jnp
 import optax
 
 from jaxlm.config import TrainConfig
@@ -32,5 +33,6 @@ def make_optimizer(t: TrainConfig, logical_axes=None) -> optax.GradientTransform
   if t.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(t.grad_clip))
   parts.append(optax.adamw(lr_schedule(t), b1=t.b1, b2=t.b2, eps=t.eps,
-                           weight_decay=t.weight_decay, mask=mask))
+                           weight_decay=t.weight_decay, mask=mask,
+                           mu_dtype=jnp.dtype(t.mu_dtype)))
   return optax.chain(*parts)

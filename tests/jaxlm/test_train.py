@@ -321,3 +321,34 @@ def test_throughput_profile_hook_runs_extra_steps_on_the_live_state():
 
   r = measure(cfg, steps=1, warmup=1, profile=hook)
   assert r.step_ms > 0 and len(losses) == 2 and all(l == l for l in losses)
+
+
+def test_mu_dtype_bfloat16_first_moment():
+  """train.mu_dtype=bfloat16: AdamW's first moment is stored in bf16 (the second stays f32), the
+  step still trains like the f32 one, and a bad dtype is refused by name."""
+  from jaxlm.config import ConfigError, validate
+  cfg32, cfg16 = _cfg(), _cfg(mu_dtype="bfloat16")
+  params = random_params(build(cfg32.model), std=0.05)
+  opt = make_optimizer(cfg16.train).init(params)
+  dtypes = {jax.tree_util.keystr(p): x.dtype for p, x in jax.tree_util.tree_leaves_with_path(opt)
+            if x.ndim >= 1 and x.size == max(y.size for y in jax.tree.leaves(params))}
+  assert any(".mu" in k and d == jnp.bfloat16 for k, d in dtypes.items()), dtypes
+  assert any(".nu" in k and d == jnp.float32 for k, d in dtypes.items()), dtypes
+  batch = _pattern_batch()
+  s32, s16 = _state(cfg32, params), _state(cfg16, params)
+  for _ in range(5):
+    s32, m32 = _step_fn(cfg32)(s32, batch)
+    s16, m16 = _step_fn(cfg16)(s16, batch)
+  assert float(m16["loss"]) == pytest.approx(float(m32["loss"]), rel=2e-2)
+  with pytest.raises(ConfigError, match="train.mu_dtype: 'float16'"):
+    validate(_cfg(mu_dtype="float16"))
+
+
+def test_resume_refuses_another_mu_dtype():
+  from jaxlm import config as config_lib
+  from jaxlm.train.loop import check_resume_config
+  stored = config_lib.to_dict(_cfg()) if hasattr(config_lib, "to_dict") else \
+      dataclasses.asdict(_cfg())
+  assert check_resume_config(stored, _cfg(lr=2e-2)) == ["train.lr: 0.01 -> 0.02"]
+  with pytest.raises(config_lib.ConfigError, match="train.mu_dtype is 'float32' in the checkpoint"):
+    check_resume_config(stored, _cfg(mu_dtype="bfloat16"))
