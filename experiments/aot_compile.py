@@ -29,7 +29,9 @@ from absl import app, flags
 from jaxlm import cli
 from jaxlm.config import ConfigError
 
-_TOPOLOGY = flags.DEFINE_string("topology", "v5e:2x2", "TPU slice, e.g. v5e:4x4, v5p:4x4x4, v6e:16x16, or NVIDIA GPUs: h100, h200:2, h200:2x8")
+_TOPOLOGY = flags.DEFINE_string(
+    "topology", "v5e:2x2",
+    "TPU slice, e.g. v5e:4x4, v5p:4x4x4, v6e:16x16, or NVIDIA GPUs: h100, h200:2, h200:2x8")
 _PROGRAMS = flags.DEFINE_list("programs", ["train", "decode"], "train and/or decode")
 _DECODE_BATCH = flags.DEFINE_integer("decode_batch", 0, "decode batch (0 = train micro-batch)")
 _CACHE_LEN = flags.DEFINE_integer("cache_len", 0, "decode KV-cache length (0 = train.seq_len)")

@@ -141,7 +141,8 @@ def _gpu_topology_devices(name: str) -> tuple:
         "JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 before jax starts "
         "(jaxlm.host_env.cuda_plugin_without_gpu)") from e
   except Exception as e:  # noqa: BLE001 - the plugin's own message
-    raise AotUnavailable(f"GPU topology {name!r}: the CUDA plugin could not describe it: {e}") from e
+    raise AotUnavailable(
+        f"GPU topology {name!r}: the CUDA plugin could not describe it: {e}") from e
   return tuple(topo.devices)
 
 

@@ -23,7 +23,8 @@ import optax
 
 
 def logit_sums(logits, targets, mask) -> dict:
-  """{"ce": Σ mask·CE, "z": Σ mask·logsumexp²} of logits [..., vocab] f32, targets / mask [...]."""
+  """{"ce": Σ mask·CE, "z": Σ mask·logsumexp²} of logits [..., vocab] f32 and targets / mask
+  [...]."""
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
   lse = jax.nn.logsumexp(logits, axis=-1)
   return {"ce": jnp.sum(ce * mask), "z": jnp.sum(jnp.square(lse) * mask)}

@@ -87,8 +87,9 @@ def train_step(state: TrainState, batch, *, fm: FunctionalModel, cfg: Config, tx
   if prefix:  # aux shapes (per-layer loads, spike rates…) from an abstract forward
     micro_batch = batch if t.grad_accum == 1 else jax.tree.map(lambda x: x[0], _split_micro(
         batch, t.grad_accum))
-    sums_shape = jax.eval_shape(lambda p, mb: token_losses(fm, p, mb, t.z_loss, t.loss_chunks)[1][0],
-                                state.params, micro_batch)
+    sums_shape = jax.eval_shape(
+        lambda p, mb: token_losses(fm, p, mb, t.z_loss, t.loss_chunks)[1][0],
+        state.params, micro_batch)
   init = (zeros, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape),
           jnp.zeros((), jnp.float32))
   if t.grad_accum == 1:
