@@ -34,7 +34,7 @@ def state_bytes_for_mesh(cfg: Config, devices: Sequence, mesh_cfg: MeshConfig) -
 
 
 # Above this the loss's logits are worth chunking (unipool_469m, 32 x 1024, vocab 50304: 6.1 GiB
-# of f32 logits; chunked in 8, its H200 step needs 77.2 instead of 87.9 GiB).
+# of f32 logits; chunked in 8, its H200 step needs 76.8 instead of 87.9 GiB).
 LOGITS_HINT_BYTES = 1 * GiB
 
 

@@ -33,8 +33,8 @@ class TrainConfig:
   # share of the update's traffic; the second moment stays float32
   mu_dtype: str = "float32"
   z_loss: float = 0.0           # coefficient of mean(logsumexp(logits)^2)
-  # > 1: output head + cross entropy over this many chunks of the sequence, recomputed in the
-  # backward, so a [batch, seq, vocab] f32 logits array is never held (jaxlm/train/chunked_loss)
+  # > 1: output head + cross entropy (and their gradients) over this many chunks of the
+  # sequence, so a [batch, seq, vocab] f32 logits array is never held (jaxlm/train/chunked_loss)
   loss_chunks: int = 1
   seed: int = 0
   log_every: int = 10

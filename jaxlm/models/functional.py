@@ -7,7 +7,7 @@
     cache = fm.init_cache(batch, max_len)       # decoding state of this model kind
 
 model.kind picks the module in MODEL_MODULES; each such module defines the model class named
-there, `init_cache(cfg, batch, max_len, dtype=None)` and CACHE_AXES.
+there, `init_cache(cfg, batch, max_len, dtype=None)`, CACHE_AXES and `head_param_keys(cfg)`.
 """
 from __future__ import annotations
 
@@ -81,6 +81,11 @@ class FunctionalModel:
     axes = mod.cache_axes(self.cfg) if hasattr(mod, "cache_axes") else mod.CACHE_AXES
     shapes = jax.eval_shape(lambda: self.init_cache(1, 1))
     return {k: axes[k] for k in shapes}
+
+  @property
+  def head_param_keys(self) -> tuple:
+    """Top-level params keys the output head (the model's to_logits) reads."""
+    return model_module(self.cfg.kind).head_param_keys(self.cfg)
 
   def num_params(self) -> int:
     return sum(int(x.size) for x in jax.tree.leaves(self.param_shapes))

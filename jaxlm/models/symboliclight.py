@@ -326,6 +326,13 @@ def spike_aux(encoder_rate, stats: dict) -> dict:
   }
 
 
+def head_param_keys(cfg: ModelConfig) -> tuple:
+  """The params SymbolicLight.to_logits reads."""
+  prior = (("prior_w1", "prior_w2", "prior_weight") if cfg.spiking.head == "dynamic_prior"
+           else ("prior_bias",))
+  return ("embed" if cfg.tie_embeddings else "head",) + prior
+
+
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
   """Empty decoding state for `batch` rows of up to `max_len` tokens:
 

@@ -260,6 +260,11 @@ class Transformer(nnx.Module):
     return x, new_cache, model_aux(stats, cfg.moe, n_pools)
 
 
+def head_param_keys(cfg: ModelConfig) -> tuple:
+  """The params Transformer.to_logits reads."""
+  return ("final_norm", "embed" if cfg.tie_embeddings else "head")
+
+
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None):
   """Empty KV cache: dict(k, v: [layers, batch, max_len, kv_heads, head_dim], lengths: [batch]).
 

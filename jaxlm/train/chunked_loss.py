@@ -1,25 +1,30 @@
-"""Cross entropy of the output head a chunk of positions at a time (TrainConfig.loss_chunks).
+"""The output head and its cross entropy a chunk of the sequence at a time (train.loss_chunks).
 
 The head's float32 logits [batch, seq, vocab] are the largest activation of a small-d_model,
-large-vocab model: unipool_469m at 32 x 1024 tokens holds 6.6 GB of f32 logits and two more
-logits-sized buffers for the softmax's gradient (16.5 GB at its peak, compiled for an H200).
-Here the sequence is cut into `n` chunks; a scan applies the head and the cross entropy to one
-chunk at a time, and the backward computes each chunk's logits again (jax.checkpoint), so only
-one chunk's logits are ever live. Costs one more head matmul in the backward (2·tokens·d·vocab
-FLOPs). The sums (cross entropy, squared log-sum-exp) are the same as the unchunked loss's up
-to float32 summation order.
+large-vocab model. unipool_469m at 32 x 1024 tokens holds 6.6 GB of f32 logits, plus two more
+logits-sized buffers for the softmax's gradient: 16.5 GB at its peak, compiled for an H200.
 
-Chunks run along the sequence, so the batch axis keeps its sharding (data / fsdp) in every
-chunk. The head must treat each position on its own (true of the transformer's and
-SymbolicLight's heads); `n` must divide the sequence length.
+With n > 1 chunks, a scan runs over slices of the sequence. In each slice the forward pass
+computes the logits, the cross entropy (and the z-loss), the logits' gradient (softmax −
+one-hot, masked), and, through the head's VJP, the gradients of the head's parameters and of
+its input. Only one chunk's logits are ever live. The FLOPs are the same as the unchunked
+loss: one forward and two gradient matmuls of the head, nothing recomputed. The backward pass
+scales the stored gradients by the loss's cotangent (the objective is linear in them).
+
+Chunks run along the sequence, so the batch axis keeps its data / fsdp sharding in every chunk.
+The head must treat each position on its own (true of the transformer's and SymbolicLight's
+heads). Its parameters are the model's `head_param_keys` (e.g. final_norm and head); the
+rest of the params never enter the chunk loop.
 """
 from __future__ import annotations
 
-from typing import Callable
+import functools
 
 import jax
 import jax.numpy as jnp
 import optax
+
+_F32 = jnp.float32
 
 
 def logit_sums(logits, targets, mask) -> dict:
@@ -30,32 +35,88 @@ def logit_sums(logits, targets, mask) -> dict:
   return {"ce": jnp.sum(ce * mask), "z": jnp.sum(jnp.square(lse) * mask)}
 
 
-def chunked_logit_sums(head: Callable, x, targets, mask, n_chunks: int) -> dict:
-  """logit_sums(head(x), targets, mask) with head applied to n_chunks slices of the sequence.
+def head_loss(fm, params, x, targets, mask, n_chunks: int = 1, z_coef: float = 0.0):
+  """-> (objective, sums): objective = Σ mask·CE + z_coef·Σ mask·lse² of the head's logits
+  (differentiable in x and params), sums = {"ce", "z"} (metrics, no gradient through them when
+  n_chunks > 1).
 
-  head: x [batch, s, d] -> logits [batch, s, vocab] f32, position by position;
-  x: [batch, seq, d]; targets: [batch, seq] int; mask: [batch, seq] f32.
+  fm: the FunctionalModel; params: its params; x: [batch, seq, d] the last block's output;
+  targets: [batch, seq] int; mask: [batch, seq] f32.
   """
   b, s = targets.shape
   if s % n_chunks:
     raise ValueError(f"train.loss_chunks={n_chunks} does not divide the sequence length {s}")
   if n_chunks == 1:
-    return logit_sums(head(x), targets, mask)
-  c = s // n_chunks
+    sums = logit_sums(fm.module(params).to_logits(x), targets, mask)
+    return (sums["ce"] + z_coef * sums["z"] if z_coef else sums["ce"]), sums
+  keys = fm.head_param_keys
+  hp = {k: params[k] for k in keys}
+  return _fused(_head_fn(fm, keys), n_chunks, float(z_coef), x, hp, targets, mask)
 
-  def split(a):  # [b, s, ...] -> [n_chunks, b, c, ...]
-    return jnp.moveaxis(a.reshape((b, n_chunks, c) + a.shape[2:]), 1, 0)
 
-  # Nothing saved: the backward recomputes the chunk's logits from x, so no [b, c, vocab]
-  # residual outlives its chunk.
-  @jax.checkpoint
-  def one(xc, tc, mc):
-    return logit_sums(head(xc), tc, mc)
+@functools.lru_cache(maxsize=32)
+def _head_fn(fm, keys: tuple):
+  """(head params, x) -> logits, for a module whose other params are only shapes (the head
+  never reads them)."""
+  shapes = fm.param_shapes
 
-  def body(acc, chunk):
-    sums = one(*chunk)
-    return jax.tree.map(jnp.add, acc, sums), None
+  def head(hp, x):
+    return fm.module({k: hp[k] if k in hp else shapes[k] for k in shapes}).to_logits(x)
+  return head
 
-  zero = {"ce": jnp.zeros((), jnp.float32), "z": jnp.zeros((), jnp.float32)}
-  sums, _ = jax.lax.scan(body, zero, (split(x), split(targets), split(mask)))
-  return sums
+
+def _chunks(a, n):
+  """[b, s, ...] -> [n, b, s/n, ...]."""
+  b, s = a.shape[:2]
+  return jnp.moveaxis(a.reshape((b, n, s // n) + a.shape[2:]), 1, 0)
+
+
+def _unchunk(a):
+  """[n, b, c, ...] -> [b, n*c, ...]."""
+  a = jnp.moveaxis(a, 0, 1)
+  return a.reshape((a.shape[0], a.shape[1] * a.shape[2]) + a.shape[3:])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _fused(head, n_chunks, z_coef, x, hp, targets, mask):
+  return _fused_fwd(head, n_chunks, z_coef, x, hp, targets, mask)[0]
+
+
+def _fused_fwd(head, n_chunks, z_coef, x, hp, targets, mask):
+  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, _F32), hp)
+
+  def body(carry, chunk):
+    ce_sum, z_sum, dhp = carry
+    xc, tc, mc = chunk
+    logits, vjp = jax.vjp(head, hp, xc)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
+    p = jnp.exp(logits - lse[..., None])
+    onehot = jax.nn.one_hot(tc, logits.shape[-1], dtype=_F32)
+    # d(Σ mask·(lse − logit_t) + c·Σ mask·lse²) / d logits
+    dlogits = (p - onehot + (2.0 * z_coef) * lse[..., None] * p) * mc[..., None]
+    g_hp, g_x = vjp(dlogits)
+    dhp = jax.tree.map(lambda acc, g: acc + g.astype(_F32), dhp, g_hp)
+    ce_sum = ce_sum + jnp.sum((lse - target_logit) * mc)
+    z_sum = z_sum + jnp.sum(jnp.square(lse) * mc)
+    return (ce_sum, z_sum, dhp), g_x
+
+  zero = jnp.zeros((), _F32)
+  (ce, z, dhp), dx = jax.lax.scan(
+      body, (zero, zero, zeros), (_chunks(x, n_chunks), _chunks(targets, n_chunks),
+                                  _chunks(mask.astype(_F32), n_chunks)))
+  objective = ce + z_coef * z if z_coef else ce
+  like = jax.tree.map(lambda a: jnp.zeros((), a.dtype), hp)
+  return (objective, {"ce": ce, "z": z}), (_unchunk(dx), dhp, like)
+
+
+def _fused_bwd(head, n_chunks, z_coef, res, cts):
+  del head, n_chunks, z_coef
+  dx, dhp, like = res
+  ct = cts[0]          # the sums are metrics: their cotangents are not used
+  g_x = (ct * dx.astype(_F32)).astype(dx.dtype)
+  g_hp = jax.tree.map(lambda g, l: (ct * g).astype(l.dtype), dhp, like)
+  return g_x, g_hp, None, None
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)

@@ -24,7 +24,7 @@ import optax
 from jaxlm import sharding
 from jaxlm.config import Config
 from jaxlm.models.functional import FunctionalModel
-from jaxlm.train.chunked_loss import chunked_logit_sums
+from jaxlm.train.chunked_loss import head_loss
 from jaxlm.train.optimizer import lr_schedule
 from jaxlm.train.state import TrainState
 
@@ -53,8 +53,7 @@ def token_losses(fm: FunctionalModel, params, batch, z_loss: float, loss_chunks:
               **({"return_aux": True} if prefix else {}))
   mask = batch.get("loss_mask")
   mask = jnp.ones(batch["targets"].shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
-  sums = chunked_logit_sums(model.to_logits, out[0], batch["targets"], mask, loss_chunks)
-  total = sums["ce"] + z_loss * sums["z"] if z_loss else sums["ce"]
+  total, sums = head_loss(fm, params, out[0], batch["targets"], mask, loss_chunks, z_loss)
   if prefix:
     n = jnp.sum(mask)
     aux = out[2]

@@ -2,12 +2,14 @@
 
 Same loss terms and gradients as the whole-sequence loss (dense, tied head, MoE, SymbolicLight's
 dynamic head, with a loss mask and z-loss), the same train step, no [batch, seq, vocab] array
-in the step's program, and a clear error for a chunk count that does not divide the sequence.
+in the step's program, no head matmul more than the unchunked step has, and a clear error for a
+chunk count that does not divide the sequence.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +19,7 @@ import pytest
 from jaxlm import configs
 from jaxlm.config import Config, ConfigError, TrainConfig, apply_overrides, validate
 from jaxlm.models import build
-from jaxlm.train.chunked_loss import chunked_logit_sums, logit_sums
+from jaxlm.train.chunked_loss import head_loss
 from jaxlm.train.optimizer import make_optimizer
 from jaxlm.train.state import TrainState
 from jaxlm.train.step import token_losses, train_step
@@ -40,29 +42,32 @@ def _close(a, b, rtol=2e-5):
     np.testing.assert_allclose(np.asarray(x), y, rtol=rtol, atol=rtol * max(np.abs(y).max(), 1e-6))
 
 
-def test_chunked_sums_equal_whole_sums_and_grads():
+def test_head_loss_equals_whole_loss_in_x_and_head_params():
+  """Chunk counts 2 / 4 / 16 against 1: objective (CE + z-loss), sums, and the gradients of x
+  and of every param (the trunk's are zero: only x carries them)."""
+  fm = build(tiny_model(vocab_size=V))
+  params = random_params(fm, std=0.3)
   rng = np.random.default_rng(1)
-  x = jnp.asarray(rng.normal(size=(B, S, 8)), jnp.float32)
-  w = jnp.asarray(rng.normal(size=(8, V)), jnp.float32)
+  x = jnp.asarray(rng.normal(size=(B, S, fm.cfg.d_model)), jnp.float32)
   targets = jnp.asarray(rng.integers(0, V, (B, S)), jnp.int32)
   mask = jnp.asarray(rng.random((B, S)) < 0.6, jnp.float32)
-  head = lambda w, x: jnp.einsum("bsd,dv->bsv", x, w)
 
-  def loss(w, x, n):
-    s = chunked_logit_sums(functools.partial(head, w), x, targets, mask, n)
-    return s["ce"] + 0.1 * s["z"], s
+  @functools.partial(jax.jit, static_argnums=2)
+  def f(p, x, n):
+    return jax.value_and_grad(lambda p, x: head_loss(fm, p, x, targets, mask, n, 0.1),
+                              argnums=(0, 1), has_aux=True)(p, x)
 
-  whole = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(w, x, 1)
-  ref = logit_sums(head(w, x), targets, mask)
-  _close(whole[0][1], ref)
+  whole = f(params, x, 1)
+  assert float(whole[0][0]) > 0
   for n in (2, 4, 16):
-    _close(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(w, x, n), whole)
+    _close(f(params, x, n), whole)
 
 
 def test_chunks_must_divide_the_sequence():
+  fm = build(tiny_model(vocab_size=V))
   with pytest.raises(ValueError, match="loss_chunks=3"):
-    chunked_logit_sums(lambda x: x, jnp.zeros((1, 8, 4)), jnp.zeros((1, 8), jnp.int32),
-                       jnp.ones((1, 8)), 3)
+    head_loss(fm, random_params(fm), jnp.zeros((1, 8, fm.cfg.d_model)),
+              jnp.zeros((1, 8), jnp.int32), jnp.ones((1, 8)), 3)
   cfg = Config(model=tiny_model(), train=TrainConfig(batch_size=4, seq_len=16, loss_chunks=3))
   with pytest.raises(ConfigError, match="train.loss_chunks: 3 does not divide train.seq_len=16"):
     validate(cfg)
@@ -120,10 +125,28 @@ def test_train_step_with_chunks_matches_and_holds_no_full_logits():
          {k: m1[k] for k in ("loss", "grad_norm", "tokens")})
   _close(s4.params, s1.params, rtol=1e-4)
 
-  def full_logits_arrays(step):
-    jaxpr = jax.make_jaxpr(step)(state, batch).jaxpr
-    return [e for e, _ in all_eqns(jaxpr) for v in e.outvars
+  jaxprs = {n: jax.make_jaxpr(step)(state, batch).jaxpr for n, step in ((1, step1), (4, step4))}
+
+  def full_logits_arrays(n):
+    return [e for e, _ in all_eqns(jaxprs[n]) for v in e.outvars
             if getattr(v.aval, "shape", None) == (B, S, V)]
 
-  assert full_logits_arrays(step1)        # the check can see them
-  assert not full_logits_arrays(step4)
+  def head_matmuls(step):
+    """Dots of the compiled program (dead code removed) with a vocab-sized dim."""
+    shapes, found = {}, []
+    for line in step.lower(state, batch).compile().as_text().splitlines():
+      m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\w+\[[\d,]*\])\S* (\w[\w\-]*)\((.*)", line)
+      if not m:
+        continue
+      name, shape, op, rest = m.groups()
+      shapes[name] = shape
+      if op == "dot":
+        dims = [shape] + [shapes.get(a, "") for a in re.findall(r"%([\w.\-]+)", rest)[:2]]
+        if any(str(V) in re.findall(r"\d+", d) for d in dims):
+          found.append(name)
+    return found
+
+  assert full_logits_arrays(1)        # the check can see them
+  assert not full_logits_arrays(4)
+  # logits, their input's gradient, the head weight's gradient: nothing recomputed
+  assert len(head_matmuls(step1)) == len(head_matmuls(step4)) == 3
