@@ -150,3 +150,23 @@ def test_train_step_with_chunks_matches_and_holds_no_full_logits():
   assert not full_logits_arrays(4)
   # logits, their input's gradient, the head weight's gradient: nothing recomputed
   assert len(head_matmuls(step1)) == len(head_matmuls(step4)) == 3
+
+
+def test_chunks_with_grad_accumulation_and_z_loss():
+  """grad_accum=2 x loss_chunks=4 with z-loss: the same step as one batch, one chunk."""
+  base = Config(model=tiny_model(vocab_size=V),
+                train=TrainConfig(batch_size=B, seq_len=S, lr=1e-2, warmup_steps=0, eps=1e-4,
+                                  z_loss=1e-3))
+  other = dataclasses.replace(base, train=dataclasses.replace(base.train, grad_accum=2,
+                                                              loss_chunks=4))
+  fm, tx, step1 = _step(base)
+  _, _, step2 = _step(other)
+  params = random_params(fm, std=0.05)
+  state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params),
+                     jnp.zeros((2,), jnp.uint32))
+  batch = _batch(seed=3)
+  s1, m1 = step1(state, batch)
+  s2, m2 = step2(state, batch)
+  _close({k: m2[k] for k in ("loss", "z_loss", "grad_norm")},
+         {k: m1[k] for k in ("loss", "z_loss", "grad_norm")})
+  _close(s2.params, s1.params, rtol=1e-4)
