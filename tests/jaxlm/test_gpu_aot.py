@@ -98,3 +98,13 @@ def test_pallas_gmm_compiles_for_h200(impl, target):
       lambda a, b, g: ops.gmm.gmm(a, b, g, implementation=impl), [x, w, gs],
       aot.topology_devices("h200")[0])
   assert target in compiled.as_text()
+
+
+@pytest.mark.gpu_aot
+def test_fsdp_train_step_on_two_hosts_of_h100():
+  """A topology of 2 hosts x 4 GPUs: params and optimizer state sharded over all 8."""
+  cfg = apply_overrides(configs.get_preset("tiny_cpu"),
+                        ["mesh.data=1", "mesh.fsdp=8", *SMALL_STEP])
+  r = aot.compile_train_step(cfg, aot.topology_devices("h100:2x4"), "h100:2x4")
+  assert r.n_devices == 8 and r.mesh["fsdp"] == 8
+  assert r.collectives["all-gather"] >= 1 and r.fits is True
