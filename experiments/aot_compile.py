@@ -20,10 +20,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # The local backend stays CPU; libtpu is loaded as a compile-only client by the topology API.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from jaxlm import host_env
-
-host_env.cuda_plugin_without_gpu()  # before jax starts: GPU topologies need the CUDA plugin
-
 from absl import app, flags
 
 from jaxlm import cli

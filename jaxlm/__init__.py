@@ -2,3 +2,4 @@
 from jaxlm import host_env as _host_env
 
 _host_env.quiet_libtpu_without_chips()
+_host_env.cuda_plugin_without_gpu()

@@ -1,6 +1,10 @@
 """Test-wide setup: 8 simulated CPU devices and hardware-dependent skips."""
 import os
 
+# No jax import behind it; importing jaxlm also readies libtpu / the CUDA plugin for a host
+# without TPU chips / GPUs (the tpu_aot and gpu_aot tests).
+from jaxlm import host_env
+
 # Must happen before jax initialises its backends: multi-device code is tested
 # on CPU over 8 host devices.
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
@@ -11,20 +15,11 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
 # there the flag also reaches the GPU code generator, and the GPU tests should check the
 # optimised code that runs (and their large references are run-time-, not compile-bound).
 # Set the flag yourself to choose.
-_HAS_NVIDIA_GPU = os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/nvidia0")
-if (not _HAS_NVIDIA_GPU
+if (not host_env.nvidia_gpu_attached()
     and "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", "")):
   os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 
 import importlib.util
-
-from jaxlm import host_env
-from jaxlm.host_env import quiet_libtpu_without_chips
-
-# libtpu installed (the [tpu] extra, for the tpu_aot tests) on a host without TPU chips.
-quiet_libtpu_without_chips()
-# The CUDA plugin installed (the [gpu] extra, for the gpu_aot tests) on a host without a GPU.
-host_env.cuda_plugin_without_gpu()
 
 import jax
 import pytest
