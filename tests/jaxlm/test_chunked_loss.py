@@ -170,3 +170,35 @@ def test_chunks_with_grad_accumulation_and_z_loss():
   _close({k: m2[k] for k in ("loss", "z_loss", "grad_norm")},
          {k: m1[k] for k in ("loss", "z_loss", "grad_norm")})
   _close(s2.params, s1.params, rtol=1e-4)
+
+
+def test_chunks_on_a_sharded_mesh_match_one_device():
+  """data 2 x fsdp 2 x tensor 2 (the head's vocab axis split over tensor): loss_chunks=4 gives
+  the single-device, unchunked step."""
+  from jaxlm import sharding
+  from jaxlm.config import MeshConfig
+  from jaxlm.train.state import init_state, state_layout
+  from jaxlm.train.step import jit_train_step
+  model = tiny_model(vocab_size=V, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64)
+  train = TrainConfig(batch_size=8, seq_len=S, lr=1e-2, warmup_steps=0, eps=1e-4)
+
+  def run(mesh_shape, chunks, n_devices):
+    cfg = Config(model=model, train=dataclasses.replace(train, loss_chunks=chunks),
+                 mesh=MeshConfig(*mesh_shape))
+    mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:n_devices])
+    fm = build(cfg.model)
+    tx = make_optimizer(cfg.train)
+    _, shardings = state_layout(fm, tx, mesh)
+    step = jit_train_step(fm, cfg, tx, mesh, shardings)
+    batch = jax.device_put(_batch(b=8, seed=4), sharding.batch_sharding(mesh))
+    with sharding.use_mesh(mesh):
+      state = init_state(fm, tx, 0, mesh)
+      for _ in range(2):
+        state, m = step(state, batch)
+      return jax.device_get((m, state.params))
+
+  m1, p1 = run((1, 1, 1, 1), 1, 1)
+  m8, p8 = run((2, 2, 2, 1), 4, 8)
+  _close({k: m8[k] for k in ("loss", "grad_norm")}, {k: m1[k] for k in ("loss", "grad_norm")},
+         rtol=1e-5)
+  _close(p8, p1, rtol=1e-4)
