@@ -78,11 +78,26 @@ def sharded_decode_attention(q, k_cache, v_cache, lengths, **kwargs):
                             (Q_AXES, KV_AXES, KV_AXES, ("batch",)), Q_AXES, q.shape)
 
 
-def write_cache(cache, new, starts):
-  """Write `new` [batch, n, ...] into `cache` [batch, max_len, ...] at per-row `starts` [batch]."""
-  def one(c, x, s):
-    return jax.lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), s, axis=0)
-  return jax.vmap(one)(cache, new, starts)
+def write_cache(cache, new, starts, layer=None):
+  """Write `new` [batch, n, ...] at per-row `starts` [batch] into `cache` [batch, max_len, ...];
+  with `layer` (an int or a traced scalar), into the stacked cache [layers, batch, max_len, ...]
+  at that layer. The stacked write stays in place: only the new rows move, where writing a
+  layer's slice back would move the whole layer (jaxlm/models/stacking.scan_blocks_decode)."""
+  if layer is None:
+    def one(c, x, s):
+      return jax.lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), s, axis=0)
+    return jax.vmap(one)(cache, new, starts)
+
+  def one_row(c, x, s):   # c [layers, max_len, ...] of one batch row
+    return jax.lax.dynamic_update_slice(c, x[None].astype(c.dtype),
+                                        (layer, s) + (0,) * (c.ndim - 2))
+  return jax.vmap(one_row, in_axes=(1, 0, 0), out_axes=1)(cache, new, starts)
+
+
+def layer_view(cache, layer=None):
+  """The layer's [batch, max_len, ...] of a stacked cache (the cache itself when layer is None).
+  XLA reads it in place where the consumer is a fusion."""
+  return cache if layer is None else jax.lax.dynamic_index_in_dim(cache, layer, 0, keepdims=False)
 
 
 class Attention(nnx.Module):
@@ -104,7 +119,8 @@ class Attention(nnx.Module):
     """x: [batch, seq, d_model]; positions: [batch, seq] int32; segment_ids: [batch, seq] or None.
 
     cache: None (training / full forward) or dict(k, v: [batch, max_len, kv_heads, head_dim],
-    lengths: [batch] int32 = tokens already cached). Returns (y [batch, seq, d_model], new cache or None).
+    lengths: [batch] int32 = tokens already cached), or the stacked k, v [layers, ...] with
+    layer = this layer's index. Returns (y [batch, seq, d_model], new cache or None).
     """
     cfg, dt = self.cfg, x.dtype
     q = jnp.einsum("bsd,dhk->bshk", x, self.wq.value.astype(dt))
@@ -120,11 +136,12 @@ class Attention(nnx.Module):
           kv_segment_ids=segment_ids, soft_cap=soft_cap, implementation=impl)
       new_cache = None
     else:
-      n = x.shape[1]
-      k_cache = write_cache(cache["k"], k, cache["lengths"])
-      v_cache = write_cache(cache["v"], v, cache["lengths"])
+      n, layer = x.shape[1], cache.get("layer")
+      k_cache = write_cache(cache["k"], k, cache["lengths"], layer)
+      v_cache = write_cache(cache["v"], v, cache["lengths"], layer)
       o = sharded_decode_attention(
-          q, k_cache, v_cache, cache["lengths"] + n, window=self._window(), soft_cap=soft_cap)
+          q, layer_view(k_cache, layer), layer_view(v_cache, layer), cache["lengths"] + n,
+          window=self._window(), soft_cap=soft_cap)
       new_cache = dict(k=k_cache, v=v_cache, lengths=cache["lengths"] + n)
     y = jnp.einsum("bshk,hkd->bsd", o.astype(dt), self.wo.value.astype(dt))
     return y, new_cache

@@ -31,7 +31,7 @@ import ops.nsa
 from jaxlm.config import AttentionConfig, ModelConfig
 from jaxlm import sharding
 from jaxlm.layers.attention import (KV_AXES, Q_AXES, TOKEN_AXES, implementation_arg,
-                                   write_cache)
+                                   layer_view, write_cache)
 from jaxlm.layers.embed import apply_rope
 from jaxlm.layers.mlp import out_proj_std
 from jaxlm.layers.params import param
@@ -192,7 +192,8 @@ class NSAAttention(nnx.Module):
 
     cache: None, or the layer's decode cache: the raw entries of raw_cache_names(cfg) [batch,
     max_len, kv_heads, head_dim], the compressed kc, vc [batch, max_cmp, kv_heads, head_dim]
-    and lengths [batch] int32 (tokens already cached).
+    and lengths [batch] int32 (tokens already cached); or all layers' caches stacked [layers,
+    ...] with layer = this layer's index (written in place at that layer).
     """
     cfg, dt = self.cfg, x.dtype
     ncfg = nsa_config(cfg.attention)
@@ -217,8 +218,9 @@ class NSAAttention(nnx.Module):
     roles = cache_roles(self.cfg.attention)
     names = raw_cache_names(self.cfg.attention)
     l, d = ncfg.block_len, ncfg.stride
-    lengths = cache["lengths"]
-    max_len = cache[names[0]].shape[1]
+    lengths, layer = cache["lengths"], cache.get("layer")
+    max_len = cache[names[0]].shape[-3]       # [(layers,) batch, max_len, kv_heads, head_dim]
+    view = lambda a: layer_view(a, layer)
     # per-token inputs, scanned over the chunk axis
     per_tok = {"q": p["q"], "gates": p["gates"]}
     for r, name in roles.items():
@@ -230,21 +232,24 @@ class NSAAttention(nnx.Module):
       st, n = carry
       st = dict(st)
       for name in names:
-        st[name] = write_cache(st[name], inp[name][:, None], n)
+        st[name] = write_cache(st[name], inp[name][:, None], n, layer)
       new_len = n + 1
       if max_len >= l:  # else no block ever completes inside the cache
         j = jnp.maximum(new_len - l, 0) // d                    # block ending at or before now
         complete = new_len >= l
         take = lambda c: jax.vmap(
-            lambda a, s: jax.lax.dynamic_slice_in_dim(a, s, l, axis=0))(c, j * d)
+            lambda a, s: jax.lax.dynamic_slice_in_dim(a, s, l, axis=0))(view(c), j * d)
         kc, vc = self.compress(take(st[roles["cmp_k"]]), take(st[roles["cmp_v"]]),
                                j * d + l - 1)
         for name, new in (("kc", kc), ("vc", vc)):
-          written = write_cache(st[name], new[:, None], j)
-          st[name] = jnp.where(complete[:, None, None, None], written, st[name])
-      o = ops.nsa.nsa_decode(inp["q"], st["kc"], st["vc"], st[roles["slc_k"]],
-                             st[roles["slc_v"]], st[roles["win_k"]], st[roles["win_v"]],
-                             inp["gates"], new_len, cfg=ncfg)
+          # rows whose block is not complete write back what the slot holds: one entry moves
+          old = jax.vmap(lambda a, s: jax.lax.dynamic_index_in_dim(a, s, 0, keepdims=False))(
+              view(st[name]), j)
+          new = jnp.where(complete[:, None, None], new.astype(old.dtype), old)
+          st[name] = write_cache(st[name], new[:, None], j, layer)
+      o = ops.nsa.nsa_decode(inp["q"], view(st["kc"]), view(st["vc"]), view(st[roles["slc_k"]]),
+                             view(st[roles["slc_v"]]), view(st[roles["win_k"]]),
+                             view(st[roles["win_v"]]), inp["gates"], new_len, cfg=ncfg)
       return (st, new_len), o
 
     (state, end), o = jax.lax.scan(step, (state, lengths), xs)

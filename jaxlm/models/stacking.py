@@ -114,6 +114,29 @@ def _layer_step(graphdef, body: Callable, remat: str) -> Callable:
   return maybe_remat(step, remat)
 
 
+def scan_blocks_decode(stacked: nnx.Module, carry, caches: dict, body: Callable, layer_xs=None):
+  """scan_blocks for decoding: the stacked caches ride in the scan's carry and every layer gets
+  them whole, with its index: `body(block, carry, dict(caches, layer=i), layer_x) -> (carry,
+  (caches, y))`, the layers writing their new tokens in place at their slot
+  (jaxlm.layers.attention.write_cache with layer=i). As scan inputs and outputs instead, a
+  decode step copied every cache whole: into the stacked outputs (zero-filled first), layer by
+  layer, then into the donated result (compiled for an H200: temporaries as large as the cache,
+  about four times its bytes moved a step). Returns (carry, caches, stacked ys)."""
+  graphdef, state = nnx.split(stacked)
+  n = jax.tree.leaves(state)[0].shape[0]
+
+  def step(c, inputs):
+    carry, caches = c
+    layer_state, i, layer_x = inputs
+    carry, (caches, y) = body(nnx.merge(graphdef, layer_state), carry, dict(caches, layer=i),
+                              layer_x)
+    return (carry, caches), y
+
+  (carry, caches), ys = jax.lax.scan(step, (carry, caches),
+                                     (state, jnp.arange(n, dtype=jnp.int32), layer_xs))
+  return carry, caches, ys
+
+
 def scan_blocks_in_chunks(stacked: nnx.Module, x, layer_xs, body: Callable, remat: str,
                           chunk: int, chunk_xs: Callable):
   """scan_blocks as an outer scan over n / chunk chunks of `chunk` layers each (inner scans).

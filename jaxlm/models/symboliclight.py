@@ -44,12 +44,13 @@ import ops.scan
 from ops.attention import reference as attention_reference
 from jaxlm.config import ModelConfig
 from jaxlm import sharding
-from jaxlm.layers.attention import implementation_arg, sharded_attention, write_cache
+from jaxlm.layers.attention import (implementation_arg, layer_view, sharded_attention,
+                                   write_cache)
 from jaxlm.layers.embed import Embed, apply_rope
 from jaxlm.layers.logits import logits_einsum
 from jaxlm.layers.params import param
 from jaxlm.layers.spiking import LayerNorm, const_param, heaviside, topk_mask
-from jaxlm.models.stacking import init_stacked, maybe_remat, scan_blocks
+from jaxlm.models.stacking import init_stacked, maybe_remat, scan_blocks, scan_blocks_decode
 from jaxlm.sharding import constrain
 
 ACT = ("batch", "seq", "embed")
@@ -120,36 +121,40 @@ class SparseTCAM(nnx.Module):
       new_cache = None
     else:
       b, s = x.shape[:2]
-      lengths = cache["lengths"]
-      k_cache = write_cache(cache["k"], k, lengths)
-      v_cache = write_cache(cache["v"], v, lengths)
-      spike_cache = write_cache(cache["spike"], active, lengths)
-      max_len = k_cache.shape[1]
+      lengths, layer = cache["lengths"], cache.get("layer")
+      k_cache = write_cache(cache["k"], k, lengths, layer)
+      v_cache = write_cache(cache["v"], v, lengths, layer)
+      spike_cache = write_cache(cache["spike"], active, lengths, layer)
+      max_len = k_cache.shape[-3]          # [(layers,) batch, max_len, heads, head_dim]
       q_pos = lengths[:, None] + jnp.arange(s, dtype=jnp.int32)[None]
       written = jnp.arange(max_len, dtype=jnp.int32)[None] < (lengths + s)[:, None]
       mask = attention_reference.build_mask(
           b, s, max_len, q_pos=q_pos, causal=True, window=sp.window, sinks=sp.n_anchors,
-          kv_valid=spike_cache & written)
+          kv_valid=layer_view(spike_cache, layer) & written)
       o, _ = attention_reference.masked_attention(
-          q, k_cache, v_cache, mask, scale=cfg.resolved_head_dim ** -0.5, soft_cap=soft_cap,
+          q, layer_view(k_cache, layer), layer_view(v_cache, layer), mask,
+          scale=cfg.resolved_head_dim ** -0.5, soft_cap=soft_cap,
           precision=jax.lax.Precision.DEFAULT)
       new_cache = dict(k=k_cache, v=v_cache, spike=spike_cache)
     o = o * active[:, :, None, None].astype(o.dtype)     # zero at queries without spikes
     return o.astype(dt), new_cache
 
   def __call__(self, x, spikes, positions, segment_ids=None, cache=None):
-    """x (continuous) / spikes: [b, s, d]. cache: None or this layer's dict (+ lengths).
+    """x (continuous) / spikes: [b, s, d]. cache: None or this layer's dict (+ lengths), or all
+    layers' caches stacked with layer = this layer's index (written in place at that layer).
 
     Returns (LN(x + W_o mix) [b, s, d], new layer cache or None, active [b, s] bool).
     """
     sp, dt = self.cfg.spiking, x.dtype
     active = jnp.any(spikes > 0, axis=-1)
     new_cache = {} if cache is not None else None
+    layer = None if cache is None else cache.get("layer")
     if sp.mixer != "attention":
       decay, h_last = self.decay_path(spikes, active, segment_ids,
-                                      None if cache is None else cache["h"])
+                                      None if cache is None else layer_view(cache["h"], layer))
       if cache is not None:
-        new_cache["h"] = h_last
+        new_cache["h"] = (h_last if layer is None else jax.lax.dynamic_update_index_in_dim(
+            cache["h"], h_last.astype(cache["h"].dtype), layer, 0))
     if sp.mixer != "decay":
       attn, kv = self.attention_path(x, active, positions, segment_ids, cache)
       if cache is not None:
@@ -279,7 +284,18 @@ class SymbolicLight(nnx.Module):
       x, sk, c, stats = block(x, sk, positions, segment_ids, c)
       return (x, sk), (c, stats)
 
-    if cfg.scan_layers:
+    if cache is not None:   # decoding: the stacked caches are carried and written in place
+      if cfg.scan_layers:
+        (x, _), new_layers, stats = scan_blocks_decode(self.blocks, (x, spikes), layer_caches,
+                                                       lambda blk, cr, c, _: body(blk, cr, c))
+      else:
+        carry, new_layers, all_stats = (x, spikes), layer_caches, []
+        for i, blk in enumerate(self.blocks):
+          carry, (new_layers, st) = body(blk, carry, dict(new_layers, layer=i))
+          all_stats.append(st)
+        x = carry[0]
+        stats = jax.tree.map(lambda *a: jnp.stack(a), *all_stats)
+    elif cfg.scan_layers:
       (x, _), (new_layers, stats) = scan_blocks(self.blocks, (x, spikes), layer_caches, body,
                                                 cfg.remat)
     else:
