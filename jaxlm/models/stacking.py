@@ -137,6 +137,20 @@ def scan_blocks_decode(stacked: nnx.Module, carry, caches: dict, body: Callable,
   return carry, caches, ys
 
 
+def decode_blocks(blocks, carry, caches: dict, body: Callable, layer_xs=None,
+                  scanned: bool = True):
+  """scan_blocks_decode over stacked blocks, or the same over a list of blocks (unrolled
+  layers: each gets dict(caches, layer=i) with a static i and its slice of layer_xs)."""
+  if scanned:
+    return scan_blocks_decode(blocks, carry, caches, body, layer_xs)
+  ys = []
+  for i, blk in enumerate(blocks):
+    layer_x = None if layer_xs is None else jax.tree.map(lambda a: a[i], layer_xs)
+    carry, (caches, y) = body(blk, carry, dict(caches, layer=i), layer_x)
+    ys.append(y)
+  return carry, caches, jax.tree.map(lambda *a: jnp.stack(a), *ys)
+
+
 def scan_blocks_in_chunks(stacked: nnx.Module, x, layer_xs, body: Callable, remat: str,
                           chunk: int, chunk_xs: Callable):
   """scan_blocks as an outer scan over n / chunk chunks of `chunk` layers each (inner scans).

@@ -50,7 +50,7 @@ from jaxlm.layers.embed import Embed, apply_rope
 from jaxlm.layers.logits import logits_einsum
 from jaxlm.layers.params import param
 from jaxlm.layers.spiking import LayerNorm, const_param, heaviside, topk_mask
-from jaxlm.models.stacking import init_stacked, maybe_remat, scan_blocks, scan_blocks_decode
+from jaxlm.models.stacking import decode_blocks, init_stacked, maybe_remat, scan_blocks
 from jaxlm.sharding import constrain
 
 ACT = ("batch", "seq", "embed")
@@ -285,16 +285,9 @@ class SymbolicLight(nnx.Module):
       return (x, sk), (c, stats)
 
     if cache is not None:   # decoding: the stacked caches are carried and written in place
-      if cfg.scan_layers:
-        (x, _), new_layers, stats = scan_blocks_decode(self.blocks, (x, spikes), layer_caches,
-                                                       lambda blk, cr, c, _: body(blk, cr, c))
-      else:
-        carry, new_layers, all_stats = (x, spikes), layer_caches, []
-        for i, blk in enumerate(self.blocks):
-          carry, (new_layers, st) = body(blk, carry, dict(new_layers, layer=i))
-          all_stats.append(st)
-        x = carry[0]
-        stats = jax.tree.map(lambda *a: jnp.stack(a), *all_stats)
+      (x, _), new_layers, stats = decode_blocks(self.blocks, (x, spikes), layer_caches,
+                                                lambda blk, cr, c, _: body(blk, cr, c),
+                                                scanned=cfg.scan_layers)
     elif cfg.scan_layers:
       (x, _), (new_layers, stats) = scan_blocks(self.blocks, (x, spikes), layer_caches, body,
                                                 cfg.remat)

@@ -31,7 +31,7 @@ from jaxlm.layers.moe_losses import model_aux
 from jaxlm.layers.norms import RMSNorm
 from jaxlm.layers import nsa as nsa_layer
 from jaxlm.layers.params import param
-from jaxlm.models.stacking import (init_stacked, maybe_remat, scan_blocks, scan_blocks_decode,
+from jaxlm.models.stacking import (decode_blocks, init_stacked, maybe_remat, scan_blocks,
                                    scan_blocks_in_chunks)
 from jaxlm.sharding import constrain, multi_device_mesh
 
@@ -131,15 +131,9 @@ class Transformer(nnx.Module):
       return x, (c, st)
 
     if cache is not None:   # decoding: the stacked caches are carried and written in place
-      if cfg.scan_layers:
-        x, new_layers, stats = scan_blocks_decode(self.blocks, x, layer_caches,
-                                                  lambda blk, x, c, _: body(blk, x, c))
-      else:
-        new_layers, all_stats = layer_caches, []
-        for i, blk in enumerate(self.blocks):
-          x, (new_layers, st) = body(blk, x, dict(new_layers, layer=i))
-          all_stats.append(st)
-        stats = jax.tree.map(lambda *a: jnp.stack(a), *all_stats)
+      x, new_layers, stats = decode_blocks(self.blocks, x, layer_caches,
+                                           lambda blk, x, c, _: body(blk, x, c),
+                                           scanned=cfg.scan_layers)
     elif cfg.scan_layers:
       x, (new_layers, stats) = scan_blocks(self.blocks, x, layer_caches, body, cfg.remat)
     else:
@@ -240,21 +234,11 @@ class Transformer(nnx.Module):
 
     layer_ids = jnp.arange(n_layers, dtype=jnp.int32)
     if cache is not None:   # decoding: the stacked caches are carried and written in place
-      experts_of = lambda i: (jax.tree.map(lambda a: a[i], pools) if per_layer_pools else None)
-      if cfg.scan_layers:
-        (x, _), new_layers, stats = scan_blocks_decode(
-            self.blocks, (x, prev0), layer_caches,
-            lambda blk, carry, c, lx: body(blk, carry, dict(lx, cache=c, tap=None)),
-            {"layer": layer_ids, "experts": pools if per_layer_pools else None})
-      else:
-        carry, new_layers, all_stats = (x, prev0), layer_caches, []
-        for i, blk in enumerate(self.blocks):
-          carry, (new_layers, st) = body(blk, carry, {
-              "cache": dict(new_layers, layer=i), "layer": layer_ids[i],
-              "experts": experts_of(i), "tap": None})
-          all_stats.append(st)
-        x = carry[0]
-        stats = jax.tree.map(lambda *a: jnp.stack(a), *all_stats)
+      (x, _), new_layers, stats = decode_blocks(
+          self.blocks, (x, prev0), layer_caches,
+          lambda blk, carry, c, lx: body(blk, carry, dict(lx, cache=c, tap=None)),
+          {"layer": layer_ids, "experts": pools if per_layer_pools else None},
+          scanned=cfg.scan_layers)
     elif cfg.scan_layers:
       xs = {"cache": layer_caches, "layer": layer_ids,
             "experts": pools if per_layer_pools else None,
