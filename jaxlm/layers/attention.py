@@ -66,16 +66,26 @@ def sharded_attention(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, kv_va
       (Q_AXES, KV_AXES, KV_AXES, TOKEN_AXES, TOKEN_AXES, TOKEN_AXES), Q_AXES, q.shape)
 
 
-def sharded_decode_attention(q, k_cache, v_cache, lengths, **kwargs):
-  """ops.attention.decode_attention per device (batch / heads blocks); shapes as there."""
-  n_heads, n_kv = q.shape[2], k_cache.shape[2]
+def sharded_decode_attention(q, k_cache, v_cache, lengths, layer=None, **kwargs):
+  """ops.attention.decode_attention per device (batch / heads blocks); shapes as there. With
+  `layer`, the caches are the stacked [layers, batch, max_len, kv_heads, head_dim] and the
+  kernel reads that layer in place."""
+  n_heads, n_kv = q.shape[-2], k_cache.shape[-2]
+  cache_axes = KV_AXES if layer is None else ("layers",) + KV_AXES
+  if layer is not None:            # an operand of the shard_map below (replicated)
+    layer = jnp.asarray(layer, jnp.int32)
 
-  def fn(q, k, v, lengths):
-    k, v = _match_heads(q, k, v, n_heads, n_kv)
-    return ops.attention.decode_attention(q, k, v, lengths, **kwargs)
+  def fn(q, k, v, lengths, layer):
+    if q.shape[2] != n_heads and k.shape[-2] == n_kv and layer is not None:
+      # only q's heads are split: slice this device's kv heads out of the layer (a copy of
+      # that layer's slice, as before stacking; reading in place needs kv heads on "tensor")
+      k, v, layer = layer_view(k, layer), layer_view(v, layer), None
+    if layer is None:
+      k, v = _match_heads(q, k, v, n_heads, n_kv)
+    return ops.attention.decode_attention(q, k, v, lengths, layer=layer, **kwargs)
 
-  return sharding.per_shard(fn, (q, k_cache, v_cache, lengths),
-                            (Q_AXES, KV_AXES, KV_AXES, ("batch",)), Q_AXES, q.shape)
+  return sharding.per_shard(fn, (q, k_cache, v_cache, lengths, layer),
+                            (Q_AXES, cache_axes, cache_axes, ("batch",), None), Q_AXES, q.shape)
 
 
 def write_cache(cache, new, starts, layer=None):
@@ -139,9 +149,8 @@ class Attention(nnx.Module):
       n, layer = x.shape[1], cache.get("layer")
       k_cache = write_cache(cache["k"], k, cache["lengths"], layer)
       v_cache = write_cache(cache["v"], v, cache["lengths"], layer)
-      o = sharded_decode_attention(
-          q, layer_view(k_cache, layer), layer_view(v_cache, layer), cache["lengths"] + n,
-          window=self._window(), soft_cap=soft_cap)
+      o = sharded_decode_attention(q, k_cache, v_cache, cache["lengths"] + n, layer,
+                                   window=self._window(), soft_cap=soft_cap)
       new_cache = dict(k=k_cache, v=v_cache, lengths=cache["lengths"] + n)
     y = jnp.einsum("bshk,hkd->bsd", o.astype(dt), self.wo.value.astype(dt))
     return y, new_cache

@@ -247,9 +247,10 @@ class NSAAttention(nnx.Module):
               view(st[name]), j)
           new = jnp.where(complete[:, None, None], new.astype(old.dtype), old)
           st[name] = write_cache(st[name], new[:, None], j, layer)
-      o = ops.nsa.nsa_decode(inp["q"], view(st["kc"]), view(st["vc"]), view(st[roles["slc_k"]]),
-                             view(st[roles["slc_v"]]), view(st[roles["win_k"]]),
-                             view(st[roles["win_v"]]), inp["gates"], new_len, cfg=ncfg)
+      # the stacked caches and the layer: the kernels read the layer in place
+      o = ops.nsa.nsa_decode(inp["q"], st["kc"], st["vc"], st[roles["slc_k"]],
+                             st[roles["slc_v"]], st[roles["win_k"]], st[roles["win_v"]],
+                             inp["gates"], new_len, cfg=ncfg, layer=layer)
       return (st, new_len), o
 
     (state, end), o = jax.lax.scan(step, (state, lengths), xs)

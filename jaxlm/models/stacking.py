@@ -114,16 +114,28 @@ def _layer_step(graphdef, body: Callable, remat: str) -> Callable:
   return maybe_remat(step, remat)
 
 
-def scan_blocks_decode(stacked: nnx.Module, carry, caches: dict, body: Callable, layer_xs=None):
+def scan_blocks_decode(stacked: nnx.Module, carry, caches: dict, body: Callable, layer_xs=None,
+                       unroll: bool = False):
   """scan_blocks for decoding: the stacked caches ride in the scan's carry and every layer gets
   them whole, with its index: `body(block, carry, dict(caches, layer=i), layer_x) -> (carry,
   (caches, y))`, the layers writing their new tokens in place at their slot
   (jaxlm.layers.attention.write_cache with layer=i). As scan inputs and outputs instead, a
   decode step copied every cache whole: into the stacked outputs (zero-filled first), layer by
   layer, then into the donated result (compiled for an H200: temporaries as large as the cache,
-  about four times its bytes moved a step). Returns (carry, caches, stacked ys)."""
+  about four times its bytes moved a step). Returns (carry, caches, stacked ys).
+
+  unroll: a Python loop over the layers with static indices instead of the scan, so each
+  layer's params are static slices of the stack (ModelConfig.decode_unroll says why)."""
   graphdef, state = nnx.split(stacked)
   n = jax.tree.leaves(state)[0].shape[0]
+  if unroll:
+    at = lambda tree, i: None if tree is None else jax.tree.map(lambda a: a[i], tree)
+    ys = []
+    for i in range(n):
+      carry, (caches, y) = body(nnx.merge(graphdef, at(state, i)), carry,
+                                dict(caches, layer=i), at(layer_xs, i))
+      ys.append(y)
+    return carry, caches, jax.tree.map(lambda *a: jnp.stack(a), *ys)
 
   def step(c, inputs):
     carry, caches = c
@@ -138,11 +150,12 @@ def scan_blocks_decode(stacked: nnx.Module, carry, caches: dict, body: Callable,
 
 
 def decode_blocks(blocks, carry, caches: dict, body: Callable, layer_xs=None,
-                  scanned: bool = True):
-  """scan_blocks_decode over stacked blocks, or the same over a list of blocks (unrolled
-  layers: each gets dict(caches, layer=i) with a static i and its slice of layer_xs)."""
+                  scanned: bool = True, unroll: bool = False):
+  """scan_blocks_decode over stacked blocks (unroll: see there), or the same over a list of
+  blocks (unrolled layers: each gets dict(caches, layer=i) with a static i and its slice of
+  layer_xs)."""
   if scanned:
-    return scan_blocks_decode(blocks, carry, caches, body, layer_xs)
+    return scan_blocks_decode(blocks, carry, caches, body, layer_xs, unroll)
   ys = []
   for i, blk in enumerate(blocks):
     layer_x = None if layer_xs is None else jax.tree.map(lambda a: a[i], layer_xs)

@@ -287,7 +287,7 @@ class SymbolicLight(nnx.Module):
     if cache is not None:   # decoding: the stacked caches are carried and written in place
       (x, _), new_layers, stats = decode_blocks(self.blocks, (x, spikes), layer_caches,
                                                 lambda blk, cr, c, _: body(blk, cr, c),
-                                                scanned=cfg.scan_layers)
+                                                scanned=cfg.scan_layers, unroll=cfg.decode_unroll)
     elif cfg.scan_layers:
       (x, _), (new_layers, stats) = scan_blocks(self.blocks, (x, spikes), layer_caches, body,
                                                 cfg.remat)

@@ -133,7 +133,7 @@ class Transformer(nnx.Module):
     if cache is not None:   # decoding: the stacked caches are carried and written in place
       x, new_layers, stats = decode_blocks(self.blocks, x, layer_caches,
                                            lambda blk, x, c, _: body(blk, x, c),
-                                           scanned=cfg.scan_layers)
+                                           scanned=cfg.scan_layers, unroll=cfg.decode_unroll)
     elif cfg.scan_layers:
       x, (new_layers, stats) = scan_blocks(self.blocks, x, layer_caches, body, cfg.remat)
     else:
@@ -238,7 +238,7 @@ class Transformer(nnx.Module):
           self.blocks, (x, prev0), layer_caches,
           lambda blk, carry, c, lx: body(blk, carry, dict(lx, cache=c, tap=None)),
           {"layer": layer_ids, "experts": pools if per_layer_pools else None},
-          scanned=cfg.scan_layers)
+          scanned=cfg.scan_layers, unroll=cfg.decode_unroll)
     elif cfg.scan_layers:
       xs = {"cache": layer_caches, "layer": layer_ids,
             "experts": pools if per_layer_pools else None,

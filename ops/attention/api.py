@@ -5,9 +5,10 @@ dispatch rules (None = platform default order ending in "xla", a name, or a sequ
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
-from ops import _backend
+from ops import _backend, _stacked
 from ops._backend import CPU, GPU, TPU
 from ops.attention import reference
 
@@ -37,9 +38,11 @@ def _xla_attention(q, k, v, *, causal, window, sinks, q_segment_ids, kv_segment_
                              kv_valid=kv_valid, scale=scale, soft_cap=soft_cap, q_offset=q_offset)
 
 
-def _xla_decode(q, k_cache, v_cache, lengths, *, window, sinks, scale, soft_cap, return_lse,
-                interpret, config):
+def _xla_decode(q, k_cache, v_cache, lengths, *, layer, window, sinks, scale, soft_cap,
+                return_lse, interpret, config):
   del return_lse, interpret, config
+  if layer is not None:   # fused into the consumers: no copy of the layer
+    k_cache, v_cache = _stacked.layer_slice(k_cache, layer), _stacked.layer_slice(v_cache, layer)
   return reference.decode_attention(q, k_cache, v_cache, lengths, window=window, sinks=sinks,
                                     scale=scale, soft_cap=soft_cap)
 
@@ -158,8 +161,8 @@ def attention(q, k, v, *, causal: bool = False, window: int | None = None, sinks
   return (o, lse) if return_lse else o
 
 
-def decode_attention(q, k_cache, v_cache, lengths, *, window: int | None = None, sinks: int = 0,
-                     scale: float | None = None, soft_cap: float | None = None,
+def decode_attention(q, k_cache, v_cache, lengths, *, layer=None, window: int | None = None,
+                     sinks: int = 0, scale: float | None = None, soft_cap: float | None = None,
                      return_lse: bool = False, implementation=None,
                      interpret: bool | None = None, config=None):
   """A few new tokens against a long KV cache (forward only).
@@ -170,14 +173,26 @@ def decode_attention(q, k_cache, v_cache, lengths, *, window: int | None = None,
   lengths[b] - q_len + t; causal among them; keys >= lengths[b] are ignored. window / sinks /
   scale / soft_cap as in `attention`. Returns o [batch, q_len, heads, head_dim_v] (and lse
   [batch, heads, q_len] f32 with return_lse).
+
+  layer: None, or an int / int32 scalar (traced inside a scan over layers is fine) when the
+  caches are all layers' caches stacked, [layers, batch, max_len, kv_heads, head_dim(_v)]:
+  the kernels read that layer in place instead of XLA copying its slice out first.
   """
-  _check_qkv(q, k_cache, v_cache)
+  if layer is not None:
+    if k_cache.ndim != 5 or v_cache.ndim != 5 or k_cache.shape[0] != v_cache.shape[0]:
+      raise ValueError(f"with layer=, k_cache and v_cache must be [layers, batch, max_len, "
+                       f"kv_heads, head_dim]; got {k_cache.shape}, {v_cache.shape}")
+    layer = _stacked.check_layer(layer, k_cache.shape[0], "decode_attention")
+    _check_qkv(q, jax.ShapeDtypeStruct(k_cache.shape[1:], k_cache.dtype),
+               jax.ShapeDtypeStruct(v_cache.shape[1:], v_cache.dtype))
+  else:
+    _check_qkv(q, k_cache, v_cache)
   _check_common(window, sinks, soft_cap)
   lengths = jnp.asarray(lengths, jnp.int32)
   if lengths.shape != (q.shape[0],):
     raise ValueError(f"lengths must be [batch] = {(q.shape[0],)}; got {lengths.shape}")
   scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
-  o, lse = _DECODE(implementation, q, k_cache, v_cache, lengths, window=window,
+  o, lse = _DECODE(implementation, q, k_cache, v_cache, lengths, layer=layer, window=window,
                    sinks=int(sinks), scale=scale,
                    soft_cap=None if soft_cap is None else float(soft_cap),
                    return_lse=return_lse, interpret=interpret, config=config)

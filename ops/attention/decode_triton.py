@@ -4,6 +4,11 @@ The cache length is split into `decode_splits` chunks processed in parallel; eac
 handles one (chunk, batch, kv head) and all group heads × new tokens of that kv head as the rows
 of one tile (so GQA reads each k/v block once). Chunks past `lengths[b]` do no work. The
 partial results (normalised output + lse per chunk) are merged with a logsumexp in XLA.
+
+The caches are read in place, never padded or sliced by XLA (a copy would move more bytes than
+the decode reads): a layer-stacked cache is indexed at the layer inside the kernel, and a block
+running past the end of the cache loads the last block_kv rows (offset clamped) and masks by
+position. Only a cache shorter than 16 rows or a head dim that is not a power of two is padded.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from ops import _stacked
 from ops._backend import GPU, UnsupportedError, resolve_interpret
 from ops.attention import _blocks
 from ops.attention.config import AttentionBlockConfig, default_config
@@ -21,9 +27,11 @@ from ops.attention.pallas_triton import (LN2, _CompilerParams, _SUPPORTED_DTYPES
                                          _dot_nt, _logits)
 
 
-def _decode_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, q_len, group, window, sinks,
-                   scale, soft_cap, block_kv, chunk):
+def _decode_kernel(len_ref, layer_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, q_len, group,
+                   window, sinks, scale, soft_cap, block_kv, chunk):
   n = len_ref[()]
+  layer = layer_ref[()]
+  max_len = k_ref.shape[1]       # k_ref, v_ref: [layers, max_len, head_dim]
   rows = q_ref.shape[0]
   split = pl.program_id(0)
   q = q_ref[...]
@@ -45,11 +53,12 @@ def _decode_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, q_len, group
   def body(j, carry):
     acc, m, l = carry
     ks = j * block_kv
-    k = k_ref[pl.ds(ks, block_kv), :]
-    v = v_ref[pl.ds(ks, block_kv), :]
+    off = jnp.minimum(ks, max_len - block_kv)   # the last block may overlap the one before
+    k = k_ref[layer, pl.ds(off, block_kv), :]
+    v = v_ref[layer, pl.ds(off, block_kv), :]
     s, _ = _logits(_dot_nt(q, k), scale, soft_cap)
-    k_pos = ks + lax.broadcasted_iota(jnp.int32, (1, block_kv), 1)
-    ok = (k_pos <= q_pos) & (k_pos < n)
+    k_pos = off + lax.broadcasted_iota(jnp.int32, (1, block_kv), 1)
+    ok = (k_pos >= ks) & (k_pos <= q_pos) & (k_pos < n)
     if window is not None:
       in_w = k_pos > q_pos - window
       if sinks > 0:
@@ -76,9 +85,26 @@ def _decode_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, q_len, group
   lse_ref[...] = jnp.where(empty, -jnp.inf, (m_use + jnp.log2(l_safe)) * LN2)
 
 
-def decode_attention(q, k_cache, v_cache, lengths, *, window, sinks, scale, soft_cap, return_lse,
-                     interpret, config):
-  """The "pallas_triton" implementation of ops.attention.decode_attention; returns (o, lse)."""
+def _readable_caches(k_cache, v_cache, layer, dp: int, dvp: int):
+  """(k, v [layers, batch, rows, kv_heads, dp/dvp], layer int32) for the kernel. In place
+  (a free reshape for an unstacked cache) unless a head dim is not a power of two or the
+  cache is shorter than one 16-row block: then only the layer's slice is copied and padded."""
+  max_len, d, dv = k_cache.shape[-3], k_cache.shape[-1], v_cache.shape[-1]
+  if max_len >= 16 and dp == d and dvp == dv:
+    (kc, vc), layer = _stacked.as_stacked((k_cache, v_cache), layer)
+    return kc, vc, layer
+  if layer is not None:
+    k_cache, v_cache = _stacked.layer_slice(k_cache, layer), _stacked.layer_slice(v_cache, layer)
+  rows = max(16, max_len)
+  kc = jnp.pad(k_cache, ((0, 0), (0, rows - max_len), (0, 0), (0, dp - d)))
+  vc = jnp.pad(v_cache, ((0, 0), (0, rows - max_len), (0, 0), (0, dvp - dv)))
+  return kc[None], vc[None], jnp.int32(0)
+
+
+def decode_attention(q, k_cache, v_cache, lengths, *, layer, window, sinks, scale, soft_cap,
+                     return_lse, interpret, config):
+  """The "pallas_triton" implementation of ops.attention.decode_attention; returns (o, lse).
+  k_cache / v_cache: [batch, max_len, kv_heads, d] (layer None) or [layers, batch, ...]."""
   del return_lse
   interpret = resolve_interpret(interpret, GPU)
   if q.dtype != k_cache.dtype or q.dtype != v_cache.dtype:
@@ -86,7 +112,7 @@ def decode_attention(q, k_cache, v_cache, lengths, *, window, sinks, scale, soft
   if not any(q.dtype == t for t in _SUPPORTED_DTYPES):
     raise UnsupportedError(f"dtype {q.dtype}")
   b, lq, h, d = q.shape
-  max_len, hk, dv = k_cache.shape[1], k_cache.shape[2], v_cache.shape[3]
+  hk, dv = k_cache.shape[-2], v_cache.shape[-1]
   g = h // hk
   if max(d, dv) > 256:
     raise UnsupportedError(f"head_dim {max(d, dv)} > 256")
@@ -95,24 +121,21 @@ def decode_attention(q, k_cache, v_cache, lengths, *, window, sinks, scale, soft
   cfg = config or default_config(d)
   if not isinstance(cfg, AttentionBlockConfig):
     raise UnsupportedError(f"config {type(cfg).__name__} is not an AttentionBlockConfig")
-  bk = max(16, min(cfg.decode_block_kv, _blocks.pow2_at_least(max_len)))
-  n_blocks = -(-max_len // bk)
-  splits = max(1, min(cfg.decode_splits, n_blocks))
-  chunk = -(-n_blocks // splits) * bk
-  splits = -(-max_len // chunk)
-  padded = splits * chunk
   dp, dvp = _blocks.pow2_at_least(d), _blocks.pow2_at_least(dv)
   rows = _blocks.pow2_at_least(lq * g)
+  kc, vc, layer = _readable_caches(k_cache, v_cache, layer, dp, dvp)
+  n_rows = kc.shape[2]
+  # the largest power-of-two block inside the cache, so the clamped last block stays in it
+  bk = max(16, min(cfg.decode_block_kv, 1 << (n_rows.bit_length() - 1)))
+  n_blocks = -(-n_rows // bk)
+  splits = max(1, min(cfg.decode_splits, n_blocks))
+  chunk = -(-n_blocks // splits) * bk
+  splits = -(-n_rows // chunk)
 
   # [b, lq, hk, g, d] -> [b, hk, lq*g (token-major), d], padded to a power-of-two tile.
   q2 = q.reshape(b, lq, hk, g, d).transpose(0, 2, 1, 3, 4).reshape(b, hk, lq * g, d)
   q2 = jnp.pad(q2, ((0, 0), (0, 0), (0, rows - lq * g), (0, dp - d)))
-  kc = k_cache
-  vc = v_cache
-  if padded != max_len or dp != d:
-    kc = jnp.pad(kc, ((0, 0), (0, padded - max_len), (0, 0), (0, dp - d)))
-  if padded != max_len or dvp != dv:
-    vc = jnp.pad(vc, ((0, 0), (0, padded - max_len), (0, 0), (0, dvp - dv)))
+  n_layers = kc.shape[0]
 
   kernel = functools.partial(
       _decode_kernel, q_len=lq, group=g, window=window,
@@ -123,9 +146,10 @@ def decode_attention(q, k_cache, v_cache, lengths, *, window, sinks, scale, soft
       grid=(splits, b, hk),
       in_specs=[
           pl.BlockSpec((None,), lambda s, bi, hi: (bi,)),
+          pl.BlockSpec((None,), lambda s, bi, hi: (0,)),
           pl.BlockSpec((None, None, rows, dp), lambda s, bi, hi: (bi, hi, 0, 0)),
-          pl.BlockSpec((None, padded, None, dp), lambda s, bi, hi: (bi, 0, hi, 0)),
-          pl.BlockSpec((None, padded, None, dvp), lambda s, bi, hi: (bi, 0, hi, 0)),
+          pl.BlockSpec((n_layers, None, n_rows, None, dp), lambda s, bi, hi: (0, bi, 0, hi, 0)),
+          pl.BlockSpec((n_layers, None, n_rows, None, dvp), lambda s, bi, hi: (0, bi, 0, hi, 0)),
       ],
       out_specs=[
           pl.BlockSpec((None, None, None, rows, dvp), lambda s, bi, hi: (s, bi, hi, 0, 0)),
@@ -137,7 +161,7 @@ def decode_attention(q, k_cache, v_cache, lengths, *, window, sinks, scale, soft
                                       num_stages=cfg.decode_num_stages),
       interpret=interpret,
       name="flash_decoding",
-  )(lengths.astype(jnp.int32), q2, kc, vc)
+  )(lengths.astype(jnp.int32), layer.reshape(1), q2, kc, vc)
 
   m = jnp.max(lse_part, axis=0)
   m_safe = jnp.where(jnp.isfinite(m), m, 0.0)

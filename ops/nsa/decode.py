@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ops import _backend
+from ops import _backend, _stacked
 from ops._backend import CPU, GPU, TPU
 from ops.nsa import compress
 from ops.nsa.config import NSAConfig
@@ -66,9 +66,12 @@ def gate_combine(gates, o_cmp, o_slc, o_win, dtype):
 
 
 def _xla_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths, *, cfg: NSAConfig,
-                interpret=None, config=None):
+                layer=None, interpret=None, config=None):
   """The "xla" implementation: returns (o [b,h,dv], block_idx [b,kvh,n])."""
   del interpret, config
+  if layer is not None:       # the gathers below read the layer's rows: no copy of it
+    k_cmp, v_cmp, k_slc, v_slc, k_win, v_win = (
+        _stacked.layer_slice(c, layer) for c in (k_cmp, v_cmp, k_slc, v_slc, k_win, v_win))
   b, h, d = q.shape
   hk = k_slc.shape[2]
   g = h // hk
@@ -114,7 +117,7 @@ DECODE.register("xla", _xla_decode)
 
 
 def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths, *, cfg: NSAConfig,
-               return_block_idx: bool = False, implementation=None, interpret=None,
+               layer=None, return_block_idx: bool = False, implementation=None, interpret=None,
                config=None):
   """q [b,h,d]: the new token's queries; gates [b,h,3]; lengths [b] int32 = tokens in the raw
   caches INCLUDING the new one (its position is lengths-1; 1 <= lengths <= cache length).
@@ -122,6 +125,9 @@ def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths, *, c
   j*d + l - 1 is written (the layer appends one entry every `stride` tokens);
   k_slc/v_slc, k_win/v_win [b,max_len,kvh,d/dv]: raw caches (k_win may be a ring buffer only
   if the caller maps it; here positions index it directly).
+  layer: None, or an int / int32 scalar (traced inside a scan over layers is fine) when every
+  cache is all layers' caches stacked, [layers, b, n, kvh, d]: the kernels read that layer in
+  place instead of XLA copying its slices out first.
   implementation: None (GPU: "pallas_triton" then "xla"; elsewhere "xla"), a name or a
   sequence (ops._backend); interpret / config (NSABlockConfig) go to the Pallas kernels.
   Returns o [b,h,dv] (q.dtype) and with return_block_idx the selection [b,kvh,n] too.
@@ -129,14 +135,20 @@ def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths, *, c
   if q.ndim != 3 or gates.shape != q.shape[:2] + (3,):
     raise ValueError(f"nsa_decode: q must be [b,h,d] and gates [b,h,3]; got {q.shape}, "
                      f"{gates.shape}")
-  for name, x in (("k_cmp", k_cmp), ("v_cmp", v_cmp), ("k_slc", k_slc), ("v_slc", v_slc),
-                  ("k_win", k_win), ("v_win", v_win)):
-    if x.ndim != 4 or x.shape[0] != q.shape[0] or x.shape[2] != k_slc.shape[2]:
-      raise ValueError(f"nsa_decode: {name} must be [b, n, kvh, d]; got {x.shape}")
-  if q.shape[1] % k_slc.shape[2]:
+  caches = (("k_cmp", k_cmp), ("v_cmp", v_cmp), ("k_slc", k_slc), ("v_slc", v_slc),
+            ("k_win", k_win), ("v_win", v_win))
+  lead = () if layer is None else k_slc.shape[:1]
+  form = "[b, n, kvh, d]" if layer is None else "[layers, b, n, kvh, d] (with layer=)"
+  for name, x in caches:
+    if (x.ndim != 4 + len(lead) or x.shape[:len(lead)] != lead
+        or x.shape[len(lead)] != q.shape[0] or x.shape[-2] != k_slc.shape[-2]):
+      raise ValueError(f"nsa_decode: {name} must be {form}; got {x.shape}")
+  if layer is not None:
+    layer = _stacked.check_layer(layer, lead[0], "nsa_decode")
+  if q.shape[1] % k_slc.shape[-2]:
     raise ValueError(f"nsa_decode: heads {q.shape[1]} not a multiple of kv_heads "
-                     f"{k_slc.shape[2]}")
+                     f"{k_slc.shape[-2]}")
   lengths = jnp.asarray(lengths, jnp.int32)
   o, idx = DECODE(implementation, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths,
-                  cfg=cfg, interpret=interpret, config=config)
+                  cfg=cfg, layer=layer, interpret=interpret, config=config)
   return (o, idx) if return_block_idx else o

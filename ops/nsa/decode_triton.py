@@ -24,7 +24,10 @@ decode step is a few tens of microseconds, so every extra XLA fusion is a visibl
 
 The raw caches are never copied or padded (a copy would cost more than the decode): an entry
 near the end of a cache loads the last decode_block_k rows (offset clamped) and masks by
-absolute position, so any cache length >= decode_block_k works without padding.
+absolute position, so any cache length >= decode_block_k works without padding. Caches stacked
+over layers ([layers, batch, ...], with `layer`) are indexed at the layer inside the kernels,
+so XLA does not copy the layer's slice out either; only a cache shorter than one block gets its
+layer's slice copied and padded.
 """
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from ops import _stacked
 from ops._backend import GPU, UnsupportedError, resolve_interpret
 from ops.nsa.config import NSABlockConfig, NSAConfig, default_block_config
 from ops.nsa.kernel_common import dot_nt as _dot_nt
@@ -78,11 +82,12 @@ def _n_valid(len_ref, cfg: NSAConfig, n_cmp: int):
   return jnp.minimum(lax.div(above, jnp.int32(cfg.stride)), n_cmp)
 
 
-def _cmp_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, s_ref, *, cfg, n_cmp, scale, bk,
-                steps, s_off, prec):
+def _cmp_kernel(len_ref, layer_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, s_ref, *, cfg, n_cmp,
+                scale, bk, steps, s_off, prec):
   split = pl.program_id(0)
   nv = _n_valid(len_ref, cfg, n_cmp)
-  n_max = k_ref.shape[0]
+  layer = layer_ref[()]
+  n_max = k_ref.shape[1]               # k_ref, v_ref: [layers, n, d]
   q = q_ref[...]
   j_lo = split * (steps * bk)
   n_it = jnp.minimum(lax.div(jnp.maximum(nv - j_lo, 0) + (bk - 1), jnp.int32(bk)), steps)
@@ -90,8 +95,8 @@ def _cmp_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, s_ref, *, cfg, n_c
   def body(i, carry):
     j0 = j_lo + i * bk
     jc = jnp.minimum(j0, n_max - bk)     # the last block of the cache may overlap the previous
-    k = k_ref[pl.ds(jc, bk), :]
-    v = v_ref[pl.ds(jc, bk), :]
+    k = k_ref[layer, pl.ds(jc, bk), :]
+    v = v_ref[layer, pl.ds(jc, bk), :]
     jpos = jc + _iota(bk)
     s = _dot_nt(q, k, prec) * scale
     s = jnp.where((jpos < nv)[None, :], s, -jnp.inf)
@@ -129,17 +134,28 @@ def _layout(cfg: NSAConfig, n: int, max_len: int):
   return rows, front, width
 
 
-def _compressed(q4, k_cmp, v_cmp, lengths, *, cfg: NSAConfig, max_len, scale,
+def _readable(caches, layer, rows: int):
+  """(caches [layers, batch, >= rows, kvh, d] each, layer int32) for the kernels: in place (a
+  free reshape when unstacked) unless one is shorter than `rows` (one block), in which case
+  the layer's slices are copied and padded."""
+  if all(c.shape[-3] >= rows for c in caches):
+    return _stacked.as_stacked(caches, layer)
+  if layer is not None:
+    caches = tuple(_stacked.layer_slice(c, layer) for c in caches)
+  return tuple(_pad_axis(c, 1, rows)[None] for c in caches), jnp.int32(0)
+
+
+def _compressed(q4, k_cmp, v_cmp, lengths, layer, *, cfg: NSAConfig, max_len, scale,
                 bc: NSABlockConfig, interpret):
-  """-> o [Sp,b,kvh,gp,dv] f32, lse [Sp,b,kvh,gp] (rows >= S unwritten), s [b,kvh,gp,width]
+  """k_cmp, v_cmp: [(layers,) b, n_cmp, kvh, d] (stacked with layer).
+  -> o [Sp,b,kvh,gp,dv] f32, lse [Sp,b,kvh,gp] (rows >= S unwritten), s [b,kvh,gp,width]
   f32 (logit j at column F*per + j, valid where j < n_valid), S."""
   b, hk, gp, d = q4.shape
   dv = v_cmp.shape[-1]
-  n_cmp = k_cmp.shape[1]
+  n_cmp = k_cmp.shape[-3]
   bk = bc.decode_cmp_block_k
-  kc = _pad_axis(k_cmp, 1, bk)          # only a cache shorter than one block is copied
-  vc = _pad_axis(v_cmp, 1, bk)
-  n = kc.shape[1]
+  (kc, vc), layer = _readable((k_cmp, v_cmp), layer, bk)
+  n, n_layers = kc.shape[2], kc.shape[0]
   n_blocks = -(-n // bk)
   steps = -(-n_blocks // max(1, bc.decode_cmp_splits))
   splits = -(-n_blocks // steps)
@@ -151,9 +167,10 @@ def _compressed(q4, k_cmp, v_cmp, lengths, *, cfg: NSAConfig, max_len, scale,
       kern, grid=(splits, b, hk),
       in_specs=[
           pl.BlockSpec((None,), lambda s, i, j: (i,)),
+          pl.BlockSpec((None,), lambda s, i, j: (0,)),
           pl.BlockSpec((None, None, gp, d), lambda s, i, j: (i, j, 0, 0)),
-          pl.BlockSpec((None, n, None, d), lambda s, i, j: (i, 0, j, 0)),
-          pl.BlockSpec((None, n, None, dv), lambda s, i, j: (i, 0, j, 0)),
+          pl.BlockSpec((n_layers, None, n, None, d), lambda s, i, j: (0, i, 0, j, 0)),
+          pl.BlockSpec((n_layers, None, n, None, dv), lambda s, i, j: (0, i, 0, j, 0)),
       ],
       out_specs=[
           pl.BlockSpec((None, None, None, gp, dv), lambda s, i, j: (s, i, j, 0, 0)),
@@ -165,7 +182,7 @@ def _compressed(q4, k_cmp, v_cmp, lengths, *, cfg: NSAConfig, max_len, scale,
                  jax.ShapeDtypeStruct((b, hk, gp, width), _F32)],
       interpret=interpret, name="nsa_decode_cmp",
       **_compiler(interpret, bc.decode_num_warps, bc.decode_cmp_num_stages),
-  )(lengths, q4, kc, vc)
+  )(lengths, layer.reshape(1), q4, kc, vc)
   return o, lse, s, splits
 
 
@@ -255,13 +272,14 @@ def _select(lse_c, s, lengths, splits, *, g, cfg: NSAConfig, n_cmp, max_len, bc,
 
 
 # ------------------------------------------------------------------- selected + window branch
-def _sw_kernel(len_ref, idx_ref, q_ref, ks_ref, vs_ref, kw_ref, vw_ref, o_ref, lse_ref, *,
-               cfg: NSAConfig, scale, bk, per, n_sel_prog, len_s, len_w, prec):
+def _sw_kernel(len_ref, layer_ref, idx_ref, q_ref, ks_ref, vs_ref, kw_ref, vw_ref, o_ref,
+               lse_ref, *, cfg: NSAConfig, scale, bk, per, n_sel_prog, len_s, len_w, prec):
   """Program p < n_sel_prog: entries [p*per, (p+1)*per) of the selected blocks (block slot
   e // (select_len/bk), sub-block e % (select_len/bk)); the other programs: entries of the
   window. An entry is bk raw tokens loaded from a clamped offset and masked by position."""
   q = q_ref[...]
   pos = len_ref[()] - 1
+  layer = layer_ref[()]
   p = pl.program_id(0)
   subs = cfg.select_len // bk
   w = min(cfg.window, len_w)
@@ -283,13 +301,13 @@ def _sw_kernel(len_ref, idx_ref, q_ref, ks_ref, vs_ref, kw_ref, vw_ref, o_ref, l
     return start, jnp.where(real, start, 1), jnp.where(real, hi, 0)
 
   def run(k_ref, v_ref, entry, first):
-    n_rows = k_ref.shape[0]
+    n_rows = k_ref.shape[1]            # [layers, rows, d]
 
     def body(i, carry):
       start, lo, hi = entry(first + i)
       off = jnp.clip(start, 0, n_rows - bk)
-      k = k_ref[pl.ds(off, bk), :]
-      v = v_ref[pl.ds(off, bk), :]
+      k = k_ref[layer, pl.ds(off, bk), :]
+      v = v_ref[layer, pl.ds(off, bk), :]
       kpos = off + _iota(bk)
       ok = (kpos >= lo) & (kpos <= hi)
       s = jnp.where(ok[None, :], _dot_nt(q, k, prec) * scale, -jnp.inf)
@@ -302,16 +320,16 @@ def _sw_kernel(len_ref, idx_ref, q_ref, ks_ref, vs_ref, kw_ref, vw_ref, o_ref, l
   _finish(carry, o_ref, lse_ref)
 
 
-def _selected_window(q4, k_slc, v_slc, k_win, v_win, idx, lengths, *, cfg: NSAConfig, scale,
-                     bk, bc: NSABlockConfig, interpret):
-  """-> o [Pp,b,kvh,gp,dv] f32 and lse [Pp,b,kvh,gp] partials (rows >= P unwritten; the first
+def _selected_window(q4, k_slc, v_slc, k_win, v_win, idx, lengths, layer, *, cfg: NSAConfig,
+                     scale, bk, bc: NSABlockConfig, interpret):
+  """Raw caches [(layers,) b, len, kvh, d] (stacked with layer).
+  -> o [Pp,b,kvh,gp,dv] f32 and lse [Pp,b,kvh,gp] partials (rows >= P unwritten; the first
   n_sel_prog rows are the selected branch's, the next the window's), n_sel_prog, P."""
   b, hk, gp, d = q4.shape
   dv = v_slc.shape[-1]
   per = bc.decode_entries
-  len_s, len_w = k_slc.shape[1], k_win.shape[1]
-  ks, vs = _pad_axis(k_slc, 1, bk), _pad_axis(v_slc, 1, bk)
-  kw, vw = _pad_axis(k_win, 1, bk), _pad_axis(v_win, 1, bk)
+  len_s, len_w = k_slc.shape[-3], k_win.shape[-3]
+  (ks, vs, kw, vw), layer = _readable((k_slc, v_slc, k_win, v_win), layer, bk)
   n_sel_prog = -(-cfg.n_select * (cfg.select_len // bk) // per)
   n_win_prog = -(-(-(-min(cfg.window, len_w) // bk)) // per)
   progs = n_sel_prog + n_win_prog
@@ -319,11 +337,12 @@ def _selected_window(q4, k_slc, v_slc, k_win, v_win, idx, lengths, *, cfg: NSACo
   kern = functools.partial(_sw_kernel, cfg=cfg, scale=scale, bk=bk, per=per,
                            n_sel_prog=n_sel_prog, len_s=len_s, len_w=len_w,
                            prec=_prec(q4.dtype))
-  cache = lambda x: pl.BlockSpec((None, x.shape[1], None, x.shape[3]),
-                                 lambda p, i, j: (i, 0, j, 0))
+  cache = lambda x: pl.BlockSpec((x.shape[0], None, x.shape[2], None, x.shape[4]),
+                                 lambda p, i, j: (0, i, 0, j, 0))
   o, lse = pl.pallas_call(
       kern, grid=(progs, b, hk),
       in_specs=[pl.BlockSpec((None,), lambda p, i, j: (i,)),
+                pl.BlockSpec((None,), lambda p, i, j: (0,)),
                 pl.BlockSpec((None, None, idx.shape[-1]), lambda p, i, j: (i, j, 0)),
                 pl.BlockSpec((None, None, gp, d), lambda p, i, j: (i, j, 0, 0)),
                 cache(ks), cache(vs), cache(kw), cache(vw)],
@@ -335,7 +354,7 @@ def _selected_window(q4, k_slc, v_slc, k_win, v_win, idx, lengths, *, cfg: NSACo
                  jax.ShapeDtypeStruct((pp, b, hk, gp), _F32)],
       interpret=interpret, name="nsa_decode_slc_win",
       **_compiler(interpret, bc.decode_num_warps, bc.decode_num_stages),
-  )(lengths, idx, q4, ks, vs, kw, vw)
+  )(lengths, layer.reshape(1), idx, q4, ks, vs, kw, vw)
   return o, lse, n_sel_prog, progs
 
 
@@ -402,7 +421,7 @@ def _check(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, cfg: NSAConfig, bc):
   if not (_is_tile(d) and _is_tile(dv)) or max(d, dv) > 256:
     raise UnsupportedError(f"head dims {d}/{dv} must be powers of two in [16, 256] (the caches "
                            "are read in place, not padded)")
-  g = q.shape[1] // k_slc.shape[2]
+  g = q.shape[1] // k_slc.shape[-2]
   if _pow2(g) > _MAX_ROWS:
     raise UnsupportedError(f"group of {g} heads > {_MAX_ROWS} rows per tile")
   bk = bc.decode_block_k or min(cfg.select_len, 64)
@@ -422,8 +441,9 @@ def _check(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, cfg: NSAConfig, bc):
 
 
 def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths, *, cfg: NSAConfig,
-               interpret=None, config=None):
+               layer=None, interpret=None, config=None):
   """The "pallas_triton" implementation of ops.nsa.decode.nsa_decode: (o [b,h,dv], idx).
+  Caches [b, n, kvh, d], or stacked [layers, b, n, kvh, d] with `layer` (int32 scalar).
 
   Inference only (no VJP: decoding is never differentiated). Needs head dims that are powers
   of two in [16, 256] and group size <= 128; anything else is an UnsupportedError.
@@ -432,20 +452,20 @@ def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths, *, c
   bc = config or (NSABlockConfig() if interpret else default_block_config())
   bk = _check(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, cfg, bc)
   b, h, d = q.shape
-  hk = k_slc.shape[2]
+  hk = k_slc.shape[-2]
   g = h // hk
   gp = _pow2(g)
   scale = float(d ** -0.5 if cfg.scale is None else cfg.scale)
   lengths = lengths.astype(jnp.int32)
   q4 = _pad_axis(q.reshape(b, hk, g, d), 2, gp)
   gates3 = _pad_axis(gates.reshape(b, hk, g, 3), 2, gp)     # a free reshape when g == gp
-  max_len = k_slc.shape[1]
-  o_c, lse_c, s_c, splits = _compressed(q4, k_cmp, v_cmp, lengths, cfg=cfg, max_len=max_len,
-                                        scale=scale, bc=bc, interpret=interpret)
-  idx = _select(lse_c, s_c, lengths, splits, g=g, cfg=cfg, n_cmp=k_cmp.shape[1],
+  max_len = k_slc.shape[-3]
+  o_c, lse_c, s_c, splits = _compressed(q4, k_cmp, v_cmp, lengths, layer, cfg=cfg,
+                                        max_len=max_len, scale=scale, bc=bc, interpret=interpret)
+  idx = _select(lse_c, s_c, lengths, splits, g=g, cfg=cfg, n_cmp=k_cmp.shape[-3],
                 max_len=max_len, bc=bc, interpret=interpret)
   o_sw, lse_sw, n_sel_prog, progs = _selected_window(
-      q4, k_slc, v_slc, k_win, v_win, idx, lengths, cfg=cfg, scale=scale, bk=bk, bc=bc,
+      q4, k_slc, v_slc, k_win, v_win, idx, lengths, layer, cfg=cfg, scale=scale, bk=bk, bc=bc,
       interpret=interpret)
   o = _combine(o_c, lse_c, o_sw, lse_sw, gates3, splits=splits, n_sel_prog=n_sel_prog,
                progs=progs, dtype=q.dtype, bc=bc, interpret=interpret)

@@ -216,6 +216,32 @@ class AttentionTestBase:
       full = full_fn(q[bi:bi + 1], kc[bi:bi + 1, :n], vc[bi:bi + 1, :n])
       ot.assert_close(o[bi:bi + 1], full, dtype, tol=self.tol(dtype), name=f"o[{bi}] vs full")
 
+  # layer-stacked caches: (layers, batch, q_len, max_len, heads, kv_heads, head_dim). 70 rows
+  # end in a clamped, overlapping block; 9 rows and head_dim 48 take the padded-slice path.
+  STACKED_CASES = {"rows70": (3, 2, 1, 70, 4, 2, 64), "rows9": (2, 2, 2, 9, 2, 1, 64),
+                   "d48": (2, 1, 1, 40, 4, 2, 48)}
+
+  @pytest.mark.parametrize("case", ["rows70", "rows9", "d48"])
+  def test_decode_stacked(self, case):
+    """layer= on [layers, ...] caches equals the call on that layer's slice, for a traced
+    layer (inside jit, as a scan over layers passes it) and a static one."""
+    n_layers, b, lq, max_len, h, hk, d = self.STACKED_CASES[case]
+    dtype = self.DTYPES[-1]
+    ks = jax.random.split(jax.random.key(5), 3)
+    q = ot.normal(ks[0], (b, lq, h, d), dtype)
+    kc = ot.normal(ks[1], (n_layers, b, max_len, hk, d), dtype)
+    vc = ot.normal(ks[2], (n_layers, b, max_len, hk, d), dtype)
+    lengths = jnp.array([max_len, lq + 3][:b], jnp.int32)
+    kw = dict(return_lse=True, implementation=self.IMPLEMENTATION, interpret=self.INTERPRET,
+              config=self.CONFIG)
+    traced = jax.jit(lambda q, k, v, n, layer: A.decode_attention(q, k, v, n, layer=layer, **kw))
+    for layer in range(n_layers):
+      want = A.decode_attention(q, kc[layer], vc[layer], lengths, **kw)
+      for got in (traced(q, kc, vc, lengths, jnp.int32(layer)),
+                  A.decode_attention(q, kc, vc, lengths, layer=layer, **kw)):
+        for name, x, y in zip(("o", "lse"), got, want):
+          ot.assert_close(x, y, dtype, tol=self.tol(dtype), name=f"{name} layer {layer}")
+
 
 class TestXla(AttentionTestBase):
   """The "xla" implementation is the reference itself (checked against numpy below); run a
@@ -235,6 +261,7 @@ class TestCudnnGpu(AttentionTestBase):
   CASE_NAMES = ("noncausal", "gqa2", "window", "d96")
 
   test_decode = None  # cudnn has no decode implementation
+  test_decode_stacked = None
 
   def test_refuses_unsupported(self):
     q, k, v, kw = make_inputs("kv_valid", BF16)
@@ -257,6 +284,7 @@ class TestPallasTritonInterpretGroupSplit(AttentionTestBase):
   CONFIG = AttentionBlockConfig.small().replace(bwd_min_programs=1 << 20, dkv_block_kv=32)
   CASE_NAMES = ("gqa2", "gqa4_mqa", "gqa16_segments")
   test_decode = None
+  test_decode_stacked = None
 
 
 def test_group_split_picks_the_smallest_divisor_that_fills_the_grid():
@@ -279,6 +307,7 @@ class TestPallasTpuInterpret(AttentionTestBase):
                 "kv_valid", "soft_cap", "chunked_prefill", "q_longer", "multi_block")
 
   test_decode = None  # decode_attention has no pallas_tpu kernel (TPU decode uses xla)
+  test_decode_stacked = None
 
 
 @pytest.mark.gpu
@@ -296,6 +325,7 @@ class TestPallasTritonGpuGroupSplit(AttentionTestBase):
   CASE_NAMES = ("gqa2", "gqa4_mqa", "gqa16_segments", "multi_block")
   F32_TOL = ot.GPU_F32
   test_decode = None
+  test_decode_stacked = None
 
 
 @pytest.mark.gpu
@@ -339,6 +369,18 @@ def test_unknown_implementation_is_value_error():
     A.attention(q, k, v, implementation="nope")
   with pytest.raises(ValueError, match="nope"):
     A.decode_attention(q[:, :1], k, v, jnp.array([5, 6]), implementation="nope")
+
+
+def test_decode_stacked_bad_layer():
+  q, k, v, _ = make_inputs("causal", F32)
+  stack = lambda x: jnp.stack([x, x])
+  n = jnp.array([5, 6])
+  with pytest.raises(ValueError, match="layer 2 outside the stacked cache's 2 layers"):
+    A.decode_attention(q[:, :1], stack(k), stack(v), n, layer=2)
+  with pytest.raises(ValueError, match="integer scalar"):
+    A.decode_attention(q[:, :1], stack(k), stack(v), n, layer=jnp.zeros(2, jnp.int32))
+  with pytest.raises(ValueError, match=r"\[layers, batch, max_len"):
+    A.decode_attention(q[:, :1], k, v, n, layer=0)
 
 
 def test_fallthrough_lists_all_reasons():

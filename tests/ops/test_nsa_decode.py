@@ -91,6 +91,29 @@ class NSADecodeTestBase:
     np.testing.assert_array_equal(idx, idx_ref)
     ot.assert_close(o, o_ref, dtype, tol=self.tol(dtype), name=self.CASES[case][0])
 
+  @pytest.mark.parametrize("case", [2, 3, 4])   # extra compressed entries, clamped, padded
+  def test_stacked_caches(self, case):
+    """layer= on caches stacked over 3 layers equals the call on that layer's caches, with a
+    traced layer (a scan over layers) and a static one, for this implementation and "xla"."""
+    name, b, h, hk, d, dv, max_len, lengths, over, extra = self.CASES[case]
+    cfg = self.CFG.replace(**over)
+    dtype = BF16
+    layers = [make_caches(jax.random.key(i), b, h, hk, d, dv, max_len, cfg, dtype, extra)
+              for i in range(3)]
+    q, gates = layers[0][0], layers[0][7]
+    stacked = [jnp.stack([x[i] for x in layers]) for i in range(1, 7)]
+    lengths = jnp.asarray(lengths, jnp.int32)
+    for impl in (self.IMPL, "xla"):
+      fn = functools.partial(decode_mod.nsa_decode, cfg=cfg, return_block_idx=True,
+                             implementation=impl, interpret=self.INTERPRET, config=self.BCFG)
+      traced = jax.jit(lambda *a, layer: fn(*a, layer=layer))
+      for i in range(3):
+        o_want, idx_want = fn(q, *layers[i][1:7], gates, lengths)
+        for o, idx in (traced(q, *stacked, gates, lengths, layer=jnp.int32(i)),
+                       fn(q, *stacked, gates, lengths, layer=i)):
+          np.testing.assert_array_equal(idx, idx_want)
+          ot.assert_close(o, o_want, dtype, tol=self.tol(dtype), name=f"{impl} layer {i}")
+
 
 class TestNSADecodeTritonInterpret(NSADecodeTestBase):
 
@@ -147,6 +170,11 @@ class TestNSADecodeTritonInterpret(NSADecodeTestBase):
                         interpret=True)
     with pytest.raises(ValueError, match="unknown implementation"):
       nsa_op.nsa_decode(*args, lengths, cfg=cfg, implementation="nope")
+    with pytest.raises(ValueError, match=r"k_cmp must be \[layers, b, n, kvh, d\]"):
+      nsa_op.nsa_decode(*args, lengths, cfg=cfg, layer=0)
+    two = [args[0]] + [jnp.stack([x, x]) for x in args[1:7]] + [args[7]]
+    with pytest.raises(ValueError, match="layer 2 outside the stacked cache's 2 layers"):
+      nsa_op.nsa_decode(*two, lengths, cfg=cfg, layer=2)
     assert decode_mod.DECODE.candidates(None) == ("xla",)
 
   def test_lowers_for_cuda(self):

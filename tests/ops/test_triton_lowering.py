@@ -39,6 +39,13 @@ def test_attention_fwd_bwd_and_decode():
   n = ot.verified_triton_lowering(dec, sds((8, 1, 64, 128), BF16), sds((8, 65536, 4, 128), BF16),
                                   sds((8, 65536, 4, 128), BF16), sds((8,), jnp.int32))
   assert n >= 1
+  # layer-stacked caches read at a traced layer (a scan over layers)
+  stacked = lambda q, k, v, n, layer: dec(q, k, v, n, layer=layer)
+  n = ot.verified_triton_lowering(stacked, sds((8, 1, 64, 128), BF16),
+                                  sds((16, 8, 65536, 4, 128), BF16),
+                                  sds((16, 8, 65536, 4, 128), BF16), sds((8,), jnp.int32),
+                                  sds((), jnp.int32))
+  assert n >= 1
 
 
 def test_attention_dkv_kernel_does_not_grow_with_the_gqa_group():
