@@ -92,16 +92,22 @@ def write_cache(cache, new, starts, layer=None):
   """Write `new` [batch, n, ...] at per-row `starts` [batch] into `cache` [batch, max_len, ...];
   with `layer` (an int or a traced scalar), into the stacked cache [layers, batch, max_len, ...]
   at that layer. The stacked write stays in place: only the new rows move, where writing a
-  layer's slice back would move the whole layer (jaxlm/models/stacking.scan_blocks_decode)."""
+  layer's slice back would move the whole layer (jaxlm/models/stacking.scan_blocks_decode).
+  Rows must fit (starts + n <= max_len): the unstacked write clamps a start that does not,
+  the stacked one drops the rows past the end."""
   if layer is None:
     def one(c, x, s):
       return jax.lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), s, axis=0)
     return jax.vmap(one)(cache, new, starts)
 
-  def one_row(c, x, s):   # c [layers, max_len, ...] of one batch row
-    return jax.lax.dynamic_update_slice(c, x[None].astype(c.dtype),
-                                        (layer, s) + (0,) * (c.ndim - 2))
-  return jax.vmap(one_row, in_axes=(1, 0, 0), out_axes=1)(cache, new, starts)
+  # One scatter over (layer, row, position) index arrays. The vmapped dynamic_update_slice
+  # that did this made a batched scatter whose normalisation fails XLA's GPU compile on a
+  # multi-device mesh (jax 0.10.2: "Repeated dimensions not allowed in
+  # scatter_dims_to_operand_dims" after batched_gather_scatter_normalizer).
+  b, n = new.shape[:2]
+  rows = jnp.arange(b, dtype=jnp.int32)[:, None]
+  cols = starts.astype(jnp.int32)[:, None] + jnp.arange(n, dtype=jnp.int32)[None]
+  return cache.at[layer, rows, cols].set(new.astype(cache.dtype))
 
 
 def layer_view(cache, layer=None):

@@ -62,6 +62,26 @@ def sharded_nsa(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, segment_ids,
       q.shape[:3] + (v_slc.shape[3],))
 
 
+def sharded_nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths, layer, *,
+                       cfg: ops.nsa.NSAConfig):
+  """ops.nsa.nsa_decode per device on its batch rows (and whole GQA groups, as sharded_nsa):
+  the Triton kernels are custom calls XLA would otherwise run on gathered caches. q [b, h, d],
+  gates [b, h, 3], lengths [b]; caches [(layers,) b, n, kv_heads, d] (stacked with layer)."""
+  mesh = sharding.multi_device_mesh()
+  kv_split = (mesh is not None
+              and sharding.spec_for(KV_AXES, k_slc.shape[-4:], mesh)[2] is not None)
+  q_axes = ("batch", "heads", None) if kv_split else ("batch", None, None)
+  kv_axes = KV_AXES if kv_split else KV_AXES[:2] + (None, None)
+  cache_axes = kv_axes if layer is None else ("layers",) + kv_axes
+  if layer is not None:            # an operand of the shard_map (replicated)
+    layer = jnp.asarray(layer, jnp.int32)
+  fn = lambda *a: ops.nsa.nsa_decode(*a[:9], cfg=cfg, layer=a[9])
+  return sharding.per_shard(
+      fn, (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths, layer),
+      (q_axes,) + (cache_axes,) * 6 + (q_axes, ("batch",), None), q_axes,
+      q.shape[:2] + (v_slc.shape[-1],))
+
+
 def nsa_config(a: AttentionConfig) -> ops.nsa.NSAConfig:
   """ops.nsa structure of an attention config (kind=nsa)."""
   return ops.nsa.NSAConfig(block_len=a.nsa_block_len, stride=a.nsa_stride,
@@ -248,9 +268,9 @@ class NSAAttention(nnx.Module):
           new = jnp.where(complete[:, None, None], new.astype(old.dtype), old)
           st[name] = write_cache(st[name], new[:, None], j, layer)
       # the stacked caches and the layer: the kernels read the layer in place
-      o = ops.nsa.nsa_decode(inp["q"], st["kc"], st["vc"], st[roles["slc_k"]],
+      o = sharded_nsa_decode(inp["q"], st["kc"], st["vc"], st[roles["slc_k"]],
                              st[roles["slc_v"]], st[roles["win_k"]], st[roles["win_v"]],
-                             inp["gates"], new_len, cfg=ncfg, layer=layer)
+                             inp["gates"], new_len, layer, cfg=ncfg)
       return (st, new_len), o
 
     (state, end), o = jax.lax.scan(step, (state, lengths), xs)

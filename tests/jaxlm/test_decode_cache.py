@@ -115,6 +115,8 @@ def test_decode_step_holds_no_second_cache(name):
   assert r.temp_bytes < WIDE_TEMP[name] * cache_bytes, (r.temp_bytes, cache_bytes)
 
 
+NSA_TOP4 = AttentionConfig(kind="nsa", nsa_block_len=4, nsa_stride=2, nsa_select_len=4,
+                           nsa_top_n=4, nsa_window=4)
 # mesh (data, fsdp, tensor, expert) on 4 of the 8 simulated CPU devices: kv heads split with
 # the q heads (2 kv heads on tensor 2: each device reads its kv head of the stacked cache in
 # place), and q heads split alone (3 kv heads do not divide tensor 2: each device slices its
@@ -127,6 +129,13 @@ SHARDED = {
     "unrolled_fsdp": (tiny_model(vocab_size=64, n_heads=4, n_kv_heads=2, scan_layers=False),
                       (1, 2, 2, 1)),
     "decode_unrolled": (tiny_model(vocab_size=64, n_heads=4, n_kv_heads=2), (2, 1, 2, 1)),
+    # NSA: kv heads split (whole groups per device), and 1 kv head (heads kept whole: the
+    # group's heads sum their scores into one selection; top 4 of 5 blocks with 3 forced, so
+    # the scores choose)
+    "nsa_kv_split": (tiny_model(vocab_size=64, n_heads=4, n_kv_heads=2, decode_unroll=False,
+                                attention=NSA_TOP4), (2, 1, 2, 1)),
+    "nsa_one_kv_head": (tiny_model(vocab_size=64, n_heads=4, n_kv_heads=1, scan_layers=False,
+                                   attention=NSA_TOP4), (1, 1, 2, 1)),
 }
 
 

@@ -108,3 +108,18 @@ def test_fsdp_train_step_on_two_hosts_of_h100():
   r = aot.compile_train_step(cfg, aot.topology_devices("h100:2x4"), "h100:2x4")
   assert r.n_devices == 8 and r.mesh["fsdp"] == 8
   assert r.collectives["all-gather"] >= 1 and r.fits is True
+
+
+@pytest.mark.gpu_aot
+@pytest.mark.parametrize("preset,mesh,unroll", [
+    ("tiny_cpu", "mesh.data=2", "false"), ("tiny_cpu", "mesh.tensor=2", "true"),
+    ("tiny_nsa_cpu", "mesh.data=2", "true"), ("tiny_symboliclight_cpu", "mesh.data=2", "true")])
+def test_decode_step_on_two_h200(preset, mesh, unroll):
+  """The decode step compiles for 2 GPUs. Writing the new token into the layer-stacked cache
+  as a vmapped dynamic_update_slice failed XLA's GPU compile on any multi-device mesh
+  (batched_gather_scatter_normalizer: repeated scatter_dims_to_operand_dims)."""
+  cfg = apply_overrides(configs.get_preset(preset),
+                        [mesh, "model.n_layers=2", "model.decode_unroll=" + unroll])
+  r = aot.compile_decode_step(cfg, aot.topology_devices("h200:2"), "h200:2", batch=8,
+                              cache_len=256)
+  assert r.n_devices == 2 and r.fits is True
