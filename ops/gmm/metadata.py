@@ -34,7 +34,9 @@ def tile_visits(group_sizes, m: int, block_m: int):
   cum = jnp.cumsum(count)
   total = cum[-1]
   v = jnp.arange(num_visits(m, num_groups, block_m), dtype=jnp.int32)
-  g = jnp.minimum(jnp.searchsorted(cum, v, side="right"), num_groups).astype(jnp.int32)
+  # unrolled binary search (the default is a lax while loop: a GPU launch per step, per layer)
+  g = jnp.minimum(jnp.searchsorted(cum, v, side="right", method="scan_unrolled"),
+                  num_groups).astype(jnp.int32)
   tile = first[g] + v - (cum[g] - count[g])
   valid = v < total
   row_start = jnp.where(valid, jnp.maximum(starts[g], tile * block_m), 0)

@@ -149,7 +149,9 @@ def aligned_layout(group_sizes, n: int, align: int):
   starts = ends - sizes
   p_starts = jnp.cumsum(padded) - padded
   i = jnp.arange(n, dtype=jnp.int32)
-  grp = jnp.searchsorted(ends, i, side="right").astype(jnp.int32)   # g = past the groups
+  # unrolled binary search: searchsorted's default is a lax while loop, a launch per step on
+  # the GPU inside every MoE layer
+  grp = jnp.searchsorted(ends, i, side="right", method="scan_unrolled").astype(jnp.int32)
   gc = jnp.minimum(grp, g - 1)
   past = jnp.sum(padded) + i - jnp.sum(sizes)
   dest = jnp.where(grp < g, p_starts[gc] + i - starts[gc], past).astype(jnp.int32)
