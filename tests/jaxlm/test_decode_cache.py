@@ -61,14 +61,12 @@ def _tokens(vocab=64, seed=3):
   return np.random.default_rng(seed).integers(0, vocab, (B, T)).astype(np.int32)
 
 
-@pytest.mark.parametrize("name", list(MODELS))
-def test_decode_equals_full_forward(name):
-  fm = build(MODELS[name])
-  params = random_params(fm, std=0.1)
-  toks = _tokens(fm.cfg.vocab_size)
-  full = np.asarray(jax.jit(lambda p, t: fm.apply(p, t)[0])(params, toks))
+def _check_decode(fm, params, toks, full, place=lambda tree, axes: tree):
+  """Prefill PREFILL tokens, then decode the rest one at a time: the logits equal `full`.
+  place(tree, logical_axes) puts params / cache on a mesh."""
+  cache = place(fm.init_cache(B, T, jnp.float32), fm.cache_axes)
+  params = place(params, fm.logical_axes)
   step = jax.jit(lambda p, t, c: fm.apply(p, t, cache=c))
-  cache = fm.init_cache(B, T, jnp.float32)
   logits, cache = step(params, toks[:, :PREFILL], cache)
   outs = [np.asarray(logits)]
   for t in range(PREFILL, T):
@@ -76,6 +74,18 @@ def test_decode_equals_full_forward(name):
     outs.append(np.asarray(logits))
   np.testing.assert_allclose(np.concatenate(outs, 1), full, atol=5e-5, rtol=5e-5)
   assert np.asarray(cache["lengths"]).tolist() == [T] * B
+
+
+def _full_forward(model):
+  fm = build(model)
+  params = random_params(fm, std=0.1)
+  toks = _tokens(fm.cfg.vocab_size)
+  return fm, params, toks, np.asarray(jax.jit(lambda p, t: fm.apply(p, t)[0])(params, toks))
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_decode_equals_full_forward(name):
+  _check_decode(*_full_forward(MODELS[name]))
 
 
 # 4 layers, head_dim 128: the cache (2 x 128 values a token, layer and kv head) outweighs the
@@ -144,19 +154,8 @@ def test_sharded_decode_equals_full_forward(name):
   from jaxlm import sharding
   from jaxlm.config import MeshConfig
   model, mesh_shape = SHARDED[name]
-  fm = build(model)
-  params = random_params(fm, std=0.1)
-  toks = _tokens(fm.cfg.vocab_size)
-  full = np.asarray(jax.jit(lambda p, t: fm.apply(p, t)[0])(params, toks))
+  fm, params, toks, full = _full_forward(model)
   mesh = sharding.make_mesh(MeshConfig(*mesh_shape), jax.devices()[:int(np.prod(mesh_shape))])
+  place = lambda tree, axes: jax.device_put(tree, sharding.tree_shardings(axes, tree, mesh))
   with sharding.use_mesh(mesh):
-    cache = fm.init_cache(B, T, jnp.float32)
-    params = jax.device_put(params, sharding.tree_shardings(fm.logical_axes, params, mesh))
-    cache = jax.device_put(cache, sharding.tree_shardings(fm.cache_axes, cache, mesh))
-    step = jax.jit(lambda p, t, c: fm.apply(p, t, cache=c))
-    logits, cache = step(params, toks[:, :PREFILL], cache)
-    outs = [np.asarray(logits)]
-    for t in range(PREFILL, T):
-      logits, cache = step(params, toks[:, t:t + 1], cache)
-      outs.append(np.asarray(logits))
-  np.testing.assert_allclose(np.concatenate(outs, 1), full, atol=5e-5, rtol=5e-5)
+    _check_decode(fm, params, toks, full, place)
