@@ -145,9 +145,10 @@ class ModelConfig:
   scan_layers: bool = True
   # The decode step walks a scanned model's layers as an unrolled loop over static slices of
   # the stacked params (False: a lax.scan, as training). With a traced layer index XLA copied
-  # every weight matrix out of the stack before its GEMM, each decode step (compiled for an
-  # H200: 3 x 23 MB a layer for nsa_1b at batch 8, more bytes than the GEMMs read); static
-  # slices fuse into the GEMMs. Costs compile time linear in the layer count.
+  # the layer's weights out of the stack before their GEMMs, each decode step (compiled for an
+  # H200, nsa_1b batch 8: 10 copies a layer, the MLP's 3 x 23 MB among them); static slices
+  # fuse into most GEMMs (3 copies left: gate / up, merged into one GEMM, and the attention
+  # output's cuBLAS call). Costs compile time linear in the layer count.
   decode_unroll: bool = True
   remat: str = "none"           # none | full | dots | dots_only | dots_no_batch | dots_and_acts
   attention: AttentionConfig = AttentionConfig()
