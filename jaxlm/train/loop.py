@@ -17,6 +17,7 @@ from jaxlm.data import get_tokenizer, make_train_iterator, make_val_batches
 from jaxlm.evaluate import mean_loss
 from jaxlm.models import build
 from jaxlm.train import metrics as metrics_lib
+from jaxlm.train import resume_compat
 from jaxlm.train.checkpoint import Checkpointer, CorruptCheckpointError
 from jaxlm.train.model_flops import train_flops_per_token
 from jaxlm.train.preemption import PreemptionWatcher, Preempted
@@ -51,20 +52,18 @@ def window_means(vals: list[dict]) -> dict:
 
 
 def check_resume_config(stored: dict, cfg: Config) -> list[str]:
-  """Model fields must match the checkpoint; returns the changed non-model fields to report."""
+  """The model must match the checkpoint's except in how it is executed (kernels, remat,
+  layer scanning: resume_compat.EXECUTION_FIELDS); returns the changed settings to report."""
   stored_cfg = config_lib.from_dict(stored)
-  if stored_cfg.model != cfg.model:
-    diffs = [f"model.{f.name}: checkpoint {getattr(stored_cfg.model, f.name)!r} != "
-             f"config {getattr(cfg.model, f.name)!r}"
-             for f in dataclasses.fields(cfg.model)
-             if getattr(stored_cfg.model, f.name) != getattr(cfg.model, f.name)]
+  blocking, execution = resume_compat.model_differences(stored_cfg.model, cfg.model)
+  if blocking:
     raise config_lib.ConfigError(
-        "cannot resume: the model differs from the checkpoint's:\n  " + "\n  ".join(diffs))
+        "cannot resume: the model differs from the checkpoint's:\n  " + "\n  ".join(blocking))
   if stored_cfg.train.mu_dtype != cfg.train.mu_dtype:   # the optimizer state's own layout
     raise config_lib.ConfigError(
         f"cannot resume: train.mu_dtype is {stored_cfg.train.mu_dtype!r} in the checkpoint and "
         f"{cfg.train.mu_dtype!r} in the config (the stored first moment has the former dtype)")
-  changed = []
+  changed = list(execution)
   for section in ("train", "data", "mesh"):
     old, new = getattr(stored_cfg, section), getattr(cfg, section)
     changed += [f"{section}.{f.name}: {getattr(old, f.name)!r} -> {getattr(new, f.name)!r}"
@@ -142,7 +141,7 @@ class Trainer:
         continue
       changed = check_resume_config(stored, self.cfg)
       try:
-        state, data_state, _ = self.ckpt.restore(step, self.abstract_state)
+        state, data_state, _ = self._restore(step, config_lib.from_dict(stored).model)
         self.train_iter.set_state(data_state)
       except Exception as e:
         broken.append((step, self._skip(step, "is broken", e)))
@@ -161,6 +160,19 @@ class Trainer:
           "\n  ".join(f"step {s}: {why}" for s, why in broken) +
           "\nnothing was changed on disk; move that folder away to start from scratch")
     return init_state(self.fm, self.tx, self.cfg.train.seed, self.mesh)
+
+  def _restore(self, step: int, stored_model):
+    """ckpt.restore onto this run's layout; a checkpoint of the other layer layout
+    (model.scan_layers) is restored in its own layout, then converted on the devices (both
+    layouts are held for that moment: twice the state's memory)."""
+    if stored_model.scan_layers == self.cfg.model.scan_layers:
+      return self.ckpt.restore(step, self.abstract_state)
+    fm = build(dataclasses.replace(self.cfg.model, scan_layers=stored_model.scan_layers))
+    abstract, _ = state_layout(fm, make_optimizer(self.cfg.train, fm.logical_axes), self.mesh)
+    state, data_state, config = self.ckpt.restore(step, abstract)
+    convert = jax.jit(lambda s: resume_compat.convert_layer_layout(s, self.cfg.model.scan_layers),
+                      out_shardings=self.state_shardings)
+    return convert(state), data_state, config
 
   def _skip(self, step: int, what: str, e: Exception) -> str:
     why = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
