@@ -11,6 +11,9 @@ from absl import app, flags, logging
 
 _RUN = flags.DEFINE_string("run_dir", None, "a train.output_dir holding checkpoints/", required=True)
 _STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: newest)")
+_SET = flags.DEFINE_multi_string(
+    "set", [], "section.field=value overrides of the run's config; the model may change only "
+    "in how it runs (e.g. model.scan_layers=false, model.remat, kernel implementations)")
 _PROMPT = flags.DEFINE_string("prompt", "ROMEO:\n", "prompt text")
 _TOKENS = flags.DEFINE_integer("max_new_tokens", 200, "tokens to generate")
 _TEMP = flags.DEFINE_float("temperature", 0.8, "0 = greedy")
@@ -28,7 +31,7 @@ def main(argv):
   from jaxlm.train.restore import load_run
   try:
     sampling = Sampling(temperature=_TEMP.value, top_k=_TOP_K.value, top_p=_TOP_P.value)
-    run = load_run(_RUN.value, _STEP.value)
+    run = load_run(_RUN.value, _STEP.value, overrides=_SET.value)
     texts = sample_text(run.fm, run.params, run.tokenizer, _PROMPT.value, _TOKENS.value, sampling,
                         seed=_SEED.value, num_samples=_N.value)
   except (FileNotFoundError, ValueError) as e:

@@ -11,6 +11,7 @@ from jaxlm import sharding
 from jaxlm.data import get_tokenizer
 from jaxlm.models import build
 from jaxlm.train.checkpoint import Checkpointer
+from jaxlm.train import resume_compat
 from jaxlm.train.optimizer import make_optimizer
 from jaxlm.train.state import state_layout
 
@@ -24,8 +25,14 @@ class LoadedRun:
   step: int
 
 
-def load_run(run_dir: str, step: int | None = None, mesh_devices=None) -> LoadedRun:
-  """Restore the newest (or given) checkpoint under `run_dir` (a train.output_dir)."""
+def load_run(run_dir: str, step: int | None = None, mesh_devices=None,
+             overrides=()) -> LoadedRun:
+  """Restore the newest (or given) checkpoint under `run_dir` (a train.output_dir).
+
+  overrides: `section.field=value` strings applied to the run's stored config. The model may
+  change only in how it runs (resume_compat.EXECUTION_FIELDS: kernels, remat, layer scanning;
+  scanned params are converted to unrolled layers and back), anything else is a ConfigError.
+  """
   ckpt_dir = os.path.join(run_dir, "checkpoints")
   if not os.path.isdir(ckpt_dir):
     raise FileNotFoundError(f"{run_dir}: no checkpoints/ folder (is this a train.output_dir?)")
@@ -37,14 +44,24 @@ def load_run(run_dir: str, step: int | None = None, mesh_devices=None) -> Loaded
     step = steps[-1] if step is None else step
     if step not in steps:
       raise FileNotFoundError(f"{ckpt_dir}: no checkpoint at step {step}; have {steps}")
-    cfg = config_lib.from_dict(ckpt.restore_config(step))
+    stored = config_lib.from_dict(ckpt.restore_config(step))
     # Inference needs only the model: restore onto whatever devices are here, one data axis.
-    cfg = dataclasses.replace(cfg, mesh=config_lib.MeshConfig())
+    stored = dataclasses.replace(stored, mesh=config_lib.MeshConfig())
+    cfg = config_lib.apply_overrides(stored, list(overrides)) if overrides else stored
+    blocking, _ = resume_compat.model_differences(stored.model, cfg.model)
+    if blocking:
+      raise config_lib.ConfigError(
+          "the overrides change the run's model, not only how it runs:\n  " +
+          "\n  ".join(blocking))
     devices = mesh_devices or jax.devices()[:1]
     mesh = sharding.make_mesh(cfg.mesh, devices)
-    fm = build(cfg.model)
-    abstract, _ = state_layout(fm, make_optimizer(cfg.train, fm.logical_axes), mesh)
-    state, _, _ = ckpt.restore(step, abstract)
+    stored_fm = build(stored.model)
+    abstract, _ = state_layout(stored_fm, make_optimizer(stored.train, stored_fm.logical_axes),
+                               mesh)
+    params = ckpt.restore(step, abstract)[0].params
   finally:
     ckpt.close()
-  return LoadedRun(cfg, fm, state.params, get_tokenizer(cfg.data, cfg.model.vocab_size), step)
+  if stored.model.scan_layers != cfg.model.scan_layers:
+    params = resume_compat.convert_layer_layout(params, cfg.model.scan_layers)
+  return LoadedRun(cfg, build(cfg.model), params, get_tokenizer(cfg.data, cfg.model.vocab_size),
+                   step)
