@@ -22,12 +22,6 @@ EXECUTION_FIELDS = (
 )
 
 
-def _get(cfg, dotted: str):
-  for part in dotted.split("."):
-    cfg = getattr(cfg, part)
-  return cfg
-
-
 def _flat_fields(cfg, prefix: str = "") -> dict:
   out = {}
   for f in dataclasses.fields(cfg):
