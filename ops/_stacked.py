@@ -36,9 +36,17 @@ def layer_slice(cache, layer):
   return jax.lax.dynamic_index_in_dim(cache, layer, 0, keepdims=False)
 
 
-def as_stacked(caches, layer):
-  """(caches, layer) in stacked form for a kernel: unstacked caches [batch, ...] gain a
-  leading layer axis of 1 (a free reshape) and layer 0."""
+def for_kernel(caches, layer, min_rows: int, dims):
+  """(caches [layers, batch, rows, heads, dim], layer int32) for a kernel that reads one layer
+  in place. caches: [(layers,) batch, len, heads, dim] each (stacked when layer is given);
+  dims: the head dim each kernel tile needs. In place (unstacked caches gain a layer axis of 1,
+  a free reshape) when every cache has >= min_rows rows and its dim; otherwise only the
+  layer's slices are copied, padded to those rows and dims."""
+  if all(c.shape[-3] >= min_rows and c.shape[-1] == d for c, d in zip(caches, dims)):
+    return (caches, layer) if layer is not None else (tuple(c[None] for c in caches),
+                                                      jnp.int32(0))
   if layer is not None:
-    return caches, layer
-  return tuple(c[None] for c in caches), jnp.int32(0)
+    caches = tuple(layer_slice(c, layer) for c in caches)
+  padded = tuple(jnp.pad(c, ((0, 0), (0, max(0, min_rows - c.shape[1])), (0, 0),
+                             (0, d - c.shape[3])))[None] for c, d in zip(caches, dims))
+  return padded, jnp.int32(0)

@@ -85,22 +85,6 @@ def _decode_kernel(len_ref, layer_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, q
   lse_ref[...] = jnp.where(empty, -jnp.inf, (m_use + jnp.log2(l_safe)) * LN2)
 
 
-def _readable_caches(k_cache, v_cache, layer, dp: int, dvp: int):
-  """(k, v [layers, batch, rows, kv_heads, dp/dvp], layer int32) for the kernel. In place
-  (a free reshape for an unstacked cache) unless a head dim is not a power of two or the
-  cache is shorter than one 16-row block: then only the layer's slice is copied and padded."""
-  max_len, d, dv = k_cache.shape[-3], k_cache.shape[-1], v_cache.shape[-1]
-  if max_len >= 16 and dp == d and dvp == dv:
-    (kc, vc), layer = _stacked.as_stacked((k_cache, v_cache), layer)
-    return kc, vc, layer
-  if layer is not None:
-    k_cache, v_cache = _stacked.layer_slice(k_cache, layer), _stacked.layer_slice(v_cache, layer)
-  rows = max(16, max_len)
-  kc = jnp.pad(k_cache, ((0, 0), (0, rows - max_len), (0, 0), (0, dp - d)))
-  vc = jnp.pad(v_cache, ((0, 0), (0, rows - max_len), (0, 0), (0, dvp - dv)))
-  return kc[None], vc[None], jnp.int32(0)
-
-
 def decode_attention(q, k_cache, v_cache, lengths, *, layer, window, sinks, scale, soft_cap,
                      return_lse, interpret, config):
   """The "pallas_triton" implementation of ops.attention.decode_attention; returns (o, lse).
@@ -123,7 +107,8 @@ def decode_attention(q, k_cache, v_cache, lengths, *, layer, window, sinks, scal
     raise UnsupportedError(f"config {type(cfg).__name__} is not an AttentionBlockConfig")
   dp, dvp = _blocks.pow2_at_least(d), _blocks.pow2_at_least(dv)
   rows = _blocks.pow2_at_least(lq * g)
-  kc, vc, layer = _readable_caches(k_cache, v_cache, layer, dp, dvp)
+  # in place unless a head dim is not a power of two or the cache is under one 16-row block
+  (kc, vc), layer = _stacked.for_kernel((k_cache, v_cache), layer, 16, (dp, dvp))
   n_rows = kc.shape[2]
   # the largest power-of-two block inside the cache, so the clamped last block stays in it
   bk = max(16, min(cfg.decode_block_kv, 1 << (n_rows.bit_length() - 1)))

@@ -134,17 +134,6 @@ def _layout(cfg: NSAConfig, n: int, max_len: int):
   return rows, front, width
 
 
-def _readable(caches, layer, rows: int):
-  """(caches [layers, batch, >= rows, kvh, d] each, layer int32) for the kernels: in place (a
-  free reshape when unstacked) unless one is shorter than `rows` (one block), in which case
-  the layer's slices are copied and padded."""
-  if all(c.shape[-3] >= rows for c in caches):
-    return _stacked.as_stacked(caches, layer)
-  if layer is not None:
-    caches = tuple(_stacked.layer_slice(c, layer) for c in caches)
-  return tuple(_pad_axis(c, 1, rows)[None] for c in caches), jnp.int32(0)
-
-
 def _compressed(q4, k_cmp, v_cmp, lengths, layer, *, cfg: NSAConfig, max_len, scale,
                 bc: NSABlockConfig, interpret):
   """k_cmp, v_cmp: [(layers,) b, n_cmp, kvh, d] (stacked with layer).
@@ -154,7 +143,7 @@ def _compressed(q4, k_cmp, v_cmp, lengths, layer, *, cfg: NSAConfig, max_len, sc
   dv = v_cmp.shape[-1]
   n_cmp = k_cmp.shape[-3]
   bk = bc.decode_cmp_block_k
-  (kc, vc), layer = _readable((k_cmp, v_cmp), layer, bk)
+  (kc, vc), layer = _stacked.for_kernel((k_cmp, v_cmp), layer, bk, (d, dv))
   n, n_layers = kc.shape[2], kc.shape[0]
   n_blocks = -(-n // bk)
   steps = -(-n_blocks // max(1, bc.decode_cmp_splits))
@@ -329,7 +318,8 @@ def _selected_window(q4, k_slc, v_slc, k_win, v_win, idx, lengths, layer, *, cfg
   dv = v_slc.shape[-1]
   per = bc.decode_entries
   len_s, len_w = k_slc.shape[-3], k_win.shape[-3]
-  (ks, vs, kw, vw), layer = _readable((k_slc, v_slc, k_win, v_win), layer, bk)
+  (ks, vs, kw, vw), layer = _stacked.for_kernel(
+      (k_slc, v_slc, k_win, v_win), layer, bk, (d, dv, d, dv))
   n_sel_prog = -(-cfg.n_select * (cfg.select_len // bk) // per)
   n_win_prog = -(-(-(-min(cfg.window, len_w) // bk)) // per)
   progs = n_sel_prog + n_win_prog
