@@ -81,6 +81,12 @@ class MoEConfig:
   # deferred: layers per deferred tgmm (0 = all of a pool's layers at once); smaller chunks hold
   # fewer taps (memory) for one pool-gradient accumulation per chunk
   pool_grad_chunk: int = 0
+  # meshes with an fsdp axis and no expert axis: gather_weights = FSDP (every expert's weights
+  # gathered for each layer, tokens stay put); split_embed = the weights stay split over d and
+  # the gate / up products are summed over "fsdp" (tokens move); auto = the one that moves less
+  # per layer (jaxlm/layers/expert_pool.split_embed_moves_less): split_embed for decode and
+  # for pools much larger than the batch, never with pool_grad="deferred"
+  fsdp_dispatch: str = "auto"
 
   @property
   def n_extra_experts(self) -> int:

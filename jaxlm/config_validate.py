@@ -19,6 +19,7 @@ REMAT = ("none", "full", "dots", "dots_only", "dots_no_batch", "dots_and_acts")
 ATTENTION_KINDS = ("full", "sliding", "nsa")
 MOE_KINDS = ("none", "vanilla", "unipool")
 POOL_GRADS = ("per_layer", "deferred")
+FSDP_DISPATCHES = ("auto", "gather_weights", "split_embed")
 MU_DTYPES = ("float32", "bfloat16")
 ROUTERS = ("softmax_topk", "norm_router", "relu_rmsnorm")
 MODEL_KINDS = ("transformer", "symboliclight")
@@ -172,6 +173,11 @@ def _validate_moe(m: ModelConfig):
            f"'deferred' is for shared pools (moe.kind=unipool), got kind={e.kind!r}")
     _check(e.group_align <= 1, "model.moe.pool_grad",
            f"'deferred' needs model.moe.group_align 0 or 1, got {e.group_align}")
+  _check(e.fsdp_dispatch in FSDP_DISPATCHES, "model.moe.fsdp_dispatch",
+         f"{e.fsdp_dispatch!r} not in {FSDP_DISPATCHES}")
+  _check(not (e.fsdp_dispatch == "split_embed" and e.pool_grad == "deferred"),
+         "model.moe.fsdp_dispatch", "'split_embed' cannot run with pool_grad='deferred' (its "
+         "taps need each token row on one device); use 'auto' or 'gather_weights'")
   per_pool = m.n_layers // max(e.n_groups, 1)
   _check(e.pool_grad_chunk >= 0 and (e.pool_grad_chunk == 0 or per_pool % e.pool_grad_chunk == 0),
          "model.moe.pool_grad_chunk",

@@ -80,12 +80,14 @@ def _saved_gmm(xs, w, group_sizes, implementation):
 
 
 def swiglu_grouped(xs, group_sizes, w_gate, w_up, w_down, implementation=None, align=0,
-                   tap=None):
+                   tap=None, embed_axis=None):
   """Rows xs [m, d] sorted by expert; w_* [E, d, f] / [E, f, d]; -> [m, d] (rows past the
   groups are zero). align > 1: the three grouped matmuls run on a zero-padded copy whose groups
   start at multiples of align (ops.gmm.aligned_layout), the result is read back in sorted
   order. tap: this layer's taps of the deferred pool gradient (jaxlm/layers/pool_grad.py; the
-  weights then arrive under stop_gradient) or None."""
+  weights then arrive under stop_gradient) or None. embed_axis: inside shard_map, the mesh axis
+  that splits d (xs [m, d / n], w_gate / w_up [E, d / n, f], w_down [E, f, d / n]); the gate and
+  up products are then partial sums, added over it in f32, and the result is [m, d / n]."""
   if tap is not None:
     if align > 1:
       raise ValueError("the deferred pool gradient needs group_align 0 or 1")
@@ -94,11 +96,17 @@ def swiglu_grouped(xs, group_sizes, w_gate, w_up, w_down, implementation=None, a
   if align > 1:
     src, dest, padded = ops.gmm.aligned_layout(group_sizes, xs.shape[0], align)
     y = swiglu_grouped(ops.gmm.pad_rows(xs, src, dest), padded, w_gate, w_up, w_down,
-                       implementation)
+                       implementation, embed_axis=embed_axis)
     return ops.gmm.unpad_rows(y, src, dest)
   dt = xs.dtype
-  g = _saved_gmm(xs, w_gate.astype(dt), group_sizes, implementation)
-  u = _saved_gmm(xs, w_up.astype(dt), group_sizes, implementation)
+  if embed_axis is None:
+    g = _saved_gmm(xs, w_gate.astype(dt), group_sizes, implementation)
+    u = _saved_gmm(xs, w_up.astype(dt), group_sizes, implementation)
+  else:
+    gu = [ops.gmm.gmm(xs, w.astype(dt), group_sizes, preferred_element_type=jnp.float32,
+                      implementation=implementation) for w in (w_gate, w_up)]
+    g, u = (checkpoint_name(v.astype(dt), EXPERT_DOTS)
+            for v in jax.lax.psum(gu, embed_axis))
   if tap is not None:
     g = pool_grad.report_cotangent(g, tap["dg"])
     u = pool_grad.report_cotangent(u, tap["du"])
@@ -114,15 +122,17 @@ def ffn_ids(ids, n_ffn: int):
   return jnp.where((ids >= 0) & (ids < n_ffn), ids, -1)
 
 
-def dispatch(x, ids, gates, experts: dict, n_ffn: int, implementation=None, group_align=0):
+def dispatch(x, ids, gates, experts: dict, n_ffn: int, implementation=None, group_align=0,
+             embed_axis=None):
   """Dropless FFN-expert output on one device. x [T, d]; ids/gates [T, k] -> [T, d].
-  group_align: MoEConfig.group_align (swiglu_grouped's align)."""
+  group_align: MoEConfig.group_align (swiglu_grouped's align); embed_axis: swiglu_grouped's
+  (x and the result are then [T, d / n])."""
   fid = ffn_ids(ids, n_ffn)
   k = ids.shape[1]
   sort_idx, group_sizes = ops.gmm.sort_by_group(fid, n_ffn)
   xs = ops.gmm.permute(x, sort_idx, k)
   ys = swiglu_grouped(xs, group_sizes, experts["w_gate"], experts["w_up"], experts["w_down"],
-                      implementation, group_align, experts.get("tap"))
+                      implementation, group_align, experts.get("tap"), embed_axis)
   return ops.gmm.unpermute(ys, sort_idx, jnp.where(fid >= 0, gates, 0.0))
 
 
@@ -145,20 +155,62 @@ def token_axes(mesh, n_tokens: int):
   return ()
 
 
+def split_embed_moves_less(n_tokens: int, k: int, d: int, f: int, n_experts: int,
+                           fsdp: int) -> bool:
+  """Whether keeping the experts split over d on the fsdp axis (activations move) moves fewer
+  elements per device in one layer's forward than gathering every expert's weights (FSDP).
+  n_tokens: tokens of one fsdp group (the tokens a data shard holds); f: expert width per
+  device. Gathering moves 3 E d f (n-1)/n; the split moves the gate and up partial sums
+  (all-reduced in f32: 2 x 2 x 2 n_tokens k f (n-1)/n in bf16 units) and the tokens in and out
+  along d (2 n_tokens d (n-1)/n).
+
+  Decode (a few tokens against a pool of 2.4 B params for unipool_469m) always splits; vanilla
+  MoE training (8 experts a layer against 16k tokens) always gathers."""
+  return n_tokens * (8 * k * f + 2 * d) < 3 * n_experts * d * f
+
+
+def fsdp_split_embed(mode: str, mesh, n_tokens: int, k: int, d: int, f: int, n_experts: int,
+                     tap) -> bool:
+  """MoEConfig.fsdp_dispatch resolved for this layer: True = experts stay split over d on the
+  fsdp axis (`dispatch_data_parallel`). auto picks the split where it moves less and no
+  deferred-gradient tap needs the rows once per device; a forced split with a tap is refused."""
+  fsdp = int(mesh.shape.get("fsdp", 1))
+  if mode == "gather_weights" or fsdp == 1 or d % fsdp:
+    return False
+  if mode == "split_embed":
+    if tap is not None:
+      raise ValueError("model.moe.fsdp_dispatch='split_embed' cannot run with "
+                       "pool_grad='deferred' (its taps need each token row on one device)")
+    return True
+  data = int(mesh.shape.get("data", 1))
+  return tap is None and split_embed_moves_less(n_tokens // data if n_tokens % data == 0
+                                                else n_tokens, k, d, f, n_experts, fsdp)
+
+
 def dispatch_data_parallel(x, ids, gates, experts: dict, n_ffn: int, mesh, implementation=None,
-                           group_align=0):
+                           group_align=0, fsdp_dispatch="auto"):
   """`dispatch` on a multi-device mesh without an expert axis: each device runs the grouped
   matmuls (ops.gmm: kernels XLA cannot partition) on its own tokens, with every expert's
   weights gathered (FSDP) except the expert width, which stays split over "tensor" (the
-  partial outputs are summed across it)."""
+  partial outputs are summed across it).
+
+  With `fsdp_split_embed` (fsdp_dispatch; decode, or pools far larger than the batch) the
+  weights are not gathered: they stay split over d on "fsdp", each device takes the tokens of
+  its data shard with its slice of d, the gate / up products are summed over "fsdp" and the
+  result comes back split over d."""
   from jax.sharding import PartitionSpec as P
-  tok = token_axes(mesh, x.shape[0])
-  tok_spec = P(tok if tok else None)
   tp = int(mesh.shape.get("tensor", 1))
   split = tp > 1 and experts["w_gate"].shape[-1] % tp == 0
+  tap = experts.get("tap")
+  f_local = experts["w_gate"].shape[-1] // (tp if split else 1)
+  if fsdp_split_embed(fsdp_dispatch, mesh, x.shape[0], ids.shape[1], x.shape[1], f_local,
+                      experts["w_gate"].shape[0], tap):
+    return _dispatch_split_embed(x, ids, gates, experts, n_ffn, mesh, implementation,
+                                 group_align, split)
+  tok = token_axes(mesh, x.shape[0])
+  tok_spec = P(tok if tok else None)
   w_in, w_out = (P(None, None, "tensor"), P(None, "tensor", None)) if split else (P(), P())
 
-  tap = experts.get("tap")
   if tap is not None:
     # the taps' cotangents must come out once per row: replicated rows or expert columns split
     # over "tensor" would be summed over the copies by shard_map's transpose
@@ -178,6 +230,26 @@ def dispatch_data_parallel(x, ids, gates, experts: dict, n_ffn: int, mesh, imple
   fn = sharding.shard_map(local, mesh, (tok_spec, tok_spec, tok_spec, w_in, w_in, w_out,
                                         {k: tok_spec for k in tap}), tok_spec)
   return fn(x, ids, gates, experts["w_gate"], experts["w_up"], experts["w_down"], tap)
+
+
+def _dispatch_split_embed(x, ids, gates, experts: dict, n_ffn: int, mesh, implementation,
+                          group_align, split: bool):
+  """dispatch_data_parallel with the experts left split over d on "fsdp" (and over the expert
+  width on "tensor" when `split`): tokens over "data" only."""
+  from jax.sharding import PartitionSpec as P
+  data = int(mesh.shape.get("data", 1))
+  tok = "data" if data > 1 and x.shape[0] % data == 0 else None
+  tp = "tensor" if split else None
+  w_in, w_out = P(None, "fsdp", tp), P(None, tp, "fsdp")
+
+  def local(x, ids, gates, w_gate, w_up, w_down):
+    w = dict(w_gate=w_gate, w_up=w_up, w_down=w_down)
+    y = dispatch(x, ids, gates, w, n_ffn, implementation, group_align, embed_axis="fsdp")
+    return jax.lax.psum(y, "tensor") if split else y
+
+  fn = sharding.shard_map(local, mesh, (P(tok, "fsdp"), P(tok), P(tok), w_in, w_in, w_out),
+                          P(tok, "fsdp"))
+  return fn(x, ids, gates, experts["w_gate"], experts["w_up"], experts["w_down"])
 
 
 def dispatch_expert_parallel(x, ids, gates, experts: dict, n_ffn: int, mesh,

@@ -106,7 +106,7 @@ class MoEFFN(nnx.Module):
                                                mesh, impl, e.group_align)
     elif sharding.multi_device_mesh() is not None:
       y = expert_pool.dispatch_data_parallel(x2, ids, routing.gates, experts, e.n_experts,
-                                             mesh, impl, e.group_align)
+                                             mesh, impl, e.group_align, e.fsdp_dispatch)
     else:
       y = expert_pool.dispatch(x2, ids, routing.gates, experts, e.n_experts, impl,
                                e.group_align)

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 # dotted ModelConfig fields that do not change the parameters or the function they compute
 EXECUTION_FIELDS = (
     "remat", "scan_layers", "decode_unroll", "attention.implementation", "moe.implementation",
-    "moe.group_align", "moe.pool_grad", "moe.pool_grad_chunk", "spiking.lif_implementation",
+    "moe.group_align", "moe.pool_grad", "moe.pool_grad_chunk", "moe.fsdp_dispatch",
+    "spiking.lif_implementation",
     "spiking.scan_implementation",
 )
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from jaxlm import configs
-from jaxlm.config import AttentionConfig, apply_overrides
+from jaxlm.config import AttentionConfig, MoEConfig, apply_overrides
 from jaxlm.models import build
 from tests.jaxlm.conftest import random_params, tiny_model
 
@@ -144,6 +144,14 @@ SHARDED = {
     # the scores choose)
     "nsa_kv_split": (tiny_model(vocab_size=64, n_heads=4, n_kv_heads=2, decode_unroll=False,
                                 attention=NSA_TOP4), (2, 1, 2, 1)),
+    # UniPool with FSDP: the experts stay split over d (moe.fsdp_dispatch auto picks split_embed
+    # for a decode step's few tokens), and with the weights gathered
+    "unipool_fsdp": (tiny_model(vocab_size=64, moe=MoEConfig(kind="unipool", n_experts=8,
+                                                             top_k=2)), (2, 2, 1, 1)),
+    "unipool_fsdp_tensor_gather": (
+        tiny_model(vocab_size=64, scan_layers=False,
+                   moe=MoEConfig(kind="vanilla", n_experts=4, top_k=2,
+                                 fsdp_dispatch="gather_weights")), (1, 2, 2, 1)),
     "nsa_one_kv_head": (tiny_model(vocab_size=64, n_heads=4, n_kv_heads=1, scan_layers=False,
                                    attention=NSA_TOP4), (1, 1, 2, 1)),
 }

@@ -420,6 +420,9 @@ class TestConfig:
       (dict(kind="unipool", pool_grad="deferred", group_align=128), "model.moe.pool_grad"),
       (dict(kind="unipool", n_groups=2, pool_grad_chunk=4), "model.moe.pool_grad_chunk"),
       (dict(kind="unipool", pool_grad_chunk=3), "model.moe.pool_grad_chunk"),
+      (dict(kind="unipool", fsdp_dispatch="split"), "model.moe.fsdp_dispatch"),
+      (dict(kind="unipool", pool_grad="deferred", fsdp_dispatch="split_embed"),
+       "model.moe.fsdp_dispatch"),
   ])
   def test_errors_name_the_field(self, moe, field):
     with pytest.raises(ConfigError, match=f"^{field}"):
@@ -477,6 +480,80 @@ class TestExpertParallel:
       out, _, aux = jax.jit(lambda p, t: fm.apply(p, t, return_aux=True))(params, toks)
     assert_close(out, ref, F32)
     assert_close(aux["layer_load"], aux_ref["layer_load"], F32)
+
+
+class TestFsdpSplitEmbed:
+  """Experts left split over d on "fsdp" (moe.fsdp_dispatch=split_embed): the gate / up
+  products summed over the axis, tokens over "data" only."""
+
+  @pytest.mark.parametrize("mesh_kw,align", [(dict(data=2, fsdp=4), 0),
+                                             (dict(data=2, fsdp=2, tensor=2), 4),
+                                             (dict(fsdp=8), 0)])
+  def test_equals_one_device(self, mesh_kw, align):
+    t, d, f, e, k = 24, 16, 24, 6, 2
+    x = jax.random.normal(jax.random.key(0), (t, d), F32)
+    experts = _experts(jax.random.key(1), e, d, f)
+    ids, gates = _routing(jax.random.key(2), t, e, k)
+    ids = ids.at[3, 1].set(-1)  # a dropped slot
+    mesh = make_mesh(MeshConfig(**mesh_kw))
+
+    def loss(fn, x, gates, experts):
+      return jnp.sum(jnp.sin(fn(x, gates, experts)))
+
+    split = lambda x, g, w: expert_pool.dispatch_data_parallel(
+        x, ids, g, w, e, mesh, group_align=align, fsdp_dispatch="split_embed")
+    one = lambda x, g, w: expert_pool.dispatch(x, ids, g, w, e)
+    with use_mesh(mesh):
+      out = jax.jit(split)(x, gates, experts)
+      g_split = jax.jit(jax.grad(functools.partial(loss, split), argnums=(0, 1, 2)))(
+          x, gates, experts)
+    assert_close(out, dense_reference(x, ids, gates, experts, e), F32)
+    g_one = jax.grad(functools.partial(loss, one), argnums=(0, 1, 2))(x, gates, experts)
+    for a, b in zip(jax.tree.leaves(g_split), jax.tree.leaves(g_one)):
+      assert_close(a, b, F32, grad=True)
+
+  @staticmethod
+  def _gathered_weights(mode: str, t: int) -> bool:
+    """Whether the compiled dispatch on fsdp=4 all-gathers the whole w_gate [E, d, f]."""
+    d, f, e = 64, 96, 16
+    mesh = make_mesh(MeshConfig(data=2, fsdp=4))
+    w_spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "fsdp", None))
+    experts = {n: jax.ShapeDtypeStruct(s, F32, sharding=w_spec)
+               for n, s in (("w_gate", (e, d, f)), ("w_up", (e, d, f)))}
+    experts["w_down"] = jax.ShapeDtypeStruct(
+        (e, f, d), F32,
+        sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, None, "fsdp")))
+    fn = lambda x, ids, g, w: expert_pool.dispatch_data_parallel(x, ids, g, w, e, mesh,
+                                                                 fsdp_dispatch=mode)
+    with use_mesh(mesh):
+      hlo = jax.jit(fn).lower(jax.ShapeDtypeStruct((t, d), F32),
+                              jax.ShapeDtypeStruct((t, 1), jnp.int32),
+                              jax.ShapeDtypeStruct((t, 1), F32), experts).compile().as_text()
+    return any("all-gather" in line and f"f32[{e},{d},{f}]" in line
+               for line in hlo.splitlines())
+
+  def test_decode_does_not_gather_the_pool(self):
+    """auto on 8 tokens against 16 experts splits: no all-gather of a whole expert weight,
+    which gather_weights (FSDP) does; 4096 tokens gather (they would move more)."""
+    assert self._gathered_weights("gather_weights", 8)
+    assert not self._gathered_weights("auto", 8)
+    assert self._gathered_weights("auto", 4096)
+
+  def test_auto_rule(self):
+    # unipool_469m decode (batch 8, pool of 192) splits; vanilla_moe_469m training (16k
+    # tokens, 8 experts a layer) gathers; unipool training at 16k tokens moves less split
+    assert expert_pool.split_embed_moves_less(8, 1, 1024, 4096, 192, 2)
+    assert not expert_pool.split_embed_moves_less(16384, 1, 1024, 4096, 8, 2)
+    assert expert_pool.split_embed_moves_less(16384, 1, 1024, 4096, 192, 2)
+    mesh = make_mesh(MeshConfig(data=2, fsdp=4))
+    args = (mesh, 8, 1, 64, 96, 16)
+    assert expert_pool.fsdp_split_embed("auto", *args, tap=None)
+    assert not expert_pool.fsdp_split_embed("auto", *args, tap={})
+    assert not expert_pool.fsdp_split_embed("gather_weights", *args, tap=None)
+    with pytest.raises(ValueError, match="fsdp_dispatch"):
+      expert_pool.fsdp_split_embed("split_embed", *args, tap={})
+    # d not divisible by the axis: nothing to split
+    assert not expert_pool.fsdp_split_embed("split_embed", mesh, 8, 1, 66, 96, 16, None)
 
 
 # ----------------------------------------------------------------------------- training
