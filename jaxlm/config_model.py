@@ -85,7 +85,8 @@ class MoEConfig:
   # gathered for each layer, tokens stay put); split_embed = the weights stay split over d and
   # the gate / up products are summed over "fsdp" (tokens move); auto = the one that moves less
   # per layer (jaxlm/layers/expert_pool.split_embed_moves_less): split_embed for decode and
-  # for pools much larger than the batch, never with pool_grad="deferred"
+  # for pools much larger than the batch (UniPool); with pool_grad="deferred" the taps split
+  # the expert width over "fsdp" too
   fsdp_dispatch: str = "auto"
 
   @property

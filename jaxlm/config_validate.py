@@ -175,9 +175,6 @@ def _validate_moe(m: ModelConfig):
            f"'deferred' needs model.moe.group_align 0 or 1, got {e.group_align}")
   _check(e.fsdp_dispatch in FSDP_DISPATCHES, "model.moe.fsdp_dispatch",
          f"{e.fsdp_dispatch!r} not in {FSDP_DISPATCHES}")
-  _check(not (e.fsdp_dispatch == "split_embed" and e.pool_grad == "deferred"),
-         "model.moe.fsdp_dispatch", "'split_embed' cannot run with pool_grad='deferred' (its "
-         "taps need each token row on one device); use 'auto' or 'gather_weights'")
   per_pool = m.n_layers // max(e.n_groups, 1)
   _check(e.pool_grad_chunk >= 0 and (e.pool_grad_chunk == 0 or per_pool % e.pool_grad_chunk == 0),
          "model.moe.pool_grad_chunk",

@@ -20,6 +20,8 @@ dropless at the cost of ep x buffer memory.
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -87,7 +89,8 @@ def swiglu_grouped(xs, group_sizes, w_gate, w_up, w_down, implementation=None, a
   order. tap: this layer's taps of the deferred pool gradient (jaxlm/layers/pool_grad.py; the
   weights then arrive under stop_gradient) or None. embed_axis: inside shard_map, the mesh axis
   that splits d (xs [m, d / n], w_gate / w_up [E, d / n, f], w_down [E, f, d / n]); the gate and
-  up products are then partial sums, added over it in f32, and the result is [m, d / n]."""
+  up products are then partial sums, added over it in f32, and the result is [m, d / n]; the
+  f-wide taps (pool_grad.TapSpec.embed_axis) then take this device's f / n block."""
   if tap is not None:
     if align > 1:
       raise ValueError("the deferred pool gradient needs group_align 0 or 1")
@@ -105,14 +108,20 @@ def swiglu_grouped(xs, group_sizes, w_gate, w_up, w_down, implementation=None, a
   else:
     gu = [ops.gmm.gmm(xs, w.astype(dt), group_sizes, preferred_element_type=jnp.float32,
                       implementation=implementation) for w in (w_gate, w_up)]
+    if tap is not None:
+      # the partial products' cotangent is the whole one (the psum's transpose sums the
+      # devices' shares); after the psum each device only holds its share
+      gu = [pool_grad.report_cotangent(v, tap[n], (embed_axis, tap[n].shape[-1]))
+            for v, n in zip(gu, ("dg", "du"))]
     g, u = (checkpoint_name(v.astype(dt), EXPERT_DOTS)
             for v in jax.lax.psum(gu, embed_axis))
-  if tap is not None:
+  if tap is not None and embed_axis is None:
     g = pool_grad.report_cotangent(g, tap["dg"])
     u = pool_grad.report_cotangent(u, tap["du"])
   h = (jax.nn.silu(g.astype(jnp.float32)) * u.astype(jnp.float32)).astype(dt)
   if tap is not None:
-    h = pool_grad.report_value(h, tap["h"], h)
+    h = pool_grad.report_value(h, tap["h"], h,
+                               None if embed_axis is None else (embed_axis, tap["h"].shape[-1]))
   y = _saved_gmm(h, w_down.astype(dt), group_sizes, implementation)
   return y if tap is None else pool_grad.report_cotangent(y, tap["dy"])
 
@@ -170,21 +179,46 @@ def split_embed_moves_less(n_tokens: int, k: int, d: int, f: int, n_experts: int
 
 
 def fsdp_split_embed(mode: str, mesh, n_tokens: int, k: int, d: int, f: int, n_experts: int,
-                     tap) -> bool:
-  """MoEConfig.fsdp_dispatch resolved for this layer: True = experts stay split over d on the
-  fsdp axis (`dispatch_data_parallel`). auto picks the split where it moves less and no
-  deferred-gradient tap needs the rows once per device; a forced split with a tap is refused."""
-  fsdp = int(mesh.shape.get("fsdp", 1))
-  if mode == "gather_weights" or fsdp == 1 or d % fsdp:
+                     deferred: bool) -> bool:
+  """MoEConfig.fsdp_dispatch resolved for a layer of n_tokens tokens: True = the experts stay
+  split over d on the fsdp axis (`dispatch_data_parallel`). auto picks the split where it is
+  possible and moves less; a forced split that cannot run is refused by name. deferred: the
+  layer reports taps of the deferred pool gradient (they split the expert width f too, and
+  need each token row on one data shard)."""
+  fsdp = int(mesh.shape.get("fsdp", 1)) if mesh is not None else 1
+  if mode == "gather_weights" or fsdp == 1:
     return False
-  if mode == "split_embed":
-    if tap is not None:
-      raise ValueError("model.moe.fsdp_dispatch='split_embed' cannot run with "
-                       "pool_grad='deferred' (its taps need each token row on one device)")
-    return True
   data = int(mesh.shape.get("data", 1))
-  return tap is None and split_embed_moves_less(n_tokens // data if n_tokens % data == 0
+  why = None
+  if d % fsdp:
+    why = f"d_model {d} does not divide over fsdp={fsdp}"
+  elif deferred and f % fsdp:
+    why = (f"the expert width {f} does not divide over fsdp={fsdp} (the deferred pool "
+           f"gradient's taps split it)")
+  elif deferred and n_tokens % data:
+    why = (f"{n_tokens} tokens do not divide over data={data} (the deferred pool gradient's "
+           f"taps need each row on one data shard)")
+  if mode == "split_embed":
+    if why:
+      raise ValueError(f"model.moe.fsdp_dispatch='split_embed': {why}")
+    return True
+  return why is None and split_embed_moves_less(n_tokens // data if n_tokens % data == 0
                                                 else n_tokens, k, d, f, n_experts, fsdp)
+
+
+def deferred_tap_layout(mode: str, mesh, n_tokens: int, k: int, d: int, f: int,
+                        n_experts: int) -> dict:
+  """pool_grad.TapSpec's layout fields for a model on `mesh` ({} on one device): rows over the
+  token axes, or, where the layers run split (fsdp_split_embed), rows over "data" and widths
+  over "fsdp"."""
+  if mesh is None:
+    return {}
+  if fsdp_split_embed(mode, mesh, n_tokens, k, d, f, n_experts, deferred=True):
+    tok = ("data",) if mesh.shape.get("data", 1) > 1 else ()
+    return dict(tok_axes=tok, shards=math.prod(mesh.shape[a] for a in (*tok, "fsdp")),
+                embed_axis="fsdp")
+  tok = token_axes(mesh, n_tokens)
+  return dict(tok_axes=tok, shards=math.prod(mesh.shape[a] for a in tok))
 
 
 def dispatch_data_parallel(x, ids, gates, experts: dict, n_ffn: int, mesh, implementation=None,
@@ -204,7 +238,7 @@ def dispatch_data_parallel(x, ids, gates, experts: dict, n_ffn: int, mesh, imple
   tap = experts.get("tap")
   f_local = experts["w_gate"].shape[-1] // (tp if split else 1)
   if fsdp_split_embed(fsdp_dispatch, mesh, x.shape[0], ids.shape[1], x.shape[1], f_local,
-                      experts["w_gate"].shape[0], tap):
+                      experts["w_gate"].shape[0], tap is not None):
     return _dispatch_split_embed(x, ids, gates, experts, n_ffn, mesh, implementation,
                                  group_align, split)
   tok = token_axes(mesh, x.shape[0])
@@ -235,21 +269,26 @@ def dispatch_data_parallel(x, ids, gates, experts: dict, n_ffn: int, mesh, imple
 def _dispatch_split_embed(x, ids, gates, experts: dict, n_ffn: int, mesh, implementation,
                           group_align, split: bool):
   """dispatch_data_parallel with the experts left split over d on "fsdp" (and over the expert
-  width on "tensor" when `split`): tokens over "data" only."""
+  width on "tensor" when `split`): tokens over "data" only. Taps of the deferred pool gradient
+  (deferred_tap_layout) come split over "data" by rows and over "fsdp" by width."""
   from jax.sharding import PartitionSpec as P
   data = int(mesh.shape.get("data", 1))
   tok = "data" if data > 1 and x.shape[0] % data == 0 else None
   tp = "tensor" if split else None
   w_in, w_out = P(None, "fsdp", tp), P(None, tp, "fsdp")
+  tap = experts.get("tap") or {}
+  tap_specs = {n: P((tok, "fsdp") if tok else "fsdp") if n == "gs" else P(tok, "fsdp")
+               for n in tap}
 
-  def local(x, ids, gates, w_gate, w_up, w_down):
+  def local(x, ids, gates, w_gate, w_up, w_down, tap):
     w = dict(w_gate=w_gate, w_up=w_up, w_down=w_down)
-    y = dispatch(x, ids, gates, w, n_ffn, implementation, group_align, embed_axis="fsdp")
+    y = dispatch(x, ids, gates, dict(w, tap=tap) if tap else w, n_ffn, implementation,
+                 group_align, embed_axis="fsdp")
     return jax.lax.psum(y, "tensor") if split else y
 
-  fn = sharding.shard_map(local, mesh, (P(tok, "fsdp"), P(tok), P(tok), w_in, w_in, w_out),
-                          P(tok, "fsdp"))
-  return fn(x, ids, gates, experts["w_gate"], experts["w_up"], experts["w_down"])
+  fn = sharding.shard_map(local, mesh, (P(tok, "fsdp"), P(tok), P(tok), w_in, w_in, w_out,
+                                        tap_specs), P(tok, "fsdp"))
+  return fn(x, ids, gates, experts["w_gate"], experts["w_up"], experts["w_down"], tap)
 
 
 def dispatch_expert_parallel(x, ids, gates, experts: dict, n_ffn: int, mesh,

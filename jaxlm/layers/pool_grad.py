@@ -39,18 +39,28 @@ TAP_WIDTHS = {"xs": "d", "h": "f", "dg": "f", "du": "f", "dy": "d"}
 WEIGHTS = ("w_gate", "w_up", "w_down")
 
 
-@jax.custom_vjp
-def report_value(x, tap, value):
-  """Returns x; in the backward the tap's cotangent is `value` (same shape as tap)."""
+def _part(v, part):
+  """v's last-axis block of this device: part = (mesh axis, block width) or None (all of v)."""
+  if part is None:
+    return v
+  axis, width = part
+  start = jax.lax.axis_index(axis) * width
+  return jax.lax.dynamic_slice_in_dim(v, start, width, axis=v.ndim - 1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def report_value(x, tap, value, part=None):
+  """Returns x; in the backward the tap's cotangent is `value` (same shape as tap), or with
+  part = (mesh axis, width) inside shard_map, this device's last-axis block of `value`."""
   del tap, value
   return x
 
 
-def _report_value_fwd(x, tap, value):
-  return x, (value, jnp.zeros((), tap.dtype))
+def _report_value_fwd(x, tap, value, part):
+  return x, (_part(value, part), jnp.zeros((), tap.dtype))
 
 
-def _report_value_bwd(res, ct):
+def _report_value_bwd(part, res, ct):
   value, like = res
   return ct, value.astype(like.dtype), None
 
@@ -58,19 +68,20 @@ def _report_value_bwd(res, ct):
 report_value.defvjp(_report_value_fwd, _report_value_bwd)
 
 
-@jax.custom_vjp
-def report_cotangent(y, tap):
-  """Returns y; in the backward the tap's cotangent is y's cotangent."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def report_cotangent(y, tap, part=None):
+  """Returns y; in the backward the tap's cotangent is y's cotangent (with part, as
+  report_value, this device's block of it)."""
   del tap
   return y
 
 
-def _report_cotangent_fwd(y, tap):
+def _report_cotangent_fwd(y, tap, part):
   return y, jnp.zeros((), tap.dtype)
 
 
-def _report_cotangent_bwd(like, ct):
-  return ct, ct.astype(like.dtype)
+def _report_cotangent_bwd(part, like, ct):
+  return ct, _part(ct, part).astype(like.dtype)
 
 
 report_cotangent.defvjp(_report_cotangent_fwd, _report_cotangent_bwd)
@@ -102,14 +113,18 @@ class TapSpec(NamedTuple):
 
   layer_pool: the pool of each layer; rows: assignment rows of one layer (tokens x top_k, all
   devices); dtype: the compute dtype; implementation: ops.gmm's for the tgmm; tok_axes: the mesh
-  axes the rows are split over on a data-parallel mesh (() on one device), shards: their size
-  product (each shard reports its own group sizes)."""
+  axes the rows are split over on a data-parallel mesh (() on one device), shards: the number
+  of devices reporting group sizes (each its own slot); embed_axis: the mesh axis that splits
+  the experts over d when the layers run split (expert_pool.fsdp_split_embed), else None: then
+  every tap's width is split over it too (d for xs / dy; f for h / dg / du, each device
+  reporting its block of the rows it shares with the axis), and shards counts its devices."""
   layer_pool: tuple
   rows: int
   dtype: Any
   implementation: Any = None
   tok_axes: tuple = ()
   shards: int = 1
+  embed_axis: Any = None
 
 
 def tap_shapes(spec: TapSpec, d: int, f: int, n_experts: int) -> dict:
@@ -154,6 +169,8 @@ def _sharded_pool_gradient(taps: dict, spec: TapSpec) -> dict:
   """pool_gradient of one pool's layers; on a data-parallel mesh each device contracts its own
   rows (the tgmm is a kernel XLA cannot partition) and the results are summed."""
   local = lambda t: pool_gradient(dict(t, gs=t["gs"][:, 0]), spec.implementation)
+  if spec.embed_axis is not None:
+    return _split_pool_gradient(taps, spec, local)
   if not spec.tok_axes:
     return local(taps)
   from jax.sharding import PartitionSpec as P
@@ -162,6 +179,26 @@ def _sharded_pool_gradient(taps: dict, spec: TapSpec) -> dict:
   fn = sharding.shard_map(lambda t: jax.lax.psum(local(t), spec.tok_axes), mesh,
                           ({k: rows for k in taps},), P())
   return fn(taps)
+
+
+def _split_pool_gradient(taps: dict, spec: TapSpec, local) -> dict:
+  """Taps of layers that ran with the experts split over d on spec.embed_axis: each device
+  gathers the f-wide taps of its rows over the axis and contracts them with its own d block,
+  which gives exactly its block of the pool gradient (the d axis of the weights is split there
+  anyway); the row shards (data) are summed."""
+  from jax.sharding import PartitionSpec as P
+  mesh = sharding.current_mesh()
+  ax, tok = spec.embed_axis, spec.tok_axes
+  row = P(None, tok if tok else None, ax)
+
+  def fn(t):
+    t = dict(t, **{n: jax.lax.all_gather(t[n], ax, axis=2, tiled=True) for n in ("h", "dg", "du")})
+    g = local(t)
+    return jax.lax.psum(g, tok) if tok else g
+
+  in_specs = ({n: (P(None, (*tok, ax)) if n == "gs" else row) for n in taps},)
+  out_specs = {"w_gate": P(None, ax, None), "w_up": P(None, ax, None), "w_down": P(None, None, ax)}
+  return sharding.shard_map(fn, mesh, in_specs, out_specs)(taps)
 
 
 def row_experts(group_sizes, rows: int):

@@ -13,8 +13,6 @@ routes layer i (an int32 scalar, may be traced; -1 = none) uniformly at random
 """
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -188,11 +186,12 @@ class Transformer(nnx.Module):
         p = first // (n_layers // n_pools)
         w = [jax.lax.dynamic_slice_in_dim(full_pools[n], p, 1, 0) for n in pool_grad.WEIGHTS]
         layer_pool = (0,) * chunk
-      mesh = multi_device_mesh()
-      tok = () if mesh is None else expert_pool.token_axes(mesh, b * s)
-      spec = pool_grad.TapSpec(layer_pool, b * s * cfg.moe.top_k, jnp.dtype(cfg.dtype),
-                               implementation_arg(cfg.moe.implementation), tok,
-                               math.prod(mesh.shape[a] for a in tok))
+      e = cfg.moe
+      layout = expert_pool.deferred_tap_layout(e.fsdp_dispatch, multi_device_mesh(), b * s,
+                                               e.top_k, cfg.d_model, cfg.resolved_d_expert,
+                                               e.n_experts)
+      spec = pool_grad.TapSpec(layer_pool, b * s * e.top_k, jnp.dtype(cfg.dtype),
+                               implementation_arg(e.implementation), **layout)
       return pool_grad.make_taps(*w, spec)
 
     # The expert weights are cast to the compute dtype once here: inside the layers every one

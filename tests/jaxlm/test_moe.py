@@ -421,8 +421,6 @@ class TestConfig:
       (dict(kind="unipool", n_groups=2, pool_grad_chunk=4), "model.moe.pool_grad_chunk"),
       (dict(kind="unipool", pool_grad_chunk=3), "model.moe.pool_grad_chunk"),
       (dict(kind="unipool", fsdp_dispatch="split"), "model.moe.fsdp_dispatch"),
-      (dict(kind="unipool", pool_grad="deferred", fsdp_dispatch="split_embed"),
-       "model.moe.fsdp_dispatch"),
   ])
   def test_errors_name_the_field(self, moe, field):
     with pytest.raises(ConfigError, match=f"^{field}"):
@@ -547,13 +545,17 @@ class TestFsdpSplitEmbed:
     assert expert_pool.split_embed_moves_less(16384, 1, 1024, 4096, 192, 2)
     mesh = make_mesh(MeshConfig(data=2, fsdp=4))
     args = (mesh, 8, 1, 64, 96, 16)
-    assert expert_pool.fsdp_split_embed("auto", *args, tap=None)
-    assert not expert_pool.fsdp_split_embed("auto", *args, tap={})
-    assert not expert_pool.fsdp_split_embed("gather_weights", *args, tap=None)
-    with pytest.raises(ValueError, match="fsdp_dispatch"):
-      expert_pool.fsdp_split_embed("split_embed", *args, tap={})
-    # d not divisible by the axis: nothing to split
-    assert not expert_pool.fsdp_split_embed("split_embed", mesh, 8, 1, 66, 96, 16, None)
+    for deferred in (False, True):
+      assert expert_pool.fsdp_split_embed("auto", *args, deferred)
+      assert not expert_pool.fsdp_split_embed("gather_weights", *args, deferred)
+    # what cannot split: auto gathers, a forced split is refused by name
+    for bad, deferred, why in [((8, 1, 66, 96, 16), False, "d_model 66"),
+                               ((8, 1, 64, 90, 16), True, "the expert width 90"),
+                               ((9, 1, 64, 96, 16), True, "9 tokens")]:
+      assert not expert_pool.fsdp_split_embed("auto", mesh, *bad, deferred)
+      with pytest.raises(ValueError, match=f"fsdp_dispatch='split_embed': {why}"):
+        expert_pool.fsdp_split_embed("split_embed", mesh, *bad, deferred)
+    assert expert_pool.fsdp_split_embed("split_embed", mesh, 8, 1, 64, 90, 16, False)
 
 
 # ----------------------------------------------------------------------------- training
@@ -694,15 +696,21 @@ def test_deferred_pool_gradient_refuses_tensor_and_expert_axes():
   assert validate_for_devices(validate(ok), 8) == (4, 2, 1, 1)
 
 
-@pytest.mark.parametrize("mesh_kw,chunk", [(dict(data=8), 0), (dict(data=4, fsdp=2), 2)])
-def test_deferred_pool_gradient_data_parallel_equals_one_device(mesh_kw, chunk):
-  """On 8 simulated devices (tokens split over data / fsdp) each device contracts its own
-  rows and the pool gradients are summed: the same gradients as autodiff on one device."""
+@pytest.mark.parametrize("mesh_kw,chunk,fsdp_dispatch", [
+    (dict(data=8), 0, "auto"), (dict(data=4, fsdp=2), 2, "gather_weights"),
+    # the experts split over d: taps by rows over data and by width over fsdp
+    (dict(data=4, fsdp=2), 0, "split_embed"), (dict(data=2, fsdp=4), 2, "auto"),
+    (dict(fsdp=8), 0, "split_embed")])
+def test_deferred_pool_gradient_data_parallel_equals_one_device(mesh_kw, chunk, fsdp_dispatch):
+  """On 8 simulated devices (tokens split over data / fsdp, or the experts split over d on
+  fsdp) each device contracts its own rows (its own d block) and the pool gradients are
+  summed over the row shards: the same gradients as autodiff on one device."""
   tokens = jax.random.randint(jax.random.key(1), (8, 16), 0, 64)
   base = dataclasses.replace(_model_cfg(), remat="dots")
   _, g0 = _grads(base, tokens)
   cfg = dataclasses.replace(base, moe=dataclasses.replace(base.moe, pool_grad="deferred",
-                                                          pool_grad_chunk=chunk))
+                                                          pool_grad_chunk=chunk,
+                                                          fsdp_dispatch=fsdp_dispatch))
   with use_mesh(make_mesh(MeshConfig(**mesh_kw))):
     _, g1 = _grads(cfg, tokens)
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g0), jax.tree.leaves(g1)):
