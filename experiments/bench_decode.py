@@ -51,9 +51,11 @@ def decode_loop(fm, steps: int):
   import jax.numpy as jnp
 
   def run(params, cache, tok):
+    dm, params = fm.for_decode(params)
+
     def step(carry, _):
       cache, tok = carry
-      logits, cache = fm.apply(params, tok, cache=cache)
+      logits, cache = dm.apply(params, tok, cache=cache)
       return (cache, jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)[:, None]), None
     (cache, tok), _ = jax.lax.scan(step, (cache, tok), None, length=steps)
     return cache, tok

@@ -155,7 +155,8 @@ class ModelConfig:
   # the layer's weights out of the stack before their GEMMs, each decode step (compiled for an
   # H200, nsa_1b batch 8: 10 copies a layer, the MLP's 3 x 23 MB among them); static slices
   # fuse into most GEMMs (3 copies left: gate / up, merged into one GEMM, and the attention
-  # output's cuBLAS call). Costs compile time linear in the layer count.
+  # output's cuBLAS call). Costs compile time linear in the layer count. Decode loops go
+  # through FunctionalModel.for_decode, which unstacks the params once before the loop.
   decode_unroll: bool = True
   remat: str = "none"           # none | full | dots | dots_only | dots_no_batch | dots_and_acts
   attention: AttentionConfig = AttentionConfig()

@@ -54,6 +54,7 @@ def generate(fm: FunctionalModel, params, prompt, key, *, max_new_tokens: int,
   membrane for SymbolicLight.
   """
   b, n = prompt.shape
+  fm, params = fm.for_decode(params)
   cache = fm.init_cache(b, n + max_new_tokens)
   logits, cache = fm.apply(params, prompt, cache=cache)
   key, sub = jax.random.split(key)

@@ -15,7 +15,7 @@ from jaxlm import sharding
 from jaxlm.config import Config
 from jaxlm.data import get_tokenizer, make_train_iterator, make_val_batches
 from jaxlm.evaluate import mean_loss
-from jaxlm.models import build
+from jaxlm.models import build, layer_layout
 from jaxlm.train import metrics as metrics_lib
 from jaxlm.train import resume_compat
 from jaxlm.train.checkpoint import Checkpointer, CorruptCheckpointError
@@ -170,7 +170,7 @@ class Trainer:
     fm = build(dataclasses.replace(self.cfg.model, scan_layers=stored_model.scan_layers))
     abstract, _ = state_layout(fm, make_optimizer(self.cfg.train, fm.logical_axes), self.mesh)
     state, data_state, config = self.ckpt.restore(step, abstract)
-    convert = jax.jit(lambda s: resume_compat.convert_layer_layout(s, self.cfg.model.scan_layers),
+    convert = jax.jit(lambda s: layer_layout.convert_layer_layout(s, self.cfg.model.scan_layers),
                       out_shardings=self.state_shardings)
     return convert(state), data_state, config
 

@@ -9,7 +9,7 @@ import jax
 from jaxlm import config as config_lib
 from jaxlm import sharding
 from jaxlm.data import get_tokenizer
-from jaxlm.models import build
+from jaxlm.models import build, layer_layout
 from jaxlm.train.checkpoint import Checkpointer
 from jaxlm.train import resume_compat
 from jaxlm.train.optimizer import make_optimizer
@@ -62,6 +62,6 @@ def load_run(run_dir: str, step: int | None = None, mesh_devices=None,
   finally:
     ckpt.close()
   if stored.model.scan_layers != cfg.model.scan_layers:
-    params = resume_compat.convert_layer_layout(params, cfg.model.scan_layers)
+    params = layer_layout.convert_layer_layout(params, cfg.model.scan_layers)
   return LoadedRun(cfg, build(cfg.model), params, get_tokenizer(cfg.data, cfg.model.vocab_size),
                    step)

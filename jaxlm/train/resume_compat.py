@@ -5,14 +5,12 @@ routing, NSA blocks...: resuming under a different value is refused) or only say
 function is executed (kernels, remat, layer scanning: resuming reports the change and goes on).
 `model.scan_layers` is the one execution choice that changes the state's layout: scanned
 layers keep each parameter stacked over layers, unrolled layers one subtree per layer. A
-checkpoint saved under the other layout is restored in its own layout and converted.
+checkpoint saved under the other layout is restored in its own layout and converted
+(jaxlm/models/layer_layout.py).
 """
 from __future__ import annotations
 
 import dataclasses
-
-import jax
-import jax.numpy as jnp
 
 # dotted ModelConfig fields that do not change the parameters or the function they compute
 EXECUTION_FIELDS = (
@@ -44,36 +42,3 @@ def model_differences(stored, current) -> tuple[list[str], list[str]]:
       line = f"model.{name}: checkpoint {old[name]!r} != config {new[name]!r}"
       (execution if name in EXECUTION_FIELDS else blocking).append(line)
   return blocking, execution
-
-
-def _is_blocks_owner(x) -> bool:
-  return isinstance(x, dict) and "blocks" in x
-
-
-def _stack(blocks: dict) -> dict:
-  """{0: layer tree, 1: ...} -> one tree with each leaf stacked over layers."""
-  layers = [blocks[i] for i in range(len(blocks))]
-  return jax.tree.map(lambda *a: jnp.stack(a), *layers)
-
-
-def _unstack(blocks: dict) -> dict:
-  """A tree of [layers, ...] leaves -> {0: layer tree, 1: ...}."""
-  n = jax.tree.leaves(blocks)[0].shape[0]
-  return {i: jax.tree.map(lambda a: a[i], blocks) for i in range(n)}
-
-
-def _is_per_layer(blocks) -> bool:
-  return isinstance(blocks, dict) and bool(blocks) and all(isinstance(k, int) for k in blocks)
-
-
-def convert_layer_layout(tree, scanned: bool):
-  """Every `blocks` subtree of `tree` (params and the optimizer moments that mirror them) in
-  the scanned (stacked) or unrolled (per-layer) layout; other leaves unchanged."""
-  def convert(node):
-    if not _is_blocks_owner(node):
-      return node
-    blocks = node["blocks"]
-    if _is_per_layer(blocks) == scanned:   # per-layer and scanned wanted, or the reverse
-      blocks = _stack(blocks) if scanned else _unstack(blocks)
-    return dict(node, blocks=blocks)
-  return jax.tree.map(convert, tree, is_leaf=_is_blocks_owner)

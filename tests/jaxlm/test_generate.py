@@ -35,7 +35,12 @@ def _greedy_reference(fm, params, prompt, n_new):
 
 
 CASES = {
+    # scanned layers decode through FunctionalModel.for_decode's unrolled twin, or (decode_unroll
+    # off) through the scanned layers at a traced index
     "gqa_scanned": dict(),
+    "gqa_scanned_decode_scan": dict(decode_unroll=False),
+    "nsa_scanned": dict(attention=AttentionConfig(kind="nsa", nsa_block_len=4, nsa_stride=2,
+                                                  nsa_select_len=4, nsa_top_n=2, nsa_window=4)),
     "sliding_unscanned_tied": dict(scan_layers=False, tie_embeddings=True,
                                    attention=AttentionConfig(kind="sliding", window=4)),
 }
@@ -83,6 +88,18 @@ def test_temperature_sampling_is_deterministic_in_the_key(model):
 # ------------------------------------------------------------------ sample_logits itself
 
 _sample = jax.jit(sample_logits, static_argnums=2)
+
+
+def test_for_decode_unstacks_a_scanned_model_once():
+  fm = build(tiny_model())
+  params = random_params(fm)
+  dm, dp = fm.for_decode(params)
+  assert fm.cfg.scan_layers and not dm.cfg.scan_layers
+  assert jax.tree.structure(dp) == jax.tree.structure(dm.param_shapes)
+  np.testing.assert_array_equal(dp["blocks"][1]["attn"]["wq"], params["blocks"]["attn"]["wq"][1])
+  for cfg in (tiny_model(decode_unroll=False), tiny_model(scan_layers=False)):
+    other = build(cfg)
+    assert other.for_decode(params) == (other, params)
 
 
 def test_sample_logits_respects_top_k_and_top_p():

@@ -13,7 +13,7 @@ import pytest
 
 from jaxlm import config as config_lib
 from jaxlm.evaluate import evaluate_run
-from jaxlm.train import resume_compat
+from jaxlm.models import layer_layout
 from jaxlm.train.restore import load_run
 from tests.jaxlm.conftest import tiny_run_config
 
@@ -58,7 +58,7 @@ def test_execution_overrides_and_unrolled_layers(run):
                                                        "model.remat=full"])
   assert unrolled.cfg.model.scan_layers is False
   assert _equal(jax.device_get(unrolled.params),
-                resume_compat.convert_layer_layout(final, scanned=False))
+                layer_layout.convert_layer_layout(final, scanned=False))
   a, b = evaluate_run(scanned, 2), evaluate_run(unrolled, 2)
   assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and np.isfinite(a["loss"])
   with pytest.raises(config_lib.ConfigError, match="model.d_model: checkpoint 32 != config 64"):

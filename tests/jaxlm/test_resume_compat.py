@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 
 from jaxlm import config as config_lib
-from jaxlm.models import build
-from jaxlm.train import resume_compat
+from jaxlm.models import build, layer_layout
 from jaxlm.train.loop import check_resume_config
 from jaxlm.train.optimizer import make_optimizer
 from tests.jaxlm.conftest import random_params, tiny_model, tiny_run_config
@@ -53,17 +52,17 @@ def test_layer_layouts_convert_both_ways_and_compute_the_same(kind):
   unrolled = build(dataclasses.replace(model, scan_layers=False))
   params = random_params(scanned, std=0.1)
   opt = make_optimizer(config_lib.TrainConfig()).init(params)
-  per_layer = resume_compat.convert_layer_layout((params, opt), scanned=False)
+  per_layer = layer_layout.convert_layer_layout((params, opt), scanned=False)
   assert (jax.tree.structure(per_layer[0]) == jax.tree.structure(unrolled.param_shapes))
   toks = np.random.default_rng(0).integers(0, 64, (2, 12)).astype(np.int32)
   np.testing.assert_allclose(unrolled.apply(per_layer[0], toks)[0],
                              scanned.apply(params, toks)[0], atol=1e-5, rtol=1e-5)
-  back = resume_compat.convert_layer_layout(per_layer, scanned=True)
+  back = layer_layout.convert_layer_layout(per_layer, scanned=True)
   assert jax.tree.structure(back) == jax.tree.structure((params, opt))
   assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(back),
                                                    jax.tree.leaves((params, opt))))
   # already in the wanted layout: unchanged
-  same = resume_compat.convert_layer_layout(params, scanned=True)
+  same = layer_layout.convert_layer_layout(params, scanned=True)
   assert all(a is b for a, b in zip(jax.tree.leaves(same), jax.tree.leaves(params)))
 
 
@@ -101,7 +100,7 @@ def test_trainer_resumes_a_scanned_checkpoint_with_unrolled_layers(tmp_path, tex
 
   p_scan, loss_scan = resume(True, str(tmp_path / "scanned"))
   p_unrolled, loss_unrolled = resume(False, str(tmp_path / "unrolled"))
-  want = resume_compat.convert_layer_layout(p_scan, scanned=False)
+  want = layer_layout.convert_layer_layout(p_scan, scanned=False)
   assert jax.tree.structure(p_unrolled) == jax.tree.structure(want)
   assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(p_unrolled),
                                                    jax.tree.leaves(want)))
