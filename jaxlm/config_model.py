@@ -86,7 +86,8 @@ class MoEConfig:
   # the gate / up products are summed over "fsdp" (tokens move); auto = the one that moves less
   # per layer (jaxlm/layers/expert_pool.split_embed_moves_less): split_embed for decode and
   # for pools much larger than the batch (UniPool); with pool_grad="deferred" the taps split
-  # the expert width over "fsdp" too
+  # the expert width over "fsdp" too. With an expert axis as well, split_embed moves the rows
+  # each device receives across its fsdp group (expert_pool.ep_split_embed)
   fsdp_dispatch: str = "auto"
 
   @property

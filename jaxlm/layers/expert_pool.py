@@ -291,9 +291,36 @@ def _dispatch_split_embed(x, ids, gates, experts: dict, n_ffn: int, mesh, implem
   return fn(x, ids, gates, experts["w_gate"], experts["w_up"], experts["w_down"], tap)
 
 
+def ep_split_embed(mode: str, mesh, tok: tuple, rows: int, d: int, f: int,
+                   n_local: int) -> bool:
+  """fsdp_dispatch for `dispatch_expert_parallel` on a mesh that also has an fsdp axis: True =
+  each device's experts stay split over d on "fsdp" and the rows it receives move across the
+  fsdp group instead. rows: the (padded) rows one device receives from the expert all-to-all.
+  auto compares, per device and layer, the gathered weights (3 n_local d f (n-1)/n) with the
+  rows' all-to-all in and out (2 rows d) and the f32 all-reduce of the group's gate / up
+  products (8 n rows f, in bf16 units)."""
+  fsdp = int(mesh.shape.get("fsdp", 1))
+  if mode == "gather_weights" or fsdp == 1:
+    return False
+  why = None
+  if "fsdp" not in tok:
+    why = "the tokens are not split over fsdp"
+  elif d % fsdp:
+    why = f"d_model {d} does not divide over fsdp={fsdp}"
+  if mode == "split_embed":
+    if why:
+      raise ValueError(f"model.moe.fsdp_dispatch='split_embed' with an expert axis: {why}")
+    return True
+  return why is None and fsdp * rows * 8 * f + 2 * rows * d < 3 * n_local * d * f
+
+
 def dispatch_expert_parallel(x, ids, gates, experts: dict, n_ffn: int, mesh,
-                             implementation=None, group_align=0):
-  """Same result as `dispatch`, with the experts sharded over the mesh's "expert" axis."""
+                             implementation=None, group_align=0, fsdp_dispatch="auto"):
+  """Same result as `dispatch`, with the experts sharded over the mesh's "expert" axis. On a
+  mesh that also has "fsdp", `ep_split_embed` may keep each device's experts split over d: the
+  rows received from the expert all-to-all then go to every device of the fsdp group as d
+  slices (all-to-all), the gate / up products are summed over the group, and each device's d
+  slice of the outputs goes back to the rows' owner (all-to-all)."""
   from jax.sharding import PartitionSpec as P
   ep = expert_axis_size(mesh)
   if n_ffn % ep:
@@ -301,7 +328,11 @@ def dispatch_expert_parallel(x, ids, gates, experts: dict, n_ffn: int, mesh,
   n_local = n_ffn // ep
   tok = token_axes(mesh, x.shape[0])
   tok_spec = P(tok if tok else None)
-  w_spec = P("expert")
+  t_local = x.shape[0] // math.prod(mesh.shape[a] for a in tok)
+  split = ep_split_embed(fsdp_dispatch, mesh, tok, ep * t_local * ids.shape[1], x.shape[1],
+                         experts["w_gate"].shape[-1], n_local)
+  w_in, w_out = ((P("expert", "fsdp"), P("expert", None, "fsdp")) if split
+                 else (P("expert"), P("expert")))
 
   def local(x, ids, gates, w_gate, w_up, w_down):
     t, k = ids.shape
@@ -322,17 +353,23 @@ def dispatch_expert_parallel(x, ids, gates, experts: dict, n_ffn: int, mesh,
     recv_x = jax.lax.all_to_all(send_x, "expert", 0, 0)        # [ep, cap, d] from each source
     recv_id = jax.lax.all_to_all(send_id, "expert", 0, 0)
     rows = recv_x.reshape(ep * cap, -1)
-    l_idx, l_sizes = ops.gmm.sort_by_group(recv_id.reshape(-1, 1), n_local)
+    row_ids = recv_id.reshape(-1, 1)
+    if split:   # the fsdp group's rows, each device with its d slice: [fsdp * ep * cap, d / n]
+      rows = jax.lax.all_to_all(rows, "fsdp", 1, 0, tiled=True)
+      row_ids = jax.lax.all_gather(row_ids, "fsdp", tiled=True)
+    l_idx, l_sizes = ops.gmm.sort_by_group(row_ids, n_local)
     h = swiglu_grouped(ops.gmm.permute(rows, l_idx, 1), l_sizes, w_gate, w_up, w_down,
-                       implementation, group_align)
+                       implementation, group_align, embed_axis="fsdp" if split else None)
     h = ops.gmm.permute_rows(h, ops.gmm.inverse_permutation(l_idx), l_idx)  # receive order
+    if split:   # this device's rows back, all d slices: [ep * cap, d]
+      h = jax.lax.all_to_all(h, "fsdp", 0, 1, tiled=True)
     back = jax.lax.all_to_all(h.reshape(ep, cap, -1), "expert", 0, 0)
     dst = jnp.where(valid, src, cap).reshape(-1)
     ys = jnp.zeros((cap, x.shape[1]), back.dtype).at[dst].set(
         back.reshape(ep * cap, -1), mode="drop")
     return ops.gmm.unpermute(ys, sort_idx, jnp.where(fid >= 0, gates, 0.0))
 
-  fn = sharding.shard_map(local, mesh, (tok_spec, tok_spec, tok_spec, w_spec, w_spec, w_spec),
+  fn = sharding.shard_map(local, mesh, (tok_spec, tok_spec, tok_spec, w_in, w_in, w_out),
                           tok_spec)
   return fn(x, ids, gates, experts["w_gate"], experts["w_up"], experts["w_down"])
 

@@ -103,7 +103,7 @@ class MoEFFN(nnx.Module):
                        "dispatch would drop the pool's gradient); use pool_grad='per_layer'")
     if expert_pool.expert_axis_size(mesh) > 1:
       y = expert_pool.dispatch_expert_parallel(x2, ids, routing.gates, experts, e.n_experts,
-                                               mesh, impl, e.group_align)
+                                               mesh, impl, e.group_align, e.fsdp_dispatch)
     elif sharding.multi_device_mesh() is not None:
       y = expert_pool.dispatch_data_parallel(x2, ids, routing.gates, experts, e.n_experts,
                                              mesh, impl, e.group_align, e.fsdp_dispatch)

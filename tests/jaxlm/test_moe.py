@@ -442,8 +442,12 @@ class TestConfig:
 # ----------------------------------------------------------------------------- EP
 
 class TestExpertParallel:
-  @pytest.mark.parametrize("align", [0, 4])
-  def test_eight_devices_equals_one(self, align):
+  @pytest.mark.parametrize("align,mesh_kw,mode", [
+      (0, dict(data=2, expert=4), "auto"), (4, dict(data=2, expert=4), "auto"),
+      # experts also split over d on fsdp: rows move across the fsdp group
+      (0, dict(fsdp=2, expert=4), "split_embed"), (4, dict(data=2, fsdp=2, expert=2), "split_embed"),
+      (0, dict(fsdp=2, expert=4), "gather_weights")])
+  def test_eight_devices_equals_one(self, align, mesh_kw, mode):
     assert jax.device_count() >= 8
     t, d, f, e, k = 64, 16, 24, 8, 2
     x = jax.random.normal(jax.random.key(0), (t, d), F32)
@@ -451,13 +455,14 @@ class TestExpertParallel:
     ids, gates = _routing(jax.random.key(2), t, e, k)
     ids = ids.at[3, 1].set(-1)  # a dropped slot
     ref = expert_pool.dispatch(x, ids, gates, experts, e)
-    mesh = make_mesh(MeshConfig(data=2, expert=4))
+    mesh = make_mesh(MeshConfig(**mesh_kw))
 
     def loss(fn, x, gates, experts):
       return jnp.sum(jnp.sin(fn(x, gates, experts)))
 
     ep = lambda x, g, w: expert_pool.dispatch_expert_parallel(x, ids, g, w, e, mesh,
-                                                              group_align=align)
+                                                              group_align=align,
+                                                              fsdp_dispatch=mode)
     one = lambda x, g, w: expert_pool.dispatch(x, ids, g, w, e)
     with use_mesh(mesh):
       out = jax.jit(ep)(x, gates, experts)
@@ -556,6 +561,14 @@ class TestFsdpSplitEmbed:
       with pytest.raises(ValueError, match=f"fsdp_dispatch='split_embed': {why}"):
         expert_pool.fsdp_split_embed("split_embed", mesh, *bad, deferred)
     assert expert_pool.fsdp_split_embed("split_embed", mesh, 8, 1, 64, 90, 16, False)
+    # with an expert axis: unipool_469m's 96 local experts split, vanilla's 4 gather
+    ep_mesh = make_mesh(MeshConfig(fsdp=2, expert=4))
+    tok = ("fsdp", "expert")
+    assert expert_pool.ep_split_embed("auto", ep_mesh, tok, 8192, 1024, 4096, 96)
+    assert not expert_pool.ep_split_embed("auto", ep_mesh, tok, 8192, 1024, 4096, 4)
+    assert not expert_pool.ep_split_embed("auto", ep_mesh, ("expert",), 8, 1024, 4096, 96)
+    with pytest.raises(ValueError, match="not split over fsdp"):
+      expert_pool.ep_split_embed("split_embed", ep_mesh, ("expert",), 8, 1024, 4096, 96)
 
 
 # ----------------------------------------------------------------------------- training
