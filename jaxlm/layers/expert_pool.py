@@ -164,18 +164,18 @@ def token_axes(mesh, n_tokens: int):
   return ()
 
 
-def split_embed_moves_less(n_tokens: int, k: int, d: int, f: int, n_experts: int,
-                           fsdp: int) -> bool:
+def split_embed_moves_less(group_rows: int, own_rows: int, d: int, f: int,
+                           n_experts: int) -> bool:
   """Whether keeping the experts split over d on the fsdp axis (activations move) moves fewer
-  elements per device in one layer's forward than gathering every expert's weights (FSDP).
-  n_tokens: tokens of one fsdp group (the tokens a data shard holds); f: expert width per
-  device. Gathering moves 3 E d f (n-1)/n; the split moves the gate and up partial sums
-  (all-reduced in f32: 2 x 2 x 2 n_tokens k f (n-1)/n in bf16 units) and the tokens in and out
-  along d (2 n_tokens d (n-1)/n).
+  elements per device in one layer's forward than gathering its experts' weights (FSDP).
+  group_rows: the expert rows of the whole fsdp group, whose gate / up products each device
+  computes; own_rows: the rows a device moves in and out along d; f: expert width per device.
+  Gathering moves 3 E d f (n-1)/n; the split moves the gate and up partial sums (all-reduced in
+  f32: 2 x 2 x 2 group_rows f (n-1)/n in bf16 units) and the rows (2 own_rows d (n-1)/n).
 
   Decode (a few tokens against a pool of 2.4 B params for unipool_469m) always splits; vanilla
   MoE training (8 experts a layer against 16k tokens) always gathers."""
-  return n_tokens * (8 * k * f + 2 * d) < 3 * n_experts * d * f
+  return group_rows * 8 * f + 2 * own_rows * d < 3 * n_experts * d * f
 
 
 def fsdp_split_embed(mode: str, mesh, n_tokens: int, k: int, d: int, f: int, n_experts: int,
@@ -185,7 +185,7 @@ def fsdp_split_embed(mode: str, mesh, n_tokens: int, k: int, d: int, f: int, n_e
   possible and moves less; a forced split that cannot run is refused by name. deferred: the
   layer reports taps of the deferred pool gradient (they split the expert width f too, and
   need each token row on one data shard)."""
-  fsdp = int(mesh.shape.get("fsdp", 1)) if mesh is not None else 1
+  fsdp = int(mesh.shape.get("fsdp", 1))
   if mode == "gather_weights" or fsdp == 1:
     return False
   data = int(mesh.shape.get("data", 1))
@@ -202,8 +202,8 @@ def fsdp_split_embed(mode: str, mesh, n_tokens: int, k: int, d: int, f: int, n_e
     if why:
       raise ValueError(f"model.moe.fsdp_dispatch='split_embed': {why}")
     return True
-  return why is None and split_embed_moves_less(n_tokens // data if n_tokens % data == 0
-                                                else n_tokens, k, d, f, n_experts, fsdp)
+  group = n_tokens // data if n_tokens % data == 0 else n_tokens
+  return why is None and split_embed_moves_less(group * k, group, d, f, n_experts)
 
 
 def deferred_tap_layout(mode: str, mesh, n_tokens: int, k: int, d: int, f: int,
@@ -295,10 +295,8 @@ def ep_split_embed(mode: str, mesh, tok: tuple, rows: int, d: int, f: int,
                    n_local: int) -> bool:
   """fsdp_dispatch for `dispatch_expert_parallel` on a mesh that also has an fsdp axis: True =
   each device's experts stay split over d on "fsdp" and the rows it receives move across the
-  fsdp group instead. rows: the (padded) rows one device receives from the expert all-to-all.
-  auto compares, per device and layer, the gathered weights (3 n_local d f (n-1)/n) with the
-  rows' all-to-all in and out (2 rows d) and the f32 all-reduce of the group's gate / up
-  products (8 n rows f, in bf16 units)."""
+  fsdp group instead. rows: the (padded) rows one device receives from the expert all-to-all;
+  auto: split_embed_moves_less for the group's fsdp x rows."""
   fsdp = int(mesh.shape.get("fsdp", 1))
   if mode == "gather_weights" or fsdp == 1:
     return False
@@ -311,7 +309,7 @@ def ep_split_embed(mode: str, mesh, tok: tuple, rows: int, d: int, f: int,
     if why:
       raise ValueError(f"model.moe.fsdp_dispatch='split_embed' with an expert axis: {why}")
     return True
-  return why is None and fsdp * rows * 8 * f + 2 * rows * d < 3 * n_local * d * f
+  return why is None and split_embed_moves_less(fsdp * rows, rows, d, f, n_local)
 
 
 def dispatch_expert_parallel(x, ids, gates, experts: dict, n_ffn: int, mesh,

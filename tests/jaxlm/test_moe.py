@@ -545,9 +545,9 @@ class TestFsdpSplitEmbed:
   def test_auto_rule(self):
     # unipool_469m decode (batch 8, pool of 192) splits; vanilla_moe_469m training (16k
     # tokens, 8 experts a layer) gathers; unipool training at 16k tokens moves less split
-    assert expert_pool.split_embed_moves_less(8, 1, 1024, 4096, 192, 2)
-    assert not expert_pool.split_embed_moves_less(16384, 1, 1024, 4096, 8, 2)
-    assert expert_pool.split_embed_moves_less(16384, 1, 1024, 4096, 192, 2)
+    assert expert_pool.split_embed_moves_less(8, 8, 1024, 4096, 192)
+    assert not expert_pool.split_embed_moves_less(16384, 16384, 1024, 4096, 8)
+    assert expert_pool.split_embed_moves_less(16384, 16384, 1024, 4096, 192)
     mesh = make_mesh(MeshConfig(data=2, fsdp=4))
     args = (mesh, 8, 1, 64, 96, 16)
     for deferred in (False, True):
