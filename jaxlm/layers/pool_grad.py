@@ -192,7 +192,8 @@ def _split_pool_gradient(taps: dict, spec: TapSpec, local) -> dict:
   row = P(None, tok if tok else None, ax)
 
   def fn(t):
-    t = dict(t, **{n: jax.lax.all_gather(t[n], ax, axis=2, tiled=True) for n in ("h", "dg", "du")})
+    t = dict(t, **{n: jax.lax.all_gather(t[n], ax, axis=2, tiled=True)
+                   for n in ("h", "dg", "du")})
     g = local(t)
     return jax.lax.psum(g, tok) if tok else g
 

@@ -91,9 +91,9 @@ class FunctionalModel:
     """(model, params) for a loop of decode steps; call it once, outside the loop. A scanned
     model whose decode unrolls (model.decode_unroll) becomes its unrolled twin, its layers'
     params unstacked here: inside each step XLA copies the layers' weights out of the stack
-    again (nsa_1b, H200 compile of a 4-step loop: 3 weight copies and a weight concatenation
-    per layer and step, about 1.1 GB written a step). The cache layout is the same; the copy of
-    the params costs their size in memory for the loop's duration."""
+    again (nsa_1b, H200 compile of a 4-step loop: 3 weight copies per layer and step, about
+    1.1 GB written a step). The cache layout is the same; the copy of the params costs their
+    size in memory for the loop's duration."""
     if not (self.cfg.scan_layers and self.cfg.decode_unroll):
       return self, params
     from jaxlm.models.layer_layout import convert_layer_layout

@@ -445,7 +445,8 @@ class TestExpertParallel:
   @pytest.mark.parametrize("align,mesh_kw,mode", [
       (0, dict(data=2, expert=4), "auto"), (4, dict(data=2, expert=4), "auto"),
       # experts also split over d on fsdp: rows move across the fsdp group
-      (0, dict(fsdp=2, expert=4), "split_embed"), (4, dict(data=2, fsdp=2, expert=2), "split_embed"),
+      (0, dict(fsdp=2, expert=4), "split_embed"),
+      (4, dict(data=2, fsdp=2, expert=2), "split_embed"),
       (0, dict(fsdp=2, expert=4), "gather_weights")])
   def test_eight_devices_equals_one(self, align, mesh_kw, mode):
     assert jax.device_count() >= 8
