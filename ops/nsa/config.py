@@ -98,6 +98,8 @@ class NSABlockConfig:
   decode_select_block: selection blocks per program of the score kernel (a power of two);
   decode_select_num_warps: Triton warps of that kernel and of the branch-combining kernel;
   decode_topn_num_warps: of the top-n kernel (one program per batch row and kv head);
+  decode_fuse_topn: score all of a (batch row, kv head)'s selection blocks in one program and
+  pick the top n there (one kernel, on decode_topn_num_warps, instead of two);
   decode_combine_dv: value columns per program of the combining kernel (a power of two).
   """
   sel_block_k: int | None = None
@@ -131,6 +133,7 @@ class NSABlockConfig:
   decode_select_block: int = 128
   decode_select_num_warps: int = 4
   decode_topn_num_warps: int = 4
+  decode_fuse_topn: bool = False
   decode_combine_dv: int = 32
 
   def __post_init__(self):

@@ -13,7 +13,8 @@ decode step is a few tens of microseconds, so every extra XLA fusion is a visibl
    head and sums p over the group's heads straight into selection-block scores (the overlap
    mapping of ops.nsa.compress.slc_from_cmp as row-shifted tile loads of the logits); then
    top-n, grid (b, kvh), as ops/nsa/topn_triton.py does for training (same candidates, forced
-   blocks and tie rule as select_from_scores).
+   blocks and tie rule as select_from_scores). With decode_fuse_topn the two are one kernel,
+   grid (b, kvh): each program scores all its blocks and picks from them.
 3. Selected blocks + window: the selected blocks (select_len tokens each) and the window are cut
    into entries of decode_block_k tokens, each program computing its entries' (load offset,
    first, last position) from the block indices and the row's length; grid (programs, b, kvh)
@@ -185,16 +186,15 @@ def _merged_lse(lse, valid):
   return jnp.where(tot > 0, m_safe + jnp.log(jnp.where(tot > 0, tot, 1.0)), -jnp.inf)
 
 
-def _scores_kernel(len_ref, lse_ref, s_ref, p_ref, *, cfg: NSAConfig, g, splits, n_cmp, front,
-                   taps):
-  """Selection-block scores of rows [c*rc, (c+1)*rc) of one (batch row, kv head): the final
-  lse of each head from the split partials, p = exp(s - lse) summed over the group's heads
-  and mapped onto selection blocks by the taps. A tap delta of block j reads logit
+def _block_scores(len_ref, lse_ref, s_ref, c, rc, *, cfg: NSAConfig, g, splits, n_cmp, front,
+                  taps):
+  """Selection-block scores [rc] of rows [c*rc, (c+1)*rc) of one (batch row, kv head): the
+  final lse of each head from the split partials, p = exp(s - lse) summed over the group's
+  heads and mapped onto selection blocks by the taps. A tap delta of block j reads logit
   j*per + delta, i.e. row j + delta // per, column delta % per of the [gp, rows, per] view, so
   each row shift is one [gp, rc, per] tile load."""
   nv = _n_valid(len_ref, cfg, n_cmp)
-  gp, rc, per = s_ref.shape[0], p_ref.shape[0], s_ref.shape[2]
-  c = pl.program_id(0)
+  gp, per = s_ref.shape[0], s_ref.shape[2]
   lse = lse_ref[...]
   lse = _merged_lse(lse, lax.broadcasted_iota(jnp.int32, lse.shape, 0) < splits)
   shape = (gp, rc, per)
@@ -212,17 +212,56 @@ def _scores_kernel(len_ref, lse_ref, s_ref, p_ref, *, cfg: NSAConfig, g, splits,
       if delta // per == shift:
         wt = jnp.where(col == delta % per, w, wt)
     acc = acc + jnp.sum(p * wt, axis=1)
-  p_ref[...] = acc
+  return acc
 
 
-def _topn_kernel(len_ref, p_ref, idx_ref, *, cfg: NSAConfig, n_slc):
-  """Top-n of one (batch row, kv head) with the training path's helpers (candidates, forced
-  blocks and tie rule of select_from_scores)."""
-  p = p_ref[...]
+def _scores_kernel(len_ref, lse_ref, s_ref, p_ref, **kw):
+  p_ref[...] = _block_scores(len_ref, lse_ref, s_ref, pl.program_id(0), p_ref.shape[0], **kw)
+
+
+def _top_n(len_ref, p, idx_ref, cfg: NSAConfig, n_slc):
+  """Top-n of one (batch row, kv head)'s scores p [rows] into idx_ref with the training path's
+  helpers (candidates, forced blocks and tie rule of select_from_scores)."""
   j = _iota(p.shape[0])
   cur = lax.div(len_ref[()] - 1, jnp.int32(cfg.select_len))
   score = candidate_scores(p, j, cur, 0, n_slc, cfg)
   idx_ref[...] = top_n_sorted(score, j, cfg.n_select, idx_ref.shape[0])
+
+
+def _topn_kernel(len_ref, p_ref, idx_ref, *, cfg: NSAConfig, n_slc):
+  _top_n(len_ref, p_ref[...], idx_ref, cfg, n_slc)
+
+
+def _scores_topn_kernel(len_ref, lse_ref, s_ref, idx_ref, *, cfg: NSAConfig, n_slc, rows, g,
+                        splits, n_cmp, front, taps):
+  """decode_fuse_topn: one program per (batch row, kv head) scores all its selection blocks
+  (the same sums as _block_scores) and picks the top n, so the scores never leave the program
+  (one launch fewer a step). The group's heads are summed in a loop: a [heads, rows, per] tile
+  of all blocks at once would not fit in registers at long caches (65536 floats at 64k)."""
+  nv = _n_valid(len_ref, cfg, n_cmp)
+  per = s_ref.shape[2]
+  lse = lse_ref[...]
+  lse = _merged_lse(lse, lax.broadcasted_iota(jnp.int32, lse.shape, 0) < splits)   # [gp]
+  head = _iota(lse.shape[0])
+  row = lax.broadcasted_iota(jnp.int32, (rows, per), 0)
+  col = lax.broadcasted_iota(jnp.int32, (rows, per), 1)
+  acc = jnp.zeros((rows,), _F32)
+  for shift in sorted({delta // per for delta, _ in taps}):
+    e = (row + shift) * per + col
+    ok = (e >= 0) & (e < nv)
+
+    def add_head(h, p, shift=shift, ok=ok):
+      x = s_ref[h, pl.ds(front + shift, rows), :]
+      lse_h = jnp.sum(jnp.where(head == h, lse, 0.0))
+      return p + jnp.where(ok, jnp.exp(x - lse_h), 0.0)
+
+    p = lax.fori_loop(0, g, add_head, jnp.zeros((rows, per), _F32))
+    wt = jnp.zeros((rows, per), _F32)
+    for delta, w in taps:
+      if delta // per == shift:
+        wt = jnp.where(col == delta % per, w, wt)
+    acc = acc + jnp.sum(p * wt, axis=1)
+  _top_n(len_ref, acc, idx_ref, cfg, n_slc)
 
 
 def _select(lse_c, s, lengths, splits, *, g, cfg: NSAConfig, n_cmp, max_len, bc, interpret):
@@ -233,9 +272,24 @@ def _select(lse_c, s, lengths, splits, *, g, cfg: NSAConfig, n_cmp, max_len, bc,
   width = s.shape[-1]
   per = cfg.select_len // cfg.stride
   s5 = s.reshape(b, hk, gp, width // per, per)
+  score_kw = dict(cfg=cfg, g=g, splits=splits, n_cmp=n_cmp, front=front, taps=_map_taps(cfg))
+  n_pad = _pow2(cfg.n_select, 1)
+  if bc.decode_fuse_topn:
+    kern = functools.partial(_scores_topn_kernel, n_slc=cfg.n_slc(max_len), rows=rows,
+                             **score_kw)
+    return pl.pallas_call(
+        kern, grid=(b, hk),
+        in_specs=[pl.BlockSpec((None,), lambda i, j: (i,)),
+                  pl.BlockSpec((sp, None, None, gp), lambda i, j: (0, i, j, 0)),
+                  pl.BlockSpec((None, None, gp, width // per, per),
+                               lambda i, j: (i, j, 0, 0, 0))],
+        out_specs=pl.BlockSpec((None, None, n_pad), lambda i, j: (i, j, 0)),
+        out_shape=jax.ShapeDtypeStruct((b, hk, n_pad), jnp.int32),
+        interpret=interpret, name="nsa_decode_scores_topn",
+        **_compiler(interpret, bc.decode_topn_num_warps, 1),
+    )(lengths, lse_c, s5)
   rc = min(rows, bc.decode_select_block)
-  kern = functools.partial(_scores_kernel, cfg=cfg, g=g, splits=splits, n_cmp=n_cmp,
-                           front=front, taps=_map_taps(cfg))
+  kern = functools.partial(_scores_kernel, **score_kw)
   p = pl.pallas_call(
       kern, grid=(rows // rc, b, hk),
       in_specs=[pl.BlockSpec((None,), lambda c, i, j: (i,)),
@@ -247,7 +301,6 @@ def _select(lse_c, s, lengths, splits, *, g, cfg: NSAConfig, n_cmp, max_len, bc,
       interpret=interpret, name="nsa_decode_scores",
       **_compiler(interpret, bc.decode_select_num_warps, 1),
   )(lengths, lse_c, s5)
-  n_pad = _pow2(cfg.n_select, 1)
   kern = functools.partial(_topn_kernel, cfg=cfg, n_slc=cfg.n_slc(max_len))
   return pl.pallas_call(
       kern, grid=(b, hk),

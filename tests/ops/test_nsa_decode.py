@@ -216,3 +216,13 @@ class TestNSADecodeTritonGPU(NSADecodeTestBase):
   BCFG = None
   CASES = GPU_CASES
   F32_TOL = ot.GPU_F32
+
+
+class TestNSADecodeFusedTopnInterpret(NSADecodeTestBase):
+  """decode_fuse_topn: scores and top-n in one kernel (the group's heads summed in a loop)."""
+  BCFG = NSABlockConfig.small().replace(decode_fuse_topn=True)
+
+
+@pytest.mark.gpu
+class TestNSADecodeFusedTopnGPU(TestNSADecodeTritonGPU):
+  BCFG = NSABlockConfig.for_device("h200").replace(decode_fuse_topn=True)
