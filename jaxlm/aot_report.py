@@ -124,11 +124,14 @@ def decode_fit_advice(report: Report) -> str:
 
 
 def tight_note(report: Report) -> str:
+  why = ("the TPU compiler rematerializes activations under memory pressure to get there "
+         "(recompute no FLOP column counts) and a real run has no headroom"
+         if "tpu" in report.device_kind.lower() else
+         "a real run has little headroom for the allocator's fragmentation")
   return (
       f"note: {report.config} {report.what} on {report.topology or report.device_kind} compiles "
       f"but uses {report.peak_bytes / GiB:.2f} of {report.hbm_bytes / GiB:.1f} GiB per chip "
-      f"(>= {TIGHT:.0%}): the TPU compiler rematerializes activations under memory pressure "
-      f"to get there (recompute no FLOP column counts) and a real run has no headroom. For "
+      f"(>= {TIGHT:.0%}): {why}. For "
       f"room: grow mesh.fsdp (shards params and optimizer state), raise train.grad_accum "
       f"(smaller micro-batch), or set model.remat=full.")
 

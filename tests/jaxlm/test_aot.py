@@ -128,6 +128,8 @@ def test_compiled_tpu_program_fits_by_the_compilers_word():
   assert r.peak_bytes > r.hbm_bytes and r.fits is True and r.tight
   assert "yes, tight" in aot_report.format_reports([r])
   assert "no headroom" in aot_report.tight_note(r) and "mesh.fsdp" in aot_report.tight_note(r)
+  gpu_note = aot_report.tight_note(dataclasses.replace(r, device_kind="NVIDIA H200"))
+  assert "TPU compiler" not in gpu_note and "mesh.fsdp" in gpu_note
   roomy = dataclasses.replace(r, temp_bytes=10 * gib)
   assert roomy.fits and not roomy.tight
   assert "| yes |" in aot_report.format_reports([roomy])
