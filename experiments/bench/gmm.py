@@ -54,6 +54,11 @@ def _candidates(tokamax_rd):
         mgpu_compute_wgs=2, mgpu_split_m=1, mgpu_block_n=128)
     impls["pallas_mosaic_gpu_split_m"] = lambda a, b, gs: gmm_op.gmm(
         a, b, gs, implementation="pallas_mosaic_gpu", config=split)
+    # each CTA's tiles as one chained pipeline (mgpu_chain_tiles; untimed when written,
+    # session 23): the next tile's loads overlap the current tile's end and store
+    chained = GmmBlockConfig.for_device(_backend.device_kind()).replace(mgpu_chain_tiles=1)
+    impls["pallas_mosaic_gpu_chained"] = lambda a, b, gs: gmm_op.gmm(
+        a, b, gs, implementation="pallas_mosaic_gpu", config=chained)
   # what models get: the platform's default lists for gmm and (in the backward) tgmm
   impls["default"] = lambda a, b, gs: gmm_op.gmm(a, b, gs)
   tuned = os.environ.get("GMM_TUNED_CONFIG")

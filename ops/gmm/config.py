@@ -22,7 +22,10 @@ class GmmBlockConfig:
     block_n is halved (down to 128-byte rows) while compute_wgs x block_n does not divide n.
     split_m: 1 = the compute warpgroups split the CTA tile's rows instead, a tile of
     (compute_wgs x block_m) x block_n (each warpgroup a block_m x block_n wgmma over the same
-    rhs tile: more work per rhs byte, more rows past a group's end).
+    rhs tile: more work per rhs byte, more rows past a group's end). chain_tiles: 1 = with
+    compute_wgs 2, a CTA's tiles run as one chained pipeline (the loads of the next tile
+    overlap the end and the store of the current one; the depth becomes the largest one
+    <= stages dividing k / block_k, and without one >= 2 the tiles run unchained).
   mgpu_tgmm_*: the Mosaic GPU tgmm: block_k x block_n output tiles (wgmma rows / columns),
     block_m rows of a group per contraction step (128 bytes: 64 for bf16), stages slots.
   """
@@ -42,6 +45,7 @@ class GmmBlockConfig:
   mgpu_stages: int = 4
   mgpu_compute_wgs: int = 1
   mgpu_split_m: int = 0
+  mgpu_chain_tiles: int = 0
   mgpu_tgmm_block_m: int = 64
   mgpu_tgmm_block_k: int = 128
   mgpu_tgmm_block_n: int = 128
@@ -50,9 +54,10 @@ class GmmBlockConfig:
   def __post_init__(self):
     for f in dataclasses.fields(self):
       v = getattr(self, f.name)
-      if not isinstance(v, int) or v < (0 if f.name in ("mgpu_stages", "mgpu_split_m") else 1):
-        raise ValueError(f"GmmBlockConfig.{f.name} must be a positive int (mgpu_stages and "
-                         f"mgpu_split_m may be 0), got {v!r}")
+      zero_ok = ("mgpu_stages", "mgpu_split_m", "mgpu_chain_tiles")
+      if not isinstance(v, int) or v < (0 if f.name in zero_ok else 1):
+        raise ValueError(f"GmmBlockConfig.{f.name} must be a positive int ({', '.join(zero_ok)} "
+                         f"may be 0), got {v!r}")
 
   def replace(self, **kw) -> "GmmBlockConfig":
     return dataclasses.replace(self, **kw)

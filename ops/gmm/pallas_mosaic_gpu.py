@@ -147,9 +147,11 @@ def gmm(lhs, rhs, group_sizes, *, out_dtype, transpose_rhs, interpret, config):
   cta_m = wgs * bm if split_m else bm
   visits = jnp.stack(metadata.tile_visits(group_sizes, m, cta_m), axis=1)   # [V, 4]
   if wgs > 1:
+    chain_stages = _chain_stages(stages, k // bk) if config.mgpu_chain_tiles else 0
     return _gmm_warp_specialized(visits, lhs, rhs, out_dtype=out_dtype, n=n,
                                  transpose_rhs=transpose_rhs, interpret=interpret,
-                                 tiles=(bm, bn, bk, stages, wgs), split_m=split_m)
+                                 tiles=(bm, bn, bk, chain_stages or stages, wgs),
+                                 split_m=split_m, chain=bool(chain_stages))
   num_visits = visits.shape[0]
   n_tiles = n // bn
   k_steps = k // bk
@@ -205,11 +207,25 @@ def gmm(lhs, rhs, group_sizes, *, out_dtype, transpose_rhs, interpret, config):
 
 
 
+def _chain_stages(stages: int, k_steps: int) -> int:
+  """Pipeline depth for chained tiles (mgpu_chain_tiles): Pallas chains pipelines only when
+  the depth divides the steps, so the largest depth <= stages that divides k_steps; 0 = none
+  (>= 2) does, the tiles then run unchained."""
+  return next((s for s in range(min(stages, k_steps), 1, -1) if k_steps % s == 0), 0)
+
+
 def _gmm_warp_specialized(visits, lhs, rhs, *, out_dtype, n, transpose_rhs, interpret, tiles,
-                          split_m=False):
+                          split_m=False, chain=False):
   """The same visits with wgs compute warpgroups, each owning block_n of a CTA tile of
   block_m x (wgs * block_n) (split_m: block_m rows of a (wgs * block_m) x block_n tile), and
-  one warpgroup issuing the TMA loads."""
+  one warpgroup issuing the TMA loads.
+
+  chain (mgpu_chain_tiles): each CTA's tiles run as one pipeline of pipelines (Pallas'
+  pipeline_state START / STEADY / STOP): the load warpgroup fetches the next tile's first
+  k steps while the compute warpgroups finish and store the current one, instead of every
+  tile filling its pipeline from empty. Only the visits with rows of a real group take part
+  (they come first in the visit table), then a second loop writes the zero rows past the
+  groups' sum."""
   m, k = lhs.shape
   num_groups = rhs.shape[0]
   bm, bn, bk, stages, wgs = tiles
@@ -228,18 +244,18 @@ def _gmm_warp_specialized(visits, lhs, rhs, *, out_dtype, n, transpose_rhs, inte
     rhs_spec = plgpu.BlockSpec((bk, cta_n), lambda kk: (kk, 0),
                                transforms=_swizzled(cta_n, rhs.dtype))
 
-  def pipeline(step, compute_context):
+  def pipeline(step, compute_context, state=None):
     return plgpu.emit_pipeline_warp_specialized(
         step, grid=(k_steps,), memory_registers=40, in_specs=[lhs_spec, rhs_spec],
         wg_axis="wg", num_compute_wgs=wgs, max_concurrent_steps=stages,
-        compute_context=compute_context)
+        compute_context=compute_context, pipeline_state=state)
 
   def rhs_tile(rhs_gmem, g, j):
     if transpose_rhs:
       return rhs_gmem.at[g, pl.ds(j * cta_n, cta_n), :]
     return rhs_gmem.at[g, :, pl.ds(j * cta_n, cta_n)]
 
-  def body(visits_gmem, lhs_gmem, rhs_gmem, out_gmem):
+  def body(visits_gmem, counts_gmem, lhs_gmem, rhs_gmem, out_gmem):
     ignore = lambda *_, **__: None
     allocs = pipeline(ignore, ignore).get_allocations(lhs_gmem.at[pl.ds(0, cta_m), :],
                                                       rhs_tile(rhs_gmem, 0, 0))
@@ -249,9 +265,10 @@ def _gmm_warp_specialized(visits, lhs, rhs, *, out_dtype, n, transpose_rhs, inte
     def _scope(allocs, o_smem):
       wg = jax.lax.axis_index("wg")
 
-      @plgpu.nd_loop((num_visits * n_tiles,), collective_axes="sm")
-      def _visit_tile(info):
-        g, tile, r0, r1, j = _visit(visits_gmem, info, n_tiles)
+      def tile_work(v, j):
+        """Visit v, column tile j -> (group, its rows [r0, r1), the pipeline's step, compute
+        context and operands, a function storing this warpgroup's rows as zeros)."""
+        g, tile, r0, r1 = (visits_gmem[v, c] for c in range(4))
         if split_m:       # this warpgroup's rows of the visit: [w0, w1) of [row0, row0 + bm)
           cols = pl.ds(j * cta_n, bn)
           row0 = tile * cta_m + wg * bm
@@ -281,16 +298,58 @@ def _gmm_warp_specialized(visits, lhs, rhs, *, out_dtype, n, transpose_rhs, inte
             run(acc_ref)
             _store_rows(acc_ref[...], o_smem.at[wg], out_gmem, row0, w0, w1, cols)
 
-        @pl.when((r0 < r1) & (g < num_groups))
-        def _():
-          pipeline(step, compute_context)(
-              lhs_gmem.at[pl.ds(tile * cta_m, cta_m), :], rhs_tile(rhs_gmem, g, j),
-              allocations=allocs)
+        operands = (lhs_gmem.at[pl.ds(tile * cta_m, cta_m), :],
+                    rhs_tile(rhs_gmem, jnp.minimum(g, num_groups - 1), j))
+        zeros = lambda: _store_rows(jnp.zeros((bm, bn), jnp.float32), o_smem.at[wg], out_gmem,
+                                    row0, w0, w1, cols)
+        return g, r0, r1, step, compute_context, operands, zeros
 
-        @pl.when((r0 < r1) & (g >= num_groups) & (wg < wgs))   # rows past the sum: zeros
-        def _():
-          _store_rows(jnp.zeros((bm, bn), jnp.float32), o_smem.at[wg], out_gmem, row0,
-                      w0, w1, cols)
+      if not chain:
+        @plgpu.nd_loop((num_visits * n_tiles,), collective_axes="sm")
+        def _visit_tile(info):
+          (lin,) = info.index
+          g, r0, r1, step, ctx, operands, zeros = tile_work(lin // n_tiles, lin % n_tiles)
+
+          @pl.when((r0 < r1) & (g < num_groups))
+          def _():
+            pipeline(step, ctx)(*operands, allocations=allocs)
+
+          @pl.when((r0 < r1) & (g >= num_groups) & (wg < wgs))   # rows past the sum: zeros
+          def _():
+            zeros()
+      else:
+        n_real, n_past = counts_gmem[0], counts_gmem[1]
+        n_sm = jax.lax.axis_size("sm")
+        real_tiles = n_real * n_tiles
+
+        @plgpu.nd_loop((real_tiles,), collective_axes="sm")
+        def _real_tile(info):
+          (lin,) = info.index
+          _, _, _, step, ctx, operands, _ = tile_work(lin // n_tiles, lin % n_tiles)
+          # this CTA's tiles are sm, sm + n_sm, ...: its first starts the chain, its last
+          # stops it, and a CTA with one tile runs an ordinary pipeline
+          first = lin < n_sm
+          last = lin + n_sm >= real_tiles
+          state = jnp.where(first, int(plgpu.PipelinePipeline.START),
+                            jnp.where(last, int(plgpu.PipelinePipeline.STOP),
+                                      int(plgpu.PipelinePipeline.STEADY)))
+
+          @pl.when(first & last)
+          def _():
+            pipeline(step, ctx)(*operands, allocations=allocs)
+
+          @pl.when(jnp.logical_not(first & last))
+          def _():
+            pipeline(step, ctx, state)(*operands, allocations=allocs)
+
+        @plgpu.nd_loop((n_past * n_tiles,), collective_axes="sm")
+        def _past_tile(info):
+          (lin,) = info.index
+          *_, zeros = tile_work(n_real + lin // n_tiles, lin % n_tiles)
+
+          @pl.when(wg < wgs)
+          def _():
+            zeros()
 
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
@@ -298,7 +357,11 @@ def _gmm_warp_specialized(visits, lhs, rhs, *, out_dtype, n, transpose_rhs, inte
                             grid=(_num_ctas(interpret),), grid_names=("sm",),
                             interpret=interpret, zero_fill_oob=True,
                             num_threads=wgs + 1, thread_name="wg")
-  return kernel(visits, lhs, rhs)
+  g, r0, r1 = visits[:, 0], visits[:, 2], visits[:, 3]
+  rows = r0 < r1
+  # visits of real groups first, then those of the rows past the sum (metadata.tile_visits)
+  counts = jnp.stack([jnp.sum(rows & (g < num_groups)), jnp.sum(rows & (g >= num_groups))])
+  return kernel(visits, counts.astype(jnp.int32), lhs, rhs)
 
 
 # ---------------------------------------------------------------------------------- tgmm

@@ -19,7 +19,14 @@ BENCH = (
     ("moe_e8_balanced", 16384, 2048, 5632, 8, "balanced"),
 )
 
-SETS = {"ci": CI, "bench": BENCH}
+# unipool_469m's pool at 32 x 1024 tokens a layer (top-1 into 192 experts of d 1024, f 4096):
+# the gate / up products and the down product, ~171 rows a group
+UNIPOOL = (
+    ("unipool_469m_up", 32768, 1024, 4096, 192, "random"),
+    ("unipool_469m_down", 32768, 4096, 1024, 192, "random"),
+)
+
+SETS = {"ci": CI, "bench": BENCH, "unipool": UNIPOOL}
 
 
 def group_sizes_for(m: int, e: int, routing: str, seed: int = 0) -> np.ndarray:

@@ -170,7 +170,9 @@ _MGPU_SMALL = GmmBlockConfig(mgpu_block_m=64, mgpu_block_n=64, mgpu_block_k=64, 
 
 
 # plus row tiles 1..3 (several visits per tile, rows past the sum in the last tile)
-_MGPU_CASES = dict(CASES, multi_tile=(200, 72, 128, (30, 0, 90, 1, 60)))
+_MGPU_CASES = dict(CASES, multi_tile=(200, 72, 128, (30, 0, 90, 1, 60)),
+                   # 4 k steps, 2 column tiles, rows past the sum: several tiles per CTA
+                   chain_long=(512, 256, 256, (100, 0, 37, 200, 5, 138)))
 
 
 def _mgpu_inputs(case, dtype, round_k=False):
@@ -299,15 +301,17 @@ class TestGmmMosaicGpuSplitMGpu(MosaicGpuGmmBase):
   CONFIG = _MGPU_SMALL.replace(mgpu_compute_wgs=2, mgpu_split_m=1)
 
 
-@pytest.mark.parametrize("wgs,transpose_rhs,split_m", [
-    (1, False, 0), (2, False, 0), (2, True, 0), (2, False, 1), (2, True, 1)])
-def test_mosaic_gpu_gmm_and_tgmm_lower_for_the_gpu(wgs, transpose_rhs, split_m):
+@pytest.mark.parametrize("wgs,transpose_rhs,split_m,chain", [
+    (1, False, 0, 0), (2, False, 0, 0), (2, True, 0, 0), (2, False, 1, 0), (2, True, 1, 0),
+    (2, False, 0, 1), (2, True, 0, 1), (2, False, 1, 1)])
+def test_mosaic_gpu_gmm_and_tgmm_lower_for_the_gpu(wgs, transpose_rhs, split_m, chain):
   """Default H200 tiles, ragged groups: gmm (forward; transposed rhs = d lhs) and tgmm (d rhs)
   pass Mosaic GPU's layout inference and shared-memory check. A tgmm whose TMA boxes started at
   a group's first row ran in interpret mode and failed only on the GPU (session 10)."""
   pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
   cfg = GmmBlockConfig.for_device("NVIDIA H200").replace(mgpu_compute_wgs=wgs,
-                                                         mgpu_split_m=split_m)
+                                                         mgpu_split_m=split_m,
+                                                         mgpu_chain_tiles=chain)
   m, k, n, g = 520, 256, 384, 5
   lhs = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
   rhs = jax.ShapeDtypeStruct((g, n, k) if transpose_rhs else (g, k, n), jnp.bfloat16)
@@ -403,7 +407,7 @@ def test_sequence_falls_through_unsupported():
 
 
 def test_ci_shapes_routing_sizes_sum():
-  for name, m, k, n, e, routing_kind in shapes.CI + shapes.BENCH:
+  for name, m, k, n, e, routing_kind in (s for group in shapes.SETS.values() for s in group):
     sizes = shapes.group_sizes_for(m, e, routing_kind)
     assert sizes.shape == (e,) and sizes.sum() == m and (sizes >= 0).all(), name
 
@@ -589,3 +593,27 @@ def test_mosaic_gpu_kernels_refuse_non_hopper_gpus():
       require_hopper(interpret=False)
   with _backend.target("gpu", "NVIDIA H100 80GB HBM3"):
     require_hopper(interpret=False)
+
+
+@pytest.mark.skipif("pallas_mosaic_gpu" not in gmm_op.implementations(),
+                    reason="pallas_mosaic_gpu not registered (no jax Mosaic GPU)")
+class TestGmmMosaicGpuChainedInterpret(MosaicGpuGmmBase):
+  """mgpu_chain_tiles: a CTA's tiles as one chained pipeline (4 CTAs in interpret mode, so
+  CTAs with one tile, several, and none; zero rows past the sum in the second loop)."""
+  INTERPRET = True
+  CONFIG = _MGPU_SMALL.replace(mgpu_compute_wgs=2, mgpu_chain_tiles=1)
+  ONLY_CASES = ("multi_tile", "chain_long", "odd_empty_one_partial")
+  OTHER_TESTS = False
+
+
+@pytest.mark.gpu
+class TestGmmMosaicGpuChainedGpu(MosaicGpuGmmBase):
+  INTERPRET = False
+  CONFIG = _MGPU_SMALL.replace(mgpu_compute_wgs=2, mgpu_chain_tiles=1)
+
+
+def test_chain_stages_divide_the_k_steps():
+  from ops.gmm import pallas_mosaic_gpu as mgpu
+  assert mgpu._chain_stages(4, 16) == 4 and mgpu._chain_stages(6, 16) == 4
+  assert mgpu._chain_stages(3, 32) == 2 and mgpu._chain_stages(8, 7) == 7
+  assert mgpu._chain_stages(4, 1) == 0 and mgpu._chain_stages(5, 5) == 5
