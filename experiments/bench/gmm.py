@@ -59,6 +59,11 @@ def _candidates(tokamax_rd):
     chained = GmmBlockConfig.for_device(_backend.device_kind()).replace(mgpu_chain_tiles=1)
     impls["pallas_mosaic_gpu_chained"] = lambda a, b, gs: gmm_op.gmm(
         a, b, gs, implementation="pallas_mosaic_gpu", config=chained)
+    # 64-row tiles: half the rows computed twice where a tile straddles two groups (UniPool's
+    # ~171-row groups in 128-row tiles visit ~1.75x the tiles of their rows), less reuse
+    m64 = GmmBlockConfig.for_device(_backend.device_kind()).replace(mgpu_block_m=64)
+    impls["pallas_mosaic_gpu_m64"] = lambda a, b, gs: gmm_op.gmm(
+        a, b, gs, implementation="pallas_mosaic_gpu", config=m64)
   # what models get: the platform's default lists for gmm and (in the backward) tgmm
   impls["default"] = lambda a, b, gs: gmm_op.gmm(a, b, gs)
   tuned = os.environ.get("GMM_TUNED_CONFIG")
