@@ -242,16 +242,25 @@ class SymbolicLight(nnx.Module):
 
   def to_logits(self, x):
     """Decoding head: x [b, s, d] -> logits [b, s, vocab] float32 (each token on its own)."""
-    if self.cfg.tie_embeddings:
-      out = self.embed.attend(x)
-    else:
-      out = logits_einsum("bsd,dv->bsv", x, self.head.value.astype(x.dtype))
-    if self.cfg.spiking.head == "dynamic_prior":
-      hid = jax.nn.gelu(jnp.einsum("bsd,dr->bsr", x, self.prior_w1.value.astype(x.dtype)),
+    dt = x.dtype
+    dynamic = self.cfg.spiking.head == "dynamic_prior"
+    if dynamic:
+      hid = jax.nn.gelu(jnp.einsum("bsd,dr->bsr", x, self.prior_w1.value.astype(dt)),
                         approximate=False)
-      prior = logits_einsum("bsr,rv->bsv", hid, self.prior_w2.value.astype(x.dtype))
-      out = out + self.prior_weight.value.astype(jnp.float32) * prior
+      hid = (hid.astype(jnp.float32) * self.prior_weight.value.astype(jnp.float32)).astype(dt)
+    if dynamic and not self.cfg.tie_embeddings:
+      # W_out c + w_p W2 h as one GEMM over the joined contraction [c, w_p h] @ [W_out; W2]:
+      # two [tokens, vocab] f32 products and their sum were three passes over the largest
+      # tensor of the step (symboliclight_194m, H200 compile: ~25 GB a step at 64 x 1024)
+      w = jnp.concatenate([self.head.value.astype(dt), self.prior_w2.value.astype(dt)], 0)
+      out = logits_einsum("bsd,dv->bsv", jnp.concatenate([x, hid], -1), w)
+    elif dynamic:
+      out = self.embed.attend(x) + logits_einsum("bsr,rv->bsv", hid,
+                                                 self.prior_w2.value.astype(dt))
+    elif self.cfg.tie_embeddings:
+      out = self.embed.attend(x) + self.prior_bias.value.astype(jnp.float32)
     else:
+      out = logits_einsum("bsd,dv->bsv", x, self.head.value.astype(dt))
       out = out + self.prior_bias.value.astype(jnp.float32)
     return constrain(out, ("batch", "seq", "vocab"))
 

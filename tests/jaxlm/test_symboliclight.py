@@ -361,3 +361,22 @@ def test_tiny_symboliclight_trains_and_reports_spike_rates():
   # every parameter, the decay rates, gates and prior weight included, gets trained
   moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()) > 0, params, state.params)
   assert all(jax.tree.leaves(moved)), moved
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_dynamic_prior_head_is_the_papers_sum(tie):
+  """to_logits = W_out c + w_p W2 GELU(W1 c) (the untied head runs it as one GEMM over the
+  joined contraction [c, w_p h] @ [W_out; W2]), against the formula in float32 numpy."""
+  cfg = dataclasses.replace(tiny(), tie_embeddings=tie)
+  model = sl.SymbolicLight(cfg, rngs=nnx.Rngs(params=3))
+  model.prior_weight.value = jnp.asarray(0.7, model.prior_weight.value.dtype)
+  x = jax.random.normal(jax.random.key(4), (2, 5, cfg.d_model), jnp.float32)
+  got = np.asarray(model.to_logits(x))
+  xn = np.asarray(x, np.float64)
+  h = xn @ np.asarray(model.prior_w1.value, np.float64)
+  h = np.asarray(jax.nn.gelu(jnp.asarray(h), approximate=False), np.float64)
+  w_out = (np.asarray(model.embed.embedding.value, np.float64).T if tie
+           else np.asarray(model.head.value, np.float64))
+  want = xn @ w_out + 0.7 * h @ np.asarray(model.prior_w2.value, np.float64)
+  assert got.shape == (2, 5, cfg.vocab_size) and got.dtype == np.float32
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
