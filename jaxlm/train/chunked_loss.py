@@ -35,6 +35,30 @@ def logit_sums(logits, targets, mask) -> dict:
   return {"ce": jnp.sum(ce * mask), "z": jnp.sum(jnp.square(lse) * mask)}
 
 
+def _online_lse_combine(a, b):
+  """Reducer of lse_and_target: (running max, Σ exp(x - max), target logit) pairs merged."""
+  (m1, s1, t1), (m2, s2, t2) = a, b
+  m = jnp.maximum(m1, m2)
+  m_safe = jnp.where(m == -jnp.inf, 0.0, m)     # two empty (initial) partials: no exp(nan)
+  return m, s1 * jnp.exp(m1 - m_safe) + s2 * jnp.exp(m2 - m_safe), t1 + t2
+
+
+def lse_and_target(logits, targets):
+  """(logsumexp, logits[target]) over the last axis of logits [..., vocab] f32, targets [...]
+  int, in ONE pass over the logits: a variadic reduction of (max, Σ exp(x - max), target)
+  instead of jax.nn.logsumexp's two passes (max, then the sum) and a third for the target.
+  The logits are the largest tensor of the step (symboliclight_194m, 64 x 1024: 8 chunks of
+  1.6 GB); each pass saved is one read of them."""
+  col = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+  tgt = jnp.where(col == targets[..., None], logits, 0.0)
+  m, s, t = jax.lax.reduce(
+      (logits, jnp.ones_like(logits), tgt),
+      (jnp.asarray(-jnp.inf, logits.dtype), jnp.asarray(0, logits.dtype),
+       jnp.asarray(0, logits.dtype)),
+      _online_lse_combine, (logits.ndim - 1,))
+  return m + jnp.log(s), t
+
+
 def head_loss(fm, params, x, targets, mask, n_chunks: int = 1, z_coef: float = 0.0):
   """-> (objective, sums): objective = Σ mask·CE + z_coef·Σ mask·lse² of the head's logits
   (differentiable in x and params), sums = {"ce", "z"} (metrics, no gradient through them when
@@ -89,8 +113,7 @@ def _fused_fwd(head, n_chunks, z_coef, x, hp, targets, mask):
     ce_sum, z_sum, dhp = carry
     xc, tc, mc = chunk
     logits, vjp = jax.vjp(head, hp, xc)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
+    lse, target_logit = lse_and_target(logits, tc)
     p = jnp.exp(logits - lse[..., None])
     onehot = jax.nn.one_hot(tc, logits.shape[-1], dtype=_F32)
     # d(Σ mask·(lse − logit_t) + c·Σ mask·lse²) / d logits

@@ -19,7 +19,7 @@ import pytest
 from jaxlm import configs
 from jaxlm.config import Config, ConfigError, TrainConfig, apply_overrides, validate
 from jaxlm.models import build
-from jaxlm.train.chunked_loss import head_loss
+from jaxlm.train.chunked_loss import head_loss, lse_and_target
 from jaxlm.train.optimizer import make_optimizer
 from jaxlm.train.state import TrainState
 from jaxlm.train.step import token_losses, train_step
@@ -202,3 +202,18 @@ def test_chunks_on_a_sharded_mesh_match_one_device():
   _close({k: m8[k] for k in ("loss", "grad_norm")}, {k: m1[k] for k in ("loss", "grad_norm")},
          rtol=1e-5)
   _close(p8, p1, rtol=1e-4)
+
+
+@pytest.mark.parametrize("scale,shift", [(1.0, 0.0), (40.0, 300.0), (40.0, -300.0)])
+def test_lse_and_target_is_one_pass_and_exact(scale, shift):
+  """The chunked loss's one-pass (max, Σ exp, target) reduction equals logsumexp and the target
+  logit, also at magnitudes where a naive Σ exp overflows, with an odd vocab (the reduction's
+  padding pairs initial partials with each other) and targets at both ends."""
+  x = jax.random.normal(jax.random.key(0), (3, 7, 1001), jnp.float32) * scale + shift
+  t = jax.random.randint(jax.random.key(1), (3, 7), 0, 1001).at[0, 0].set(0).at[0, 1].set(1000)
+  lse, tgt = jax.jit(lse_and_target)(x, t)
+  np.testing.assert_allclose(lse, jax.nn.logsumexp(x, axis=-1), rtol=1e-6, atol=1e-5)
+  np.testing.assert_array_equal(tgt, jnp.take_along_axis(x, t[..., None], axis=-1)[..., 0])
+  assert np.isfinite(np.asarray(lse)).all()
+  # one reduction over the logits (jax.nn.logsumexp alone lowers to two)
+  assert jax.jit(lse_and_target).lower(x, t).as_text().count("stablehlo.reduce") == 1
