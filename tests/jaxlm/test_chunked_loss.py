@@ -19,7 +19,7 @@ import pytest
 from jaxlm import configs
 from jaxlm.config import Config, ConfigError, TrainConfig, apply_overrides, validate
 from jaxlm.models import build
-from jaxlm.train.chunked_loss import head_loss, lse_and_target
+from jaxlm.train.chunked_loss import head_loss, logit_sums, lse_and_target
 from jaxlm.train.optimizer import make_optimizer
 from jaxlm.train.state import TrainState
 from jaxlm.train.step import token_losses, train_step
@@ -217,3 +217,22 @@ def test_lse_and_target_is_one_pass_and_exact(scale, shift):
   assert np.isfinite(np.asarray(lse)).all()
   # one reduction over the logits (jax.nn.logsumexp alone lowers to two)
   assert jax.jit(lse_and_target).lower(x, t).as_text().count("stablehlo.reduce") == 1
+
+
+def test_logit_sums_value_and_gradient_equal_optax():
+  """The unchunked loss (lse_and_target with its one-pass custom gradient) against optax's
+  cross entropy and jax.nn.logsumexp under autodiff: CE + z-loss and d/d logits."""
+  import optax
+  x = jax.random.normal(jax.random.key(0), (3, 5, 101), jnp.float32) * 5.0
+  t = jax.random.randint(jax.random.key(1), (3, 5), 0, 101)
+  m = (jax.random.uniform(jax.random.key(2), (3, 5)) < 0.7).astype(jnp.float32)
+
+  def ref(x):
+    ce = optax.softmax_cross_entropy_with_integer_labels(x, t)
+    return jnp.sum(ce * m) + 0.3 * jnp.sum(jnp.square(jax.nn.logsumexp(x, axis=-1)) * m)
+
+  def ours(x):
+    s = logit_sums(x, t, m)
+    return s["ce"] + 0.3 * s["z"]
+
+  _close(jax.value_and_grad(ours)(x), jax.value_and_grad(ref)(x))
