@@ -87,7 +87,7 @@ class NSABlockConfig:
   longer sequences are split into query chunks of that many (tile, block) entries. SMEM is
   1 MiB on v5e/v6e/v5p; the dk/dv call holds two such arrays (2**18 entries fail to compile,
   2**16 compile). tpu_score_block_k: compressed keys per step of the TPU score kernel (lanes).
-  Decode (ops/nsa/decode_triton.py, five kernels): decode_cmp_block_k: compressed entries per
+  Decode (ops/nsa/decode_triton.py and decode_select_triton.py, five kernels): decode_cmp_block_k: compressed entries per
   inner step of the compressed-branch kernel (a power of two >= 16); decode_cmp_splits: its
   programs per (batch row, kv head) over the compressed cache (flash-decoding split, merged by
   logsumexp); decode_cmp_num_stages: its Triton pipeline depth. decode_block_k: raw tokens per
