@@ -87,19 +87,19 @@ class NSABlockConfig:
   longer sequences are split into query chunks of that many (tile, block) entries. SMEM is
   1 MiB on v5e/v6e/v5p; the dk/dv call holds two such arrays (2**18 entries fail to compile,
   2**16 compile). tpu_score_block_k: compressed keys per step of the TPU score kernel (lanes).
-  Decode (ops/nsa/decode_triton.py and decode_select_triton.py, five kernels): decode_cmp_block_k: compressed entries per
-  inner step of the compressed-branch kernel (a power of two >= 16); decode_cmp_splits: its
-  programs per (batch row, kv head) over the compressed cache (flash-decoding split, merged by
-  logsumexp); decode_cmp_num_stages: its Triton pipeline depth. decode_block_k: raw tokens per
-  entry of the selected/window kernel (a power of two >= 16 dividing select_len; None =
-  min(select_len, 64)); decode_entries: entries per program of that kernel (the selected
-  blocks and the window are cut into programs of this many entries); decode_num_warps /
-  decode_num_stages: its Triton launch parameters (the warps also the compressed kernel's).
-  decode_select_block: selection blocks per program of the score kernel (a power of two);
-  decode_select_num_warps: Triton warps of that kernel and of the branch-combining kernel;
-  decode_topn_num_warps: of the top-n kernel (one program per batch row and kv head);
-  decode_fuse_topn: score all of a (batch row, kv head)'s selection blocks in one program and
-  pick the top n there (one kernel, on decode_topn_num_warps, instead of two);
+  Decode (ops/nsa/decode_triton.py and decode_select_triton.py, five kernels):
+  decode_cmp_block_k: compressed entries per inner step of the compressed-branch kernel (a power
+  of two >= 16); decode_cmp_splits: its programs per (batch row, kv head) over the compressed
+  cache (flash-decoding split, merged by logsumexp); decode_cmp_num_stages: its Triton pipeline
+  depth. decode_block_k: raw tokens per entry of the selected/window kernel (a power of two >=
+  16 dividing select_len; None = min(select_len, 64)); decode_entries: entries per program of
+  that kernel (the selected blocks and the window are cut into programs of this many entries);
+  decode_num_warps / decode_num_stages: its Triton launch parameters (the warps also the
+  compressed kernel's). decode_select_block: selection blocks per program of the score kernel (a
+  power of two); decode_select_num_warps: Triton warps of that kernel and of the
+  branch-combining kernel; decode_topn_num_warps: of the top-n kernel (one program per batch row
+  and kv head); decode_fuse_topn: score all of a (batch row, kv head)'s selection blocks in one
+  program and pick the top n there (one kernel, on decode_topn_num_warps, instead of two);
   decode_combine_dv: value columns per program of the combining kernel (a power of two).
   """
   sel_block_k: int | None = None
