@@ -236,3 +236,22 @@ def test_logit_sums_value_and_gradient_equal_optax():
     return s["ce"] + 0.3 * s["z"]
 
   _close(jax.value_and_grad(ours)(x), jax.value_and_grad(ref)(x))
+
+
+def test_loss_over_a_vocab_sharded_axis_moves_partials_not_logits():
+  """With the vocab split over 4 devices, the one-pass reduction (value and gradient) combines
+  per-shard (max, Σ exp, target) partials: no collective moves logits-sized data."""
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 (simulated CPU) devices")
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  mesh = jax.make_mesh((2, 4), ("data", "tensor"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  x = jax.device_put(jnp.zeros((8, 16, 1024)), NamedSharding(mesh, P("data", None, "tensor")))
+  t = jax.device_put(jnp.zeros((8, 16), jnp.int32), NamedSharding(mesh, P("data", None)))
+  m = jax.device_put(jnp.ones((8, 16)), NamedSharding(mesh, P("data", None)))
+  f = jax.jit(jax.value_and_grad(lambda x: logit_sums(x, t, m)["ce"]))
+  moved = re.findall(r"= \w+\[([\d,]*)\]\S* (?:all-gather|all-reduce|all-to-all)\(",
+                     f.lower(x).compile().as_text())
+  sizes = [int(np.prod([int(d) for d in s.split(",") if d])) for s in moved]
+  # a device's logits are [4, 16, 256]; its rows' partials from the 4 vocab shards [4, 16, 4]
+  assert sizes and max(sizes) <= 4 * 16 * 4, sizes
