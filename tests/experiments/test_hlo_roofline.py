@@ -1,0 +1,68 @@
+"""experiments/bench/hlo_roofline.py on a hand-written optimized module: FLOPs of GEMM custom
+calls and fused dots, loop trip counts, in-place updates and dynamic slices at slice size."""
+from experiments.bench import hlo_roofline
+
+HLO = '''HloModule jit_step, entry_computation_layout={()->f32[]}
+
+%fused_dot (p0: bf16[64,128], p1: bf16[128,32]) -> f32[64,32] {
+  %p0 = bf16[64,128]{1,0} parameter(0)
+  %p1 = bf16[128,32]{1,0} parameter(1)
+  ROOT %dot.1 = f32[64,32]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%fused_dus (q0: bf16[10,64,128], q1: bf16[1,64,128], q2: s32[]) -> bf16[10,64,128] {
+  %q0 = bf16[10,64,128]{2,1,0} parameter(0)
+  %q1 = bf16[1,64,128]{2,1,0} parameter(1)
+  %q2 = s32[] parameter(2)
+  %c0 = s32[] constant(0)
+  ROOT %dus = bf16[10,64,128]{2,1,0} dynamic-update-slice(%q0, %q1, %q2, %c0, %c0)
+}
+
+%fused_ds (r0: bf16[10,64,128], r1: s32[]) -> bf16[1,64,128] {
+  %r0 = bf16[10,64,128]{2,1,0} parameter(0)
+  %r1 = s32[] parameter(1)
+  %c1 = s32[] constant(0)
+  %ds = bf16[1,64,128]{2,1,0} dynamic-slice(%r0, %r1, %c1, %c1), dynamic_slice_sizes={1,64,128}
+  ROOT %neg = bf16[1,64,128]{2,1,0} negate(%ds)
+}
+
+%body (state: (s32[], bf16[10,64,128], bf16[1,64,128])) -> (s32[], bf16[10,64,128], bf16[1,64,128]) {
+  %state = (s32[], bf16[10,64,128]{2,1,0}, bf16[1,64,128]{2,1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%state), index=0
+  %buf = bf16[10,64,128]{2,1,0} get-tuple-element(%state), index=1
+  %upd = bf16[1,64,128]{2,1,0} get-tuple-element(%state), index=2
+  %write = bf16[10,64,128]{2,1,0} fusion(%buf, %upd, %i), kind=kLoop, calls=%fused_dus
+  %read = bf16[1,64,128]{2,1,0} fusion(%write, %i), kind=kLoop, calls=%fused_ds
+  ROOT %out = (s32[], bf16[10,64,128]{2,1,0}, bf16[1,64,128]{2,1,0}) tuple(%i, %write, %read)
+}
+
+ENTRY %main (a: bf16[64,128], b: bf16[128,256], w: bf16[128,32], init: (s32[], bf16[10,64,128], bf16[1,64,128])) -> f32[] {
+  %a = bf16[64,128]{1,0} parameter(0)
+  %b = bf16[128,256]{1,0} parameter(1)
+  %w = bf16[128,32]{1,0} parameter(2)
+  %init = (s32[], bf16[10,64,128]{2,1,0}, bf16[1,64,128]{2,1,0}) parameter(3)
+  %gemm = (bf16[64,256]{1,0}, s8[0]{0}) custom-call(%a, %b), custom_call_target="__cublas$gemm", backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"]}}}
+  %fd = f32[64,32]{1,0} fusion(%a, %w), kind=kCustom, calls=%fused_dot
+  %loop = (s32[], bf16[10,64,128]{2,1,0}, bf16[1,64,128]{2,1,0}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"7"}}
+  ROOT %r = f32[] constant(0)
+}
+'''
+
+
+def test_estimate_counts_flops_trips_and_slices():
+  ops = {o.name: o for o in hlo_roofline.estimate(HLO, bandwidth=1e12, peak_flops=1e14,
+                                                   launch_s=0.0)}
+  assert set(ops) == {"gemm", "fd", "write", "read"}     # parameters, tuples, constants: free
+  assert ops["gemm"].kind == "cc:__cublas$gemm"
+  assert ops["gemm"].flops == 2 * 64 * 256 * 128
+  assert ops["fd"].flops == 2 * 64 * 32 * 128
+  slice_bytes, index_bytes = 64 * 128 * 2, 4
+  # the in-place write reads its update and writes it, not the [10, 64, 128] buffer
+  assert ops["write"].times == 7
+  assert ops["write"].bytes == 2 * slice_bytes + index_bytes
+  # a buffer read only through a dynamic slice costs the slice, plus the result
+  assert ops["read"].times == 7 and ops["read"].bytes == 2 * slice_bytes + index_bytes
+  gemm = ops["gemm"]
+  assert gemm.seconds == max(gemm.bytes / 1e12, gemm.flops / 1e14)
+  table = hlo_roofline.format_estimate(list(ops.values()))
+  assert "| cc:__cublas$gemm |" in table and "launches" in table
