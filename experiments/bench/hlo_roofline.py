@@ -73,6 +73,19 @@ def _operands(rest: str) -> list[str]:
   return re.findall(r"%([\w.\-]+)", rest[:end])
 
 
+def _dot_flops(line: str, out_shape: str, lhs_shape: str) -> float:
+  """2 x output elements x contracted size of one HLO dot instruction."""
+  lhs = _dims(lhs_shape)
+  contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", line)
+  k = 1
+  for d in filter(None, contracting.group(1).split(",") if contracting else []):
+    k *= lhs[int(d)]
+  n = 1
+  for d in _dims(out_shape):
+    n *= d
+  return 2.0 * n * k
+
+
 class _Module:
   def __init__(self, text: str):
     self.comps: dict[str, list[tuple]] = {}
@@ -93,19 +106,9 @@ class _Module:
     self.shapes = {(c, i[0]): i[1] for c, ins in self.comps.items() for i in ins}
 
   def dot_flops(self, comp: str) -> float:
-    flops = 0.0
-    for name, shape, op, rest, line in self.comps.get(comp, []):
-      if op == "dot":
-        lhs = _dims(self.shapes.get((comp, _operands(rest)[0]), ""))
-        contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", line)
-        k = 1
-        for d in filter(None, contracting.group(1).split(",") if contracting else []):
-          k *= lhs[int(d)]
-        n = 1
-        for d in _dims(shape):
-          n *= d
-        flops += 2.0 * n * k
-    return flops
+    """FLOPs of the dots of a (fused) computation."""
+    return sum(_dot_flops(line, shape, self.shapes.get((comp, _operands(rest)[0]), ""))
+               for name, shape, op, rest, line in self.comps.get(comp, []) if op == "dot")
 
   def fusion_bytes(self, comp: str, operand_shapes: list[str], out_shape: str) -> float:
     """Operands + result of a fusion calling `comp`, with in-place updates at their slice and
@@ -184,15 +187,7 @@ def estimate(text: str, bandwidth: float = 3.7e12, peak_flops: float = 700e12,
               n *= d
             flops = 2.0 * n * lhs[int(contracting.group(1))]
         elif op == "dot":
-          lhs = _dims(operand_shapes[0]) if operand_shapes else []
-          contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", line)
-          k = 1
-          for d in filter(None, contracting.group(1).split(",") if contracting else []):
-            k *= lhs[int(d)]
-          n = 1
-          for d in _dims(shape):
-            n *= d
-          flops = 2.0 * n * k
+          flops = _dot_flops(line, shape, operand_shapes[0] if operand_shapes else "")
       seconds = (max(nbytes / bandwidth, flops / peak_flops) + launch_s) * times
       ops.append(Op(name, kind, shape, times, nbytes, flops, seconds))
 

@@ -135,10 +135,9 @@ def _fused_fwd(head, n_chunks, z_coef, x, hp, targets, mask):
     xc, tc, mc = chunk
     logits, vjp = jax.vjp(head, hp, xc)
     lse, target_logit = lse_and_target(logits, tc)
-    p = jnp.exp(logits - lse[..., None])
-    onehot = jax.nn.one_hot(tc, logits.shape[-1], dtype=_F32)
-    # d(Σ mask·(lse − logit_t) + c·Σ mask·lse²) / d logits
-    dlogits = (p - onehot + (2.0 * z_coef) * lse[..., None] * p) * mc[..., None]
+    # d(Σ mask·(lse − logit_t) + c·Σ mask·lse²) / d logits, through lse_and_target's gradient
+    dlogits, _ = _lse_and_target_bwd((logits, tc, lse),
+                                     ((1.0 + (2.0 * z_coef) * lse) * mc, -mc))
     g_hp, g_x = vjp(dlogits)
     dhp = jax.tree.map(lambda acc, g: acc + g.astype(_F32), dhp, g_hp)
     ce_sum = ce_sum + jnp.sum((lse - target_logit) * mc)
