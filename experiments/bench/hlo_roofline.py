@@ -10,7 +10,11 @@ For each launched op of the optimized module (a fusion, a custom call such as a 
 a Pallas kernel, a copy), bytes = its operands + its result, FLOPs = its dots; time =
 max(bytes / bandwidth, FLOPs / peak) + a launch cost. While bodies count their
 known_trip_count times. In-place updates count the slice they write, and fusion parameters
-read only through dynamic slices count the slices. A guide to which passes over memory a step
+read only through dynamic slices count the slices. Fusions that only broadcast constants are
+kind "fill" (XLA zero-fills the stacked buffers of a scan's outputs every step). Pallas calls
+count bytes only, except those with a grouped matmul's signature (ops.gmm: lhs [m, k] and
+rhs [g, k, n] or [g, n, k] -> [m, n]; tgmm: [m, k] and [m, n] -> [g, k, n]), which count
+2 m k n FLOPs. A guide to which passes over memory a step
 makes, and which of them are avoidable. It is not a timing: GEMM efficiency, overlap and the
 compiler's choices on the device differ (session 22: it called the MoE presets faster
 unrolled, and the GPU said 2.2x slower). Session 23 used it on SymbolicLight's loss, where it
@@ -71,6 +75,35 @@ def _operands(rest: str) -> list[str]:
       end = i
       break
   return re.findall(r"%([\w.\-]+)", rest[:end])
+
+
+def grouped_matmul_flops(out_shape: str, operand_shapes: list[str]) -> float:
+  """2 m k n for a kernel call shaped like a grouped matmul (a gmm, or its tgmm), else 0.
+
+  The kernel's body is opaque here; its operands and result are not. Every row takes part in
+  one group's product, so padding visits and skipped empty groups are not counted."""
+  out = _dims(out_shape)
+  ops = [_dims(s) for s in operand_shapes]
+  flat = [o for o in ops if len(o) == 2]
+  if len(out) == 2:                          # gmm: [m, k] x [g, k, n] / [g, n, k] -> [m, n]
+    m, n = out
+    for w in (o for o in ops if len(o) == 3):
+      for x in flat:
+        if x[0] == m and (w[1:] == [x[1], n] or w[1:] == [n, x[1]]):
+          return 2.0 * m * x[1] * n
+  if len(out) == 3:                          # tgmm: [m, k] x [m, n] -> [g, k, n]
+    _, k, n = out
+    for x in flat:
+      for y in flat:
+        if x[1] == k and y[1] == n and x[0] == y[0] and x is not y:
+          return 2.0 * x[0] * k * n
+  return 0.0
+
+
+def _is_fill(comp_instrs) -> bool:
+  """A fused computation that only broadcasts constants (no parameters)."""
+  return bool(comp_instrs) and all(
+      op in ("constant", "broadcast", "copy", "tuple", "bitcast") for _, _, op, _, _ in comp_instrs)
 
 
 def _dot_flops(line: str, out_shape: str, lhs_shape: str) -> float:
@@ -171,6 +204,8 @@ def estimate(text: str, bandwidth: float = 3.7e12, peak_flops: float = 700e12,
         kind = "fusion:" + (fusion_kind.group(1) if fusion_kind else "?")
         if "__triton_gemm" in line or name.startswith("gemm_fusion"):
           kind = "triton_gemm"
+        elif called and _is_fill(mod.comps.get(called.group(1))):
+          kind = "fill"
         nbytes = (mod.fusion_bytes(called.group(1), operand_shapes, shape) if called
                   else shape_bytes(shape) + sum(map(shape_bytes, operand_shapes)))
         flops = mod.dot_flops(called.group(1)) if called else 0.0
@@ -186,6 +221,8 @@ def estimate(text: str, bandwidth: float = 3.7e12, peak_flops: float = 700e12,
             for d in _dims(shape):
               n *= d
             flops = 2.0 * n * lhs[int(contracting.group(1))]
+          else:
+            flops = grouped_matmul_flops(shape, operand_shapes)
         elif op == "dot":
           flops = _dot_flops(line, shape, operand_shapes[0] if operand_shapes else "")
       seconds = (max(nbytes / bandwidth, flops / peak_flops) + launch_s) * times

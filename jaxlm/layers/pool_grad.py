@@ -220,8 +220,10 @@ def pool_gradient(taps: dict, implementation=None) -> dict:
   m = taps["gs"].shape[1]
   ids = row_experts(taps["gs"], rows).reshape(-1, 1)
   sort_idx, sizes = ops.gmm.sort_by_group(ids, m)
-  flat = {n: jnp.take(taps[n].reshape(n_layers * rows, -1), sort_idx, axis=0)
-          for n in TAP_WIDTHS}
+  # sort_idx is a permutation: jnp.take's default fill mode would add a bounds mask and a NaN
+  # select over all layers' rows
+  flat = {n: taps[n].reshape(n_layers * rows, -1).at[sort_idx].get(
+      mode="promise_in_bounds", unique_indices=True) for n in TAP_WIDTHS}
   tg = functools.partial(ops.gmm.tgmm, group_sizes=sizes, preferred_element_type=jnp.float32,
                          implementation=implementation)
   return {"w_gate": tg(flat["xs"], flat["dg"]), "w_up": tg(flat["xs"], flat["du"]),

@@ -66,3 +66,45 @@ def test_estimate_counts_flops_trips_and_slices():
   assert gemm.seconds == max(gemm.bytes / 1e12, gemm.flops / 1e14)
   table = hlo_roofline.format_estimate(list(ops.values()))
   assert "| cc:__cublas$gemm |" in table and "launches" in table
+
+
+KERNELS = '''HloModule jit_moe, entry_computation_layout={()->f32[]}
+
+%fused_fill () -> (bf16[4,64,128], bf16[4,64,128]) {
+  %z = bf16[] constant(0)
+  %b = bf16[4,64,128]{2,1,0} broadcast(%z), dimensions={}
+  %c = bf16[4,64,128]{2,1,0} copy(%b)
+  ROOT %t = (bf16[4,64,128]{2,1,0}, bf16[4,64,128]{2,1,0}) tuple(%b, %c)
+}
+
+%fused_neg (p0: bf16[4,64,128]) -> bf16[4,64,128] {
+  %p0 = bf16[4,64,128]{2,1,0} parameter(0)
+  ROOT %n = bf16[4,64,128]{2,1,0} negate(%p0)
+}
+
+ENTRY %main (v: s32[12,4], x: bf16[256,64], w: bf16[8,128,64], dy: bf16[256,128]) -> f32[] {
+  %v = s32[12,4]{1,0} parameter(0)
+  %x = bf16[256,64]{1,0} parameter(1)
+  %w = bf16[8,128,64]{2,1,0} parameter(2)
+  %dy = bf16[256,128]{1,0} parameter(3)
+  %gmm = bf16[256,128]{1,0} custom-call(%v, %x, %w), custom_call_target="mosaic_gpu_v2"
+  %tgmm = f32[8,64,128]{2,1,0} custom-call(%v, %x, %dy), custom_call_target="mosaic_gpu_v2"
+  %other = bf16[256,64]{1,0} custom-call(%x), custom_call_target="mosaic_gpu_v2"
+  %fill = (bf16[4,64,128]{2,1,0}, bf16[4,64,128]{2,1,0}) fusion(), kind=kLoop, calls=%fused_fill
+  %zero = bf16[4,64,128]{2,1,0} get-tuple-element(%fill), index=0
+  %neg = bf16[4,64,128]{2,1,0} fusion(%zero), kind=kLoop, calls=%fused_neg
+  ROOT %r = f32[] constant(0)
+}
+'''
+
+
+def test_grouped_matmul_kernels_count_flops_and_fills_are_named():
+  ops = {o.name: o for o in hlo_roofline.estimate(KERNELS, bandwidth=1e12, peak_flops=1e14,
+                                                   launch_s=0.0)}
+  # gmm with the rhs stored [g, n, k] (the d lhs product's layout): 2 m k n
+  assert ops["gmm"].flops == 2 * 256 * 64 * 128
+  assert ops["tgmm"].flops == 2 * 256 * 64 * 128           # [m, k] x [m, n] -> [g, k, n]
+  assert ops["other"].flops == 0                           # not a grouped matmul's signature
+  assert ops["fill"].kind == "fill" and ops["fill"].bytes == 2 * 4 * 64 * 128 * 2
+  assert ops["neg"].kind == "fusion:kLoop"                 # reads a parameter: not a fill
+  assert "| fill |" in hlo_roofline.format_estimate(list(ops.values()))
