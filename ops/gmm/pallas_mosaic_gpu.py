@@ -282,14 +282,23 @@ def _gmm_warp_specialized(visits, lhs, rhs, *, out_dtype, n, transpose_rhs, inte
           if split_m:
             a = a_smem.at[pl.ds(wg * bm, bm), :]
             b = plgpu.transpose_ref(b_smem, (1, 0)) if transpose_rhs else b_smem
+
+            # A visit of a group that starts or ends inside the CTA tile often leaves one
+            # warpgroup's rows without any of it: that warpgroup skips its products, so a
+            # straddling visit costs block_m rows of tensor-core work, not wgs x block_m
+            # (the rows would be dropped at the store anyway).
+            @pl.when(w1 > w0)
+            def _():
+              plgpu.wgmma(acc_ref, a, b)
+              plgpu.wgmma_wait(0)
           else:
             a = a_smem
             if transpose_rhs:
               b = plgpu.transpose_ref(b_smem.at[pl.ds(wg * bn, bn), :], (1, 0))
             else:
               b = b_smem.at[:, pl.ds(wg * bn, bn)]
-          plgpu.wgmma(acc_ref, a, b)
-          plgpu.wgmma_wait(0)
+            plgpu.wgmma(acc_ref, a, b)
+            plgpu.wgmma_wait(0)
           return acc_ref
 
         def compute_context(run):

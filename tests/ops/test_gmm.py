@@ -301,10 +301,13 @@ class TestGmmMosaicGpuSplitMGpu(MosaicGpuGmmBase):
   CONFIG = _MGPU_SMALL.replace(mgpu_compute_wgs=2, mgpu_split_m=1)
 
 
-@pytest.mark.parametrize("wgs,transpose_rhs,split_m,chain", [
-    (1, False, 0, 0), (2, False, 0, 0), (2, True, 0, 0), (2, False, 1, 0), (2, True, 1, 0),
-    (2, False, 0, 1), (2, True, 0, 1), (2, False, 1, 1)])
-def test_mosaic_gpu_gmm_and_tgmm_lower_for_the_gpu(wgs, transpose_rhs, split_m, chain):
+@pytest.mark.parametrize("wgs,transpose_rhs,split_m,chain,tile", [
+    (1, False, 0, 0, None), (2, False, 0, 0, None), (2, True, 0, 0, None),
+    (2, False, 1, 0, None), (2, True, 1, 0, None), (2, False, 0, 1, None),
+    (2, True, 0, 1, None), (2, False, 1, 1, None),
+    # bench_ops' pallas_mosaic_gpu_split_m64 row: (2 x 64) x 256 CTA tiles
+    (2, False, 1, 0, (64, 256)), (2, True, 1, 0, (64, 256))])
+def test_mosaic_gpu_gmm_and_tgmm_lower_for_the_gpu(wgs, transpose_rhs, split_m, chain, tile):
   """Default H200 tiles, ragged groups: gmm (forward; transposed rhs = d lhs) and tgmm (d rhs)
   pass Mosaic GPU's layout inference and shared-memory check. A tgmm whose TMA boxes started at
   a group's first row ran in interpret mode and failed only on the GPU (session 10)."""
@@ -312,6 +315,8 @@ def test_mosaic_gpu_gmm_and_tgmm_lower_for_the_gpu(wgs, transpose_rhs, split_m, 
   cfg = GmmBlockConfig.for_device("NVIDIA H200").replace(mgpu_compute_wgs=wgs,
                                                          mgpu_split_m=split_m,
                                                          mgpu_chain_tiles=chain)
+  if tile:
+    cfg = cfg.replace(mgpu_block_m=tile[0], mgpu_block_n=tile[1])
   m, k, n, g = 520, 256, 384, 5
   lhs = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
   rhs = jax.ShapeDtypeStruct((g, n, k) if transpose_rhs else (g, k, n), jnp.bfloat16)
