@@ -88,8 +88,3 @@ class GmmBlockConfig:
                  tgmm_block_m=32, tgmm_block_k=128, tgmm_block_n=128, tgmm_num_warps=4,
                  tgmm_num_stages=3)
     return cls()
-
-
-# Measured winners may be added here keyed by (device kind substring, m, k, n, groups)
-# by an autotuner; `for_device` is the fallback when no entry matches.
-TUNED: dict[tuple, GmmBlockConfig] = {}
