@@ -14,11 +14,13 @@ read only through dynamic slices count the slices. Fusions that only broadcast c
 kind "fill" (XLA zero-fills the stacked buffers of a scan's outputs every step). Pallas calls
 count bytes only, except those with a grouped matmul's signature (ops.gmm: lhs [m, k] and
 rhs [g, k, n] or [g, n, k] -> [m, n]; tgmm: [m, k] and [m, n] -> [g, k, n]), which count
-2 m k n FLOPs. A guide to which passes over memory a step
-makes, and which of them are avoidable. It is not a timing: GEMM efficiency, overlap and the
-compiler's choices on the device differ (session 22: it called the MoE presets faster
-unrolled, and the GPU said 2.2x slower). Session 23 used it on SymbolicLight's loss, where it
-counted six passes over the f32 logits (166 -> 146 ms estimated after the fixes).
+2 m k n FLOPs.
+
+A guide to which passes over memory a step makes, and which of them are avoidable. It is not
+a timing: GEMM efficiency, overlap and the compiler's choices on the device differ (session
+22: it called the MoE presets faster unrolled, and the GPU said 2.2x slower). Session 23 used
+it on SymbolicLight's loss, where it counted six passes over the f32 logits (166 -> 146 ms
+estimated after the fixes); session 24 on the MoE steps (results/bench/session24_*.md).
 """
 from __future__ import annotations
 
