@@ -203,6 +203,8 @@ class Report:
   # (and fails with RESOURCE_EXHAUSTED, then `oom`), so a compiled TPU program fits by its
   # accounting even when `peak_bytes` (a sum that double-counts reused buffers) is a hair over.
   compiler_checked: bool = False
+  # the compiled per-chip program as optimized HLO text (experiments/aot_compile.py --roofline)
+  hlo_text: str = dataclasses.field(default="", repr=False)
 
   @property
   def peak_bytes(self) -> int:
@@ -269,15 +271,16 @@ def report_of(compiled, *, what: str, config: str, topology: str, devices: Seque
   from jaxlm.train.metrics import peak_tflops
   ma = compiled.memory_analysis()
   kind = devices[0].device_kind
+  text = compiled.as_text()
   return Report(
       what=what, config=config, topology=topology, device_kind=kind, n_devices=len(devices),
       mesh=dict(mesh), argument_bytes=int(ma.argument_size_in_bytes),
       output_bytes=int(ma.output_size_in_bytes), alias_bytes=int(ma.alias_size_in_bytes),
       temp_bytes=int(ma.temp_size_in_bytes), code_bytes=int(ma.generated_code_size_in_bytes),
       hbm_bytes=hbm_bytes(kind), flops=_flops(compiled),
-      collectives=count_collectives(compiled.as_text()), compile_s=compile_s,
+      collectives=count_collectives(text), compile_s=compile_s,
       state_bytes=state_bytes, peak_tflops=peak_tflops(kind),
-      compiler_checked=devices[0].platform == "tpu")
+      compiler_checked=devices[0].platform == "tpu", hlo_text=text)
 
 
 # ----------------------------------------------------------------------------- programs
