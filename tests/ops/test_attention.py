@@ -447,3 +447,47 @@ def test_splash_interpret(case):
   np.testing.assert_allclose(l1, l2, rtol=1e-4)
   for a, r in zip(g1, g2):
     ot.assert_close(a, r, F32, grad=True)
+
+
+@pytest.mark.parametrize("kw", [dict(causal=True), dict(causal=True, window=96, sinks=4),
+                                dict(soft_cap=30.0, segments=True)],
+                         ids=["causal", "window_sinks", "softcap_segments"])
+def test_triton_kernels_lower_for_h200(kw):
+  """The Pallas Triton forward, dq and dk/dv kernels (H200 default blocks, GQA 8 / 2, D128,
+  lengths not multiples of the blocks) translate to Triton IR on this CPU host: the GPU
+  compiler's path, which interpret mode replaces."""
+  kw = dict(kw)
+  b, t, h, kvh, d = 2, 1000, 8, 2, 128
+  sds = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)
+  seg = sds(b, t, dt=jnp.int32) if kw.pop("segments", False) else None
+  cfg = AttentionBlockConfig.for_device("NVIDIA H200")
+
+  def loss(q, k, v, seg):
+    o, lse = A.attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, return_lse=True,
+                         implementation="pallas_triton", config=cfg, **kw)
+    return jnp.sum(o.astype(jnp.float32)) + jnp.sum(lse)
+
+  text = ot.lower_for_gpu(jax.grad(loss, argnums=(0, 1, 2)), sds(b, t, h, d), sds(b, t, kvh, d),
+                          sds(b, t, kvh, d), seg).as_text()
+  for kernel in ("flash_attention_fwd", "flash_attention_dq", "flash_attention_dkv"):
+    assert kernel in text, kernel
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_triton_decode_lowers_for_h200(stacked):
+  """The split-kv decode kernel: 2 new tokens against 8192 cached, per-layer or stacked caches
+  read at a traced layer."""
+  b, h, kvh, d, n = 4, 16, 2, 128, 8192
+  sds = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)
+  lead = (3,) if stacked else ()
+  args = [sds(b, 2, h, d), sds(*lead, b, n, kvh, d), sds(*lead, b, n, kvh, d),
+          sds(b, dt=jnp.int32)]
+  fn = functools.partial(A.decode_attention, window=512, implementation="pallas_triton",
+                         config=AttentionBlockConfig.for_device("NVIDIA H200"))
+  if stacked:
+    call = lambda q, k, v, lengths, layer: fn(q, k, v, lengths, layer=layer)
+    args.append(sds(dt=jnp.int32))
+  else:
+    call = fn
+  text = ot.lower_for_gpu(call, *args).as_text()
+  assert "flash_decoding" in text

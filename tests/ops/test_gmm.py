@@ -622,3 +622,20 @@ def test_chain_stages_divide_the_k_steps():
   assert mgpu._chain_stages(4, 16) == 4 and mgpu._chain_stages(6, 16) == 4
   assert mgpu._chain_stages(3, 32) == 2 and mgpu._chain_stages(8, 7) == 7
   assert mgpu._chain_stages(4, 1) == 0 and mgpu._chain_stages(5, 5) == 5
+
+
+def test_triton_gmm_and_tgmm_lower_for_the_gpu():
+  """The Pallas Triton gmm (forward and d lhs) and tgmm (d rhs) with the H200 default tiles
+  translate to Triton IR on this CPU host (ragged groups, k and n not multiples of the tiles)."""
+  cfg = GmmBlockConfig.for_device("NVIDIA H200")
+  m, k, n, g = 520, 200, 300, 5
+  sds = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)
+
+  def loss(lhs, rhs, gs):
+    out = gmm_op.gmm(lhs, rhs, gs, preferred_element_type=jnp.float32,
+                     implementation="pallas_triton", config=cfg)
+    return jnp.sum(out)
+
+  text = op_testing.lower_for_gpu(jax.grad(loss, argnums=(0, 1)), sds(m, k), sds(g, k, n),
+                                  sds(g, dt=jnp.int32)).as_text()
+  assert "tgmm_triton" in text and text.replace("tgmm_triton", "").count("gmm_triton") >= 2
