@@ -22,10 +22,12 @@ def _sds(*shape, dtype=BF16):
   return jax.ShapeDtypeStruct(shape, dtype)
 
 
-@pytest.mark.parametrize("group", [16, 4])
-def test_training_forward_and_backward_lower(group):
+@pytest.mark.parametrize("group,implementation", [(16, "pallas_triton"), (4, "pallas_triton"),
+                                                  (16, None)])
+def test_training_forward_and_backward_lower(group, implementation):
   """The whole op (compressed branch, scores, top-n, selected attention, window) and its
-  gradients through every input, 2048 tokens, kv heads 1 / 4."""
+  gradients through every input, 2048 tokens, kv heads 1 / 4; implementation None is what an
+  H200 runs by default (the compressed branch on the Mosaic GPU attention)."""
   cfg = NSAConfig()
   b, t, d = 1, 2048, 128
   kvh = 4 if group == 4 else 1
@@ -36,13 +38,15 @@ def test_training_forward_and_backward_lower(group):
           _sds(b, t, h, 3))
 
   def loss(*a):
-    o = nsa_op.nsa(*a, cfg=cfg, implementation="pallas_triton", config=H200)
+    o = nsa_op.nsa(*a, cfg=cfg, implementation=implementation, config=H200)
     return jnp.sum(o.astype(jnp.float32))
 
   text = ot.lower_for_gpu(jax.grad(loss, argnums=tuple(range(8))), *args).as_text()
   for kernel in ("nsa_selection_scores", "nsa_topn", "nsa_selected_fwd", "nsa_selected_dq",
                  "nsa_selected_dkv"):
     assert kernel in text, kernel
+  if implementation is None:
+    assert "mosaic_gpu" in text
 
 
 @pytest.mark.parametrize("fuse_topn", [False, True])
