@@ -216,13 +216,16 @@ def estimate(text: str, bandwidth: float = 3.7e12, peak_flops: float = 700e12,
         if op == "custom-call":
           target = re.search(r'custom_call_target="([^"]+)"', line)
           kind = "cc:" + (target.group(1) if target else "?")
-          contracting = re.search(r'"lhs_contracting_dimensions":\["?(\d+)', line)
+          contracting = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', line)
           lhs = _dims(operand_shapes[0]) if operand_shapes else []
-          if target and "gemm" in target.group(1).lower() and contracting and lhs:
+          blas = target and any(w in target.group(1).lower() for w in ("gemm", "matmul"))
+          if blas and contracting and lhs:      # cuBLAS gemm and cuBLASLt matmul
             n = 1
             for d in _dims(shape):
               n *= d
-            flops = 2.0 * n * lhs[int(contracting.group(1))]
+            for d in re.findall(r"\d+", contracting.group(1)):
+              n *= lhs[int(d)]
+            flops = 2.0 * n
           else:
             flops = grouped_matmul_flops(shape, operand_shapes)
         elif op == "dot":

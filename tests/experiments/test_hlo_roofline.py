@@ -108,3 +108,20 @@ def test_grouped_matmul_kernels_count_flops_and_fills_are_named():
   assert ops["fill"].kind == "fill" and ops["fill"].bytes == 2 * 4 * 64 * 128 * 2
   assert ops["neg"].kind == "fusion:kLoop"                 # reads a parameter: not a fill
   assert "| fill |" in hlo_roofline.format_estimate(list(ops.values()))
+
+
+LT = '''HloModule jit_lt, entry_computation_layout={()->f32[]}
+
+ENTRY %main (a: bf16[64,4,32], b: bf16[4,32,256]) -> f32[] {
+  %a = bf16[64,4,32]{2,1,0} parameter(0)
+  %b = bf16[4,32,256]{2,1,0} parameter(1)
+  %lt = (bf16[64,256]{1,0}, s8[1024]{0}) custom-call(%a, %b), custom_call_target="__cublas$lt$matmul", backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_contracting_dimensions":["1","2"],"rhs_contracting_dimensions":["0","1"]}}}
+  ROOT %r = f32[] constant(0)
+}
+'''
+
+
+def test_cublaslt_matmul_counts_every_contracted_dimension():
+  (lt,) = hlo_roofline.estimate(LT)
+  assert lt.kind == "cc:__cublas$lt$matmul"
+  assert lt.flops == 2 * 64 * 256 * (4 * 32)
