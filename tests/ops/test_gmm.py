@@ -639,3 +639,33 @@ def test_triton_gmm_and_tgmm_lower_for_the_gpu():
   text = op_testing.lower_for_gpu(jax.grad(loss, argnums=(0, 1)), sds(m, k), sds(g, k, n),
                                   sds(g, dt=jnp.int32)).as_text()
   assert "tgmm_triton" in text and text.replace("tgmm_triton", "").count("gmm_triton") >= 2
+
+
+@pytest.mark.skipif("pallas_mosaic_gpu" not in gmm_op.implementations(),
+                    reason="pallas_mosaic_gpu not registered (no jax Mosaic GPU)")
+@pytest.mark.parametrize("extra", [{}, dict(mgpu_compute_wgs=2),
+                                   dict(mgpu_compute_wgs=2, mgpu_split_m=1),
+                                   dict(mgpu_compute_wgs=2, mgpu_chain_tiles=1)],
+                         ids=["one_wg", "warp_specialized", "split_m", "chained"])
+def test_mosaic_gpu_writes_every_row_into_nan_initialised_memory(monkeypatch, extra):
+  """Interpret mode zero-fills kernel memory (TMA's zero out-of-bounds reads need that), which
+  hides a missing write of the zero rows past sum(group_sizes) or a read of shared memory
+  nothing wrote. With m, k, n multiples of every tile nothing is read out of bounds, so memory
+  can start as NaN here, as a GPU's starts as garbage: every output row must be written."""
+  from ops import _mosaic_gpu
+  params = type(_mosaic_gpu.interpret_params())
+  monkeypatch.setattr(_mosaic_gpu, "interpret_params",
+                      lambda zero_fill_oob=False: params(uninitialized_memory="nan"))
+  m, k, n, sizes = 256, 128, 256, (100, 0, 37, 50)      # 69 rows past the groups
+  k1, k2 = jax.random.split(jax.random.key(3))
+  lhs = op_testing.normal(k1, (m, k), jnp.bfloat16)
+  rhs = op_testing.normal(k2, (len(sizes), k, n), jnp.bfloat16, scale=k ** -0.5)
+  gs = jnp.asarray(sizes, jnp.int32)
+  out = gmm_op.gmm(lhs, rhs, gs, implementation="pallas_mosaic_gpu", interpret=True,
+                   config=_MGPU_SMALL.replace(**extra))
+  out = np.asarray(out, np.float32)
+  assert not np.isnan(out).any(), f"{np.isnan(out).any(axis=1).sum()} rows hold NaN"
+  np.testing.assert_array_equal(out[sum(sizes):], 0.0)
+  op_testing.assert_close(out[:sum(sizes)],
+                          reference.gmm(*_f32(lhs, rhs), gs, precision=HIGHEST)[:sum(sizes)],
+                          jnp.bfloat16)
