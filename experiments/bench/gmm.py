@@ -66,7 +66,8 @@ def _candidates(tokamax_rd):
         a, b, gs, implementation="pallas_mosaic_gpu", config=m64)
     # (2 x 64) x 256 CTA tiles split by rows: the rhs tile is shared as in the default's
     # 128 x (2 x 128), and a warpgroup whose 64 rows hold none of the visit's group skips its
-    # products (session 24: no faster than the default on UniPool, H100), so straddling visits cost 64 rows of work
+    # products, so straddling visits cost 64 rows of work (session 24, H100: no faster than
+    # the default on UniPool's shapes)
     split64 = GmmBlockConfig.for_device(_backend.device_kind()).replace(
         mgpu_compute_wgs=2, mgpu_split_m=1, mgpu_block_m=64, mgpu_block_n=256)
     impls["pallas_mosaic_gpu_split_m64"] = lambda a, b, gs: gmm_op.gmm(
