@@ -108,17 +108,21 @@ def _is_fill(comp_instrs) -> bool:
       op in ("constant", "broadcast", "copy", "tuple", "bitcast") for _, _, op, _, _ in comp_instrs)
 
 
-def _dot_flops(line: str, out_shape: str, lhs_shape: str) -> float:
-  """2 x output elements x contracted size of one HLO dot instruction."""
+def _matmul_flops(out_shape: str, lhs_shape: str, contracting: str) -> float:
+  """2 x output elements x the lhs dimensions listed (digits) in `contracting`."""
   lhs = _dims(lhs_shape)
-  contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", line)
-  k = 1
-  for d in filter(None, contracting.group(1).split(",") if contracting else []):
-    k *= lhs[int(d)]
   n = 1
   for d in _dims(out_shape):
     n *= d
-  return 2.0 * n * k
+  for d in re.findall(r"\d+", contracting):
+    n *= lhs[int(d)]
+  return 2.0 * n
+
+
+def _dot_flops(line: str, out_shape: str, lhs_shape: str) -> float:
+  """FLOPs of one HLO dot instruction."""
+  contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", line)
+  return _matmul_flops(out_shape, lhs_shape, contracting.group(1) if contracting else "")
 
 
 class _Module:
@@ -217,15 +221,9 @@ def estimate(text: str, bandwidth: float = 3.7e12, peak_flops: float = 700e12,
           target = re.search(r'custom_call_target="([^"]+)"', line)
           kind = "cc:" + (target.group(1) if target else "?")
           contracting = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', line)
-          lhs = _dims(operand_shapes[0]) if operand_shapes else []
           blas = target and any(w in target.group(1).lower() for w in ("gemm", "matmul"))
-          if blas and contracting and lhs:      # cuBLAS gemm and cuBLASLt matmul
-            n = 1
-            for d in _dims(shape):
-              n *= d
-            for d in re.findall(r"\d+", contracting.group(1)):
-              n *= lhs[int(d)]
-            flops = 2.0 * n
+          if blas and contracting and operand_shapes:    # cuBLAS gemm and cuBLASLt matmul
+            flops = _matmul_flops(shape, operand_shapes[0], contracting.group(1))
           else:
             flops = grouped_matmul_flops(shape, operand_shapes)
         elif op == "dot":
